@@ -1,0 +1,17 @@
+"""One local Ray for the whole integration session (see ../shared/RAY_NOTES.md section 5)."""
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)  # never attach to a real cluster from tests
+    # More logical CPUs than cores: Train excludes worker CPUs from Ray Data's budget, and a
+    # 2-CPU cluster with two 1-CPU workers plus a dataset hangs (RAY_NOTES 5).
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
