@@ -1,0 +1,460 @@
+"""Cluster index for approximate K-MIPS (paper section 3.2, eq. 6-8).
+
+Build: fit the MIPS transform P (eq. 6-7) on the facts' largest norm, then cluster the unit-norm
+transformed facts P(x)/||P(x)|| with spherical k-means, flat or hierarchical:
+
+* ``branching=[C]``: one k-means with C clusters; the clusters are the leaves.
+* ``branching=[C1, C2, ...]``: k-means with C1 clusters on all facts, then inside every cluster of
+  level l-1 a k-means with min(C_l, size) clusters, and so on.  Leaves (last level) are numbered
+  globally, children of parent 0 first.  An empty cluster gets a single empty child whose centroid
+  is its own, so every cluster has at least one child.
+
+The build never touches the data matrix: it goes through a *data factory* (see
+:class:`DataFactory`), so the same code runs in memory (:class:`InMemoryDataFactory`) or on Ray
+actors holding shards of the memory (``pipeline.kmeans_ray``).
+
+Short names: N facts, D fact dimension, m appended components (transformed dimension D + m),
+C_l clusters at level l, L levels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import numbers
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from hmn.kmeans import DataAccess, InMemoryData, imbalance_factor, spherical_kmeans
+from hmn.mips import MipsTransform, fit_transform
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ClusterIndex",
+    "DataFactory",
+    "InMemoryDataFactory",
+    "build_index",
+    "build_index_from_vectors",
+]
+
+FORMAT_VERSION = 1
+_ARRAYS = "arrays.npz"
+_META = "index.json"
+
+
+class DataFactory(Protocol):
+    """Makes the :class:`~hmn.kmeans.DataAccess` views that :func:`build_index` clusters.
+
+    ``factory(transform, ids)`` returns an adapter over the facts ``ids`` (all N facts when
+    ``ids`` is None; otherwise a sorted, duplicate-free int64 array of global fact ids, and the
+    adapter's row i is fact ``ids[i]``):
+
+    * ``transform=None``: raw facts; build_index only calls ``max_norm()`` on it (to fit eq. 6).
+    * ``transform=t``: rows are ``t.facts(x)`` (eq. 6-7), unit-normalised by the adapter.
+
+    If the adapter has a ``close()`` method, build_index calls it when done with that view.
+    """
+
+    def __call__(self, transform: MipsTransform | None, ids: np.ndarray | None) -> DataAccess: ...
+
+
+class InMemoryDataFactory:
+    """:class:`DataFactory` over an (N, D) tensor in this process (CPU or CUDA)."""
+
+    def __init__(self, vectors: torch.Tensor | np.ndarray, chunk: int = 65536) -> None:
+        if isinstance(vectors, np.ndarray):
+            vectors = torch.from_numpy(vectors)
+        if not isinstance(vectors, torch.Tensor):
+            raise TypeError(f"vectors must be a tensor or ndarray, got {type(vectors).__name__}")
+        if vectors.ndim != 2 or vectors.shape[0] == 0:
+            raise ValueError(f"vectors must be (N, D) with N >= 1, got {tuple(vectors.shape)}")
+        self.vectors = vectors.to(torch.float32)  # (N, D)
+        self.chunk = chunk
+
+    @property
+    def n(self) -> int:
+        return int(self.vectors.shape[0])
+
+    def __call__(self, transform: MipsTransform | None, ids: np.ndarray | None) -> InMemoryData:
+        x = self.vectors
+        if ids is not None:
+            ids = check_subset_ids(ids, self.n)
+            x = x[torch.from_numpy(ids).to(x.device)]  # (len(ids), D)
+        return InMemoryData(x, self.chunk, transform=None if transform is None else transform.facts)
+
+
+def check_subset_ids(ids: np.ndarray, n: int) -> np.ndarray:
+    """Validate a DataFactory ``ids`` argument: 1-D, sorted, unique, in [0, n); returns int64."""
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or ids.size == 0:
+        raise ValueError(f"ids must be a non-empty 1-D array, got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"ids must hold integers, got dtype {ids.dtype}")
+    ids = ids.astype(np.int64, copy=False)
+    if ids[0] < 0 or ids[-1] >= n:
+        raise ValueError(f"ids must lie in [0, {n}), got {int(ids[0])}..{int(ids[-1])}")
+    if ids.size > 1 and not (np.diff(ids) > 0).all():
+        raise ValueError("ids must be sorted ascending without duplicates")
+    return ids
+
+
+def _to_json(obj: Any) -> Any:
+    """Make stats JSON-serialisable (numpy scalars and arrays to Python)."""
+    if isinstance(obj, dict):
+        return {str(k): _to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_json(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+@dataclass
+class ClusterIndex:
+    """A flat or hierarchical clustering of the transformed facts.
+
+    Attributes:
+        transform: the fitted MIPS transform (eq. 6-8).
+        centroids: per level, level 0 = top, last = leaves; each (C_l, D + m) float32 unit-norm.
+        parents: one array per level l > 0 (so ``parents[l - 1]`` belongs to level l): (C_l,)
+            int64 index of each cluster's parent in level l - 1.  Empty for a flat index.
+        fact_leaf: (N,) int64 leaf cluster of every fact.
+        stats: build statistics (JSON-serialisable).
+    """
+
+    transform: MipsTransform
+    centroids: list[torch.Tensor]
+    parents: list[np.ndarray]
+    fact_leaf: np.ndarray
+    stats: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.transform, MipsTransform):
+            raise TypeError(f"transform must be a MipsTransform, got {type(self.transform).__name__}")
+        if len(self.centroids) < 1:
+            raise ValueError("centroids must hold at least one level")
+        if len(self.parents) != len(self.centroids) - 1:
+            raise ValueError(
+                f"parents must have one array per level > 0: {len(self.centroids) - 1}, "
+                f"got {len(self.parents)}"
+            )
+        self.centroids = [torch.as_tensor(c, dtype=torch.float32) for c in self.centroids]
+        dim = self.centroids[0].shape[-1]
+        for level, c in enumerate(self.centroids):
+            if c.ndim != 2 or c.shape[1] != dim or c.shape[0] < 1:
+                raise ValueError(
+                    f"centroids[{level}] must be (C_{level} >= 1, {dim}), got {tuple(c.shape)}"
+                )
+        self.parents = [np.asarray(p, dtype=np.int64) for p in self.parents]
+        for level in range(1, len(self.centroids)):
+            p = self.parents[level - 1]
+            c_prev = self.centroids[level - 1].shape[0]
+            if p.shape != (self.centroids[level].shape[0],):
+                raise ValueError(
+                    f"parents[{level - 1}] (level {level}) must have shape "
+                    f"({self.centroids[level].shape[0]},), got {p.shape}"
+                )
+            if p.size and (p.min() < 0 or p.max() >= c_prev):
+                raise ValueError(f"parents[{level - 1}] must lie in [0, {c_prev})")
+        self.fact_leaf = np.asarray(self.fact_leaf, dtype=np.int64)
+        if self.fact_leaf.ndim != 1 or self.fact_leaf.size == 0:
+            raise ValueError(f"fact_leaf must be a non-empty (N,) array, got {self.fact_leaf.shape}")
+        if self.fact_leaf.min() < 0 or self.fact_leaf.max() >= self.num_leaves:
+            raise ValueError(f"fact_leaf must lie in [0, num_leaves={self.num_leaves})")
+
+    @property
+    def num_leaves(self) -> int:
+        return int(self.centroids[-1].shape[0])
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.centroids)
+
+    @property
+    def n(self) -> int:
+        """Number of facts N."""
+        return int(self.fact_leaf.shape[0])
+
+    @property
+    def dim(self) -> int:
+        """Transformed dimension D + m."""
+        return int(self.centroids[0].shape[1])
+
+    def leaf_sizes(self) -> np.ndarray:
+        """(C_leaves,) int64 number of facts per leaf."""
+        return np.bincount(self.fact_leaf, minlength=self.num_leaves).astype(np.int64)
+
+    def save(self, directory: str) -> None:
+        """Write ``arrays.npz`` + ``index.json`` to ``directory``, atomically.
+
+        Files are written to a temporary sibling directory that then replaces ``directory`` with
+        ``os.replace``; an existing index is first moved aside and deleted afterwards, so readers
+        see either the old or the new complete index.
+        """
+        directory = os.path.abspath(directory)
+        parent = os.path.dirname(directory)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-index-", dir=parent)
+        try:
+            arrays: dict[str, np.ndarray] = {"fact_leaf": self.fact_leaf}
+            for level, c in enumerate(self.centroids):
+                arrays[f"centroids_{level}"] = c.detach().cpu().numpy()
+            for level, p in enumerate(self.parents, start=1):
+                arrays[f"parents_{level}"] = p
+            np.savez(os.path.join(tmp, _ARRAYS), **arrays)
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "transform": self.transform.to_dict(),
+                "num_levels": self.num_levels,
+                "num_leaves": self.num_leaves,
+                "n": self.n,
+                "stats": _to_json(self.stats),
+            }
+            with open(os.path.join(tmp, _META), "w") as f:
+                json.dump(meta, f, indent=1)
+            old = None
+            if os.path.exists(directory):
+                old = f"{directory}.old-{uuid.uuid4().hex}"
+                os.replace(directory, old)
+            os.replace(tmp, directory)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        logger.info("saved cluster index (%d leaves, %d facts) to %s", self.num_leaves, self.n, directory)
+
+    @classmethod
+    def load(cls, directory: str) -> ClusterIndex:
+        """Read an index written by :meth:`save`."""
+        meta_path = os.path.join(directory, _META)
+        arrays_path = os.path.join(directory, _ARRAYS)
+        for p in (meta_path, arrays_path):
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"not a cluster index directory, missing {p}")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{meta_path}: format_version={meta.get('format_version')!r}, "
+                f"this code reads {FORMAT_VERSION}"
+            )
+        levels = int(meta["num_levels"])
+        with np.load(arrays_path) as z:
+            centroids = [torch.from_numpy(z[f"centroids_{lv}"].copy()) for lv in range(levels)]
+            parents = [z[f"parents_{lv}"].copy() for lv in range(1, levels)]
+            fact_leaf = z["fact_leaf"].copy()
+        return cls(
+            transform=MipsTransform.from_dict(meta["transform"]),
+            centroids=centroids,
+            parents=parents,
+            fact_leaf=fact_leaf,
+            stats=meta.get("stats", {}),
+        )
+
+
+def _close(data: object) -> None:
+    close = getattr(data, "close", None)
+    if callable(close):
+        close()
+
+
+def _child_seed(seed: int, level: int, parent: int) -> int:
+    """Independent, reproducible seed for the k-means of ``parent``'s children."""
+    return int(np.random.SeedSequence([int(seed), level, parent]).generate_state(1)[0])
+
+
+def _check_branching(branching: list[int], n: int) -> list[int]:
+    if not isinstance(branching, (list, tuple)) or len(branching) == 0:
+        raise ValueError(f"branching={branching!r}: must be a non-empty list of cluster counts")
+    for i, b in enumerate(branching):
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1:
+            raise ValueError(f"branching[{i}]={b!r}: must be an integer >= 1")
+    if branching[0] > n:
+        raise ValueError(f"branching[0]={branching[0]}: must be <= n={n} (k <= n)")
+    return [int(b) for b in branching]
+
+
+def _sizes(counts: np.ndarray) -> dict[str, Any]:
+    return {
+        "min": int(counts.min()),
+        "max": int(counts.max()),
+        "mean": float(counts.mean()),
+        "empty": int((counts == 0).sum()),
+        "imbalance": imbalance_factor(counts),
+    }
+
+
+def build_index(
+    data_factory: DataFactory,
+    *,
+    n: int,
+    branching: list[int],
+    U: float = 0.75,
+    m: int = 3,
+    iters: int = 20,
+    tol: float = 1e-4,
+    seed: int = 0,
+    init: str = "kmeans++",
+    progress: Callable[[dict], None] | None = None,
+) -> ClusterIndex:
+    """Build a flat (``[C]``) or hierarchical (``[C1, C2, ...]``) cluster index.
+
+    Args:
+        data_factory: ``(transform | None, ids | None) -> DataAccess``, see :class:`DataFactory`.
+        n: number of facts N (checked against the factory's full view).
+        branching: clusters per level, top first.
+        U, m: MIPS transform parameters (eq. 6-7).
+        iters, tol, init: spherical k-means parameters.
+        seed: seeds level 0; child k-means get seeds derived from (seed, level, parent).
+        progress: called with every k-means iteration's stats plus "level" and "parent".
+    """
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"n={n!r}: must be an integer >= 1")
+    branching = _check_branching(branching, int(n))
+    t_start = time.perf_counter()
+
+    raw = data_factory(None, None)
+    if raw.n != n:
+        raise ValueError(f"data_factory gives {raw.n} facts, but n={n}")
+    max_norm = float(raw.max_norm())
+    _close(raw)
+    transform = fit_transform(max_norm, U=U, m=m)  # eq. 6
+
+    def reporter(level: int, parent: int) -> Callable[[dict], None] | None:
+        if progress is None:
+            return None
+        return lambda stat: progress({"level": level, "parent": parent, **stat})
+
+    # Level 0: all facts.
+    t0 = time.perf_counter()
+    data = data_factory(transform, None)
+    try:
+        res = spherical_kmeans(
+            data, branching[0], iters=iters, tol=tol, seed=seed, init=init, progress=reporter(0, -1)
+        )
+    finally:
+        _close(data)
+    centroids = [res.centroids]
+    parents: list[np.ndarray] = []
+    fact_cluster = res.assignments  # (N,) cluster of each fact at the current level
+    counts = np.bincount(fact_cluster, minlength=branching[0])
+    level_stats = [
+        {
+            "level": 0,
+            "num_clusters": branching[0],
+            "sizes": _sizes(counts),
+            "kmeans": res.stats,
+            "seconds": time.perf_counter() - t0,
+        }
+    ]
+
+    for level in range(1, len(branching)):
+        t0 = time.perf_counter()
+        c_prev = centroids[-1].shape[0]
+        order = np.argsort(fact_cluster, kind="stable")  # facts grouped by cluster, ids ascending
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(fact_cluster, minlength=c_prev))])
+        new_cluster = np.empty(n, dtype=np.int64)
+        level_centroids: list[torch.Tensor] = []
+        level_parents: list[np.ndarray] = []
+        runs: list[dict] = []
+        offset = 0
+        for p in range(c_prev):
+            ids = order[bounds[p] : bounds[p + 1]]  # (size,) sorted fact ids of cluster p
+            if ids.size == 0:  # empty cluster: one empty child that copies its centroid
+                level_centroids.append(centroids[-1][p : p + 1].clone())
+                level_parents.append(np.array([p], dtype=np.int64))
+                offset += 1
+                continue
+            k = min(branching[level], int(ids.size))
+            sub = data_factory(transform, ids)
+            try:
+                r = spherical_kmeans(
+                    sub, k, iters=iters, tol=tol, seed=_child_seed(seed, level, p), init=init,
+                    progress=reporter(level, p),
+                )
+            finally:
+                _close(sub)
+            new_cluster[ids] = offset + r.assignments
+            level_centroids.append(r.centroids)
+            level_parents.append(np.full(k, p, dtype=np.int64))
+            runs.append(
+                {
+                    "parent": p,
+                    "n": int(ids.size),
+                    "k": k,
+                    "iterations": len(r.stats),
+                    "objective": r.objective,
+                    "empty_splits": int(sum(s["empty_splits"] for s in r.stats)),
+                    "seconds": float(sum(s["seconds"] for s in r.stats)),
+                }
+            )
+            offset += k
+        centroids.append(torch.cat(level_centroids, dim=0))
+        parents.append(np.concatenate(level_parents))
+        fact_cluster = new_cluster
+        counts = np.bincount(fact_cluster, minlength=offset)
+        level_stats.append(
+            {
+                "level": level,
+                "num_clusters": offset,
+                "sizes": _sizes(counts),
+                "kmeans": runs,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        logger.info("index level %d: %d clusters, sizes %s", level, offset, level_stats[-1]["sizes"])
+
+    stats = {
+        "n": int(n),
+        "dim": int(centroids[0].shape[1]),
+        "max_norm": max_norm,
+        "transform": transform.to_dict(),
+        "branching": branching,
+        "iters": iters,
+        "tol": tol,
+        "seed": seed,
+        "init": init,
+        "levels": level_stats,
+        "leaf_sizes": _sizes(np.bincount(fact_cluster, minlength=centroids[-1].shape[0])),
+        "seconds": time.perf_counter() - t_start,
+    }
+    logger.info(
+        "built cluster index: N=%d, branching=%s, %d leaves in %.2fs",
+        n, branching, centroids[-1].shape[0], stats["seconds"],
+    )
+    return ClusterIndex(
+        transform=transform, centroids=centroids, parents=parents, fact_leaf=fact_cluster, stats=stats
+    )
+
+
+def build_index_from_vectors(
+    vectors: torch.Tensor | np.ndarray,
+    *,
+    branching: list[int],
+    U: float = 0.75,
+    m: int = 3,
+    iters: int = 20,
+    tol: float = 1e-4,
+    seed: int = 0,
+    init: str = "kmeans++",
+    progress: Callable[[dict], None] | None = None,
+) -> ClusterIndex:
+    """In-memory convenience: :func:`build_index` over :class:`InMemoryDataFactory`."""
+    factory = InMemoryDataFactory(vectors)
+    return build_index(
+        factory, n=factory.n, branching=branching, U=U, m=m, iters=iters, tol=tol, seed=seed,
+        init=init, progress=progress,
+    )

@@ -1,0 +1,415 @@
+"""Spherical k-means over a data-access object (paper section 3.2, clustering step of K-MIPS).
+
+The loop follows faiss ``contrib/clustering.py``: it never touches the data matrix, it talks to a
+:class:`DataAccess` adapter.  The same loop therefore runs on an in-memory tensor (CPU or CUDA,
+:class:`InMemoryData`) or on a sharded memory held by Ray actors (``pipeline.kmeans_ray``), whose
+adapter only sums the shards' partial results.
+
+Spherical k-means maximises the objective
+
+    J(c) = sum_i max_j cos(x_i, c_j)          (x_i, c_j unit norm)
+
+by Lloyd iterations: assign each row to its most similar centroid, then set each centroid to the
+normalised mean of its rows.  Both steps can only increase J, so J never decreases.
+
+Short names used inside kernels: x rows (n, d), c centroids (C, d), lab assignment (n,),
+sim similarities (b, C), b rows in a chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "INITS",
+    "DataAccess",
+    "InMemoryData",
+    "KMeansResult",
+    "imbalance_factor",
+    "spherical_kmeans",
+]
+
+# Rows per float64 block when summing rows per centroid (bounds the temporary float64 copy).
+_SUM_BLOCK = 8192
+# Relative perturbation of a split centroid (faiss Clustering.cpp uses the same EPS = 1/1024).
+_SPLIT_EPS = 1.0 / 1024.0
+
+
+@runtime_checkable
+class DataAccess(Protocol):
+    """What the k-means loop needs from the data (rows are the *transformed* facts).
+
+    Attributes:
+        n: number of rows.
+        d: dimension of the rows seen by k-means.
+    """
+
+    n: int
+    d: int
+
+    def rows(self, idx: np.ndarray) -> torch.Tensor:
+        """(len(idx), d) float32 unit-norm rows, in the order of ``idx`` (init and re-seeding)."""
+        ...
+
+    def partial_stats(self, centroids: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float]:
+        """Assign every row to its most similar centroid (C, d) and return
+
+        sums (C, d) float64 of unit-norm rows per centroid, counts (C,) int64, and the objective
+        sum_i max_j cos(x_i, c_j).
+        """
+        ...
+
+    def assign(self, centroids: torch.Tensor) -> np.ndarray:
+        """(n,) int64 index of the most similar centroid of every row."""
+        ...
+
+    def max_norm(self) -> float:
+        """Largest L2 norm of the rows as handed to the adapter, before transform/normalisation.
+
+        Used by ``hmn.index.build_index`` to fit the MIPS transform (eq. 6) through the adapter.
+        """
+        ...
+
+
+def _normalise_rows(x: torch.Tensor) -> torch.Tensor:
+    """Unit-normalise rows; all-zero rows stay zero (cosine 0 with everything)."""
+    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _check_index_array(idx: np.ndarray, n: int) -> np.ndarray:
+    idx = np.asarray(idx)
+    if idx.ndim != 1:
+        raise ValueError(f"idx must be 1-D, got shape {idx.shape}")
+    if idx.size and not np.issubdtype(idx.dtype, np.integer):
+        raise TypeError(f"idx must hold integers, got dtype {idx.dtype}")
+    idx = idx.astype(np.int64, copy=False)
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise ValueError(f"idx must lie in [0, {n}), got {int(idx.min())}..{int(idx.max())}")
+    return idx
+
+
+def _add_segment_sums(out: torch.Tensor, x: torch.Tensor, lab: torch.Tensor) -> None:
+    """out[c] += sum of rows x[i] with lab[i] == c, in float64, deterministically.
+
+    CPU ``index_add_`` accumulates in index order; on CUDA it uses atomics (non-deterministic
+    order), so there the rows are sorted by label and reduced per segment instead.
+    """
+    for s in range(0, x.shape[0], _SUM_BLOCK):
+        xb = x[s : s + _SUM_BLOCK].to(torch.float64)  # (b, d)
+        lb = lab[s : s + _SUM_BLOCK]  # (b,)
+        if xb.device.type == "cpu":
+            out.index_add_(0, lb, xb)
+        else:
+            order = torch.argsort(lb, stable=True)
+            lengths = torch.bincount(lb, minlength=out.shape[0])  # (C,)
+            out += torch.segment_reduce(xb[order], "sum", lengths=lengths, axis=0)  # (C, d)
+
+
+class InMemoryData:
+    """DataAccess over a tensor held in this process (CPU or CUDA).
+
+    Rows are unit-normalised by the adapter (spherical k-means).  If ``transform`` is given (e.g.
+    ``MipsTransform.facts``), ``x`` holds raw rows and the transform is applied chunk by chunk,
+    so no transformed copy of the whole matrix is kept; ``max_norm`` then refers to the raw rows.
+
+    Args:
+        x: (n, d_in) rows; already transformed unless ``transform`` is given.
+        chunk: rows per matmul chunk, bounds the (chunk, C) similarity buffer.
+        transform: optional row-wise map (b, d_in) -> (b, d) applied before normalisation.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        chunk: int = 65536,
+        *,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(x)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim != 2 or x.shape[0] == 0:
+            raise ValueError(f"x must be (n, d) with n >= 1, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be floating point, got {x.dtype}")
+        if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
+            raise ValueError(f"chunk={chunk!r}: must be an integer >= 1")
+        self._x = x if x.dtype == torch.float32 else x.to(torch.float32)  # (n, d_in)
+        self._transform = transform
+        self.chunk = int(chunk)
+        self.n = int(x.shape[0])
+        self.d = int(self._rows_between(0, 1).shape[1])
+        self._max_norm: float | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self._x.device
+
+    def _rows_between(self, s: int, e: int) -> torch.Tensor:
+        xc = self._x[s:e]  # (b, d_in)
+        if self._transform is not None:
+            xc = self._transform(xc)  # (b, d)
+        return _normalise_rows(xc)
+
+    def rows(self, idx: np.ndarray) -> torch.Tensor:
+        idx = _check_index_array(idx, self.n)
+        xi = self._x[torch.from_numpy(idx).to(self.device)]  # (len(idx), d_in)
+        if self._transform is not None:
+            xi = self._transform(xi)
+        return _normalise_rows(xi)
+
+    def max_norm(self) -> float:
+        if self._max_norm is None:
+            best = 0.0
+            for s in range(0, self.n, self.chunk):
+                best = max(best, float(torch.linalg.vector_norm(self._x[s : s + self.chunk], dim=1).max()))
+            self._max_norm = best
+        return self._max_norm
+
+    def _centroids(self, centroids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(centroids, torch.Tensor):
+            centroids = torch.as_tensor(np.asarray(centroids))
+        if centroids.ndim != 2 or centroids.shape[1] != self.d:
+            raise ValueError(
+                f"centroids must be (C, d={self.d}), got shape {tuple(centroids.shape)}"
+            )
+        return centroids.to(device=self.device, dtype=torch.float32)
+
+    def partial_stats(self, centroids: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float]:
+        c = self._centroids(centroids)  # (C, d)
+        k = c.shape[0]
+        sums = torch.zeros((k, self.d), dtype=torch.float64, device=self.device)  # (C, d)
+        counts = torch.zeros(k, dtype=torch.int64, device=self.device)  # (C,)
+        objective = torch.zeros((), dtype=torch.float64, device=self.device)
+        for s in range(0, self.n, self.chunk):
+            xc = self._rows_between(s, s + self.chunk)  # (b, d) unit rows
+            best, lab = (xc @ c.T).max(dim=1)  # (b,) max cosine and its centroid
+            objective += best.to(torch.float64).sum()
+            counts += torch.bincount(lab, minlength=k)
+            _add_segment_sums(sums, xc, lab)
+        return sums.cpu().numpy(), counts.cpu().numpy(), float(objective)
+
+    def assign(self, centroids: torch.Tensor) -> np.ndarray:
+        c = self._centroids(centroids)  # (C, d)
+        out = np.empty(self.n, dtype=np.int64)
+        for s in range(0, self.n, self.chunk):
+            xc = self._rows_between(s, s + self.chunk)  # (b, d)
+            out[s : s + xc.shape[0]] = (xc @ c.T).argmax(dim=1).cpu().numpy()
+        return out
+
+
+@dataclass
+class KMeansResult:
+    """Result of :func:`spherical_kmeans`.
+
+    Attributes:
+        centroids: (C, d) float32 unit-norm centroids on CPU.
+        assignments: (n,) int64 centroid of every row under ``centroids``.
+        stats: one dict per iteration: iteration, objective (J of the centroids that entered the
+            iteration), imbalance (faiss imbalance factor C * sum(count^2) / n^2, 1 = balanced),
+            empty_splits, seconds.
+    """
+
+    centroids: torch.Tensor
+    assignments: np.ndarray
+    stats: list[dict] = field(default_factory=list)
+
+    @property
+    def objective(self) -> float:
+        """Objective J at the last evaluated centroids."""
+        return float(self.stats[-1]["objective"]) if self.stats else float("nan")
+
+    @property
+    def k(self) -> int:
+        return int(self.centroids.shape[0])
+
+
+def imbalance_factor(counts: np.ndarray) -> float:
+    """faiss's imbalance factor C * sum(count^2) / n^2 (1.0 for perfectly balanced clusters)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    n = counts.sum()
+    return float(counts.shape[0] * np.square(counts).sum() / (n * n)) if n > 0 else float("nan")
+
+
+def _init_sample(data: DataAccess, k: int, rng: np.random.Generator, sample: int) -> torch.Tensor:
+    """k distinct random rows."""
+    idx = np.sort(rng.choice(data.n, size=k, replace=False))
+    return data.rows(idx).to("cpu", torch.float32)  # (C, d)
+
+
+def _init_kmeanspp(data: DataAccess, k: int, rng: np.random.Generator, sample: int) -> torch.Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007) on a random sample of rows.
+
+    For unit vectors ||x - c||^2 = 2 (1 - cos(x, c)), so the D^2 sampling weight of a row is
+    1 - max cos to the chosen seeds.
+    """
+    s = min(data.n, max(sample, k))
+    idx = np.sort(rng.choice(data.n, size=s, replace=False))
+    xs = data.rows(idx).to("cpu", torch.float32)  # (S, d)
+    chosen = np.empty(k, dtype=np.int64)
+    chosen[0] = rng.integers(s)
+    best = (xs @ xs[chosen[0]]).to(torch.float64).numpy()  # (S,) max cosine to chosen seeds
+    taken = np.zeros(s, dtype=bool)
+    taken[chosen[0]] = True
+    for j in range(1, k):
+        weight = np.clip(1.0 - best, 0.0, None)  # (S,) D^2 / 2
+        weight[taken] = 0.0
+        cum = np.cumsum(weight)
+        total = cum[-1]
+        if total > 0.0:
+            pick = int(np.searchsorted(cum, rng.random() * total, side="right"))
+            pick = min(pick, s - 1)
+            if taken[pick]:  # only reachable through float rounding at the end of cum
+                pick = int(np.flatnonzero(~taken)[-1])
+        else:  # fewer distinct rows than k: any untaken row
+            pick = int(rng.choice(np.flatnonzero(~taken)))
+        chosen[j] = pick
+        taken[pick] = True
+        np.maximum(best, (xs @ xs[pick]).to(torch.float64).numpy(), out=best)
+    return xs[torch.from_numpy(chosen)].clone()  # (C, d)
+
+
+INITS: dict[str, Callable[[DataAccess, int, np.random.Generator, int], torch.Tensor]] = {
+    "kmeans++": _init_kmeanspp,
+    "sample": _init_sample,
+}
+
+
+def _split_empty(centroids: np.ndarray, counts: np.ndarray) -> int:
+    """Re-seed empty centroids in place by splitting the largest clusters (as faiss does).
+
+    An empty centroid becomes a slightly perturbed copy c * (1 +- eps) of the centroid c of the
+    currently largest cluster, whose count is then shared between the two.  Unlike faiss we leave
+    c itself unchanged, so the objective cannot decrease (every row keeps its centroid).
+    Returns the number of splits.
+    """
+    counts = counts.astype(np.int64).copy()
+    empty = np.flatnonzero(counts == 0)
+    if empty.size == 0:
+        return 0
+    fac = np.ones(centroids.shape[1], dtype=np.float64)
+    fac[::2] += _SPLIT_EPS
+    fac[1::2] -= _SPLIT_EPS
+    for ci in empty:
+        cj = int(np.argmax(counts))  # ties -> lowest index: deterministic
+        c = centroids[cj] * fac
+        centroids[ci] = c / max(np.linalg.norm(c), 1e-300)
+        counts[ci] = counts[cj] // 2
+        counts[cj] -= counts[ci]
+    return int(empty.size)
+
+
+def spherical_kmeans(
+    data: DataAccess,
+    k: int,
+    *,
+    iters: int = 20,
+    tol: float = 1e-4,
+    seed: int = 0,
+    init: str = "kmeans++",
+    progress: Callable[[dict], None] | None = None,
+    init_sample: int | None = None,
+) -> KMeansResult:
+    """Spherical k-means (Lloyd iterations) over a :class:`DataAccess`.
+
+    Args:
+        data: the data adapter (its rows are normalised by the adapter).
+        k: number of clusters C, 1 <= k <= data.n.
+        iters: maximum number of Lloyd iterations.
+        tol: stop when the relative objective change between iterations is < tol.
+        seed: seeds the initialisation (the rest is deterministic).
+        init: a key of :data:`INITS`: "kmeans++" (on a row sample) or "sample".
+        progress: called with each iteration's stats dict.
+        init_sample: rows sampled for k-means++ (default max(16 k, 1024), capped at n).
+
+    Returns:
+        :class:`KMeansResult` with CPU float32 unit-norm centroids.
+    """
+    if not isinstance(data, DataAccess):
+        raise TypeError(f"data must implement DataAccess, got {type(data).__name__}")
+    n, d = int(data.n), int(data.d)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be an integer, got {type(k).__name__}")
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k}: must satisfy 1 <= k <= n={n}")
+    if isinstance(iters, bool) or not isinstance(iters, numbers.Integral) or iters < 1:
+        raise ValueError(f"iters={iters!r}: must be an integer >= 1")
+    if not (isinstance(tol, numbers.Real) and tol >= 0):
+        raise ValueError(f"tol={tol!r}: must be >= 0")
+    if init not in INITS:
+        raise ValueError(f"init={init!r}: unknown, known: {sorted(INITS)}")
+    sample = max(16 * int(k), 1024) if init_sample is None else int(init_sample)
+    if sample < 1:
+        raise ValueError(f"init_sample={init_sample!r}: must be >= 1")
+    k = int(k)
+
+    t_start = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    centroids = INITS[init](data, k, rng, sample)  # (C, d) unit rows
+    if tuple(centroids.shape) != (k, d):
+        raise ValueError(f"init returned shape {tuple(centroids.shape)}, expected {(k, d)}")
+    logger.debug("k-means init %s: C=%d, n=%d, d=%d in %.3fs", init, k, n, d,
+                 time.perf_counter() - t_start)
+
+    stats: list[dict] = []
+    prev_objective: float | None = None
+    for it in range(int(iters)):
+        t0 = time.perf_counter()
+        sums, counts, objective = data.partial_stats(centroids)
+        sums = np.asarray(sums, dtype=np.float64)  # (C, d)
+        counts = np.asarray(counts, dtype=np.int64)  # (C,)
+        if sums.shape != (k, d) or counts.shape != (k,):
+            raise ValueError(
+                f"partial_stats returned sums {sums.shape} and counts {counts.shape}, "
+                f"expected {(k, d)} and {(k,)}"
+            )
+        if int(counts.sum()) != n:
+            raise ValueError(f"partial_stats counted {int(counts.sum())} rows, expected n={n}")
+
+        # Update step: centroid = normalised mean of its rows; a cluster whose mean vanishes or
+        # that is empty keeps its previous centroid (empty ones are re-seeded just below).
+        new = centroids.to(torch.float64).numpy().copy()  # (C, d)
+        norms = np.linalg.norm(sums, axis=1)  # (C,) the mean's norm times count
+        ok = (counts > 0) & (norms > 0)
+        new[ok] = sums[ok] / norms[ok, None]
+        splits = _split_empty(new, counts)
+        centroids = torch.from_numpy(new.astype(np.float32))  # (C, d)
+
+        stat = {
+            "iteration": it,
+            "objective": float(objective),
+            "imbalance": imbalance_factor(counts),
+            "empty_splits": splits,
+            "seconds": time.perf_counter() - t0,
+        }
+        stats.append(stat)
+        logger.debug("k-means C=%d iter %d: %s", k, it, stat)
+        if progress is not None:
+            progress(dict(stat))
+        if (
+            prev_objective is not None
+            and splits == 0
+            and abs(objective - prev_objective) < tol * max(abs(prev_objective), 1e-30)
+        ):
+            break
+        prev_objective = objective
+
+    assignments = np.asarray(data.assign(centroids), dtype=np.int64)
+    if assignments.shape != (n,):
+        raise ValueError(f"assign returned shape {assignments.shape}, expected {(n,)}")
+    logger.info(
+        "spherical k-means C=%d on n=%d: %d iterations, objective %.6g, %.2fs",
+        k, n, len(stats), stats[-1]["objective"], time.perf_counter() - t_start,
+    )
+    return KMeansResult(centroids=centroids, assignments=assignments, stats=stats)

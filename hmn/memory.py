@@ -1,0 +1,196 @@
+"""Fact memory of the Hierarchical Memory Network (Chandar et al. 2016, section 3).
+
+Every fact (subject, relation, objects) of the knowledge base becomes one fixed memory vector
+
+    M[i] = [ E[s_i] ; R[r_i] ; mean_{o in objects(i)} E[o] ]        (d + d + d = D, 600 for d=200)
+
+built from fixed, pre-trained TransE entity (E) and relation (R) embeddings.  Facts grouped by
+(subject, relation) have several objects; their object part is the mean of the object embeddings.
+
+Short names used in this module:
+    N  facts            d  embedding width of E and R (D = 3 d)
+    B  queries          Ne / Nr  number of entities / relations
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FactMemory", "build_fact_vectors"]
+
+
+def _as_int_array(name: str, a: np.ndarray, ndim: int = 1) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D array, got shape {a.shape}")
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{name}: expected an integer array, got dtype {a.dtype}")
+    return a.astype(np.int64, copy=False)
+
+
+def _check_ids(name: str, ids: np.ndarray, upper: int, table: str) -> None:
+    """Raise ValueError naming the first id of `name` outside [0, upper)."""
+    if ids.size == 0:
+        return
+    bad = np.flatnonzero((ids < 0) | (ids >= upper))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"{name}[{i}]={int(ids[i])} is out of range for {table} with {upper} rows "
+            f"({bad.size} bad ids in total)"
+        )
+
+
+def build_fact_vectors(
+    entity_emb: np.ndarray,
+    relation_emb: np.ndarray,
+    subject_ids: np.ndarray,
+    relation_ids: np.ndarray,
+    object_offsets: np.ndarray,
+    object_values: np.ndarray,
+    chunk: int = 1 << 16,
+) -> np.ndarray:
+    """Build the (N, 3d) float32 fact matrix M (section 3 of the paper).
+
+    Args:
+        entity_emb: (Ne, d) fixed TransE entity embeddings E.
+        relation_emb: (Nr, d) fixed TransE relation embeddings R.
+        subject_ids: (N,) subject entity id of each fact.
+        relation_ids: (N,) relation id of each fact.
+        object_offsets: (N + 1,) Arrow list offsets: the objects of fact i are
+            ``object_values[object_offsets[i]:object_offsets[i + 1]]``.
+        object_values: (nnz,) object entity ids.
+        chunk: facts processed at a time (bounds the temporary memory).
+
+    Returns:
+        (N, 3d) float32 array ``[E[s]; R[r]; mean E[objects]]``.
+
+    Raises:
+        ValueError: bad shapes, ids out of range, malformed offsets, or a fact with no object.
+        TypeError: non-integer id arrays.
+    """
+    entity_emb = np.asarray(entity_emb)
+    relation_emb = np.asarray(relation_emb)
+    if entity_emb.ndim != 2 or relation_emb.ndim != 2:
+        raise ValueError(
+            f"entity_emb and relation_emb must be 2-D, got {entity_emb.shape} and "
+            f"{relation_emb.shape}"
+        )
+    d = entity_emb.shape[1]
+    if relation_emb.shape[1] != d:
+        raise ValueError(
+            f"relation_emb has width {relation_emb.shape[1]}, entity_emb has width {d}: "
+            "they must match"
+        )
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk}: must be >= 1")
+    subject_ids = _as_int_array("subject_ids", subject_ids)
+    relation_ids = _as_int_array("relation_ids", relation_ids)
+    object_offsets = _as_int_array("object_offsets", object_offsets)
+    object_values = _as_int_array("object_values", object_values)
+    n = subject_ids.shape[0]
+    if relation_ids.shape[0] != n:
+        raise ValueError(f"relation_ids has {relation_ids.shape[0]} rows, subject_ids has {n}")
+    if object_offsets.shape[0] != n + 1:
+        raise ValueError(
+            f"object_offsets must have N+1={n + 1} entries (Arrow list layout), "
+            f"got {object_offsets.shape[0]}"
+        )
+    if object_offsets[0] != 0 or object_offsets[-1] != object_values.shape[0]:
+        raise ValueError(
+            f"object_offsets must start at 0 and end at len(object_values)="
+            f"{object_values.shape[0]}, got {int(object_offsets[0])}..{int(object_offsets[-1])}"
+        )
+    lengths = np.diff(object_offsets)  # (N,) objects per fact
+    if (lengths < 0).any():
+        i = int(np.flatnonzero(lengths < 0)[0])
+        raise ValueError(f"object_offsets decreases at fact {i}: offsets must be non-decreasing")
+    if (lengths == 0).any():
+        empty = np.flatnonzero(lengths == 0)
+        raise ValueError(
+            f"fact {int(empty[0])} has no object ({empty.size} facts without objects in total)"
+        )
+    _check_ids("subject_ids", subject_ids, entity_emb.shape[0], "entity_emb")
+    _check_ids("relation_ids", relation_ids, relation_emb.shape[0], "relation_emb")
+    _check_ids("object_values", object_values, entity_emb.shape[0], "entity_emb")
+
+    out = np.empty((n, 3 * d), dtype=np.float32)  # (N, 3d)
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        out[s:e, :d] = entity_emb[subject_ids[s:e]]
+        out[s:e, d : 2 * d] = relation_emb[relation_ids[s:e]]
+        lo, hi = int(object_offsets[s]), int(object_offsets[e])
+        obj = entity_emb[object_values[lo:hi]].astype(np.float64)  # (nnz_chunk, d)
+        # Sum each fact's objects in float64 (segments are non-empty, checked above), then mean.
+        sums = np.add.reduceat(obj, object_offsets[s:e] - lo, axis=0)  # (e - s, d)
+        out[s:e, 2 * d :] = sums / lengths[s:e, None]
+    logger.info("built %d fact vectors of dimension %d", n, 3 * d)
+    return out
+
+
+class FactMemory:
+    """The memory M: an (N, D) float32 tensor of fact vectors on any device.
+
+    ``scores`` gives the exact inner products h(q) . M[i] used by the K-MIPS readers.
+    """
+
+    def __init__(self, vectors: torch.Tensor) -> None:
+        if not isinstance(vectors, torch.Tensor):
+            raise TypeError(f"vectors must be a torch.Tensor, got {type(vectors).__name__}")
+        if vectors.ndim != 2:
+            raise ValueError(f"vectors must be (N, D), got shape {tuple(vectors.shape)}")
+        if vectors.shape[0] == 0:
+            raise ValueError("vectors must hold at least one fact (N >= 1)")
+        if not vectors.is_floating_point():
+            raise TypeError(f"vectors must be floating point, got {vectors.dtype}")
+        self.vectors: torch.Tensor = vectors.to(torch.float32).contiguous()  # (N, D)
+
+    @property
+    def n(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def d(self) -> int:
+        return int(self.vectors.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.vectors.device
+
+    def __repr__(self) -> str:
+        return f"FactMemory(n={self.n}, d={self.d}, device={self.device})"
+
+    def check_queries(self, queries: torch.Tensor) -> torch.Tensor:
+        """Validate (B, D) queries and return them as float32 on the memory's device."""
+        if not isinstance(queries, torch.Tensor):
+            raise TypeError(f"queries must be a torch.Tensor, got {type(queries).__name__}")
+        if queries.ndim != 2 or queries.shape[1] != self.d:
+            raise ValueError(
+                f"queries must be (B, D={self.d}), got shape {tuple(queries.shape)}"
+            )
+        return queries.to(device=self.device, dtype=torch.float32)
+
+    def scores(self, queries: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Inner products of queries with all facts (B, N), or with facts ``ids`` (B, len(ids))."""
+        q = self.check_queries(queries)  # (B, D)
+        if ids is None:
+            return q @ self.vectors.T  # (B, N)
+        if not isinstance(ids, torch.Tensor):
+            ids = torch.as_tensor(ids)
+        if ids.ndim != 1:
+            raise ValueError(f"ids must be 1-D, got shape {tuple(ids.shape)}")
+        ids = ids.to(device=self.device, dtype=torch.int64)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n):
+            raise ValueError(f"ids must lie in [0, {self.n}), got {int(ids.min())}..{int(ids.max())}")
+        return q @ self.vectors[ids].T  # (B, len(ids))
+
+    def to(self, device: torch.device | str) -> FactMemory:
+        """A FactMemory with the same vectors on ``device`` (self if already there)."""
+        if torch.device(device) == self.device:
+            return self
+        return FactMemory(self.vectors.to(device))

@@ -1,0 +1,346 @@
+"""Memory readers: exact and approximate K-MIPS over the fact memory (paper section 3.2).
+
+A reader returns, for each query h(q), the K facts with the largest inner products h(q) . M[i]
+among the facts it reads, with their exact inner products.
+
+* :class:`ExactReader`: brute force over all N facts (chunked).
+* :class:`ClusteredReader`: clustering-based approximate K-MIPS (eq. 6-8).  The query is mapped by
+  Q (eq. 8) and normalised; leaf centroids are scored by cosine; the facts of the selected leaves
+  (and of random blocks) are scored exactly.  Bias reducers of the paper:
+    - Top-K clusters: the ``top_clusters`` best leaves;
+    - Sample-K clusters: ``sample_clusters`` more leaves drawn without replacement with
+      p(c) ~ exp(score_c / T), via the Gumbel-top-k trick: argtop-k of score_c / T + G_c,
+      G_c ~ Gumbel(0, 1);
+    - Rand-block: ``rand_blocks`` random contiguous blocks of ``block_size`` facts.
+
+Short names inside kernels: q queries (B, D), S leaf scores (B, C), sel selected leaves (B, C),
+U union of facts read by the batch, mask (B, |U|) facts read by each query.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hmn.index import ClusterIndex
+from hmn.memory import FactMemory
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "READERS",
+    "Candidates",
+    "ClusteredReader",
+    "ExactReader",
+    "Reader",
+    "make_reader",
+    "recall_at_k",
+]
+
+
+@dataclass
+class Candidates:
+    """K candidate facts per query.
+
+    Attributes:
+        ids: (B, K) int64 fact ids, best first; -1 pads where fewer than K facts were read.
+        scores: (B, K) float32 exact inner products h(q) . M[id]; -inf at pads.
+        touched: (B,) int64 number of facts whose inner product was computed for each query.
+    """
+
+    ids: torch.Tensor
+    scores: torch.Tensor
+    touched: torch.Tensor
+
+
+def _check_k(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k={k!r}: must be an integer >= 1")
+    return int(k)
+
+
+def _check_count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name}={value!r}: must be an integer >= 0")
+    return int(value)
+
+
+def _pad(ids: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad (B, k') candidates to (B, k) with id -1 / score -inf; also mark -inf scores as -1."""
+    ids = torch.where(torch.isneginf(scores), torch.full_like(ids, -1), ids)
+    missing = k - ids.shape[1]
+    if missing > 0:
+        b = ids.shape[0]
+        ids = torch.cat([ids, ids.new_full((b, missing), -1)], dim=1)
+        scores = torch.cat([scores, scores.new_full((b, missing), float("-inf"))], dim=1)
+    return ids, scores
+
+
+class Reader(abc.ABC):
+    """A K-MIPS reader over a :class:`FactMemory`."""
+
+    name: str = ""
+    #: whether :func:`make_reader` must pass a ClusterIndex
+    needs_index: bool = False
+
+    def __init__(self, memory: FactMemory) -> None:
+        if not isinstance(memory, FactMemory):
+            raise TypeError(f"memory must be a FactMemory, got {type(memory).__name__}")
+        self.memory = memory
+
+    @abc.abstractmethod
+    def search(
+        self, queries: torch.Tensor, k: int, generator: torch.Generator | None = None
+    ) -> Candidates:
+        """Top-k facts for each of the (B, D) queries; never builds an autograd graph."""
+
+
+class ExactReader(Reader):
+    """Exact K-MIPS: inner products with all N facts, ``chunk`` facts at a time; touched = N."""
+
+    name = "exact"
+
+    def __init__(self, memory: FactMemory, chunk: int = 65536) -> None:
+        super().__init__(memory)
+        if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
+            raise ValueError(f"chunk={chunk!r}: must be an integer >= 1")
+        self.chunk = int(chunk)
+
+    @torch.no_grad()
+    def search(
+        self, queries: torch.Tensor, k: int, generator: torch.Generator | None = None
+    ) -> Candidates:
+        k = _check_k(k)
+        q = self.memory.check_queries(queries)  # (B, D)
+        mem = self.memory.vectors  # (N, D)
+        n, b = mem.shape[0], q.shape[0]
+        kk = min(k, n)
+        best_s = q.new_empty((b, 0))  # (B, <=K) running best scores
+        best_i = torch.empty((b, 0), dtype=torch.int64, device=q.device)
+        for s in range(0, n, self.chunk):
+            e = min(s + self.chunk, n)
+            cs = q @ mem[s:e].T  # (B, e - s)
+            ci = torch.arange(s, e, device=q.device).expand(b, -1)
+            cand_s = torch.cat([best_s, cs], dim=1)
+            cand_i = torch.cat([best_i, ci], dim=1)
+            best_s, pos = cand_s.topk(min(kk, cand_s.shape[1]), dim=1)  # (B, K)
+            best_i = cand_i.gather(1, pos)
+        ids, scores = _pad(best_i, best_s, k)
+        touched = torch.full((b,), n, dtype=torch.int64, device=q.device)
+        return Candidates(ids=ids, scores=scores, touched=touched)
+
+
+class ClusteredReader(Reader):
+    """Approximate K-MIPS by clustering (eq. 6-8) with Top-K / Sample-K / Rand-block readers.
+
+    Leaf selection in a hierarchical index is a beam search: at every level above the leaves the
+    ``beam`` best clusters (by cosine with the normalised Q(q)) among the children of the previous
+    beam are kept; the candidate leaves are the children of the last beam.  The default beam is
+    ``top_clusters + sample_clusters``, which guarantees enough candidate leaves because every
+    cluster has at least one child.  With ``top_clusters >= num_leaves`` the reader is exact.
+
+    The batch is scored at once: U = union of the facts read by any query, one matmul
+    q @ M[U].T (B, |U|), then the facts a query did not select are masked before the top-k.
+
+    Args:
+        memory: the fact memory M (N, D).
+        index: a ClusterIndex built on the same facts.
+        top_clusters: leaves taken by score (Top-K).
+        sample_clusters: extra leaves sampled without replacement (Sample-K).
+        rand_blocks: random contiguous blocks of facts added per query (Rand-block).
+        block_size: facts per block; default: mean leaf size.
+        temperature: T of the Sample-K distribution p ~ exp(score / T).
+        beam: clusters kept per upper level of a hierarchical index (see above).
+    """
+
+    name = "clustered"
+    needs_index = True
+
+    def __init__(
+        self,
+        memory: FactMemory,
+        index: ClusterIndex,
+        *,
+        top_clusters: int = 8,
+        sample_clusters: int = 0,
+        rand_blocks: int = 0,
+        block_size: int | None = None,
+        temperature: float = 1.0,
+        beam: int | None = None,
+    ) -> None:
+        super().__init__(memory)
+        if not isinstance(index, ClusterIndex):
+            raise TypeError(f"index must be a ClusterIndex, got {type(index).__name__}")
+        if index.n != memory.n:
+            raise ValueError(f"index covers {index.n} facts but the memory holds {memory.n}")
+        if index.dim != index.transform.out_dim(memory.d):
+            raise ValueError(
+                f"index centroids have dimension {index.dim}, expected D + m = "
+                f"{memory.d} + {index.transform.m}"
+            )
+        self.top_clusters = _check_count("top_clusters", top_clusters)
+        self.sample_clusters = _check_count("sample_clusters", sample_clusters)
+        self.rand_blocks = _check_count("rand_blocks", rand_blocks)
+        if self.top_clusters + self.sample_clusters + self.rand_blocks == 0:
+            raise ValueError(
+                "top_clusters + sample_clusters + rand_blocks = 0: the reader would read nothing"
+            )
+        if not (isinstance(temperature, numbers.Real) and temperature > 0):
+            raise ValueError(f"temperature={temperature!r}: must be > 0")
+        self.temperature = float(temperature)
+        if block_size is None:
+            block_size = max(1, round(memory.n / index.num_leaves))
+        if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or block_size < 1:
+            raise ValueError(f"block_size={block_size!r}: must be an integer >= 1")
+        self.block_size = min(int(block_size), memory.n)
+        if beam is None:
+            beam = max(1, self.top_clusters + self.sample_clusters)
+        if isinstance(beam, bool) or not isinstance(beam, numbers.Integral) or beam < 1:
+            raise ValueError(f"beam={beam!r}: must be an integer >= 1")
+        self.beam = int(beam)
+
+        dev = memory.device
+        self.index = index
+        self.transform = index.transform
+        self._centroids = [c.to(dev) for c in index.centroids]  # per level (C_l, D + m)
+        self._parents = [torch.from_numpy(p).to(dev) for p in index.parents]  # per level > 0
+        fact_leaf = torch.from_numpy(index.fact_leaf).to(dev)  # (N,)
+        self._fact_leaf = fact_leaf
+        # Inverted lists (CSR): facts of leaf c are _leaf_facts[_leaf_offsets[c]:_leaf_offsets[c+1]].
+        self._leaf_facts = torch.argsort(fact_leaf, stable=True)  # (N,)
+        counts = torch.bincount(fact_leaf, minlength=index.num_leaves)  # (C,)
+        self._leaf_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # (C + 1,)
+        self._leaf_sizes = counts
+
+    @property
+    def num_leaves(self) -> int:
+        return int(self._centroids[-1].shape[0])
+
+    def _leaf_scores(self, q: torch.Tensor) -> torch.Tensor:
+        """(B, C) cosine of the normalised Q(q) (eq. 8) with the leaf centroids; -inf for leaves
+        outside the beam of a hierarchical index."""
+        qt = self.transform.queries(q)  # (B, D + m)
+        qt = qt / torch.linalg.vector_norm(qt, dim=1, keepdim=True).clamp_min(1e-12)
+        allowed: torch.Tensor | None = None  # (B, C_{l-1}) clusters kept at the previous level
+        scores = qt @ self._centroids[0].T  # (B, C_0)
+        for level in range(len(self._centroids)):
+            if level > 0:
+                scores = qt @ self._centroids[level].T  # (B, C_l)
+                keep = allowed.gather(1, self._parents[level - 1].expand(q.shape[0], -1))
+                scores = scores.masked_fill(~keep, float("-inf"))
+            if level < len(self._centroids) - 1:
+                w = min(self.beam, scores.shape[1])
+                top_s, top_i = scores.topk(w, dim=1)  # (B, beam)
+                allowed = torch.zeros_like(scores, dtype=torch.bool)
+                allowed.scatter_(1, top_i, torch.isfinite(top_s))
+        return scores
+
+    def _select_leaves(
+        self, scores: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """(B, C) bool: Top-K leaves plus Sample-K leaves drawn without replacement."""
+        b, c = scores.shape
+        finite = torch.isfinite(scores)
+        sel = torch.zeros_like(scores, dtype=torch.bool)  # (B, C)
+        if self.top_clusters > 0:
+            top_s, top_i = scores.topk(min(self.top_clusters, c), dim=1)
+            sel.scatter_(1, top_i, torch.isfinite(top_s))
+        if self.sample_clusters > 0:
+            # Gumbel-top-k: the top-k of log p + G is a sample without replacement from p.
+            gen_dev = generator.device if generator is not None else torch.device("cpu")
+            u = torch.rand((b, c), generator=generator, dtype=torch.float64, device=gen_dev)
+            gumbel = -torch.log(-torch.log(u.clamp(1e-12, 1.0 - 1e-12)))
+            pert = scores.to(torch.float64) / self.temperature + gumbel.to(scores.device)
+            pert = pert.masked_fill(sel | ~finite, float("-inf"))  # not yet taken, in the beam
+            smp_s, smp_i = pert.topk(min(self.sample_clusters, c), dim=1)
+            sel.scatter_(1, smp_i, torch.isfinite(smp_s) | sel.gather(1, smp_i))
+        return sel
+
+    def _facts_of_leaves(self, leaves: torch.Tensor) -> torch.Tensor:
+        """Concatenated fact ids of the given leaves (1-D)."""
+        starts = self._leaf_offsets[leaves]
+        lengths = self._leaf_sizes[leaves]
+        total = int(lengths.sum())
+        if total == 0:
+            return leaves.new_empty(0)
+        # position j of the output reads _leaf_facts[starts[g] + (j - first_j_of_group g)]
+        group_first = torch.cumsum(lengths, 0) - lengths
+        shift = torch.repeat_interleave(starts - group_first, lengths)
+        return self._leaf_facts[torch.arange(total, device=leaves.device) + shift]
+
+    @torch.no_grad()
+    def search(
+        self, queries: torch.Tensor, k: int, generator: torch.Generator | None = None
+    ) -> Candidates:
+        k = _check_k(k)
+        q = self.memory.check_queries(queries)  # (B, D)
+        dev, b = q.device, q.shape[0]
+        n = self.memory.n
+
+        sel = torch.zeros((b, self.num_leaves), dtype=torch.bool, device=dev)  # (B, C)
+        if self.top_clusters + self.sample_clusters > 0:
+            sel = self._select_leaves(self._leaf_scores(q), generator)
+        parts = [self._facts_of_leaves(torch.nonzero(sel.any(0)).flatten())]
+
+        starts = None
+        if self.rand_blocks > 0:  # Rand-block: random contiguous blocks of facts
+            gen_dev = generator.device if generator is not None else torch.device("cpu")
+            starts = torch.randint(
+                0, n - self.block_size + 1, (b, self.rand_blocks), generator=generator,
+                device=gen_dev,
+            ).to(dev)  # (B, R)
+            offs = torch.arange(self.block_size, device=dev)
+            parts.append((starts.reshape(-1, 1) + offs).reshape(-1))
+
+        union = torch.unique(torch.cat(parts))  # (|U|,) sorted fact ids read by some query
+        mask = sel.gather(1, self._fact_leaf[union].expand(b, -1))  # (B, |U|)
+        if starts is not None:
+            in_block = (union[None, None, :] >= starts[:, :, None]) & (
+                union[None, None, :] < starts[:, :, None] + self.block_size
+            )  # (B, R, |U|)
+            mask |= in_block.any(dim=1)
+        touched = mask.sum(dim=1)  # (B,)
+
+        if union.numel() == 0:
+            ids = torch.full((b, k), -1, dtype=torch.int64, device=dev)
+            scores = torch.full((b, k), float("-inf"), device=dev)
+            return Candidates(ids=ids, scores=scores, touched=touched)
+        s = self.memory.scores(q, union).masked_fill(~mask, float("-inf"))  # (B, |U|) exact
+        top_s, top_p = s.topk(min(k, union.numel()), dim=1)  # (B, K)
+        ids, scores = _pad(union[top_p], top_s, k)
+        return Candidates(ids=ids, scores=scores, touched=touched)
+
+
+READERS: dict[str, type[Reader]] = {"exact": ExactReader, "clustered": ClusteredReader}
+
+
+def make_reader(
+    name: str, memory: FactMemory, index: ClusterIndex | None = None, **params: Any
+) -> Reader:
+    """Build the reader registered as ``name`` (see :data:`READERS`)."""
+    if name not in READERS:
+        raise ValueError(f"unknown reader {name!r}; known readers: {sorted(READERS)}")
+    cls = READERS[name]
+    if cls.needs_index:
+        if index is None:
+            raise ValueError(f"reader {name!r} needs a ClusterIndex (index=None given)")
+        return cls(memory, index, **params)
+    return cls(memory, **params)
+
+
+def recall_at_k(approx: Candidates, exact: Candidates, k: int) -> float:
+    """Mean over queries of |top-k approx ∩ top-k exact| / k (pads never count)."""
+    k = _check_k(k)
+    a, e = approx.ids, exact.ids.to(approx.ids.device)
+    if a.ndim != 2 or e.ndim != 2 or a.shape[0] != e.shape[0]:
+        raise ValueError(f"ids must be (B, K) with the same B, got {tuple(a.shape)}, {tuple(e.shape)}")
+    if k > a.shape[1] or k > e.shape[1]:
+        raise ValueError(f"k={k} exceeds the candidates: approx K={a.shape[1]}, exact K={e.shape[1]}")
+    a, e = a[:, :k], e[:, :k]
+    hits = ((a[:, :, None] == e[:, None, :]) & (a[:, :, None] >= 0)).any(dim=2).sum(dim=1)  # (B,)
+    return float(hits.to(torch.float64).mean() / k) if a.shape[0] else float("nan")

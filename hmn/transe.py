@@ -1,0 +1,550 @@
+"""TransE knowledge-graph embeddings (Bordes et al. 2013) and filtered link prediction.
+
+The HMN memory is built from fixed 200-d TransE vectors of Freebase entities and relations; this
+module trains them and measures their quality. Plain torch and numpy, no I/O, no Ray.
+
+Notation (shapes in comments):
+    T  training triples        E  entities          R  relations
+    B  triples in a batch      k  negatives per positive triple
+    d  embedding dimension     Q  link-prediction queries in a batch
+
+Model (Bordes 2013, eq. 1): a triple (h, r, t) scores ``d(h + r, t)`` with the L1 or L2 distance;
+training minimises the margin ranking loss ``[margin + d(h + r, t) - d(h' + r, t')]_+`` over
+corrupted triples (h', r, t') in which the head or the tail is replaced by a random entity, either
+with probability 1/2 ("unif") or with the per-relation Bernoulli probability of Wang et al. 2014
+section 3.2 ("bern"). Before each batch the entity rows it touches are projected to unit L2 norm
+(Bordes 2013, Algorithm 1 line 5); relations are initialised uniform(-6/sqrt(d), 6/sqrt(d)) and
+normalised once (Algorithm 1 lines 1-2).
+
+Each epoch draws its shuffle and negatives from a generator seeded by ``(seed, epoch)``, so a run
+is deterministic for a seed on CPU, and a run resumed at epoch ``e`` from the state after epoch
+``e`` (embeddings and optimiser state) reproduces the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+NORMS = (1, 2)
+NEGATIVE_SAMPLERS = ("unif", "bern")
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class TransEParams:
+    """Hyperparameters of one TransE training run.
+
+    The defaults were chosen on FB15k-237 (filtered test MRR ~0.29, see the module's benchmark
+    notes in the report of the change that added it) under a 2-core CPU budget.
+
+    Attributes:
+        dim: embedding dimension d.
+        norm: distance of the score ``d(h + r, t)``: 1 = L1, 2 = L2.
+        margin: margin of the ranking loss (Bordes 2013, eq. 1).
+        lr: learning rate. The loss is a mean over the batch's (positive, negative) pairs, so an
+            SGD learning rate must be larger than an Adam one (order 1 versus 1e-3).
+        epochs: total epochs; a resumed run trains epochs ``start_epoch .. epochs - 1``.
+        batch_size: positive triples per batch.
+        negatives: "unif" (corrupt head or tail with probability 1/2) or "bern" (Wang et al.
+            2014: corrupt the head with probability tph / (tph + hpt) of the triple's relation).
+        num_negatives: corrupted triples per positive triple (k).
+        optimizer: "adam" or "sgd".
+        sparse: sparse embedding gradients (SparseAdam / sparse SGD): only the rows a batch
+            touches are updated, which is what makes large entity tables affordable. With
+            ``sparse=False`` Adam updates every row each step (its moments decay everywhere).
+        normalize_entities: project entity rows to unit L2 norm before they are used in a batch,
+            and all rows at the end of training (Bordes 2013).
+        seed: seeds the initialisation, shuffles and negative samples.
+    """
+
+    dim: int = 200
+    norm: int = 1
+    margin: float = 1.0
+    lr: float = 0.001
+    epochs: int = 100
+    batch_size: int = 4096
+    negatives: str = "bern"
+    num_negatives: int = 1
+    optimizer: str = "adam"
+    sparse: bool = True
+    normalize_entities: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first offending field and its value."""
+        positive = {
+            "dim": self.dim,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "num_negatives": self.num_negatives,
+        }
+        for name, value in positive.items():
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"transe.{name}={value!r}: must be an int")
+            if value <= 0:
+                raise ValueError(f"transe.{name}={value!r}: must be > 0")
+        if self.norm not in NORMS:
+            raise ValueError(f"transe.norm={self.norm!r}: must be one of {NORMS}")
+        if not (isinstance(self.margin, (int, float)) and math.isfinite(self.margin)) or (
+            self.margin <= 0
+        ):
+            raise ValueError(f"transe.margin={self.margin!r}: must be a finite number > 0")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr)) or self.lr <= 0:
+            raise ValueError(f"transe.lr={self.lr!r}: must be a finite number > 0")
+        if self.negatives not in NEGATIVE_SAMPLERS:
+            raise ValueError(
+                f"transe.negatives={self.negatives!r}: must be one of {NEGATIVE_SAMPLERS}"
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"transe.optimizer={self.optimizer!r}: must be one of {OPTIMIZERS}")
+        for name in ("sparse", "normalize_entities"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"transe.{name}={getattr(self, name)!r}: must be a bool")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise ValueError(f"transe.seed={self.seed!r}: must be an int")
+        if self.seed < 0:
+            raise ValueError(f"transe.seed={self.seed!r}: must be >= 0")
+
+
+@dataclass
+class TransEResult:
+    """Trained embeddings and per-epoch statistics.
+
+    Attributes:
+        entities: (E, d) float32 entity embeddings.
+        relations: (R, d) float32 relation embeddings.
+        history: one dict per epoch trained in this call: ``epoch``, ``loss`` (mean hinge over
+            the epoch's pairs), ``active`` (fraction of pairs with a non-zero hinge), ``seconds``,
+            ``triples_per_s`` (positive triples per second).
+        optimizer_state: the optimiser's ``state_dict()`` at the end, to pass back as
+            ``train_transe(optimizer_state=...)`` when resuming (None if no epoch ran).
+    """
+
+    entities: np.ndarray
+    relations: np.ndarray
+    history: list[dict] = field(default_factory=list)
+    optimizer_state: dict | None = None
+
+
+def _check_triples(triples: Any, num_entities: int, num_relations: int, name: str) -> np.ndarray:
+    """Return ``triples`` as a (T, 3) int64 array of in-range (head, relation, tail) ids."""
+    arr = np.asarray(triples)
+    if arr.ndim != 2 or arr.shape[1] != 3:
+        raise ValueError(f"{name}: expected shape (T, 3), got {arr.shape}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name}: no triples (T = 0)")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name}: expected integer ids, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64, copy=False)
+    limits = np.array([num_entities, num_relations, num_entities], dtype=np.int64)
+    bad = np.flatnonzero(((arr < 0) | (arr >= limits)).any(axis=1))
+    if bad.size:
+        row = int(bad[0])
+        raise ValueError(
+            f"{name}[{row}]={arr[row].tolist()}: ids out of range (num_entities={num_entities}, "
+            f"num_relations={num_relations}); {bad.size} bad row(s)"
+        )
+    return arr
+
+
+def _check_table(table: Any, rows: int, dim: int | None, name: str) -> np.ndarray:
+    arr = np.asarray(table, dtype=np.float32)
+    if arr.ndim != 2 or arr.shape[0] != rows or (dim is not None and arr.shape[1] != dim):
+        want = f"({rows}, {dim if dim is not None else 'd'})"
+        raise ValueError(f"{name}: expected shape {want}, got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name}: contains non-finite values")
+    return arr
+
+
+def bernoulli_head_probs(triples: np.ndarray, num_relations: int) -> np.ndarray:
+    """Per-relation probability of corrupting the head (Wang et al. 2014, section 3.2).
+
+    ``tph`` is the mean number of tails per (relation, head) and ``hpt`` the mean number of heads
+    per (relation, tail); the head is replaced with probability ``tph / (tph + hpt)``, so the
+    "many" side of a 1-to-N or N-to-1 relation is corrupted less often (fewer false negatives).
+    Relations absent from ``triples`` get 0.5.
+
+    Args:
+        triples: (T, 3) int64 (head, relation, tail) ids.
+        num_relations: R.
+
+    Returns:
+        (R,) float64 probabilities.
+    """
+    h, r, t = triples[:, 0], triples[:, 1], triples[:, 2]
+    per_rel = np.bincount(r, minlength=num_relations).astype(np.float64)  # (R,) triples per r
+    # Distinct (r, h) and (r, t) pairs, counted per relation.
+    heads = np.bincount(np.unique(np.stack([r, h], 1), axis=0)[:, 0], minlength=num_relations)
+    tails = np.bincount(np.unique(np.stack([r, t], 1), axis=0)[:, 0], minlength=num_relations)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tph = per_rel / heads
+        hpt = per_rel / tails
+        prob = tph / (tph + hpt)
+    return np.where(per_rel > 0, prob, 0.5)
+
+
+def _epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    """A generator that depends only on (seed, epoch), so resumed runs replay the same draws."""
+    state = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint32)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+    return gen
+
+
+def _distance(x: torch.Tensor, norm: int) -> torch.Tensor:
+    """L1 or L2 norm over the last dimension."""
+    if norm == 1:
+        return x.abs().sum(-1)
+    return torch.linalg.vector_norm(x, dim=-1)
+
+
+@torch.no_grad()
+def _normalize_rows_(weight: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """Project rows of ``weight`` (all if ``rows`` is None) to unit L2 norm, in place."""
+    if rows is None:
+        weight.div_(torch.linalg.vector_norm(weight, dim=1, keepdim=True).clamp_min(1e-12))
+        return
+    sub = weight.index_select(0, rows)  # (U, d)
+    sub.div_(torch.linalg.vector_norm(sub, dim=1, keepdim=True).clamp_min(1e-12))
+    weight.index_copy_(0, rows, sub)
+
+
+def _make_optimizer(
+    params: TransEParams, tables: Sequence[torch.nn.Parameter]
+) -> torch.optim.Optimizer:
+    if params.optimizer == "adam":
+        if params.sparse:
+            return torch.optim.SparseAdam(list(tables), lr=params.lr)
+        return torch.optim.Adam(list(tables), lr=params.lr)
+    return torch.optim.SGD(list(tables), lr=params.lr)
+
+
+def train_transe(
+    triples: np.ndarray,
+    num_entities: int,
+    num_relations: int,
+    params: TransEParams,
+    *,
+    init: tuple[np.ndarray, np.ndarray] | None = None,
+    start_epoch: int = 0,
+    progress: Callable[[dict], None] | None = None,
+    device: str | torch.device = "cpu",
+    optimizer_state: dict | None = None,
+) -> TransEResult:
+    """Train TransE embeddings with the margin ranking loss (Bordes et al. 2013).
+
+    Args:
+        triples: (T, 3) integer (head, relation, tail) ids, T > 0.
+        num_entities: E; every head and tail must be < E.
+        num_relations: R; every relation must be < R.
+        params: hyperparameters (validated here).
+        init: (entities (E, d), relations (R, d)) to start from, e.g. a checkpoint; relations are
+            then used as given (not re-normalised). Default: the paper's uniform initialisation.
+        start_epoch: first epoch to train (resume); epochs ``start_epoch .. params.epochs - 1``
+            run, each with the same random draws as in an uninterrupted run.
+        progress: called after each epoch with that epoch's history dict plus, valid only during
+            the call (copy to keep), ``entities`` and ``relations`` (numpy views of the live
+            tables) and ``optimizer_state`` (the optimiser's state_dict, live tensors), which is
+            everything a checkpoint needs to resume exactly.
+        device: torch device for the tables and the batches.
+        optimizer_state: state_dict from a previous ``TransEResult.optimizer_state`` or progress
+            call with the same params; without it a resumed Adam restarts its moment estimates.
+
+    Returns:
+        TransEResult with float32 tables and one history dict per trained epoch.
+
+    Raises:
+        ValueError: bad params, counts, triples (the first offending row is named), or init.
+    """
+    params.validate()
+    for name, value in (("num_entities", num_entities), ("num_relations", num_relations)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"{name}={value!r}: must be an int > 0")
+    if isinstance(start_epoch, bool) or not isinstance(start_epoch, (int, np.integer)):
+        raise ValueError(f"start_epoch={start_epoch!r}: must be an int")
+    if not 0 <= start_epoch <= params.epochs:
+        raise ValueError(f"start_epoch={start_epoch}: must be in [0, epochs={params.epochs}]")
+    data = _check_triples(triples, num_entities, num_relations, "triples")
+    device = torch.device(device)
+    dim = params.dim
+
+    if init is None:
+        # Bordes 2013, Algorithm 1 lines 1-3: uniform(-6/sqrt(d), 6/sqrt(d)), relations
+        # normalised once; entities are normalised before use in each batch.
+        bound = 6.0 / math.sqrt(dim)
+        gen = torch.Generator().manual_seed(params.seed)
+        ent0 = torch.empty(num_entities, dim).uniform_(-bound, bound, generator=gen)
+        rel0 = torch.empty(num_relations, dim).uniform_(-bound, bound, generator=gen)
+        _normalize_rows_(rel0)
+    else:
+        if not (isinstance(init, (tuple, list)) and len(init) == 2):
+            raise ValueError("init: expected a pair (entities, relations)")
+        ent0 = torch.from_numpy(_check_table(init[0], num_entities, dim, "init[0] (entities)"))
+        rel0 = torch.from_numpy(_check_table(init[1], num_relations, dim, "init[1] (relations)"))
+
+    entity_table = torch.nn.Embedding(num_entities, dim, sparse=params.sparse, device=device)
+    relation_table = torch.nn.Embedding(num_relations, dim, sparse=params.sparse, device=device)
+    with torch.no_grad():
+        entity_table.weight.copy_(ent0)
+        relation_table.weight.copy_(rel0)
+    ent_w, rel_w = entity_table.weight, relation_table.weight
+    optimizer = _make_optimizer(params, [ent_w, rel_w])
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+
+    heads_all = torch.from_numpy(data).to(device)  # (T, 3)
+    if params.negatives == "bern":
+        p_head = torch.from_numpy(bernoulli_head_probs(data, num_relations)).float().to(device)
+    else:
+        p_head = torch.full((num_relations,), 0.5, device=device)
+    num_triples = data.shape[0]
+    k = params.num_negatives
+    history: list[dict] = []
+
+    for epoch in range(start_epoch, params.epochs):
+        started = time.perf_counter()
+        gen = _epoch_generator(params.seed, epoch, device)
+        order = torch.randperm(num_triples, generator=gen, device=device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        active_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for begin in range(0, num_triples, params.batch_size):
+            batch = heads_all[order[begin : begin + params.batch_size]]  # (B, 3)
+            h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
+            size = batch.shape[0]
+            # Corrupt the head or the tail of each positive k times (unif or bern).
+            corrupt_head = torch.rand(size, k, generator=gen, device=device) < p_head[r, None]
+            random_ids = torch.randint(
+                num_entities, (size, k), generator=gen, device=device
+            )  # (B, k)
+            neg_h = torch.where(corrupt_head, random_ids, h[:, None])  # (B, k)
+            neg_t = torch.where(corrupt_head, t[:, None], random_ids)  # (B, k)
+            if params.normalize_entities:
+                # Algorithm 1 line 5, restricted to the rows this batch reads.
+                _normalize_rows_(ent_w.data, torch.unique(torch.cat([h, t, random_ids.view(-1)])))
+
+            h_e, t_e, r_e = entity_table(h), entity_table(t), relation_table(r)  # (B, d)
+            pos = _distance(h_e + r_e - t_e, params.norm)  # (B,)
+            neg = _distance(
+                entity_table(neg_h) + r_e[:, None, :] - entity_table(neg_t), params.norm
+            )  # (B, k)
+            hinge = torch.relu(params.margin + pos[:, None] - neg)  # (B, k), eq. 1
+            loss = hinge.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                loss_sum += hinge.sum().double()
+                active_sum += (hinge > 0).sum().double()
+
+        if params.normalize_entities and epoch == params.epochs - 1:
+            _normalize_rows_(ent_w.data)
+        seconds = time.perf_counter() - started
+        pairs = num_triples * k
+        record = {
+            "epoch": epoch,
+            "loss": float(loss_sum) / pairs,
+            "active": float(active_sum) / pairs,
+            "seconds": seconds,
+            "triples_per_s": num_triples / max(seconds, 1e-9),
+        }
+        history.append(record)
+        logger.debug("transe epoch %d: %s", epoch, record)
+        if progress is not None:
+            progress(
+                {
+                    **record,
+                    "entities": ent_w.detach().cpu().numpy(),
+                    "relations": rel_w.detach().cpu().numpy(),
+                    "optimizer_state": optimizer.state_dict(),
+                }
+            )
+
+    if history:
+        last = history[-1]
+        logger.info(
+            "transe: epochs %d-%d, final loss %.4f, %.0f triples/s",
+            start_epoch,
+            last["epoch"],
+            last["loss"],
+            float(np.mean([h["triples_per_s"] for h in history])),
+        )
+    entities = ent_w.detach().cpu().numpy().astype(np.float32, copy=True)
+    relations = rel_w.detach().cpu().numpy().astype(np.float32, copy=True)
+    return TransEResult(
+        entities=entities,
+        relations=relations,
+        history=history,
+        optimizer_state=optimizer.state_dict() if history else None,
+    )
+
+
+class _FilterIndex:
+    """Sorted CSR-like index from a query key (entity, relation) to its known answers.
+
+    ``keys`` holds the distinct ``entity * R + relation`` codes, ``offsets`` the start of each
+    key's answers in ``answers`` (answers of key i are ``answers[offsets[i]:offsets[i + 1]]``).
+    """
+
+    def __init__(self, anchor: np.ndarray, relation: np.ndarray, answer: np.ndarray, R: int):
+        codes = anchor * R + relation  # (M,)
+        order = np.lexsort((answer, codes))
+        codes, self.answers = codes[order], answer[order]
+        self.keys, starts = np.unique(codes, return_index=True)
+        self.offsets = np.append(starts, codes.shape[0]).astype(np.int64)
+        self.R = R
+
+    def pairs(self, anchor: np.ndarray, relation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row, answer) pairs: row i of the query batch has all known answers of its key."""
+        codes = anchor * self.R + relation  # (Q,)
+        pos = np.searchsorted(self.keys, codes)
+        found = pos < self.keys.shape[0]
+        found[found] = self.keys[pos[found]] == codes[found]
+        starts = np.where(found, self.offsets[np.minimum(pos, self.keys.shape[0] - 1)], 0)
+        lengths = np.where(found, self.offsets[np.minimum(pos + 1, self.keys.shape[0])] - starts, 0)
+        rows = np.repeat(np.arange(codes.shape[0]), lengths)
+        # Concatenate the ranges [start, start + length) without a python loop.
+        within = np.arange(rows.shape[0]) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return rows, self.answers[np.repeat(starts, lengths) + within]
+
+
+def _rank_batch(
+    queries: torch.Tensor,
+    entities: torch.Tensor,
+    targets: torch.Tensor,
+    filter_rows: torch.Tensor,
+    filter_cols: torch.Tensor,
+    norm: int,
+) -> torch.Tensor:
+    """Filtered ranks of ``targets`` among all entities by distance to ``queries``.
+
+    Ties with the target count half (the mean of the optimistic and pessimistic rank).
+    """
+    if norm == 1:
+        dist = torch.cdist(queries, entities, p=1)  # (Q, E)
+    else:
+        # Squared L2 ranks like L2; one matmul instead of cdist's pairwise loop.
+        dist = (
+            (queries * queries).sum(1, keepdim=True)
+            - 2.0 * queries @ entities.T
+            + (entities * entities).sum(1)[None, :]
+        )  # (Q, E)
+    rows = torch.arange(queries.shape[0], device=queries.device)
+    target_dist = dist[rows, targets].clone()  # (Q,)
+    dist[filter_rows, filter_cols] = math.inf  # filtered setting: other true answers don't count
+    dist[rows, targets] = math.inf
+    better = (dist < target_dist[:, None]).sum(1)
+    ties = (dist == target_dist[:, None]).sum(1)
+    return 1.0 + better.double() + 0.5 * ties.double()  # (Q,)
+
+
+@torch.no_grad()
+def link_prediction(
+    entities: np.ndarray,
+    relations: np.ndarray,
+    test: np.ndarray,
+    known: list[np.ndarray],
+    *,
+    norm: int = 1,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Filtered link prediction (Bordes 2013, section 4.2), ranking both heads and tails.
+
+    For each test triple (h, r, t) the tail query ranks ``t`` among all entities e by
+    ``d(h + r, e)`` and the head query ranks ``h`` by ``d(e + r, t) = d(e, t - r)``; other
+    entities that form a triple in ``known`` are skipped (the filtered setting). Ties with the
+    target count half. Each batch of queries is scored against all entities at once.
+
+    Args:
+        entities: (E, d) entity embeddings.
+        relations: (R, d) relation embeddings.
+        test: (T, 3) integer (head, relation, tail) ids.
+        known: arrays of (n, 3) true triples (train, valid, test) used for filtering.
+        norm: 1 (L1) or 2 (L2), as in training.
+        batch_size: queries per scoring batch (memory is batch_size x E floats).
+        device: torch device for the scoring.
+
+    Returns:
+        {"mrr", "hits1", "hits3", "hits10", "mean_rank"} averaged over the 2T head and tail
+        queries, "mrr_head", "mrr_tail" per side, and "count" = T test triples.
+    """
+    if norm not in NORMS:
+        raise ValueError(f"norm={norm!r}: must be one of {NORMS}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        raise ValueError(f"batch_size={batch_size!r}: must be an int")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size}: must be > 0")
+    ent = np.asarray(entities)
+    rel = np.asarray(relations)
+    if ent.ndim != 2 or ent.shape[0] == 0:
+        raise ValueError(f"entities: expected shape (E, d), got {ent.shape}")
+    ent = _check_table(ent, ent.shape[0], None, "entities")
+    rel = _check_table(rel, rel.shape[0] if rel.ndim == 2 else -1, ent.shape[1], "relations")
+    E, R = ent.shape[0], rel.shape[0]
+    test_ids = _check_triples(test, E, R, "test")
+    known_ids = np.concatenate(
+        [_check_triples(arr, E, R, f"known[{i}]") for i, arr in enumerate(known)]
+        or [np.empty((0, 3), np.int64)]
+    )
+    kh, kr, kt = known_ids[:, 0], known_ids[:, 1], known_ids[:, 2]
+    tails_of = _FilterIndex(kh, kr, kt, R)  # (h, r) -> true tails
+    heads_of = _FilterIndex(kt, kr, kh, R)  # (t, r) -> true heads
+
+    device = torch.device(device)
+    ent_t = torch.from_numpy(ent).to(device)
+    rel_t = torch.from_numpy(rel).to(device)
+    ranks = {"tail": [], "head": []}
+    for begin in range(0, test_ids.shape[0], batch_size):
+        batch = test_ids[begin : begin + batch_size]  # (Q, 3)
+        h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
+        bt = torch.from_numpy(batch).to(device)
+        for side, query, target, index, anchor in (
+            ("tail", ent_t[bt[:, 0]] + rel_t[bt[:, 1]], bt[:, 2], tails_of, h),
+            ("head", ent_t[bt[:, 2]] - rel_t[bt[:, 1]], bt[:, 0], heads_of, t),
+        ):
+            rows, cols = index.pairs(anchor, r)
+            ranks[side].append(
+                _rank_batch(
+                    query,  # (Q, d)
+                    ent_t,
+                    target,
+                    torch.from_numpy(rows).to(device),
+                    torch.from_numpy(cols).to(device),
+                    norm,
+                ).cpu()
+            )
+    tail = torch.cat(ranks["tail"]).numpy()
+    head = torch.cat(ranks["head"]).numpy()
+    both = np.concatenate([tail, head])
+    return {
+        "mrr": float(np.mean(1.0 / both)),
+        "hits1": float(np.mean(both <= 1)),
+        "hits3": float(np.mean(both <= 3)),
+        "hits10": float(np.mean(both <= 10)),
+        "mean_rank": float(np.mean(both)),
+        "mrr_head": float(np.mean(1.0 / head)),
+        "mrr_tail": float(np.mean(1.0 / tail)),
+        "count": int(test_ids.shape[0]),
+    }
+
+
+def embeddings_fingerprint(entities: np.ndarray, relations: np.ndarray) -> str:
+    """Short sha256 hex (16 chars) of both tables' shapes and float32 bytes."""
+    digest = hashlib.sha256()
+    for table in (entities, relations):
+        arr = np.ascontiguousarray(np.asarray(table, dtype=np.float32))
+        digest.update(repr(arr.shape).encode())
+        digest.update(arr.tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,112 @@
+"""Readers of the run directory's artifacts, shared by the stages and the batch-evaluation job.
+
+Layout (see ARCHITECTURE.md):
+    ingest/kb/{entities,relations,facts}.parquet, ingest/questions/<split>.parquet, ingest/rejects.parquet
+    embed/{entities,relations}.parquet            id int64, vector fixed_size_list<float32>[d]
+    memory/facts.npy (N, D) float32, memory/index/ (hmn.index.ClusterIndex)
+    train/model.pt, train/vocab.json, train/history.json
+    eval/report.json, eval/report.md, eval/predictions/<split>.<reader>.parquet
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from hmn.index import ClusterIndex
+from hmn.memory import FactMemory
+from hmn.model import BowEncoder
+from hmn.text import Vocabulary
+
+
+def write_vectors(path: Path, vectors: np.ndarray) -> None:
+    """(n, d) float32 -> Parquet with id int64 and vector fixed_size_list<float32>[d]."""
+    n, d = vectors.shape
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
+    table = pa.table({"id": pa.array(np.arange(n, dtype=np.int64)),
+                      "vector": pa.FixedSizeListArray.from_arrays(flat, d)})
+    pq.write_table(table, path)
+
+
+def read_vectors(path: Path) -> np.ndarray:
+    table = pq.read_table(path)
+    ids = table["id"].to_numpy()
+    col = table["vector"].combine_chunks()
+    d = col.type.list_size
+    vectors = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+    if not np.array_equal(ids, np.arange(len(ids))):
+        vectors = vectors[np.argsort(ids)]
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+@dataclass
+class KnowledgeBase:
+    """The ingested knowledge base: keys, names and the integer fact table."""
+
+    entity_keys: np.ndarray        # (E,) object
+    entity_names: list             # (E,) str | None
+    relation_keys: np.ndarray      # (R,) object
+    fact_subject: np.ndarray       # (N,) int64
+    fact_relation: np.ndarray      # (N,) int64
+    object_offsets: np.ndarray     # (N+1,) int64
+    object_values: np.ndarray      # (total objects,) int64
+
+    @property
+    def num_facts(self) -> int:
+        return len(self.fact_subject)
+
+    @classmethod
+    def load(cls, ingest_dir: Path) -> KnowledgeBase:
+        kb = Path(ingest_dir) / "kb"
+        ent = pq.read_table(kb / "entities.parquet").sort_by("entity_id")
+        rel = pq.read_table(kb / "relations.parquet").sort_by("relation_id")
+        facts = pq.read_table(kb / "facts.parquet").sort_by("fact_id")
+        objs = facts["object_ids"].combine_chunks()
+        return cls(
+            entity_keys=np.asarray(ent["key"].to_pylist(), dtype=object),
+            entity_names=ent["name"].to_pylist(),
+            relation_keys=np.asarray(rel["key"].to_pylist(), dtype=object),
+            fact_subject=facts["subject_id"].to_numpy(),
+            fact_relation=facts["relation_id"].to_numpy(),
+            object_offsets=objs.offsets.to_numpy().astype(np.int64),
+            object_values=objs.values.to_numpy().astype(np.int64),
+        )
+
+    def triples(self) -> np.ndarray:
+        """Atomic (head, relation, tail) triples: one per object of each grouped fact. (T, 3)"""
+        counts = np.diff(self.object_offsets)
+        heads = np.repeat(self.fact_subject, counts)
+        rels = np.repeat(self.fact_relation, counts)
+        return np.stack([heads, rels, self.object_values], axis=1).astype(np.int64)
+
+    def fact_lookup(self) -> dict[tuple[int, int], int]:
+        return {(int(s), int(r)): i for i, (s, r) in enumerate(zip(self.fact_subject, self.fact_relation))}
+
+
+def read_questions(ingest_dir: Path, split: str) -> pa.Table | None:
+    path = Path(ingest_dir) / "questions" / f"{split}.parquet"
+    return pq.read_table(path) if path.exists() else None
+
+
+def load_memory(memory_dir: Path, device: torch.device | str = "cpu", mmap: bool = True) -> FactMemory:
+    vectors = np.load(Path(memory_dir) / "facts.npy", mmap_mode="r" if mmap else None)
+    return FactMemory(torch.from_numpy(np.ascontiguousarray(vectors)).to(device))
+
+
+def load_index(memory_dir: Path) -> ClusterIndex:
+    return ClusterIndex.load(str(Path(memory_dir) / "index"))
+
+
+def load_model(train_dir: Path, device: torch.device | str = "cpu") -> tuple[BowEncoder, Vocabulary, dict]:
+    """The selected (best dev accuracy) model of a finished train stage."""
+    state = torch.load(Path(train_dir) / "model.pt", map_location=device, weights_only=False)
+    vocab = Vocabulary.load(Path(train_dir) / "vocab.json")
+    model = BowEncoder(len(vocab), state["dim"]).to(device)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, vocab, state

@@ -1,0 +1,93 @@
+"""Batch scoring of questions on Ray Data, shared by the evaluate stage and `pipeline.evaluate`.
+
+`map_batches` runs `Scorer`, a callable class on an actor pool: each actor loads the model, the
+memory and the index once, then scores batches of encoded questions with every requested reader.
+The driver turns the per-question predictions into the metrics: accuracy (the predicted fact has
+the gold subject and relation), mean facts scored per question, and recall@k of each approximate
+reader's candidates against the exact reader's.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from hmn.config import ReaderConfig
+
+log = logging.getLogger(__name__)
+
+
+class Scorer:
+    """Ray Data actor: loads the run's model, memory and index once; scores question batches."""
+
+    def __init__(self, run_dir: str, readers: tuple[str, ...], reader_cfg: ReaderConfig, k: int, threads: int = 1):
+        import torch
+
+        from hmn.readers import make_reader
+        from pipeline.artifacts import load_index, load_memory, load_model
+
+        torch.set_num_threads(threads)
+        root = Path(run_dir)
+        self.model, _, _ = load_model(root / "train")
+        memory = load_memory(root / "memory")
+        index = load_index(root / "memory") if "clustered" in readers else None
+        self.readers = {name: make_reader(name, memory, index, **reader_cfg.params(name, training=False))
+                        for name in readers}
+        self.k = k
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from hmn.training import predict
+
+        tokens = [np.asarray(t, dtype=np.int64) for t in batch["tokens"]]
+        out = {"row": batch["row"]}
+        for name, reader in self.readers.items():
+            p = predict(self.model, reader, tokens, k=self.k, batch_size=max(1, len(tokens)))
+            out[f"pred_{name}"] = p.fact_ids
+            out[f"touched_{name}"] = p.touched
+            out[f"cands_{name}"] = p.candidates
+        return out
+
+
+def score(run_dir: Path, tokens: list[np.ndarray], readers: tuple[str, ...], reader_cfg: ReaderConfig,
+          *, k: int, batch_size: int, num_actors: int) -> pa.Table:
+    """Predictions of every reader for each question, in input order. Needs a running Ray."""
+    import ray.data
+
+    table = pa.table({"row": pa.array(np.arange(len(tokens), dtype=np.int64)),
+                      "tokens": pa.array([t.tolist() for t in tokens], pa.list_(pa.int64()))})
+    ds = ray.data.from_arrow(table).map_batches(
+        Scorer,
+        fn_constructor_kwargs={"run_dir": str(run_dir), "readers": tuple(readers), "reader_cfg": reader_cfg, "k": k},
+        batch_size=batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+    )
+    out = ds.to_arrow_refs()
+    result = pa.concat_tables(ray.get(out)) if out else table.select(["row"])
+    return result.sort_by("row")
+
+
+def metrics(pred: pa.Table, gold: np.ndarray, readers: tuple[str, ...], fact_subject: np.ndarray,
+            fact_relation: np.ndarray, recall_k: int) -> dict[str, dict]:
+    """Per reader: accuracy, facts scored per question, recall@k against exact (if scored)."""
+    from hmn.training import Predictions, accuracy, candidate_recall
+
+    def preds(name: str) -> Predictions:
+        cands = pred[f"cands_{name}"].combine_chunks()
+        c = cands.flatten().to_numpy().reshape(len(pred), -1) if len(pred) else np.zeros((0, recall_k), np.int64)
+        return Predictions(pred[f"pred_{name}"].to_numpy(), pred[f"touched_{name}"].to_numpy(), c)
+
+    out: dict[str, dict] = {}
+    exact = preds("exact") if "exact" in readers else None
+    for name in readers:
+        p = preds(name)
+        m = {
+            "accuracy": accuracy(p.fact_ids, gold, fact_subject, fact_relation),
+            "facts_per_query": float(p.touched.mean()) if len(p.touched) else 0.0,
+        }
+        if exact is not None and name != "exact" and len(gold):
+            m[f"recall{recall_k}_vs_exact"] = candidate_recall(p, exact, recall_k)
+        out[name] = m
+    return out

@@ -1,0 +1,124 @@
+"""Embed stage: TransE entity and relation vectors for the memory.
+
+Either reads user-supplied embeddings (``key<TAB>v1 ... vd`` text files, keys normalised like the
+knowledge base's) or trains TransE on the ingested facts inside one Ray task. Training writes a
+checkpoint every few epochs beside the run directory's staging area, so a killed run resumes its
+TransE schedule rather than restarting it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from hmn.config import EmbedConfig
+from hmn.formats import read_embedding_text
+from hmn.transe import TransEParams, embeddings_fingerprint, link_prediction, train_transe
+from pipeline.artifacts import KnowledgeBase, write_vectors
+
+log = logging.getLogger(__name__)
+
+
+def transe_params(cfg: EmbedConfig) -> TransEParams:
+    return TransEParams(dim=cfg.dim, norm=cfg.norm, margin=cfg.margin, lr=cfg.lr, epochs=cfg.epochs,
+                        batch_size=cfg.batch_size, negatives=cfg.negatives, seed=cfg.seed)
+
+
+def _train_task(triples: np.ndarray, num_entities: int, num_relations: int, cfg: EmbedConfig,
+                checkpoint: str) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Runs inside a Ray task: TransE with periodic checkpoints to `checkpoint` (.npz)."""
+    import torch
+
+    torch.set_num_threads(cfg.num_cpus)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    params = transe_params(cfg)
+    init, start, history = None, 0, []
+    if os.path.exists(checkpoint):
+        z = np.load(checkpoint, allow_pickle=True)
+        init = (z["entities"], z["relations"])
+        start = int(z["epoch"])
+        history = list(z["history"])
+        log.info("TransE: resuming from the checkpoint at epoch %d", start)
+    every = max(1, cfg.epochs // 10)
+    state: dict = {}
+
+    def progress(h: dict) -> None:
+        history.append(h)
+        e = h["epoch"] + 1
+        if e % every == 0 or e == cfg.epochs:
+            log.info("TransE epoch %d/%d loss %.4f (%.0f triples/s)", e, cfg.epochs, h["loss"],
+                     h.get("triples_per_s", 0.0))
+        state["last"] = e
+
+    # Train in slices so that a checkpoint is written every `every` epochs.
+    ent, rel = init if init is not None else (None, None)
+    epoch = start
+    while epoch < cfg.epochs:
+        stop = min(cfg.epochs, epoch + every)
+        res = train_transe(triples, num_entities, num_relations,
+                           _replace_epochs(params, stop), init=(ent, rel) if ent is not None else None,
+                           start_epoch=epoch, progress=progress)
+        ent, rel, epoch = res.entities, res.relations, stop
+        tmp = checkpoint + ".tmp.npz"
+        np.savez(tmp, entities=ent, relations=rel, epoch=epoch, history=np.array(history, dtype=object))
+        os.replace(tmp, checkpoint)
+    if ent is None:  # nothing left to train: the checkpoint already holds the final epoch
+        z = np.load(checkpoint, allow_pickle=True)
+        ent, rel = z["entities"], z["relations"]
+    return ent, rel, history
+
+
+def _replace_epochs(params: TransEParams, epochs: int) -> TransEParams:
+    from dataclasses import replace
+
+    return replace(params, epochs=epochs)
+
+
+def run_embed(cfg: EmbedConfig, ingest_dir: Path, out: Path, checkpoint_dir: Path) -> dict:
+    kb = KnowledgeBase.load(ingest_dir)
+    E, R = len(kb.entity_keys), len(kb.relation_keys)
+    stats: dict = {"entities": E, "relations": R}
+    if cfg.entities_file:
+        ent, missing_e = _align(cfg.entities_file, kb.entity_keys, cfg.dim, cfg.seed, "entity")
+        rel, missing_r = _align(cfg.relations_file, kb.relation_keys, cfg.dim, cfg.seed + 1, "relation")
+        stats.update(source="files", missing_entities=missing_e, missing_relations=missing_r)
+    else:
+        triples = kb.triples()
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = str(checkpoint_dir / "transe.npz")
+        task = ray.remote(num_cpus=cfg.num_cpus)(_train_task)
+        log.info("TransE on %d triples, %d entities, %d relations, %d epochs", len(triples), E, R, cfg.epochs)
+        ent, rel, history = ray.get(task.remote(triples, E, R, cfg, ckpt))
+        # Link prediction on a sample of the training triples: a sanity figure, not a benchmark.
+        rng = np.random.default_rng(cfg.seed)
+        sample = triples[rng.choice(len(triples), size=min(1000, len(triples)), replace=False)]
+        lp = link_prediction(ent, rel, sample, [triples], norm=cfg.norm)
+        stats.update(source="transe", triples=len(triples), history=history,
+                     train_sample_mrr=lp["mrr"], train_sample_hits10=lp["hits10"],
+                     final_loss=float(history[-1]["loss"]) if history else None)
+    if not (np.isfinite(ent).all() and np.isfinite(rel).all()):
+        raise ValueError("embed: the embeddings contain NaN or Inf")
+    write_vectors(out / "entities.parquet", ent)
+    write_vectors(out / "relations.parquet", rel)
+    stats["fingerprint"] = embeddings_fingerprint(ent, rel)
+    stats["dim"] = int(ent.shape[1])
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return stats
+
+
+def _align(path: str, keys: np.ndarray, dim: int, seed: int, what: str) -> tuple[np.ndarray, int]:
+    """Rows of a text embedding file in knowledge-base id order; missing keys fail."""
+    file_keys, vectors = read_embedding_text(path, expected_dim=dim)
+    index = {k: i for i, k in enumerate(file_keys)}
+    rows = np.array([index.get(k, -1) for k in keys], dtype=np.int64)
+    missing = int((rows < 0).sum())
+    if missing:
+        examples = ", ".join(str(k) for k in keys[rows < 0][:5])
+        raise ValueError(f"{path}: {missing} {what} keys of the knowledge base have no embedding "
+                         f"(e.g. {examples})")
+    return vectors[rows], missing

@@ -1,0 +1,251 @@
+"""Train stage: the HMN reader on Ray Train's TorchTrainer (gloo on CPU, NCCL on GPU).
+
+The driver prepares the questions (natural plus the paper's artificial ones), the vocabulary and
+the encoded token lists, and hands the training questions to Train as a Ray Dataset; each worker
+gets its shard through `get_dataset_shard` (Train splits it with ``equal=True``, so every rank runs
+the same number of steps). Every worker holds the memory and the index; the word vectors are the
+only parameters, so DDP all-reduces just their gradients. Rank 0 writes a checkpoint every epoch
+with everything needed to resume (model, optimiser, early-stopping state, history, best model),
+and `FailureConfig` restarts a failed worker group from the last one. Runs are named by the
+stage's fingerprint, so a killed driver started again resumes the same run (RAY_NOTES 1).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from hmn.config import ReaderConfig, TrainConfig
+from hmn.model import BowEncoder
+from hmn.readers import make_reader
+from hmn.text import Vocabulary, artificial_questions
+from hmn.training import EarlyStopping, make_batch, predict, train_epoch
+from pipeline.artifacts import KnowledgeBase, load_index, load_memory, read_questions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything a worker needs; passed through train_loop_config (picklable, typed)."""
+
+    train: TrainConfig
+    reader: ReaderConfig
+    memory_dir: str
+    dev_path: str            # Parquet: tokens list<int64>, fact_id int64
+    facts_meta_path: str     # .npz: fact_subject, fact_relation (for the accuracy metric)
+    vocab_size: int
+    dim: int
+    fingerprints: dict
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _tokens(col) -> list[np.ndarray]:
+    return [np.asarray(t, dtype=np.int64) for t in col]
+
+
+def train_loop_per_worker(config: dict) -> list[dict]:
+    """Ray Train worker loop (also runs in local mode with num_workers=0)."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    job: TrainJob = config["job"]
+    cfg = job.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.threads or max(1, math.ceil(cfg.cpus_per_worker)))
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+
+    memory = load_memory(Path(job.memory_dir), device)
+    needs_index = "clustered" in (cfg.reader, cfg.infer_reader)
+    index = load_index(Path(job.memory_dir)) if needs_index else None
+    train_reader = make_reader(cfg.reader, memory, index, **job.reader.params(cfg.reader, training=True))
+    infer_reader = make_reader(cfg.infer_reader, memory, index, **job.reader.params(cfg.infer_reader, training=False))
+    meta = np.load(job.facts_meta_path)
+    fact_subject, fact_relation = meta["fact_subject"], meta["fact_relation"]
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = BowEncoder(job.vocab_size, job.dim, init_std=cfg.init_std).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    stopper = EarlyStopping(cfg.patience)
+    history: list[dict] = []
+    best_state = None
+    start_epoch = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        stopper.load_state_dict(state["stopper"])
+        history, best_state, start_epoch = state["history"], state["best_model"], state["epoch"]
+        log.info("rank %d: resuming at epoch %d", rank, start_epoch)
+    if world > 1:
+        model = ray.train.torch.prepare_model(model, move_to_device=False)
+
+    dev = pq.read_table(job.dev_path)
+    dev_tokens = _tokens(dev["tokens"].to_pylist())
+    dev_gold = dev["fact_id"].to_numpy()
+    mine = np.arange(rank, len(dev_gold), world)  # each rank scores its slice of dev
+    shard = ray.train.get_dataset_shard("train")
+    per_worker = max(1, cfg.batch_size // world)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
+
+    for epoch in range(start_epoch, cfg.max_epochs):
+        if stopper.should_stop:
+            break
+        generator.manual_seed(cfg.seed * 1000 + epoch * 10 + rank)
+        batches = (
+            make_batch(_tokens(b["tokens"]), b["fact_id"], device)
+            for b in shard.iter_batches(batch_size=per_worker, batch_format="numpy",
+                                        local_shuffle_buffer_size=max(4 * per_worker, 1024),
+                                        local_shuffle_seed=cfg.seed + epoch)
+        )
+        stats = train_epoch(model, batches, memory.vectors, train_reader, optimizer, loss=cfg.loss,
+                            k=job.reader.k, generator=generator, max_steps=cfg.max_steps_per_epoch)
+        # Validation: every rank scores its slice, counts are summed.
+        preds = predict(_unwrap(model), infer_reader, [dev_tokens[i] for i in mine], k=job.reader.k,
+                        device=device)
+        gold = dev_gold[mine]
+        ok = preds.fact_ids >= 0
+        safe = np.where(ok, preds.fact_ids, 0)
+        hit = ok & (fact_subject[safe] == fact_subject[gold]) & (fact_relation[safe] == fact_relation[gold])
+        sums = torch.tensor([hit.sum(), len(gold), preds.touched.sum(), stats.loss * stats.steps, stats.steps],
+                            dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized() and world > 1:
+            dist.all_reduce(sums)
+        dev_acc = float(sums[0] / max(sums[1], 1))
+        improved = stopper.update(epoch, dev_acc)
+        if improved:
+            best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+        metrics = {
+            "epoch": epoch, "loss": float(sums[3] / max(sums[4], 1)), "dev_accuracy": dev_acc,
+            "best_dev_accuracy": stopper.best, "best_epoch": stopper.best_epoch,
+            "softmax_size": stats.softmax_size, "train_facts_touched": stats.facts_touched,
+            "dev_facts_touched": float(sums[2] / max(sums[1], 1)), "epoch_seconds": stats.seconds,
+            "steps": stats.steps, "questions": stats.questions * world,
+        }
+        history.append(metrics)
+        if rank == 0:
+            log.info("epoch %d: loss %.4f dev acc %.4f (best %.4f at %d) softmax %.0f facts, %.1f s",
+                     epoch, metrics["loss"], dev_acc, stopper.best, stopper.best_epoch,
+                     stats.softmax_size, stats.seconds)
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                            "stopper": stopper.state_dict(), "history": history, "best_model": best_state,
+                            "epoch": epoch + 1}, os.path.join(d, "state.pt"))
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint)
+    return history
+
+
+def prepare_questions(kb: KnowledgeBase, ingest_dir: Path, artificial: bool) -> tuple[dict, dict]:
+    """Training texts (natural + artificial) and dev texts with gold fact ids."""
+    train = read_questions(ingest_dir, "train")
+    dev = read_questions(ingest_dir, "dev")
+    if train is None or train.num_rows == 0:
+        raise ValueError(f"{ingest_dir}/questions/train.parquet: no training questions")
+    if dev is None or dev.num_rows == 0:
+        raise ValueError(f"{ingest_dir}/questions/dev.parquet: no dev questions")
+    texts = train["question"].to_pylist()
+    facts = train["fact_id"].to_numpy()
+    flags = [False] * len(texts)
+    n_art = 0
+    if artificial:
+        covered = np.zeros(kb.num_facts, dtype=bool)
+        covered[facts] = True
+        names = [kb.entity_names[s] for s in kb.fact_subject]
+        rels = [kb.relation_keys[r] for r in kb.fact_relation]
+        a_texts, a_facts = artificial_questions(np.arange(kb.num_facts), names, rels, covered)
+        texts += a_texts
+        facts = np.concatenate([facts, a_facts])
+        flags += [True] * len(a_texts)
+        n_art = len(a_texts)
+    return ({"texts": texts, "facts": facts, "artificial": flags, "artificial_count": n_art},
+            {"texts": dev["question"].to_pylist(), "facts": dev["fact_id"].to_numpy()})
+
+
+def run_train(train_cfg: TrainConfig, reader_cfg: ReaderConfig, ingest_dir: Path, memory_dir: Path,
+              out: Path, storage_dir: Path, run_name: str, fingerprints: dict, force: bool = False) -> dict:
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    kb = KnowledgeBase.load(ingest_dir)
+    train_q, dev_q = prepare_questions(kb, ingest_dir, train_cfg.artificial_questions)
+    vocab = Vocabulary.build(train_q["texts"])
+    vocab.save(out / "vocab.json")
+    train_tokens, train_unknown = vocab.encode_many(train_q["texts"])
+    dev_tokens, dev_unknown = vocab.encode_many(dev_q["texts"])
+    data = out / "data"
+    data.mkdir()
+    list_type = pa.list_(pa.int64())
+    train_table = pa.table({"tokens": pa.array([t.tolist() for t in train_tokens], list_type),
+                            "fact_id": pa.array(train_q["facts"], pa.int64()),
+                            "artificial": pa.array(train_q["artificial"], pa.bool_())})
+    pq.write_table(train_table, data / "train.parquet")
+    pq.write_table(pa.table({"tokens": pa.array([t.tolist() for t in dev_tokens], list_type),
+                             "fact_id": pa.array(dev_q["facts"], pa.int64())}), data / "dev.parquet")
+    np.savez(data / "facts_meta.npz", fact_subject=kb.fact_subject, fact_relation=kb.fact_relation)
+    dim = int(np.load(memory_dir / "facts.npy", mmap_mode="r").shape[1])
+    job = TrainJob(train=train_cfg, reader=reader_cfg, memory_dir=str(memory_dir),
+                   dev_path=str(data / "dev.parquet"), facts_meta_path=str(data / "facts_meta.npz"),
+                   vocab_size=len(vocab), dim=dim, fingerprints=fingerprints)
+    log.info("training on %d questions (%d artificial), vocabulary %d words, dev %d questions, memory %d x %d",
+             train_table.num_rows, train_q["artificial_count"], len(vocab), len(dev_tokens), kb.num_facts, dim)
+
+    if force:
+        shutil.rmtree(storage_dir / run_name, ignore_errors=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
+            resources_per_worker={"CPU": train_cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=str(storage_dir),
+            failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        datasets={"train": ray.data.from_arrow(train_table)},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+    history = state["history"]
+    best = state["best_model"] or state["model"]
+    torch.save({"model": best, "dim": dim, "vocab_size": len(vocab), "fingerprints": fingerprints,
+                "train": copy.deepcopy(train_cfg.__dict__), "reader": copy.deepcopy(reader_cfg.__dict__)},
+               out / "model.pt")
+    (out / "history.json").write_text(json.dumps(history, indent=2))
+    stopper = state["stopper"]
+    return {
+        "train_questions": train_table.num_rows, "artificial_questions": train_q["artificial_count"],
+        "vocabulary": len(vocab), "dev_questions": len(dev_tokens),
+        "train_unknown_tokens": int(train_unknown.sum()), "dev_unknown_tokens": int(dev_unknown.sum()),
+        "epochs": len(history), "best_epoch": stopper["best_epoch"], "best_dev_accuracy": stopper["best"],
+        "mean_epoch_seconds": float(np.mean([h["epoch_seconds"] for h in history])) if history else 0.0,
+        "mean_softmax_size": float(np.mean([h["softmax_size"] for h in history])) if history else 0.0,
+        "loss": train_cfg.loss, "reader": train_cfg.reader, "infer_reader": train_cfg.infer_reader,
+        "num_workers": train_cfg.num_workers, "history": history, "fingerprints": fingerprints,
+        "ray_run": str(storage_dir / run_name),
+    }

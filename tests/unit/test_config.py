@@ -1,0 +1,68 @@
+import pytest
+
+from hmn.config import ConfigError, RunConfig, config_from_dict, config_to_dict, describe, load_config
+
+
+def test_defaults_validate_and_round_trip(tmp_path):
+    cfg = load_config()
+    assert cfg == RunConfig()
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_presets_load():
+    for preset in ("configs/smoke.yaml", "configs/sq32k.yaml"):
+        cfg = load_config(preset)
+        assert cfg.name in preset
+
+
+def test_overrides_are_converted_by_type():
+    cfg = load_config(None, ["reader.k=3", "memory.branching=8,4", "train.use_gpu=true",
+                             "train.lr=0.5", "eval.readers=[exact]"])
+    assert cfg.reader.k == 3
+    assert cfg.memory.branching == (8, 4)
+    assert cfg.train.use_gpu is True
+    assert cfg.train.lr == 0.5
+    assert cfg.eval.readers == ("exact",)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("reader.k=0", "reader.k=0: must be > 0"),
+    ("reader.k=abc", "reader.k='abc': expected an integer"),
+    ("train.nonsense=1", "unknown key 'train.nonsense'"),
+    ("nonsense.k=1", "unknown key 'nonsense'"),
+    ("memory.U=1.5", "memory.U=1.5: must be in (0, 1)"),
+    ("train.loss=mse", "train.loss='mse'"),
+    ("train.use_gpu=maybe", "train.use_gpu='maybe': expected true or false"),
+    ("eval.readers=[pca]", "eval.readers"),
+    ("reader.top_clusters=1000", "reader.top_clusters=1000: more than the 64 leaves"),
+])
+def test_errors_name_the_field_and_value(override, message):
+    overrides = [override]
+    if override.startswith("reader.top_clusters"):
+        overrides.append("train.reader=clustered")
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value)
+
+
+def test_bad_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  batch_size: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+
+
+def test_files_source_needs_files():
+    with pytest.raises(ConfigError, match="data.facts"):
+        load_config(None, ["data.source=files"])
+
+
+def test_describe_lists_every_field():
+    lines = describe()
+    assert any(line.startswith("train.batch_size = 128") for line in lines)
+    assert any(line.startswith("memory.U = 0.75") for line in lines)

@@ -1,0 +1,39 @@
+import torch
+
+from hmn.model import BowEncoder, candidate_union, full_softmax_loss, ksoftmax_loss
+
+
+def test_encoder_sums_word_vectors_and_empty_is_zero():
+    enc = BowEncoder(5, 4)
+    out = enc(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 3]))  # [1,2], [3], []
+    w = enc.words.weight
+    assert torch.allclose(out[0], w[1] + w[2])
+    assert torch.allclose(out[1], w[3])
+    assert torch.all(out[2] == 0)
+
+
+def test_candidate_union_adds_gold_and_ignores_pads():
+    union, pos = candidate_union(torch.tensor([[5, 3, -1], [3, 7, 1]]), torch.tensor([9, 3]))
+    assert union.tolist() == [1, 3, 5, 7, 9]
+    assert union[pos].tolist() == [9, 3]
+
+
+def test_ksoftmax_equals_full_softmax_when_candidates_cover_memory():
+    torch.manual_seed(0)
+    memory = torch.randn(20, 6)
+    q = torch.randn(4, 6, requires_grad=True)
+    gold = torch.tensor([0, 5, 7, 19])
+    full = full_softmax_loss(q, memory, gold)
+    ks = ksoftmax_loss(q, memory, torch.arange(20).repeat(4, 1), gold)
+    assert torch.allclose(full.loss, ks.loss)
+    assert full.softmax_size == ks.softmax_size == 20
+
+
+def test_ksoftmax_is_over_union_only():
+    memory = torch.eye(4)
+    q = torch.tensor([[10.0, 0, 0, 0]])
+    # candidate 1 only (plus gold 0): the huge score of fact 0 vs 0 for fact 1
+    out = ksoftmax_loss(q, memory, torch.tensor([[1]]), torch.tensor([0]))
+    assert out.softmax_size == 2
+    expected = -torch.log_softmax(torch.tensor([10.0, 0.0]), 0)[0]
+    assert torch.allclose(out.loss, expected)
