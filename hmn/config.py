@@ -1,4 +1,4 @@
-"""Typed, frozen run configuration: one dataclass per stage, composed into `RunConfig`.
+"""Typed, frozen run configuration (the defaults are the embedded smoke preset, configs/smoke.yaml): one dataclass per stage, composed into `RunConfig`.
 
 Every field has a type, a default and help text (the ``help`` metadata). `load_config` reads a YAML
 preset, applies ``section.field=value`` overrides converted by the field's own type, rejects unknown
@@ -58,7 +58,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    entities: int = _f(2000, "entities of the generated knowledge base")
+    entities: int = _f(3000, "entities of the generated knowledge base")
     relations: int = _f(40, "relations")
     facts: int = _f(4000, "grouped facts (unique subject, relation pairs)")
     train_questions: int = _f(2000, "natural training questions")
@@ -97,7 +97,7 @@ class EmbedConfig:
     norm: int = _f(1, "TransE distance: 1 (L1) or 2 (L2)")
     margin: float = _f(1.0, "margin of the ranking loss")
     lr: float = _f(0.01, "learning rate")
-    epochs: int = _f(50, "TransE epochs")
+    epochs: int = _f(30, "TransE epochs")
     batch_size: int = _f(1024, "triples per step")
     negatives: str = _f("bern", "negative sampling: 'unif' or 'bern'")
     num_cpus: int = _f(2, "CPUs of the Ray task that trains TransE")
@@ -120,7 +120,7 @@ class EmbedConfig:
 class MemoryConfig:
     U: float = _f(0.75, "largest fact norm after scaling, eq. 6 (0 < U < 1)")
     m: int = _f(3, "components appended by the MIPS-to-cosine transform, eq. 7-8")
-    branching: tuple[int, ...] = _f((64,), "clusters per level: (C,) flat, (C1, C2) hierarchical")
+    branching: tuple[int, ...] = _f((32,), "clusters per level: (C,) flat, (C1, C2) hierarchical")
     iters: int = _f(20, "spherical k-means iterations per level")
     tol: float = _f(1e-4, "stop when the relative objective change is below this")
     init: str = _f("kmeans++", "centroid initialisation: 'kmeans++' or 'sample'")
@@ -182,12 +182,12 @@ class TrainConfig:
     infer_reader: str = _f("exact", "reader used for validation accuracy")
     batch_size: int = _f(128, "questions per step, over all workers (the paper: 128)")
     lr: float = _f(0.001, "Adam learning rate (the paper: 0.001)")
-    max_epochs: int = _f(20, "upper bound on epochs")
+    max_epochs: int = _f(10, "upper bound on epochs")
     patience: int = _f(3, "stop when dev accuracy has not improved for this many epochs")
     artificial_questions: bool = _f(True, "add subject-name + relation-word questions for facts "
                                            "without a natural training question")
     init_std: float = _f(0.01, "std of the initial word vectors")
-    num_workers: int = _f(1, "Ray Train workers (0 = local mode in the driver)")
+    num_workers: int = _f(2, "Ray Train workers (0 = local mode in the driver)")
     cpus_per_worker: float = _f(1.0, "CPUs per worker")
     use_gpu: bool = _f(False, "train on GPUs (NCCL) instead of CPUs (gloo)")
     threads: int = _f(0, "torch threads per worker (0 = cpus_per_worker rounded up)")

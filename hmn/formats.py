@@ -539,15 +539,28 @@ def parse_names(lines: pa.Array, first_line: int, source: str) -> Parsed:
 # Embeddings
 # --------------------------------------------------------------------------------------------
 
-_INT_RE = r"^[0-9]+$"
-_NUMBER_RE = r"^[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$"
+
+def _first_uncastable(values: pa.Array) -> int:
+    """Index of the first value that does not cast to float32 (binary search over casts)."""
+    lo, hi = 0, len(values)  # the first failure lies in [lo, hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            values.slice(lo, mid - lo).cast(pa.float32())
+            lo = mid
+        except pa.ArrowInvalid:
+            hi = mid
+    return lo
 
 
-def read_embedding_text(path: str, expected_dim: int | None = None) -> tuple[list[str], np.ndarray]:
+def read_embedding_text(
+    path: str, expected_dim: int | None = None, *, normalize: bool = True
+) -> tuple[list[str], np.ndarray]:
     """Read embeddings in text form: ``key<TAB>v1 ... vD`` or ``key v1 ... vD`` per line, with an
     optional word2vec header ``count D`` on the first line.
 
-    Returns the normalised keys and an ``(n, D)`` float32 matrix. Raises :class:`FormatError`
+    Returns the keys (normalised Freebase keys; with ``normalize=False``, e.g. for word vectors,
+    the keys as written) and an ``(n, D)`` float32 matrix. Raises :class:`FormatError`
     (naming the file and line) on a wrong number of values, a dimension other than
     ``expected_dim`` or the header's, a non-numeric, NaN or infinite value, an invalid key, a
     duplicate key, or a header count that does not match. Blank lines are skipped.
@@ -609,7 +622,7 @@ def read_embedding_text(path: str, expected_dim: int | None = None) -> tuple[lis
                 int(line_no[i]),
                 f"expected {dim} values after the key, got {int(n_values[i])}",
             )
-        keys = normalize_keys(raw_keys)
+        keys = normalize_keys(raw_keys) if normalize else raw_keys
         bad_key = pc.is_null(keys).to_numpy(zero_copy_only=False)
         if bad_key.any():
             i = int(np.argmax(bad_key))
@@ -618,12 +631,7 @@ def read_embedding_text(path: str, expected_dim: int | None = None) -> tuple[lis
         try:
             vec = flat_values.cast(pa.float32()).to_numpy(zero_copy_only=False)
         except pa.ArrowInvalid:
-            ok = pc.match_substring_regex(flat_values, _NUMBER_RE, ignore_case=True)
-            nan_inf = pc.match_substring_regex(
-                flat_values, r"^[+-]?(?:nan|inf|infinity)$", ignore_case=True
-            )
-            ok = pc.or_(ok, nan_inf).to_numpy(zero_copy_only=False)
-            j = int(np.argmax(~ok)) if (~ok).any() else 0
+            j = _first_uncastable(flat_values)
             i = j // dim
             raise FormatError(
                 path, int(line_no[i]), f"non-numeric value {flat_values[j].as_py()!r}"

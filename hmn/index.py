@@ -44,6 +44,8 @@ __all__ = [
     "DataFactory",
     "InMemoryDataFactory",
     "build_index",
+    "check_branching",
+    "check_subset_ids",
     "build_index_from_vectors",
 ]
 
@@ -142,7 +144,9 @@ class ClusterIndex:
 
     def __post_init__(self) -> None:
         if not isinstance(self.transform, MipsTransform):
-            raise TypeError(f"transform must be a MipsTransform, got {type(self.transform).__name__}")
+            raise TypeError(
+                f"transform must be a MipsTransform, got {type(self.transform).__name__}"
+            )
         if len(self.centroids) < 1:
             raise ValueError("centroids must hold at least one level")
         if len(self.parents) != len(self.centroids) - 1:
@@ -170,7 +174,9 @@ class ClusterIndex:
                 raise ValueError(f"parents[{level - 1}] must lie in [0, {c_prev})")
         self.fact_leaf = np.asarray(self.fact_leaf, dtype=np.int64)
         if self.fact_leaf.ndim != 1 or self.fact_leaf.size == 0:
-            raise ValueError(f"fact_leaf must be a non-empty (N,) array, got {self.fact_leaf.shape}")
+            raise ValueError(
+                f"fact_leaf must be a non-empty (N,) array, got {self.fact_leaf.shape}"
+            )
         if self.fact_leaf.min() < 0 or self.fact_leaf.max() >= self.num_leaves:
             raise ValueError(f"fact_leaf must lie in [0, num_leaves={self.num_leaves})")
 
@@ -234,7 +240,9 @@ class ClusterIndex:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        logger.info("saved cluster index (%d leaves, %d facts) to %s", self.num_leaves, self.n, directory)
+        logger.info(
+            "saved cluster index (%d leaves, %d facts) to %s", self.num_leaves, self.n, directory
+        )
 
     @classmethod
     def load(cls, directory: str) -> ClusterIndex:
@@ -276,7 +284,8 @@ def _child_seed(seed: int, level: int, parent: int) -> int:
     return int(np.random.SeedSequence([int(seed), level, parent]).generate_state(1)[0])
 
 
-def _check_branching(branching: list[int], n: int) -> list[int]:
+def check_branching(branching: list[int], n: int) -> list[int]:
+    """Validate ``branching`` for N = n facts; returns it as a list of ints."""
     if not isinstance(branching, (list, tuple)) or len(branching) == 0:
         raise ValueError(f"branching={branching!r}: must be a non-empty list of cluster counts")
     for i, b in enumerate(branching):
@@ -323,7 +332,7 @@ def build_index(
     """
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"n={n!r}: must be an integer >= 1")
-    branching = _check_branching(branching, int(n))
+    branching = check_branching(branching, int(n))
     t_start = time.perf_counter()
 
     raw = data_factory(None, None)
@@ -382,7 +391,12 @@ def build_index(
             sub = data_factory(transform, ids)
             try:
                 r = spherical_kmeans(
-                    sub, k, iters=iters, tol=tol, seed=_child_seed(seed, level, p), init=init,
+                    sub,
+                    k,
+                    iters=iters,
+                    tol=tol,
+                    seed=_child_seed(seed, level, p),
+                    init=init,
                     progress=reporter(level, p),
                 )
             finally:
@@ -415,7 +429,9 @@ def build_index(
                 "seconds": time.perf_counter() - t0,
             }
         )
-        logger.info("index level %d: %d clusters, sizes %s", level, offset, level_stats[-1]["sizes"])
+        logger.info(
+            "index level %d: %d clusters, sizes %s", level, offset, level_stats[-1]["sizes"]
+        )
 
     stats = {
         "n": int(n),
@@ -433,10 +449,17 @@ def build_index(
     }
     logger.info(
         "built cluster index: N=%d, branching=%s, %d leaves in %.2fs",
-        n, branching, centroids[-1].shape[0], stats["seconds"],
+        n,
+        branching,
+        centroids[-1].shape[0],
+        stats["seconds"],
     )
     return ClusterIndex(
-        transform=transform, centroids=centroids, parents=parents, fact_leaf=fact_cluster, stats=stats
+        transform=transform,
+        centroids=centroids,
+        parents=parents,
+        fact_leaf=fact_cluster,
+        stats=stats,
     )
 
 
@@ -455,6 +478,14 @@ def build_index_from_vectors(
     """In-memory convenience: :func:`build_index` over :class:`InMemoryDataFactory`."""
     factory = InMemoryDataFactory(vectors)
     return build_index(
-        factory, n=factory.n, branching=branching, U=U, m=m, iters=iters, tol=tol, seed=seed,
-        init=init, progress=progress,
+        factory,
+        n=factory.n,
+        branching=branching,
+        U=U,
+        m=m,
+        iters=iters,
+        tol=tol,
+        seed=seed,
+        init=init,
+        progress=progress,
     )

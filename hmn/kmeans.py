@@ -173,7 +173,9 @@ class InMemoryData:
         if self._max_norm is None:
             best = 0.0
             for s in range(0, self.n, self.chunk):
-                best = max(best, float(torch.linalg.vector_norm(self._x[s : s + self.chunk], dim=1).max()))
+                best = max(
+                    best, float(torch.linalg.vector_norm(self._x[s : s + self.chunk], dim=1).max())
+                )
             self._max_norm = best
         return self._max_norm
 
@@ -249,17 +251,20 @@ def _init_sample(data: DataAccess, k: int, rng: np.random.Generator, sample: int
 
 
 def _init_kmeanspp(data: DataAccess, k: int, rng: np.random.Generator, sample: int) -> torch.Tensor:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007) on a random sample of rows.
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007) on a random sample of rows.
 
     For unit vectors ||x - c||^2 = 2 (1 - cos(x, c)), so the D^2 sampling weight of a row is
-    1 - max cos to the chosen seeds.
+    1 - max cos to the chosen seeds.  As in scikit-learn, each step draws 2 + log(k) candidates
+    from that distribution and keeps the one that lowers the potential sum(1 - max cos) most,
+    which makes two seeds in one tight cluster much less likely than plain k-means++.
     """
     s = min(data.n, max(sample, k))
     idx = np.sort(rng.choice(data.n, size=s, replace=False))
     xs = data.rows(idx).to("cpu", torch.float32)  # (S, d)
+    trials = 2 + int(np.log(k))
     chosen = np.empty(k, dtype=np.int64)
     chosen[0] = rng.integers(s)
-    best = (xs @ xs[chosen[0]]).to(torch.float64).numpy()  # (S,) max cosine to chosen seeds
+    best = (xs @ xs[int(chosen[0])]).to(torch.float64).numpy()  # (S,) max cosine to the seeds
     taken = np.zeros(s, dtype=bool)
     taken[chosen[0]] = True
     for j in range(1, k):
@@ -268,15 +273,19 @@ def _init_kmeanspp(data: DataAccess, k: int, rng: np.random.Generator, sample: i
         cum = np.cumsum(weight)
         total = cum[-1]
         if total > 0.0:
-            pick = int(np.searchsorted(cum, rng.random() * total, side="right"))
-            pick = min(pick, s - 1)
-            if taken[pick]:  # only reachable through float rounding at the end of cum
-                pick = int(np.flatnonzero(~taken)[-1])
+            cand = np.searchsorted(cum, rng.random(trials) * total, side="right")  # (L,)
+            cand = np.minimum(cand, s - 1)
+            cand = cand[weight[cand] > 0]  # float rounding at the end of cum
+            if cand.size == 0:
+                cand = np.flatnonzero(weight > 0)[-1:]
         else:  # fewer distinct rows than k: any untaken row
-            pick = int(rng.choice(np.flatnonzero(~taken)))
-        chosen[j] = pick
-        taken[pick] = True
-        np.maximum(best, (xs @ xs[pick]).to(torch.float64).numpy(), out=best)
+            cand = np.array([rng.choice(np.flatnonzero(~taken))])
+        sims = (xs @ xs[torch.from_numpy(cand)].T).to(torch.float64).numpy()  # (S, L)
+        new_best = np.maximum(best[:, None], sims)  # (S, L)
+        pick = int(np.argmin((1.0 - new_best).sum(axis=0)))  # lowest potential
+        chosen[j] = cand[pick]
+        taken[cand[pick]] = True
+        best = new_best[:, pick].copy()
     return xs[torch.from_numpy(chosen)].clone()  # (C, d)
 
 
@@ -359,8 +368,9 @@ def spherical_kmeans(
     centroids = INITS[init](data, k, rng, sample)  # (C, d) unit rows
     if tuple(centroids.shape) != (k, d):
         raise ValueError(f"init returned shape {tuple(centroids.shape)}, expected {(k, d)}")
-    logger.debug("k-means init %s: C=%d, n=%d, d=%d in %.3fs", init, k, n, d,
-                 time.perf_counter() - t_start)
+    logger.debug(
+        "k-means init %s: C=%d, n=%d, d=%d in %.3fs", init, k, n, d, time.perf_counter() - t_start
+    )
 
     stats: list[dict] = []
     prev_objective: float | None = None
@@ -410,6 +420,10 @@ def spherical_kmeans(
         raise ValueError(f"assign returned shape {assignments.shape}, expected {(n,)}")
     logger.info(
         "spherical k-means C=%d on n=%d: %d iterations, objective %.6g, %.2fs",
-        k, n, len(stats), stats[-1]["objective"], time.perf_counter() - t_start,
+        k,
+        n,
+        len(stats),
+        stats[-1]["objective"],
+        time.perf_counter() - t_start,
     )
     return KMeansResult(centroids=centroids, assignments=assignments, stats=stats)

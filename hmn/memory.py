@@ -170,9 +170,7 @@ class FactMemory:
         if not isinstance(queries, torch.Tensor):
             raise TypeError(f"queries must be a torch.Tensor, got {type(queries).__name__}")
         if queries.ndim != 2 or queries.shape[1] != self.d:
-            raise ValueError(
-                f"queries must be (B, D={self.d}), got shape {tuple(queries.shape)}"
-            )
+            raise ValueError(f"queries must be (B, D={self.d}), got shape {tuple(queries.shape)}")
         return queries.to(device=self.device, dtype=torch.float32)
 
     def scores(self, queries: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,7 +184,9 @@ class FactMemory:
             raise ValueError(f"ids must be 1-D, got shape {tuple(ids.shape)}")
         ids = ids.to(device=self.device, dtype=torch.int64)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n):
-            raise ValueError(f"ids must lie in [0, {self.n}), got {int(ids.min())}..{int(ids.max())}")
+            raise ValueError(
+                f"ids must lie in [0, {self.n}), got {int(ids.min())}..{int(ids.max())}"
+            )
         return q @ self.vectors[ids].T  # (B, len(ids))
 
     def to(self, device: torch.device | str) -> FactMemory:

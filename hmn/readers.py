@@ -143,6 +143,9 @@ class ClusteredReader(Reader):
     beam are kept; the candidate leaves are the children of the last beam.  The default beam is
     ``top_clusters + sample_clusters``, which guarantees enough candidate leaves because every
     cluster has at least one child.  With ``top_clusters >= num_leaves`` the reader is exact.
+    (Each level is scored in full, (B, C_l), and clusters outside the beam are masked: simpler than
+    gathering children and cheap next to the fact matmul.)  In a hierarchical index Sample-K draws
+    only among the leaves under the beam.
 
     The batch is scored at once: U = union of the facts read by any query, one matmul
     q @ M[U].T (B, |U|), then the facts a query did not select are masked before the top-k.
@@ -195,7 +198,11 @@ class ClusteredReader(Reader):
         self.temperature = float(temperature)
         if block_size is None:
             block_size = max(1, round(memory.n / index.num_leaves))
-        if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or block_size < 1:
+        if (
+            isinstance(block_size, bool)
+            or not isinstance(block_size, numbers.Integral)
+            or block_size < 1
+        ):
             raise ValueError(f"block_size={block_size!r}: must be an integer >= 1")
         self.block_size = min(int(block_size), memory.n)
         if beam is None:
@@ -240,6 +247,16 @@ class ClusteredReader(Reader):
                 allowed.scatter_(1, top_i, torch.isfinite(top_s))
         return scores
 
+    def select_leaves(
+        self, queries: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """(B, C) bool mask of the leaves each query reads (Top-K + Sample-K, no Rand-block)."""
+        q = self.memory.check_queries(queries)  # (B, D)
+        if self.top_clusters + self.sample_clusters == 0:
+            return torch.zeros((q.shape[0], self.num_leaves), dtype=torch.bool, device=q.device)
+        with torch.no_grad():
+            return self._select_leaves(self._leaf_scores(q), generator)
+
     def _select_leaves(
         self, scores: torch.Tensor, generator: torch.Generator | None
     ) -> torch.Tensor:
@@ -282,16 +299,17 @@ class ClusteredReader(Reader):
         dev, b = q.device, q.shape[0]
         n = self.memory.n
 
-        sel = torch.zeros((b, self.num_leaves), dtype=torch.bool, device=dev)  # (B, C)
-        if self.top_clusters + self.sample_clusters > 0:
-            sel = self._select_leaves(self._leaf_scores(q), generator)
+        sel = self.select_leaves(q, generator)  # (B, C)
         parts = [self._facts_of_leaves(torch.nonzero(sel.any(0)).flatten())]
 
         starts = None
         if self.rand_blocks > 0:  # Rand-block: random contiguous blocks of facts
             gen_dev = generator.device if generator is not None else torch.device("cpu")
             starts = torch.randint(
-                0, n - self.block_size + 1, (b, self.rand_blocks), generator=generator,
+                0,
+                n - self.block_size + 1,
+                (b, self.rand_blocks),
+                generator=generator,
                 device=gen_dev,
             ).to(dev)  # (B, R)
             offs = torch.arange(self.block_size, device=dev)
@@ -338,9 +356,13 @@ def recall_at_k(approx: Candidates, exact: Candidates, k: int) -> float:
     k = _check_k(k)
     a, e = approx.ids, exact.ids.to(approx.ids.device)
     if a.ndim != 2 or e.ndim != 2 or a.shape[0] != e.shape[0]:
-        raise ValueError(f"ids must be (B, K) with the same B, got {tuple(a.shape)}, {tuple(e.shape)}")
+        raise ValueError(
+            f"ids must be (B, K) with the same B, got {tuple(a.shape)}, {tuple(e.shape)}"
+        )
     if k > a.shape[1] or k > e.shape[1]:
-        raise ValueError(f"k={k} exceeds the candidates: approx K={a.shape[1]}, exact K={e.shape[1]}")
+        raise ValueError(
+            f"k={k} exceeds the candidates: approx K={a.shape[1]}, exact K={e.shape[1]}"
+        )
     a, e = a[:, :k], e[:, :k]
     hits = ((a[:, :, None] == e[:, None, :]) & (a[:, :, None] >= 0)).any(dim=2).sum(dim=1)  # (B,)
     return float(hits.to(torch.float64).mean() / k) if a.shape[0] else float("nan")

@@ -16,7 +16,7 @@ Realism, loosely modelled on SimpleQuestions over FB2M:
   are heavy-tailed; each (subject, relation) pair appears once; a fact has 1..``max_objects``
   objects, about 1.2 on average;
 * names are 1-3 pronounceable pseudo-words from a syllable generator; a fraction
-  ``name_ambiguity`` of the named entities share their name with other entities;
+  ``name_ambiguity`` of the named entities share their name with 1-3 other entities;
 * a question asks for one fact (answer = one of its objects) through one of several templates of
   its relation ("where was {name} born", "what is the place of birth of {name}", "{name}'s place of
   birth"), with random casing and punctuation. Dev/test questions ask about facts that may or may
@@ -76,6 +76,9 @@ _TYPES: list[tuple[str, float]] = [
     ("common/topic", 0.05),
 ]
 _TYPE_INDEX = {t: i for i, (t, _) in enumerate(_TYPES)}
+_ANY_TYPE = len(_TYPES)  # pseudo type: every entity
+# relations with these subject types apply to every entity (Freebase's common/topic, namesake)
+_UNIVERSAL_SUBJECT_TYPES = {"common/topic", "symbols/namesake"}
 
 # (subject type, property, object type, relation-specific templates)
 _CATALOGUE: list[tuple[str, str, str, list[str]]] = [
@@ -381,8 +384,8 @@ class SyntheticSpec:
         for name in ("train_questions", "dev_questions", "test_questions"):
             if getattr(self, name) < 0:
                 raise ValueError(f"synthetic.{name}={getattr(self, name)}: must be >= 0")
-        if not 0.0 <= self.name_ambiguity < 0.5:
-            raise ValueError(f"synthetic.name_ambiguity={self.name_ambiguity}: must be in [0, 0.5)")
+        if not 0.0 <= self.name_ambiguity < 1.0:
+            raise ValueError(f"synthetic.name_ambiguity={self.name_ambiguity}: must be in [0, 1)")
         if not 0.0 <= self.name_coverage <= 1.0:
             raise ValueError(f"synthetic.name_coverage={self.name_coverage}: must be in [0, 1]")
         if self.zipf_exponent < 0:
@@ -487,7 +490,7 @@ def _relations(rng: np.random.Generator, n: int, type_words: dict[str, str]):
     keys, subj_t, obj_t, templates = [], [], [], []
     for s_type, prop, o_type, special in catalogue:
         keys.append(f"{s_type}/{prop}")
-        subj_t.append(_TYPE_INDEX.get(s_type, _TYPE_INDEX["common/topic"]))
+        subj_t.append(_ANY_TYPE if s_type in _UNIVERSAL_SUBJECT_TYPES else _TYPE_INDEX[s_type])
         obj_t.append(_TYPE_INDEX[o_type])
         templates.append(list(special))
     seen = set(keys)
@@ -498,7 +501,8 @@ def _relations(rng: np.random.Generator, n: int, type_words: dict[str, str]):
             raise ValueError(
                 f"synthetic.relations={n}: could not make that many distinct relations"
             )
-        s_i, o_i = (int(x) for x in rng.integers(0, len(_TYPES), 2))
+        share = np.array([w for _, w in _TYPES])
+        s_i, o_i = (int(x) for x in rng.choice(len(_TYPES), size=2, p=share / share.sum()))
         w = rng.choice(len(_PROPERTY_WORDS), size=2, replace=False)
         prop = _PROPERTY_WORDS[w[0]]
         if rng.random() < 0.7:
@@ -549,6 +553,7 @@ def generate(spec: SyntheticSpec, out_dir: str) -> dict:
     rel_keys, rel_subj_t, rel_obj_t, rel_templates = _relations(rng_rel, spec.relations, type_words)
     R = len(rel_keys)
     used_types = np.unique(np.concatenate([rel_subj_t, rel_obj_t]))
+    used_types = used_types[used_types != _ANY_TYPE]
     if E < 2 * len(used_types):
         raise ValueError(
             f"synthetic.entities={E}: need at least {2 * len(used_types)} for "
@@ -556,17 +561,19 @@ def generate(spec: SyntheticSpec, out_dir: str) -> dict:
         )
     share = np.array([_TYPES[t][1] for t in used_types])
     counts_used = 2 + rng_ent.multinomial(E - 2 * len(used_types), share / share.sum())
-    type_count = np.zeros(len(_TYPES), dtype=np.int64)
+    type_count = np.zeros(len(_TYPES) + 1, dtype=np.int64)
     type_count[used_types] = counts_used
     type_end = np.cumsum(type_count)
     type_start = type_end - type_count
+    type_start[_ANY_TYPE], type_end[_ANY_TYPE], type_count[_ANY_TYPE] = 0, E, E
     sampler = _TypedSampler(type_start, type_end, _zipf_weights(rng_ent, E, a))
+    uniform = _TypedSampler(type_start, type_end, np.ones(E))
 
-    capacity = int(type_count[rel_subj_t].sum())
-    if spec.facts > capacity // 2:
+    capacity = int(type_count[rel_subj_t].sum())  # distinct (subject, relation) pairs possible
+    if spec.facts > 0.7 * capacity:
         raise ValueError(
-            f"synthetic.facts={spec.facts}: at most {capacity // 2} distinct (subject, relation) "
-            f"pairs fit {E} entities and {R} relations; raise entities or relations"
+            f"synthetic.facts={spec.facts}: at most {int(0.7 * capacity)} distinct (subject, "
+            f"relation) pairs fit {E} entities and {R} relations; raise entities or relations"
         )
 
     # --- facts: unique (subject, relation) pairs, Zipf subjects and relations ----------------
@@ -574,13 +581,14 @@ def generate(spec: SyntheticSpec, out_dir: str) -> dict:
     rel_p /= rel_p.sum()
     F = spec.facts
     pair_codes = np.empty(0, dtype=np.int64)
-    for _ in range(200):
+    for round_ in range(200):
         need = F - len(pair_codes)
         if need <= 0:
             break
         m = int(need * 1.3) + 16
-        rel = rng_fact.choice(R, size=m, p=rel_p)
-        subj = sampler.sample(rng_fact, rel_subj_t[rel])
+        # Zipf draws first; near saturation, uniform draws fill the remaining pairs
+        rel = rng_fact.choice(R, size=m, p=rel_p if round_ < 20 else None)
+        subj = (sampler if round_ < 20 else uniform).sample(rng_fact, rel_subj_t[rel])
         cand = np.concatenate([pair_codes, subj * R + rel])
         _, first = np.unique(cand, return_index=True)
         pair_codes = cand[np.sort(first)]
@@ -599,11 +607,11 @@ def generate(spec: SyntheticSpec, out_dir: str) -> dict:
     obj_types = rel_obj_t[fact_rel][obj_fact]
     objs = sampler.sample(rng_obj, obj_types)
     for _ in range(5):  # re-draw objects equal to the subject or repeated within their fact
-        bad = _bad_objects(obj_fact, objs, fact_subj)
+        bad = _bad_objects(obj_fact, objs, fact_subj, spec.max_objects)
         if not bad.any():
             break
         objs[bad] = sampler.sample(rng_obj, obj_types[bad])
-    bad = _bad_objects(obj_fact, objs, fact_subj)
+    bad = _bad_objects(obj_fact, objs, fact_subj, spec.max_objects)
     first_slot = np.r_[True, obj_fact[1:] != obj_fact[:-1]]
     keep = ~bad | first_slot  # never leave a fact without an object
     obj_fact, objs = obj_fact[keep], objs[keep]
@@ -693,26 +701,30 @@ def generate(spec: SyntheticSpec, out_dir: str) -> dict:
                 "\t",
             )
 
+    # all random draws for the text happen here, so the output does not depend on chunk_rows
+    names_order = np.flatnonzero(named)
+    names_order = names_order[rng_text.permutation(len(names_order))]
+    # per question: template choice, lower-case, first-letter upper-case, punctuation
+    split_u = {split: rng_text.random((len(f), 4)) for split, f in split_facts.items()}
+
     def names_chunks():
-        order = np.flatnonzero(named)
-        order = order[rng_text.permutation(len(order))]
+        order = names_order
         for lo in range(0, len(order), step):
             ids = order[lo : lo + step]
             yield pc.binary_join_element_wise(_mid_keys(mid_codes[ids]), entity_names(ids), "\t")
 
-    def question_chunks(facts: np.ndarray, answers: np.ndarray):
+    def question_chunks(facts: np.ndarray, answers: np.ndarray, u_all: np.ndarray):
         for lo in range(0, len(facts), step):
-            f, ans = facts[lo : lo + step], answers[lo : lo + step]
-            n = len(f)
+            f, ans, u = facts[lo : lo + step], answers[lo : lo + step], u_all[lo : lo + step]
             rel = fact_rel[f]
-            tmpl = tmpl_offset[rel] + (rng_text.random(n) * tmpl_count[rel]).astype(np.int64)
+            tmpl = tmpl_offset[rel] + (u[:, 0] * tmpl_count[rel]).astype(np.int64)
             q = pc.binary_join_element_wise(
                 tmpl_prefix.take(pa.array(tmpl)),
                 entity_names(fact_subj[f]),
                 tmpl_suffix.take(pa.array(tmpl)),
                 "",
             )
-            q = _vary_surface(rng_text, q)
+            q = _vary_surface(q, u[:, 1:])
             yield pc.binary_join_element_wise(
                 _mid_keys(mid_codes[fact_subj[f]]),
                 rel_key_arr.take(pa.array(rel)),
@@ -726,7 +738,7 @@ def generate(spec: SyntheticSpec, out_dir: str) -> dict:
     for split in ("train", "dev", "test"):
         _write_atomic(
             files[f"questions_{split}"],
-            question_chunks(split_facts[split], split_answers[split]),
+            question_chunks(split_facts[split], split_answers[split], split_u[split]),
         )
 
     any_question = np.zeros(F, dtype=bool)
@@ -755,22 +767,23 @@ def generate(spec: SyntheticSpec, out_dir: str) -> dict:
     return {"files": files, "stats": stats, "spec": asdict(spec)}
 
 
-def _bad_objects(obj_fact: np.ndarray, objs: np.ndarray, fact_subj: np.ndarray) -> np.ndarray:
-    """Objects equal to their fact's subject or repeating an earlier object of the same fact."""
+def _bad_objects(
+    obj_fact: np.ndarray, objs: np.ndarray, fact_subj: np.ndarray, max_objects: int
+) -> np.ndarray:
+    """Objects equal to their fact's subject or repeating an earlier object of the same fact
+    (``obj_fact`` is sorted, at most ``max_objects`` objects per fact)."""
     bad = objs == fact_subj[obj_fact]
-    order = np.lexsort((np.arange(len(objs)), objs, obj_fact))
-    dup = np.zeros(len(objs), dtype=bool)
-    same = (obj_fact[order][1:] == obj_fact[order][:-1]) & (objs[order][1:] == objs[order][:-1])
-    dup[order[1:][same]] = True
-    return bad | dup
+    for k in range(1, max_objects):
+        bad[k:] |= (obj_fact[k:] == obj_fact[:-k]) & (objs[k:] == objs[:-k])
+    return bad
 
 
 def _entity_names(
     rng: np.random.Generator, E: int, named: np.ndarray, ambiguity: float
 ) -> tuple[dict[str, np.ndarray], int]:
     """Word indices (w0, w1, w2; -1 = absent) of a name for every entity; distinct names except
-    for a fraction ``ambiguity`` of the named entities, which copy the name of another named
-    entity. Returns the index arrays plus the word pool (key "pool"), and the number of named
+    for a fraction ``ambiguity`` of the named entities, which form groups of 2-4 entities sharing
+    one name. Returns the index arrays plus the word pool (key "pool"), and the number of named
     entities whose name is shared."""
     W = int(np.clip(E // 2, 500, 100_000))
     pool = _word_pool(rng, W)
@@ -792,12 +805,17 @@ def _entity_names(
         n_words[todo] = np.minimum(n_words[todo] + 1, 3)
     named_ids = np.flatnonzero(named)
     n_shared = 0
-    k = int(round(ambiguity * len(named_ids)))
-    if k and len(named_ids) >= 2:
-        perm = rng.permutation(named_ids)
-        n_donors = max(1, k // 2)
-        donors, recipients = perm[:n_donors], perm[n_donors : n_donors + k]
-        words[recipients] = words[donors[rng.integers(0, n_donors, len(recipients))]]
+    m = min(int(round(ambiguity * len(named_ids))), len(named_ids))  # entities in shared groups
+    if m >= 2:
+        members = rng.permutation(named_ids)[:m]
+        # groups of 2-4 entities sharing the name of their first member
+        ends = np.cumsum(rng.integers(2, 5, size=m // 2 + 1))
+        ends = ends[ends < m]
+        starts = np.concatenate([[0], ends])
+        if m - starts[-1] == 1:  # a last group of one joins the previous group
+            starts = starts[:-1]
+        group = np.searchsorted(starts, np.arange(m), side="right") - 1
+        words[members] = words[members[starts[group]]]
         codes = ((words[named_ids, 0] + 1) * (W + 1) + (words[named_ids, 1] + 1)) * (W + 1) + (
             words[named_ids, 2] + 1
         )
@@ -806,15 +824,15 @@ def _entity_names(
     return {"w0": words[:, 0], "w1": words[:, 1], "w2": words[:, 2], "pool": pool}, n_shared
 
 
-def _vary_surface(rng: np.random.Generator, q: pa.Array) -> pa.Array:
-    """Random casing (all lower-case, first letter upper-case) and final punctuation."""
-    n = len(q)
-    q = pc.if_else(pa.array(rng.random(n) < 0.55), pc.utf8_lower(q), q)
+def _vary_surface(q: pa.Array, u: np.ndarray) -> pa.Array:
+    """Random casing (all lower-case, first letter upper-case) and final punctuation, from
+    uniform draws ``u`` of shape (n, 3)."""
+    q = pc.if_else(pa.array(u[:, 0] < 0.55), pc.utf8_lower(q), q)
     first_upper = pc.binary_join_element_wise(
         pc.utf8_upper(pc.utf8_slice_codeunits(q, 0, 1)), pc.utf8_slice_codeunits(q, 1), ""
     )
-    q = pc.if_else(pa.array(rng.random(n) < 0.5), first_upper, q)
-    u = rng.random(n)
+    q = pc.if_else(pa.array(u[:, 1] < 0.5), first_upper, q)
+    u = u[:, 2]
     punct = np.where(u < 0.45, "?", np.where(u < 0.5, " ?", np.where(u < 0.55, ".", "")))
     return pc.binary_join_element_wise(q, pa.array(punct, pa.string()), "")
 

@@ -27,7 +27,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,9 +60,6 @@ class TransEParams:
             2014: corrupt the head with probability tph / (tph + hpt) of the triple's relation).
         num_negatives: corrupted triples per positive triple (k).
         optimizer: "adam" or "sgd".
-        sparse: sparse embedding gradients (SparseAdam / sparse SGD): only the rows a batch
-            touches are updated, which is what makes large entity tables affordable. With
-            ``sparse=False`` Adam updates every row each step (its moments decay everywhere).
         normalize_entities: project entity rows to unit L2 norm before they are used in a batch,
             and all rows at the end of training (Bordes 2013).
         seed: seeds the initialisation, shuffles and negative samples.
@@ -77,7 +74,6 @@ class TransEParams:
     negatives: str = "bern"
     num_negatives: int = 1
     optimizer: str = "adam"
-    sparse: bool = True
     normalize_entities: bool = True
     seed: int = 0
 
@@ -108,9 +104,10 @@ class TransEParams:
             )
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"transe.optimizer={self.optimizer!r}: must be one of {OPTIMIZERS}")
-        for name in ("sparse", "normalize_entities"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"transe.{name}={getattr(self, name)!r}: must be a bool")
+        if not isinstance(self.normalize_entities, bool):
+            raise ValueError(
+                f"transe.normalize_entities={self.normalize_entities!r}: must be a bool"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
             raise ValueError(f"transe.seed={self.seed!r}: must be an int")
         if self.seed < 0:
@@ -211,24 +208,89 @@ def _distance(x: torch.Tensor, norm: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _normalize_rows_(weight: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-    """Project rows of ``weight`` (all if ``rows`` is None) to unit L2 norm, in place."""
-    if rows is None:
-        weight.div_(torch.linalg.vector_norm(weight, dim=1, keepdim=True).clamp_min(1e-12))
-        return
-    sub = weight.index_select(0, rows)  # (U, d)
-    sub.div_(torch.linalg.vector_norm(sub, dim=1, keepdim=True).clamp_min(1e-12))
-    weight.index_copy_(0, rows, sub)
+def _normalize_rows_(weight: torch.Tensor) -> None:
+    """Project every row of ``weight`` to unit L2 norm, in place."""
+    weight.div_(torch.linalg.vector_norm(weight, dim=1, keepdim=True).clamp_min(1e-12))
 
 
-def _make_optimizer(
-    params: TransEParams, tables: Sequence[torch.nn.Parameter]
-) -> torch.optim.Optimizer:
-    if params.optimizer == "adam":
-        if params.sparse:
-            return torch.optim.SparseAdam(list(tables), lr=params.lr)
-        return torch.optim.Adam(list(tables), lr=params.lr)
-    return torch.optim.SGD(list(tables), lr=params.lr)
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+class _RowOptimizer:
+    """Adam or SGD applied to the rows of a table that a batch touched.
+
+    Adam here is "lazy" Adam (the semantics of ``torch.optim.SparseAdam``): a row's moments
+    are updated only when the row is in a batch, with one global step count for the bias
+    correction. Gathering the touched rows, updating them densely and scattering them back is
+    several times faster on CPU than sparse-gradient tensors, and the cost of a step does not
+    grow with the table (Freebase has millions of entities).
+    """
+
+    def __init__(self, params: TransEParams, tables: dict[str, torch.Tensor]):
+        self.kind = params.optimizer
+        self.lr = params.lr
+        self.step_count = 0
+        self.moments: dict[str, torch.Tensor] = {}
+        if self.kind == "adam":
+            for name, table in tables.items():
+                self.moments[f"{name}_m"] = torch.zeros_like(table)
+                self.moments[f"{name}_v"] = torch.zeros_like(table)
+
+    def state_dict(self) -> dict:
+        """Live state (no copies): step count and, for Adam, first and second moment tables."""
+        return {"optimizer": self.kind, "step": self.step_count, **self.moments}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("optimizer") != self.kind:
+            raise ValueError(
+                f"optimizer_state: saved for optimizer={state.get('optimizer')!r}, "
+                f"params say {self.kind!r}"
+            )
+        missing = sorted({"step", *self.moments} - set(state))
+        if missing:
+            raise ValueError(f"optimizer_state: missing {missing}")
+        self.step_count = int(state["step"])
+        for name, moment in self.moments.items():
+            saved = torch.as_tensor(np.asarray(state[name], dtype=np.float32))
+            if saved.shape != moment.shape:
+                raise ValueError(
+                    f"optimizer_state[{name!r}]: shape {tuple(saved.shape)}, "
+                    f"expected {tuple(moment.shape)}"
+                )
+            moment.copy_(saved)
+
+    def begin_step(self) -> None:
+        self.step_count += 1
+
+    @torch.no_grad()
+    def update_rows(
+        self,
+        name: str,
+        table: torch.Tensor,
+        ids: torch.Tensor,
+        rows: torch.Tensor,
+        grad: torch.Tensor,
+    ) -> None:
+        """Write ``rows - step(grad)`` to ``table[ids]``; ``rows`` (U, d) are the batch's values."""
+        if self.kind == "sgd":
+            table.index_copy_(0, ids, rows - self.lr * grad)
+            return
+        beta1, beta2 = ADAM_BETAS
+        m = self.moments[f"{name}_m"].index_select(0, ids)  # (U, d)
+        v = self.moments[f"{name}_v"].index_select(0, ids)  # (U, d)
+        m.lerp_(grad, 1.0 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        self.moments[f"{name}_m"].index_copy_(0, ids, m)
+        self.moments[f"{name}_v"].index_copy_(0, ids, v)
+        bias1 = 1.0 - beta1**self.step_count
+        bias2 = 1.0 - beta2**self.step_count
+        denom = v.sqrt_().div_(math.sqrt(bias2)).add_(ADAM_EPS)  # v is stored; reuse its buffer
+        table.index_copy_(0, ids, torch.addcdiv(rows, m, denom, value=-self.lr / bias1))
+
+
+def _unit_rows(rows: torch.Tensor) -> torch.Tensor:
+    return rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def train_transe(
@@ -256,17 +318,19 @@ def train_transe(
             run, each with the same random draws as in an uninterrupted run.
         progress: called after each epoch with that epoch's history dict plus, valid only during
             the call (copy to keep), ``entities`` and ``relations`` (numpy views of the live
-            tables) and ``optimizer_state`` (the optimiser's state_dict, live tensors), which is
-            everything a checkpoint needs to resume exactly.
+            tables) and ``optimizer_state`` (live tensors), which is everything a checkpoint
+            needs to resume exactly.
         device: torch device for the tables and the batches.
-        optimizer_state: state_dict from a previous ``TransEResult.optimizer_state`` or progress
-            call with the same params; without it a resumed Adam restarts its moment estimates.
+        optimizer_state: ``TransEResult.optimizer_state`` or a progress call's
+            ``optimizer_state`` from a run with the same params; without it a resumed Adam
+            restarts its moment estimates and step count.
 
     Returns:
         TransEResult with float32 tables and one history dict per trained epoch.
 
     Raises:
-        ValueError: bad params, counts, triples (the first offending row is named), or init.
+        ValueError: bad params, counts, triples (the first offending row is named), init or
+            optimizer_state.
     """
     params.validate()
     for name, value in (("num_entities", num_entities), ("num_relations", num_relations)):
@@ -293,18 +357,13 @@ def train_transe(
             raise ValueError("init: expected a pair (entities, relations)")
         ent0 = torch.from_numpy(_check_table(init[0], num_entities, dim, "init[0] (entities)"))
         rel0 = torch.from_numpy(_check_table(init[1], num_relations, dim, "init[1] (relations)"))
-
-    entity_table = torch.nn.Embedding(num_entities, dim, sparse=params.sparse, device=device)
-    relation_table = torch.nn.Embedding(num_relations, dim, sparse=params.sparse, device=device)
-    with torch.no_grad():
-        entity_table.weight.copy_(ent0)
-        relation_table.weight.copy_(rel0)
-    ent_w, rel_w = entity_table.weight, relation_table.weight
-    optimizer = _make_optimizer(params, [ent_w, rel_w])
+    ent_w = ent0.to(device=device, dtype=torch.float32, copy=True)  # (E, d)
+    rel_w = rel0.to(device=device, dtype=torch.float32, copy=True)  # (R, d)
+    optimizer = _RowOptimizer(params, {"entity": ent_w, "relation": rel_w})
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
 
-    heads_all = torch.from_numpy(data).to(device)  # (T, 3)
+    all_triples = torch.from_numpy(data).to(device)  # (T, 3)
     if params.negatives == "bern":
         p_head = torch.from_numpy(bernoulli_head_probs(data, num_relations)).float().to(device)
     else:
@@ -320,36 +379,46 @@ def train_transe(
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         active_sum = torch.zeros((), dtype=torch.float64, device=device)
         for begin in range(0, num_triples, params.batch_size):
-            batch = heads_all[order[begin : begin + params.batch_size]]  # (B, 3)
+            batch = all_triples[order[begin : begin + params.batch_size]]  # (B, 3)
             h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
             size = batch.shape[0]
             # Corrupt the head or the tail of each positive k times (unif or bern).
             corrupt_head = torch.rand(size, k, generator=gen, device=device) < p_head[r, None]
-            random_ids = torch.randint(
-                num_entities, (size, k), generator=gen, device=device
-            )  # (B, k)
+            random_ids = torch.randint(num_entities, (size, k), generator=gen, device=device)
             neg_h = torch.where(corrupt_head, random_ids, h[:, None])  # (B, k)
             neg_t = torch.where(corrupt_head, t[:, None], random_ids)  # (B, k)
-            if params.normalize_entities:
-                # Algorithm 1 line 5, restricted to the rows this batch reads.
-                _normalize_rows_(ent_w.data, torch.unique(torch.cat([h, t, random_ids.view(-1)])))
 
-            h_e, t_e, r_e = entity_table(h), entity_table(t), relation_table(r)  # (B, d)
-            pos = _distance(h_e + r_e - t_e, params.norm)  # (B,)
+            # Work on the U distinct entity rows the batch reads: positions index into them.
+            ent_ids, ent_pos = torch.unique(
+                torch.cat([h, t, neg_h.view(-1), neg_t.view(-1)]), return_inverse=True
+            )  # (U,), (2B + 2Bk,)
+            rel_ids, rel_pos = torch.unique(r, return_inverse=True)
+            ent_rows = ent_w.index_select(0, ent_ids)  # (U, d)
+            if params.normalize_entities:
+                ent_rows = _unit_rows(ent_rows)  # Algorithm 1 line 5, on the rows in use
+            ent_rows.requires_grad_(True)
+            rel_rows = rel_w.index_select(0, rel_ids).requires_grad_(True)  # (U_r, d)
+
+            h_pos, t_pos = ent_pos[:size], ent_pos[size : 2 * size]  # (B,)
+            nh_pos = ent_pos[2 * size : 2 * size + size * k].view(size, k)  # (B, k)
+            nt_pos = ent_pos[2 * size + size * k :].view(size, k)  # (B, k)
+            r_e = rel_rows[rel_pos]  # (B, d)
+            pos = _distance(ent_rows[h_pos] + r_e - ent_rows[t_pos], params.norm)  # (B,)
             neg = _distance(
-                entity_table(neg_h) + r_e[:, None, :] - entity_table(neg_t), params.norm
+                ent_rows[nh_pos] + r_e[:, None, :] - ent_rows[nt_pos], params.norm
             )  # (B, k)
             hinge = torch.relu(params.margin + pos[:, None] - neg)  # (B, k), eq. 1
-            loss = hinge.mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            hinge.mean().backward()
+
+            optimizer.begin_step()
+            optimizer.update_rows("entity", ent_w, ent_ids, ent_rows.detach(), ent_rows.grad)
+            optimizer.update_rows("relation", rel_w, rel_ids, rel_rows.detach(), rel_rows.grad)
             with torch.no_grad():
                 loss_sum += hinge.sum().double()
                 active_sum += (hinge > 0).sum().double()
 
         if params.normalize_entities and epoch == params.epochs - 1:
-            _normalize_rows_(ent_w.data)
+            _normalize_rows_(ent_w)
         seconds = time.perf_counter() - started
         pairs = num_triples * k
         record = {
@@ -365,28 +434,28 @@ def train_transe(
             progress(
                 {
                     **record,
-                    "entities": ent_w.detach().cpu().numpy(),
-                    "relations": rel_w.detach().cpu().numpy(),
+                    "entities": ent_w.cpu().numpy(),
+                    "relations": rel_w.cpu().numpy(),
                     "optimizer_state": optimizer.state_dict(),
                 }
             )
 
     if history:
-        last = history[-1]
         logger.info(
             "transe: epochs %d-%d, final loss %.4f, %.0f triples/s",
             start_epoch,
-            last["epoch"],
-            last["loss"],
-            float(np.mean([h["triples_per_s"] for h in history])),
+            history[-1]["epoch"],
+            history[-1]["loss"],
+            float(np.mean([rec["triples_per_s"] for rec in history])),
         )
-    entities = ent_w.detach().cpu().numpy().astype(np.float32, copy=True)
-    relations = rel_w.detach().cpu().numpy().astype(np.float32, copy=True)
     return TransEResult(
-        entities=entities,
-        relations=relations,
+        entities=ent_w.cpu().numpy().astype(np.float32, copy=True),
+        relations=rel_w.cpu().numpy().astype(np.float32, copy=True),
         history=history,
-        optimizer_state=optimizer.state_dict() if history else None,
+        optimizer_state={
+            key: value.cpu().numpy().copy() if isinstance(value, torch.Tensor) else value
+            for key, value in optimizer.state_dict().items()
+        },
     )
 
 

@@ -95,7 +95,7 @@ def read_questions(ingest_dir: Path, split: str) -> pa.Table | None:
 
 def load_memory(memory_dir: Path, device: torch.device | str = "cpu", mmap: bool = True) -> FactMemory:
     vectors = np.load(Path(memory_dir) / "facts.npy", mmap_mode="r" if mmap else None)
-    return FactMemory(torch.from_numpy(np.ascontiguousarray(vectors)).to(device))
+    return FactMemory(torch.from_numpy(np.array(vectors, dtype=np.float32)).to(device))
 
 
 def load_index(memory_dir: Path) -> ClusterIndex:

@@ -22,9 +22,9 @@ import numpy as np
 import ray
 import torch
 
-from hmn.index import ClusterIndex, build_index, check_subset_ids
+from hmn.index import ClusterIndex, build_index, check_branching, check_subset_ids
 from hmn.kmeans import InMemoryData
-from hmn.mips import MipsTransform
+from hmn.mips import MipsTransform, fit_transform
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,11 @@ class ShardActor:
 
     def open_view(self, view_id: int, transform: dict | None, local_ids: np.ndarray | None) -> int:
         """Create view ``view_id`` over the local rows ``local_ids`` (all if None); returns n."""
-        x = self._x if local_ids is None else self._x[torch.from_numpy(np.array(local_ids, dtype=np.int64))]
+        x = (
+            self._x
+            if local_ids is None
+            else self._x[torch.from_numpy(np.array(local_ids, dtype=np.int64))]
+        )
         if x.shape[0] == 0:
             return 0
         fn = None if transform is None else MipsTransform.from_dict(transform).facts
@@ -62,7 +66,9 @@ class ShardActor:
     def rows(self, view_id: int, idx: np.ndarray) -> np.ndarray:
         return self._views[view_id].rows(np.array(idx, dtype=np.int64)).numpy()
 
-    def partial_stats(self, view_id: int, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    def partial_stats(
+        self, view_id: int, centroids: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, float]:
         return self._views[view_id].partial_stats(torch.tensor(centroids))
 
     def assign(self, view_id: int, centroids: np.ndarray) -> np.ndarray:
@@ -109,7 +115,9 @@ class RayShardedData:
     def partial_stats(self, centroids: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float]:
         self._check_open()
         ref = ray.put(np.ascontiguousarray(centroids.detach().cpu().numpy(), dtype=np.float32))
-        parts = ray.get([self._actors[i].partial_stats.remote(self._view_id, ref) for i in self._live])
+        parts = ray.get(
+            [self._actors[i].partial_stats.remote(self._view_id, ref) for i in self._live]
+        )
         k = int(centroids.shape[0])
         sums = np.zeros((k, self.d), dtype=np.float64)
         counts = np.zeros(k, dtype=np.int64)
@@ -188,6 +196,8 @@ def build_index_on_ray(
     n, d = vectors.shape
     if isinstance(num_shards, bool) or not isinstance(num_shards, int) or not 1 <= num_shards <= n:
         raise ValueError(f"num_shards={num_shards!r}: must be an integer in [1, N={n}]")
+    check_branching(branching, n)  # fail before starting any actor
+    fit_transform(1.0, U=U, m=m)  # validates U and m
     if not ray.is_initialized():
         raise RuntimeError("build_index_on_ray needs ray.init() first")
 
@@ -198,14 +208,24 @@ def build_index_on_ray(
     actors = []
     try:
         for s in range(num_shards):
-            shard_ref = ray.put(np.ascontiguousarray(vectors[bounds[s] : bounds[s + 1]], dtype=np.float32))
+            shard_ref = ray.put(
+                np.ascontiguousarray(vectors[bounds[s] : bounds[s + 1]], dtype=np.float32)
+            )
             actors.append(remote_cls.remote(shard_ref, int(starts[s])))
         ray.get([a.num_rows.remote() for a in actors])  # surface construction errors here
         factory = RayShardedDataFactory(actors, starts, n, d)
         logger.info("built %d shard actors over N=%d facts", num_shards, n)
         return build_index(
-            factory, n=n, branching=branching, U=U, m=m, iters=iters, tol=tol, seed=seed,
-            init=init, progress=progress,
+            factory,
+            n=n,
+            branching=branching,
+            U=U,
+            m=m,
+            iters=iters,
+            tol=tol,
+            seed=seed,
+            init=init,
+            progress=progress,
         )
     finally:
         for a in actors:

@@ -49,7 +49,9 @@ def init_ray(cfg: RunConfig) -> None:
         # cluster with two workers plus a dataset can hang (RAY_NOTES 5).
         num_cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
         log.info("starting an embedded local Ray with %d logical CPUs", num_cpus)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **ctx_kw)
+        # The dashboard hosts the State API; without it Ray Train's placement-group cleaner logs
+        # "Failed to query Ray Train Controller actor state" dozens of times (RAY_NOTES 5).
+        ray.init(num_cpus=num_cpus, **ctx_kw)
     import ray.data
 
     dctx = ray.data.DataContext.get_current()

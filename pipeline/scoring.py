@@ -69,15 +69,22 @@ def score(run_dir: Path, tokens: list[np.ndarray], readers: tuple[str, ...], rea
     return result.sort_by("row")
 
 
+def column_2d(col: pa.ChunkedArray, width: int) -> np.ndarray:
+    """A (rows, width) column written by map_batches (Ray's tensor extension type) as ndarray."""
+    parts = [np.asarray(c.to_numpy(zero_copy_only=False)) for c in col.chunks if len(c)]
+    if not parts:
+        return np.zeros((0, width), np.int64)
+    return np.concatenate([p if p.ndim == 2 else np.stack(p) for p in parts])
+
+
 def metrics(pred: pa.Table, gold: np.ndarray, readers: tuple[str, ...], fact_subject: np.ndarray,
             fact_relation: np.ndarray, recall_k: int) -> dict[str, dict]:
     """Per reader: accuracy, facts scored per question, recall@k against exact (if scored)."""
     from hmn.training import Predictions, accuracy, candidate_recall
 
     def preds(name: str) -> Predictions:
-        cands = pred[f"cands_{name}"].combine_chunks()
-        c = cands.flatten().to_numpy().reshape(len(pred), -1) if len(pred) else np.zeros((0, recall_k), np.int64)
-        return Predictions(pred[f"pred_{name}"].to_numpy(), pred[f"touched_{name}"].to_numpy(), c)
+        return Predictions(pred[f"pred_{name}"].to_numpy(), pred[f"touched_{name}"].to_numpy(),
+                           column_2d(pred[f"cands_{name}"], recall_k))
 
     out: dict[str, dict] = {}
     exact = preds("exact") if "exact" in readers else None

@@ -31,52 +31,41 @@ def transe_params(cfg: EmbedConfig) -> TransEParams:
 
 def _train_task(triples: np.ndarray, num_entities: int, num_relations: int, cfg: EmbedConfig,
                 checkpoint: str) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """Runs inside a Ray task: TransE with periodic checkpoints to `checkpoint` (.npz)."""
+    """Runs inside a Ray task: TransE with a checkpoint (tables + Adam state) every few epochs.
+
+    A checkpoint left by a killed run is resumed exactly (same random draws, same optimiser
+    moments), so the resumed embeddings equal those of an uninterrupted run.
+    """
     import torch
 
     torch.set_num_threads(cfg.num_cpus)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     params = transe_params(cfg)
-    init, start, history = None, 0, []
+    init, start, history, opt_state = None, 0, [], None
     if os.path.exists(checkpoint):
-        z = np.load(checkpoint, allow_pickle=True)
-        init = (z["entities"], z["relations"])
-        start = int(z["epoch"])
-        history = list(z["history"])
+        state = torch.load(checkpoint, weights_only=False)
+        init, start = (state["entities"], state["relations"]), state["epoch"]
+        history, opt_state = state["history"], state["optimizer_state"]
         log.info("TransE: resuming from the checkpoint at epoch %d", start)
+    if start >= cfg.epochs:
+        return init[0], init[1], history
     every = max(1, cfg.epochs // 10)
-    state: dict = {}
 
     def progress(h: dict) -> None:
-        history.append(h)
-        e = h["epoch"] + 1
-        if e % every == 0 or e == cfg.epochs:
-            log.info("TransE epoch %d/%d loss %.4f (%.0f triples/s)", e, cfg.epochs, h["loss"],
-                     h.get("triples_per_s", 0.0))
-        state["last"] = e
+        record = {k: v for k, v in h.items() if k not in ("entities", "relations", "optimizer_state")}
+        history.append(record)
+        epoch = record["epoch"] + 1
+        if epoch % every == 0 or epoch == cfg.epochs:
+            log.info("TransE epoch %d/%d loss %.4f (%.0f triples/s)", epoch, cfg.epochs,
+                     record["loss"], record.get("triples_per_s", 0.0))
+            tmp = checkpoint + ".tmp"
+            torch.save({"entities": h["entities"].copy(), "relations": h["relations"].copy(),
+                        "optimizer_state": h["optimizer_state"], "epoch": epoch, "history": list(history)}, tmp)
+            os.replace(tmp, checkpoint)
 
-    # Train in slices so that a checkpoint is written every `every` epochs.
-    ent, rel = init if init is not None else (None, None)
-    epoch = start
-    while epoch < cfg.epochs:
-        stop = min(cfg.epochs, epoch + every)
-        res = train_transe(triples, num_entities, num_relations,
-                           _replace_epochs(params, stop), init=(ent, rel) if ent is not None else None,
-                           start_epoch=epoch, progress=progress)
-        ent, rel, epoch = res.entities, res.relations, stop
-        tmp = checkpoint + ".tmp.npz"
-        np.savez(tmp, entities=ent, relations=rel, epoch=epoch, history=np.array(history, dtype=object))
-        os.replace(tmp, checkpoint)
-    if ent is None:  # nothing left to train: the checkpoint already holds the final epoch
-        z = np.load(checkpoint, allow_pickle=True)
-        ent, rel = z["entities"], z["relations"]
-    return ent, rel, history
-
-
-def _replace_epochs(params: TransEParams, epochs: int) -> TransEParams:
-    from dataclasses import replace
-
-    return replace(params, epochs=epochs)
+    res = train_transe(triples, num_entities, num_relations, params, init=init, start_epoch=start,
+                       progress=progress, optimizer_state=opt_state)
+    return res.entities, res.relations, history
 
 
 def run_embed(cfg: EmbedConfig, ingest_dir: Path, out: Path, checkpoint_dir: Path) -> dict:
@@ -90,7 +79,7 @@ def run_embed(cfg: EmbedConfig, ingest_dir: Path, out: Path, checkpoint_dir: Pat
     else:
         triples = kb.triples()
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        ckpt = str(checkpoint_dir / "transe.npz")
+        ckpt = str(checkpoint_dir / "transe.pt")
         task = ray.remote(num_cpus=cfg.num_cpus)(_train_task)
         log.info("TransE on %d triples, %d entities, %d relations, %d epochs", len(triples), E, R, cfg.epochs)
         ent, rel, history = ray.get(task.remote(triples, E, R, cfg, ckpt))

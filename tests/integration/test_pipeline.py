@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from hmn.config import load_config
-from pipeline.rundir import RunDir
 from pipeline.run import Pipeline, write_report
+from pipeline.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]
 
 TINY = [
-    "synthetic.entities=400", "synthetic.relations=12", "synthetic.facts=600",
+    "synthetic.entities=800", "synthetic.relations=20", "synthetic.facts=600",
     "synthetic.train_questions=500", "synthetic.dev_questions=150", "synthetic.test_questions=100",
     "embed.epochs=10", "embed.num_cpus=1", "memory.branching=[8]", "memory.iters=8",
     "reader.top_clusters=2", "train.max_epochs=4", "train.batch_size=64",

@@ -1,6 +1,13 @@
 import pytest
 
-from hmn.config import ConfigError, RunConfig, config_from_dict, config_to_dict, describe, load_config
+from hmn.config import (
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    config_to_dict,
+    describe,
+    load_config,
+)
 
 
 def test_defaults_validate_and_round_trip(tmp_path):
@@ -34,7 +41,7 @@ def test_overrides_are_converted_by_type():
     ("train.loss=mse", "train.loss='mse'"),
     ("train.use_gpu=maybe", "train.use_gpu='maybe': expected true or false"),
     ("eval.readers=[pca]", "eval.readers"),
-    ("reader.top_clusters=1000", "reader.top_clusters=1000: more than the 64 leaves"),
+    ("reader.top_clusters=1000", "reader.top_clusters=1000: more than the 32 leaves"),
 ])
 def test_errors_name_the_field_and_value(override, message):
     overrides = [override]
@@ -66,3 +73,7 @@ def test_describe_lists_every_field():
     lines = describe()
     assert any(line.startswith("train.batch_size = 128") for line in lines)
     assert any(line.startswith("memory.U = 0.75") for line in lines)
+
+
+def test_smoke_preset_is_the_embedded_default():
+    assert load_config("configs/smoke.yaml") == load_config()

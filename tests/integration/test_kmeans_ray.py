@@ -1,0 +1,53 @@
+"""The Ray sharded build runs the same hmn k-means loop and matches the in-memory build."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from hmn.index import build_index_from_vectors
+
+ray = pytest.importorskip("ray")
+
+from pipeline.kmeans_ray import build_index_on_ray  # noqa: E402
+
+
+def _facts(n=3000, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)) * np.exp(0.5 * rng.standard_normal((n, 1)))
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("branching, num_shards", [([12], 3), ([5, 3], 2)])
+def test_ray_build_matches_in_memory(ray_local, branching, num_shards):
+    x = _facts()
+    seen = []
+    ref = build_index_from_vectors(x, branching=branching, seed=0, iters=10)
+    got = build_index_on_ray(
+        x, num_shards=num_shards, branching=branching, seed=0, iters=10, progress=seen.append
+    )
+    assert got.transform == ref.transform
+    assert got.num_leaves == ref.num_leaves
+    for a, b in zip(got.centroids, ref.centroids):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for a, b in zip(got.parents, ref.parents):
+        np.testing.assert_array_equal(a, b)
+    assert (got.fact_leaf == ref.fact_leaf).mean() > 0.999
+    obj_ref = [s["objective"] for s in ref.stats["levels"][0]["kmeans"]]
+    obj_got = [s["objective"] for s in got.stats["levels"][0]["kmeans"]]
+    np.testing.assert_allclose(obj_got, obj_ref, rtol=1e-6)
+    assert len(seen) >= len(obj_got)
+
+    # the shard actors are killed at the end: their CPUs come back
+    deadline = time.time() + 10
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.time() < deadline, "shard actors still hold CPUs"
+        time.sleep(0.1)
+
+
+def test_ray_build_validation(ray_local):
+    with pytest.raises(ValueError, match="num_shards=0"):
+        build_index_on_ray(_facts(n=10), num_shards=0, branching=[2])
+    with pytest.raises(ValueError, match="k <= n"):
+        build_index_on_ray(_facts(n=10), num_shards=2, branching=[11])

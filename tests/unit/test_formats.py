@@ -1,0 +1,348 @@
+"""Unit tests for hmn.formats (no Ray)."""
+
+import bz2
+import gzip
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from hmn import formats
+from hmn.formats import (
+    REJECT_SCHEMA,
+    FormatError,
+    iter_line_chunks,
+    normalize_key,
+    normalize_keys,
+    parse_grouped_facts,
+    parse_names,
+    parse_questions,
+    plan_line_chunks,
+    read_embedding_text,
+    read_line_chunk,
+)
+
+# ------------------------------------------------------------------------------------------------
+# keys
+# ------------------------------------------------------------------------------------------------
+
+ENTITY_FORMS = [
+    "www.freebase.com/m/0abc",
+    "http://www.freebase.com/m/0abc",
+    "/m/0abc",
+    "m.0abc",
+    "<http://rdf.freebase.com/ns/m.0abc>",
+    "http://rdf.freebase.com/ns/m.0abc",
+    "  www.freebase.com/m/0abc\t",
+]
+RELATION_FORMS = [
+    "www.freebase.com/people/person/place_of_birth",
+    "/people/person/place_of_birth",
+    "people.person.place_of_birth",
+    "<http://rdf.freebase.com/ns/people.person.place_of_birth>",
+]
+
+
+@pytest.mark.parametrize("raw", ENTITY_FORMS)
+def test_normalize_entity_forms(raw):
+    assert normalize_key(raw) == "/m/0abc"
+
+
+@pytest.mark.parametrize("raw", RELATION_FORMS)
+def test_normalize_relation_forms(raw):
+    assert normalize_key(raw) == "/people/person/place_of_birth"
+
+
+def test_slash_keys_kept_as_is():
+    fb15k = "/film/film/release_date_s./film/film_regional_release_date/film_release_region"
+    assert normalize_key(fb15k) == fb15k
+    assert normalize_key("/m/0_x-y") == "/m/0_x-y"
+
+
+@pytest.mark.parametrize(
+    "raw", ["", "   ", "xyz", "www.freebase.com/", "/", "/m/", "/m/0a b", "<m.0abc", "m..0a"]
+)
+def test_normalize_invalid_raises(raw):
+    with pytest.raises(ValueError):
+        normalize_key(raw)
+
+
+def test_normalize_keys_vectorised_matches_scalar():
+    raw = ENTITY_FORMS + RELATION_FORMS + ["xyz", "", None]
+    out = normalize_keys(pa.array(raw, pa.string())).to_pylist()
+    assert out[: len(ENTITY_FORMS)] == ["/m/0abc"] * len(ENTITY_FORMS)
+    assert out[len(ENTITY_FORMS) : -3] == ["/people/person/place_of_birth"] * len(RELATION_FORMS)
+    assert out[-3:] == [None, None, None]
+    chunked = normalize_keys(pa.chunked_array([pa.array(["m.0x"]), pa.array(["/m/0y"])]))
+    assert chunked.to_pylist() == ["/m/0x", "/m/0y"]
+
+
+# ------------------------------------------------------------------------------------------------
+# reading lines
+# ------------------------------------------------------------------------------------------------
+
+TEXT = "a\tb\n\nc d\r\n  \nlast"  # 5 lines: CRLF, empty, blank, no final newline
+
+
+def _write(tmp_path, name, data: bytes):
+    path = tmp_path / name
+    if name.endswith(".gz"):
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    elif name.endswith(".bz2"):
+        with bz2.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+    return str(path)
+
+
+def _all_lines(path, chunk_lines=1_000_000):
+    out = []
+    for first, lines in iter_line_chunks(path, chunk_lines):
+        assert first == len(out) + 1
+        out += lines.to_pylist()
+    return out
+
+
+@pytest.mark.parametrize("name", ["x.txt", "x.txt.gz", "x.txt.bz2"])
+def test_iter_line_chunks_plain_and_compressed(tmp_path, name):
+    path = _write(tmp_path, name, TEXT.encode())
+    assert _all_lines(path) == ["a\tb", "", "c d", "  ", "last"]
+    with formats.open_text(path) as f:
+        assert f.read() == TEXT.encode()
+
+
+def test_trailing_newline_is_not_a_line(tmp_path):
+    assert _all_lines(_write(tmp_path, "a.txt", b"x\ny\n")) == ["x", "y"]
+    assert _all_lines(_write(tmp_path, "b.txt", b"x\ny\n\n")) == ["x", "y", ""]
+    assert _all_lines(_write(tmp_path, "c.txt", b"\n")) == [""]
+    assert _all_lines(_write(tmp_path, "d.txt", b"")) == []
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 1 << 20])
+@pytest.mark.parametrize("chunk_lines", [1, 2, 3, 100])
+def test_chunk_boundaries_keep_line_numbers(tmp_path, monkeypatch, block, chunk_lines):
+    monkeypatch.setattr(formats, "_BLOCK_BYTES", block)
+    lines = [f"line{i}" if i % 4 else "" for i in range(1, 11)]
+    path = _write(tmp_path, "x.txt", ("\n".join(lines) + "\n").encode())
+    chunks = list(iter_line_chunks(path, chunk_lines))
+    assert all(len(c) <= chunk_lines for _, c in chunks)
+    assert [first for first, _ in chunks] == list(range(1, 11, chunk_lines))
+    assert _all_lines(path, chunk_lines) == lines
+    # byte-range plan gives the same lines and line numbers
+    plan = plan_line_chunks(path, chunk_lines)
+    assert [c.first_line for c in plan] == [first for first, _ in chunks]
+    got = []
+    for c in plan:
+        got += read_line_chunk(c).to_pylist()
+    assert got == lines
+
+
+def test_plan_unterminated_last_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(formats, "_BLOCK_BYTES", 4)
+    path = _write(tmp_path, "x.txt", b"aa\nbb\ncc")
+    plan = plan_line_chunks(path, 2)
+    assert [(c.first_line, c.lines) for c in plan] == [(1, 2), (3, 1)]
+    assert read_line_chunk(plan[1]).to_pylist() == ["cc"]
+    assert plan_line_chunks(_write(tmp_path, "e.txt", b""), 2) == []
+
+
+def test_plan_compressed_is_one_chunk(tmp_path):
+    path = _write(tmp_path, "x.txt.gz", b"a\nb\n")
+    (chunk,) = plan_line_chunks(path, 1)
+    assert chunk.byte_end == -1
+    with pytest.raises(ValueError):
+        read_line_chunk(chunk)
+
+
+def test_invalid_utf8_does_not_crash(tmp_path):
+    path = _write(tmp_path, "x.txt", b"/m/1\t/a/b\t/m/2\n/m/1\t/a/\xff\t/m/2\n")
+    ((first, lines),) = iter_line_chunks(path)
+    parsed = parse_grouped_facts(lines, first, path)
+    assert parsed.table.num_rows == 1
+    assert parsed.rejects.to_pylist()[0]["line"] == 2
+    assert parsed.rejects.to_pylist()[0]["reason"] == "invalid UTF-8"
+
+
+# ------------------------------------------------------------------------------------------------
+# parsers
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_counts(parsed):
+    assert parsed.lines == parsed.table.num_rows + parsed.rejects.num_rows
+    assert parsed.rejects.schema == REJECT_SCHEMA
+
+
+def test_parse_grouped_facts_good_and_bad():
+    lines = pa.array(
+        [
+            "www.freebase.com/m/0f3xg_\twww.freebase.com/symbols/namesake/named_after\t"
+            "www.freebase.com/m/0cqt90",
+            "m.01\tpeople.person.nationality\tm.02 m.03  www.freebase.com/m/04 ",
+            "www.freebase.com/m/01\twww.freebase.com/a/b",  # truncated
+            "",
+            "   ",
+            "a\tb\tc\td",  # too many fields
+            "xyz\t/a/b\t/m/1",
+            "/m/1\tnot a key\t/m/2",
+            "/m/1\t/a/b\t ",
+            "/m/1\t/a/b\t/m/2 bad",
+            "/m/1\t/a/b\t/m/9\ufffd",
+        ]
+    )
+    parsed = parse_grouped_facts(lines, 100, "kb.txt")
+    _check_counts(parsed)
+    assert parsed.table.schema == formats.FACTS_SCHEMA
+    assert parsed.table.to_pylist() == [
+        {
+            "line": 100,
+            "subject": "/m/0f3xg_",
+            "relation": "/symbols/namesake/named_after",
+            "objects": ["/m/0cqt90"],
+        },
+        {
+            "line": 101,
+            "subject": "/m/01",
+            "relation": "/people/person/nationality",
+            "objects": ["/m/02", "/m/03", "/m/04"],
+        },
+    ]
+    rejects = {r["line"]: r["reason"] for r in parsed.rejects.to_pylist()}
+    assert rejects == {
+        102: "expected 3 tab-separated fields, got 2",
+        103: "empty line",
+        104: "empty line",
+        105: "expected 3 tab-separated fields, got 4",
+        106: "invalid entity key 'xyz'",
+        107: "invalid relation key 'not a key'",
+        108: "no objects",
+        109: "invalid entity key 'bad'",
+        110: "invalid UTF-8",
+    }
+    texts = parsed.rejects.column("text").to_pylist()
+    assert texts[0] == lines[2].as_py()
+    assert set(parsed.rejects.column("source").to_pylist()) == {"kb.txt"}
+
+
+def test_parse_grouped_facts_empty_input():
+    parsed = parse_grouped_facts(pa.array([], pa.string()), 1, "x")
+    assert parsed.lines == 0 and parsed.table.num_rows == 0 and parsed.rejects.num_rows == 0
+
+
+def test_parse_questions():
+    lines = pa.array(
+        [
+            "www.freebase.com/m/07f3jg\twww.freebase.com/people/person/place_of_birth\t"
+            "www.freebase.com/m/0565d\twhere was sasha vujačić born ",
+            "/m/1\t/a/b\t\twhat is it?",  # empty object: unknown answer
+            "/m/1\t/a/b\t/m/2\t   ",
+            "/m/1\t/a/b\t/m/2",
+            "/m/1\t/a/b\t/m/2\tq\textra",
+            "/m/1\tb\t/m/2\tq",
+            "/m/1\t/a/b\toops\tq",
+        ]
+    )
+    parsed = parse_questions(lines, 1, "q.txt")
+    _check_counts(parsed)
+    rows = parsed.table.to_pylist()
+    assert rows[0] == {
+        "line": 1,
+        "subject": "/m/07f3jg",
+        "relation": "/people/person/place_of_birth",
+        "object": "/m/0565d",
+        "question": "where was sasha vujačić born",
+    }
+    assert rows[1]["object"] is None and rows[1]["line"] == 2
+    assert {r["line"]: r["reason"] for r in parsed.rejects.to_pylist()} == {
+        3: "empty question",
+        4: "expected 4 tab-separated fields, got 3",
+        5: "expected 4 tab-separated fields, got 5",
+        6: "invalid relation key 'b'",
+        7: "invalid entity key 'oops'",
+    }
+
+
+def test_parse_names():
+    lines = pa.array(
+        ["www.freebase.com/m/01jp8ww\tHarder.....Faster", "/m/2\t  ", "/m/3", "zz\tName", ""]
+    )
+    parsed = parse_names(lines, 5, "names.tsv")
+    _check_counts(parsed)
+    assert parsed.table.to_pylist() == [
+        {"line": 5, "entity": "/m/01jp8ww", "name": "Harder.....Faster"}
+    ]
+    assert {r["line"]: r["reason"] for r in parsed.rejects.to_pylist()} == {
+        6: "empty name",
+        7: "expected 2 tab-separated fields, got 1",
+        8: "invalid entity key 'zz'",
+        9: "empty line",
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# embeddings
+# ------------------------------------------------------------------------------------------------
+
+
+def test_read_embedding_tab_and_space(tmp_path):
+    path = _write(
+        tmp_path, "e.txt", b"www.freebase.com/m/01\t0.5 -1 2e-1\nm.02 1 2 3\n/a/b\t4\t5\t6\n\n"
+    )
+    keys, vec = read_embedding_text(path)
+    assert keys == ["/m/01", "/m/02", "/a/b"]
+    assert vec.dtype == np.float32 and vec.shape == (3, 3)
+    np.testing.assert_allclose(vec[0], [0.5, -1, 0.2])
+
+
+def test_read_embedding_header_and_gzip(tmp_path):
+    path = _write(tmp_path, "e.txt.gz", b"2 2\n/m/1 1 2\n/m/2 3 4\n")
+    keys, vec = read_embedding_text(path, expected_dim=2)
+    assert keys == ["/m/1", "/m/2"] and vec.shape == (2, 2)
+
+
+def test_read_embedding_words_without_normalisation(tmp_path):
+    path = _write(tmp_path, "w.txt", "the 1 2\nnaïve 3 4\n".encode())
+    keys, vec = read_embedding_text(path, normalize=False)
+    assert keys == ["the", "naïve"] and vec.shape == (2, 2)
+    with pytest.raises(FormatError, match="invalid key 'the'"):
+        read_embedding_text(path)
+
+
+@pytest.mark.parametrize(
+    "data, expected_dim, line, message",
+    [
+        (b"/m/1 1 2\n/m/2 3 4\n", 3, 1, "expected 3 values"),
+        (b"/m/1 1 2\n/m/2 3 4 5\n", None, 2, "expected 2 values"),
+        (b"/m/1 1 2\n/m/2 3 x\n", None, 2, "non-numeric value 'x'"),
+        (b"/m/1 1 2\n/m/2 3 4\n/m/3 5 1.2.3\n", None, 3, "non-numeric value '1.2.3'"),
+        (b"/m/1 1 2\n/m/2 nan 4\n", None, 2, "non-finite"),
+        (b"/m/1 1 2\n/m/2 3 -inf\n", None, 2, "non-finite"),
+        (b"/m/1 1 2\n/m/2 3 4\nm.1 5 6\n", None, 3, "duplicate key '/m/1' (first seen on line 1)"),
+        (b"3 2\n/m/1 1 2\n/m/2 3 4\n", None, 1, "header announces 3 rows, file has 2"),
+        (b"2 4\n/m/1 1 2\n", 2, 1, "header dimension 4"),
+        (b"/m/1 1 2\nxyz 3 4\n", None, 2, "invalid key 'xyz'"),
+        (b"/m/1 1 2\n/m/2\n", None, 2, "expected a key followed by values"),
+    ],
+)
+def test_read_embedding_errors_name_file_and_line(tmp_path, data, expected_dim, line, message):
+    path = _write(tmp_path, "e.txt", data)
+    with pytest.raises(FormatError) as err:
+        read_embedding_text(path, expected_dim=expected_dim)
+    assert err.value.line == line
+    assert f"{path}:{line}:" in str(err.value)
+    assert message in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# package boundary
+# ------------------------------------------------------------------------------------------------
+
+
+def test_hmn_does_not_import_ray():
+    code = "import sys, hmn.formats, hmn.synthetic; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

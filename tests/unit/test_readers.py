@@ -1,0 +1,166 @@
+"""Tests for hmn.readers: exact and clustered K-MIPS readers (paper section 3.2)."""
+
+import numpy as np
+import pytest
+import torch
+
+from hmn.index import build_index_from_vectors
+from hmn.memory import FactMemory
+from hmn.readers import (
+    READERS,
+    Candidates,
+    ClusteredReader,
+    ExactReader,
+    make_reader,
+    recall_at_k,
+)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(800, 12, generator=g) * torch.exp(0.5 * torch.randn(800, 1, generator=g))
+    q = torch.randn(32, 12, generator=g)
+    mem = FactMemory(x)
+    flat = build_index_from_vectors(x, branching=[16], seed=0)
+    hier = build_index_from_vectors(x, branching=[4, 4], seed=0)
+    return mem, q, flat, hier
+
+
+def _brute(mem, q, k):
+    s, i = (q @ mem.vectors.T).topk(k, dim=1)
+    return i, s
+
+
+@pytest.mark.parametrize("chunk", [7, 100, 65536])
+def test_exact_reader_equals_brute_force(setup, chunk):
+    mem, q, _, _ = setup
+    c = ExactReader(mem, chunk=chunk).search(q, 10)
+    ids, scores = _brute(mem, q, 10)
+    torch.testing.assert_close(c.scores, scores)
+    assert torch.equal(c.ids, ids)
+    assert torch.equal(c.touched, torch.full((32,), 800))
+
+
+def test_exact_reader_pads_when_k_exceeds_n():
+    mem = FactMemory(torch.randn(5, 3))
+    c = ExactReader(mem, chunk=2).search(torch.randn(2, 3), 8)
+    assert c.ids.shape == (2, 8)
+    assert torch.all(c.ids[:, 5:] == -1) and torch.all(torch.isneginf(c.scores[:, 5:]))
+    assert sorted(c.ids[0, :5].tolist()) == list(range(5))
+
+
+@pytest.mark.parametrize("which", ["flat", "hier"])
+def test_clustered_reader_with_all_clusters_is_exact(setup, which):
+    mem, q, flat, hier = setup
+    index = flat if which == "flat" else hier
+    c = ClusteredReader(mem, index, top_clusters=index.num_leaves).search(q, 10)
+    ids, scores = _brute(mem, q, 10)
+    assert torch.equal(c.ids, ids)
+    torch.testing.assert_close(c.scores, scores)
+    assert torch.equal(c.touched, torch.full((32,), 800))
+
+
+@pytest.mark.parametrize("which", ["flat", "hier"])
+def test_recall_rises_with_top_clusters(setup, which):
+    mem, q, flat, hier = setup
+    index = flat if which == "flat" else hier
+    exact = ExactReader(mem).search(q, 10)
+    recalls, touched = [], []
+    for t in (1, 2, 4, 8, index.num_leaves):
+        c = ClusteredReader(mem, index, top_clusters=t).search(q, 10)
+        recalls.append(recall_at_k(c, exact, 10))
+        touched.append(float(c.touched.float().mean()))
+    assert all(b >= a for a, b in zip(recalls, recalls[1:])), recalls
+    assert all(b >= a for a, b in zip(touched, touched[1:])), touched
+    assert recalls[-1] == 1.0 and recalls[0] < 1.0
+
+
+def test_touched_counts_and_candidates_come_from_selected_leaves(setup):
+    mem, q, flat, _ = setup
+    reader = ClusteredReader(mem, flat, top_clusters=3)
+    c = reader.search(q, 10)
+    qt = torch.nn.functional.normalize(flat.transform.queries(q), dim=1)
+    top = (qt @ flat.centroids[0].T).topk(3, dim=1).indices  # (B, 3)
+    sizes = torch.from_numpy(flat.leaf_sizes())
+    assert torch.equal(c.touched, sizes[top].sum(1))
+    leaf = torch.from_numpy(flat.fact_leaf)
+    for b in range(q.shape[0]):
+        got = c.ids[b][c.ids[b] >= 0]
+        assert set(leaf[got].tolist()) <= set(top[b].tolist())
+        torch.testing.assert_close(c.scores[b, : got.numel()], mem.scores(q[b : b + 1], got)[0])
+
+
+def test_sample_k_without_replacement_and_reproducible(setup):
+    mem, q, flat, hier = setup
+    for index in (flat, hier):
+        reader = ClusteredReader(mem, index, top_clusters=2, sample_clusters=5, temperature=0.1)
+        sel = reader.select_leaves(q, torch.Generator().manual_seed(1))
+        assert torch.equal(sel.sum(1), torch.full((32,), 7))  # 7 distinct leaves per query
+    reader = ClusteredReader(mem, flat, top_clusters=2, sample_clusters=5)
+    a = reader.search(q, 10, torch.Generator().manual_seed(3))
+    b = reader.search(q, 10, torch.Generator().manual_seed(3))
+    c = reader.search(q, 10, torch.Generator().manual_seed(4))
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.touched, b.touched)
+    assert not torch.equal(a.touched, c.touched)
+
+
+def test_sample_k_at_low_temperature_takes_the_next_best_clusters(setup):
+    mem, q, flat, _ = setup
+    sampled = ClusteredReader(mem, flat, top_clusters=2, sample_clusters=3, temperature=1e-6)
+    top5 = ClusteredReader(mem, flat, top_clusters=5)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sampled.select_leaves(q, g), top5.select_leaves(q))
+
+
+def test_rand_blocks_add_facts(setup):
+    mem, q, flat, _ = setup
+    g = torch.Generator().manual_seed(0)
+    only_blocks = ClusteredReader(mem, flat, top_clusters=0, rand_blocks=1, block_size=30)
+    c = only_blocks.search(q, 10, g)
+    assert torch.equal(c.touched, torch.full((32,), 30))
+    spans = c.ids.max(1).values - c.ids.min(1).values
+    assert torch.all(spans < 30)  # candidates lie in one contiguous block
+    base = ClusteredReader(mem, flat, top_clusters=1).search(q, 10)
+    more = ClusteredReader(mem, flat, top_clusters=1, rand_blocks=2).search(q, 10, g)
+    assert torch.all(more.touched >= base.touched) and more.touched.sum() > base.touched.sum()
+    assert only_blocks.block_size == 30
+    assert ClusteredReader(mem, flat, rand_blocks=1).block_size == 50  # mean leaf size 800 / 16
+
+
+def test_search_builds_no_graph(setup):
+    mem, q, flat, _ = setup
+    qg = q.clone().requires_grad_(True)
+    for reader in (ExactReader(mem), ClusteredReader(mem, flat)):
+        c = reader.search(qg, 5)
+        assert not c.scores.requires_grad
+
+
+def test_make_reader_and_errors(setup):
+    mem, _, flat, _ = setup
+    assert isinstance(make_reader("exact", mem, chunk=10), ExactReader)
+    r = make_reader("clustered", mem, flat, top_clusters=3)
+    assert isinstance(r, ClusteredReader) and r.top_clusters == 3
+    assert set(READERS) >= {"exact", "clustered"}
+    with pytest.raises(ValueError, match="known readers.*clustered.*exact"):
+        make_reader("nope", mem)
+    with pytest.raises(ValueError, match="needs a ClusterIndex"):
+        make_reader("clustered", mem)
+    with pytest.raises(ValueError, match="covers 800 facts"):
+        ClusteredReader(FactMemory(torch.randn(10, 12)), flat)
+    with pytest.raises(ValueError, match="read nothing"):
+        ClusteredReader(mem, flat, top_clusters=0)
+    with pytest.raises(ValueError, match="temperature"):
+        ClusteredReader(mem, flat, sample_clusters=1, temperature=0.0)
+    with pytest.raises(ValueError, match="k=0"):
+        ExactReader(mem).search(torch.randn(2, 12), 0)
+
+
+def test_recall_at_k():
+    exact = Candidates(torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.zeros(2, 3), torch.zeros(2))
+    approx = Candidates(torch.tensor([[3, 9, -1], [6, 5, 4]]), torch.zeros(2, 3), torch.zeros(2))
+    assert recall_at_k(approx, exact, 3) == pytest.approx((1 / 3 + 1) / 2)
+    assert recall_at_k(approx, exact, 1) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="k=4"):
+        recall_at_k(approx, exact, 4)
+    assert np.isfinite(recall_at_k(exact, exact, 2))

@@ -1,0 +1,133 @@
+"""Unit tests for hmn.synthetic (no Ray)."""
+
+import os
+import re
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+
+from hmn.formats import iter_line_chunks, parse_grouped_facts, parse_names, parse_questions
+from hmn.synthetic import FILE_NAMES, SyntheticSpec, generate
+
+SMALL = SyntheticSpec(
+    entities=600, relations=45, facts=1200, train_questions=500, dev_questions=150,
+    test_questions=150, seed=3,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    out = tmp_path_factory.mktemp("syn")
+    return generate(SMALL, str(out))
+
+
+def _parse(path, parser):
+    tables, rejects, lines = [], 0, 0
+    for first, chunk in iter_line_chunks(path):
+        parsed = parser(chunk, first, path)
+        tables.append(parsed.table)
+        rejects += parsed.rejects.num_rows
+        lines += parsed.lines
+    rows = [r for t in tables for r in t.to_pylist()]
+    return rows, rejects, lines
+
+
+def test_deterministic_bytes(tmp_path, small):
+    again = generate(SMALL, str(tmp_path / "again"))
+    for key, path in small["files"].items():
+        with open(path, "rb") as a, open(again["files"][key], "rb") as b:
+            assert a.read() == b.read(), key
+    assert again["stats"] == small["stats"]
+    other = generate(SyntheticSpec(**{**small["spec"], "seed": 4}), str(tmp_path / "other"))
+    with open(small["files"]["kb"], "rb") as a, open(other["files"]["kb"], "rb") as b:
+        assert a.read() != b.read()
+
+
+def test_files_and_counts(small):
+    assert set(small["files"]) == set(FILE_NAMES)
+    out_dir = os.path.dirname(small["files"]["kb"])
+    assert sorted(os.listdir(out_dir)) == sorted(FILE_NAMES.values())  # no temp files left
+    stats = small["stats"]
+    assert stats["facts"] == SMALL.facts and stats["relations"] == SMALL.relations
+    assert stats["questions"] == {"train": 500, "dev": 150, "test": 150}
+    for split, n in stats["questions"].items():
+        with open(small["files"][f"questions_{split}"], "rb") as f:
+            assert f.read().count(b"\n") == n
+    assert stats["facts_without_question"] > 0
+
+
+def test_parses_with_zero_rejects_and_is_consistent(small):
+    files = small["files"]
+    facts, rej, lines = _parse(files["kb"], parse_grouped_facts)
+    assert rej == 0 and lines == SMALL.facts
+    names, rej, _ = _parse(files["names"], parse_names)
+    assert rej == 0
+
+    # keys look like the real data
+    with open(files["kb"], encoding="utf-8") as f:
+        s, r, o = f.readline().rstrip("\n").split("\t")
+    assert re.fullmatch(r"www\.freebase\.com/m/0[0-9a-z_]+", s)
+    assert re.fullmatch(r"www\.freebase\.com/[a-z_]+/[a-z_]+/[a-z_0-9]+", r)
+
+    pairs = [(f["subject"], f["relation"]) for f in facts]
+    assert len(set(pairs)) == len(pairs)  # each (subject, relation) once
+    objects = {(f["subject"], f["relation"]): f["objects"] for f in facts}
+    n_obj = np.array([len(v) for v in objects.values()])
+    assert 1.1 <= n_obj.mean() <= 1.3 and n_obj.max() <= SMALL.max_objects
+    assert all(len(set(v)) == len(v) for v in objects.values())
+
+    degree = Counter(s for s, _ in pairs)
+    assert max(degree.values()) >= 4 * np.median(list(degree.values()))  # heavy-tailed
+
+    name_of = {n["entity"]: n["name"] for n in names}
+    assert len(name_of) == len(names)  # one name per entity
+    shared = Counter(name_of.values())
+    assert any(c > 1 for c in shared.values())  # some ambiguous names
+    assert all(re.fullmatch(r"[A-Z][a-z]+( [A-Z][a-z]+){0,2}", n) for n in name_of.values())
+
+    templates = defaultdict(set)
+    train_pairs = set()
+    for split in ("train", "dev", "test"):
+        qs, rej, lines = _parse(files[f"questions_{split}"], parse_questions)
+        assert rej == 0 and lines == SMALL.__getattribute__(f"{split}_questions")
+        seen_train = 0
+        for q in qs:
+            pair = (q["subject"], q["relation"])
+            assert pair in objects  # the question's fact is in kb.txt
+            assert q["object"] in objects[pair]  # the answer is one of its objects
+            assert q["subject"] in name_of  # subjects have names
+            assert name_of[q["subject"]].lower() in q["question"].lower()
+            prefix = q["question"].lower().split(name_of[q["subject"]].lower())[0]
+            templates[q["relation"]].add(prefix)
+            if split == "train":
+                train_pairs.add(pair)
+            else:
+                seen_train += pair in train_pairs
+        if split != "train":
+            assert 0 < seen_train < len(qs)  # some eval facts have a train question, some not
+    assert max(len(t) for t in templates.values()) >= 3  # several templates per relation
+
+
+def test_spec_validation(tmp_path):
+    with pytest.raises(ValueError, match="synthetic.entities"):
+        generate(SyntheticSpec(entities=0), str(tmp_path))
+    with pytest.raises(ValueError, match="synthetic.name_ambiguity"):
+        generate(SyntheticSpec(name_ambiguity=1.0), str(tmp_path))
+    with pytest.raises(ValueError, match="synthetic.facts"):
+        generate(SyntheticSpec(entities=100, relations=2, facts=1000), str(tmp_path))
+
+
+def test_high_ambiguity(tmp_path):
+    spec = SyntheticSpec(entities=300, facts=400, train_questions=50, dev_questions=10,
+                         test_questions=10, name_ambiguity=0.9)  # fmt: skip
+    stats = generate(spec, str(tmp_path))["stats"]
+    assert stats["entities_with_shared_name"] >= 0.85 * stats["named_entities"]
+
+
+def test_small_chunks_same_bytes(tmp_path, small):
+    spec = SyntheticSpec(**{**small["spec"], "chunk_rows": 37})
+    again = generate(spec, str(tmp_path / "chunked"))
+    for key, path in small["files"].items():
+        with open(path, "rb") as a, open(again["files"][key], "rb") as b:
+            assert a.read() == b.read(), key

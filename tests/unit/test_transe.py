@@ -1,0 +1,370 @@
+"""Unit tests for hmn.transe (TransE training and filtered link prediction); no Ray."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from hmn.transe import (
+    TransEParams,
+    TransEResult,
+    bernoulli_head_probs,
+    embeddings_fingerprint,
+    link_prediction,
+    train_transe,
+)
+
+SMALL = TransEParams(dim=16, margin=1.0, lr=0.01, epochs=30, batch_size=64, seed=3)
+
+
+def grid_graph(side: int = 6) -> tuple[np.ndarray, int, int]:
+    """Entities on a side x side grid; "right" and "up" move one step: exactly translational.
+
+    Returns (triples (T, 3), num_entities, num_relations).
+    """
+    x, y = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    ids = (x * side + y).ravel()
+    x, y = x.ravel(), y.ravel()
+    right = np.stack(
+        [ids[x < side - 1], np.zeros((x < side - 1).sum(), int), ids[x < side - 1] + side], 1
+    )
+    up = np.stack([ids[y < side - 1], np.ones((y < side - 1).sum(), int), ids[y < side - 1] + 1], 1)
+    return np.concatenate([right, up]).astype(np.int64), side * side, 2
+
+
+def planted_graph(E: int = 40, R: int = 3, dim: int = 8, seed: int = 0):
+    """A graph with an exact TransE structure: the tail of (h, r) is the entity nearest (L1)
+    to h + r for planted unit-norm entities and relations of norm 0.8; one triple per (h, r).
+
+    Returns (triples (E * R, 3), num_entities, num_relations).
+    """
+    rng = np.random.default_rng(seed)
+    ent = rng.standard_normal((E, dim))
+    ent /= np.linalg.norm(ent, axis=1, keepdims=True)
+    rel = rng.standard_normal((R, dim))
+    rel *= 0.8 / np.linalg.norm(rel, axis=1, keepdims=True)
+    heads = np.repeat(np.arange(E), R)
+    rels = np.tile(np.arange(R), E)
+    query = ent[heads] + rel[rels]  # (E * R, dim)
+    tails = np.abs(query[:, None, :] - ent[None, :, :]).sum(-1).argmin(1)
+    return np.stack([heads, rels, tails], 1).astype(np.int64), E, R
+
+
+def random_graph(seed: int = 0, E: int = 50, R: int = 4, T: int = 400) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.integers(0, E, T), rng.integers(0, R, T), rng.integers(0, E, T)], 1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm", [1, 2])
+@pytest.mark.parametrize("negatives", ["unif", "bern"])
+def test_loss_falls(norm, negatives):
+    triples, E, R = planted_graph(E=50, R=4)
+    params = dataclasses.replace(SMALL, norm=norm, negatives=negatives, epochs=20, batch_size=32)
+    result = train_transe(triples, E, R, params)
+    losses = [rec["loss"] for rec in result.history]
+    assert len(losses) == 20
+    assert [rec["epoch"] for rec in result.history] == list(range(20))
+    assert np.mean(losses[-3:]) < 0.75 * np.mean(losses[:3])
+    for rec in result.history:
+        assert rec["seconds"] > 0 and rec["triples_per_s"] > 0 and 0 <= rec["active"] <= 1
+    assert result.entities.shape == (50, 16) and result.entities.dtype == np.float32
+    assert result.relations.shape == (4, 16) and result.relations.dtype == np.float32
+
+
+@pytest.mark.parametrize("norm", [1, 2])
+@pytest.mark.parametrize("optimizer,lr", [("adam", 0.02), ("sgd", 1.0)])
+def test_translational_graph_is_learned(norm, optimizer, lr):
+    triples, E, R = planted_graph()
+    held_out = np.random.default_rng(0).permutation(len(triples))[:12]
+    train = np.delete(triples, held_out, axis=0)
+    params = dataclasses.replace(
+        SMALL, norm=norm, optimizer=optimizer, lr=lr, epochs=120, batch_size=16, num_negatives=4
+    )
+    result = train_transe(train, E, R, params)
+    on_train = link_prediction(result.entities, result.relations, train, [triples], norm=norm)
+    on_held_out = link_prediction(
+        result.entities, result.relations, triples[held_out], [triples], norm=norm
+    )
+    assert on_train["mrr"] > 0.8, on_train
+    # Unseen triples are predicted far above chance (MRR ~0.11 for 40 entities).
+    assert on_held_out["mrr"] > 0.5, on_held_out
+
+
+def test_entities_unit_norm_when_normalized():
+    triples = random_graph()
+    result = train_transe(triples, 50, 4, dataclasses.replace(SMALL, epochs=3))
+    np.testing.assert_allclose(np.linalg.norm(result.entities, axis=1), 1.0, atol=1e-5)
+    free = train_transe(
+        triples, 50, 4, dataclasses.replace(SMALL, epochs=3, normalize_entities=False)
+    )
+    assert np.abs(np.linalg.norm(free.entities, axis=1) - 1.0).max() > 1e-3
+
+
+def test_relations_initialised_normalised():
+    params = dataclasses.replace(SMALL, epochs=2)
+    result = train_transe(random_graph(), 50, 4, params, start_epoch=2)  # nothing to train
+    assert result.history == []
+    np.testing.assert_allclose(np.linalg.norm(result.relations, axis=1), 1.0, atol=1e-5)
+    bound = 6 / np.sqrt(SMALL.dim)  # Bordes 2013, Algorithm 1: uniform(-6/sqrt(d), 6/sqrt(d))
+    assert np.abs(result.entities).max() <= bound
+
+
+def test_same_seed_same_result_other_seed_differs():
+    triples = random_graph()
+    params = dataclasses.replace(SMALL, epochs=5, num_negatives=2)
+    a = train_transe(triples, 50, 4, params)
+    b = train_transe(triples, 50, 4, params)
+    c = train_transe(triples, 50, 4, dataclasses.replace(params, seed=4))
+    np.testing.assert_array_equal(a.entities, b.entities)
+    np.testing.assert_array_equal(a.relations, b.relations)
+    assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
+    assert embeddings_fingerprint(a.entities, a.relations) == embeddings_fingerprint(
+        b.entities, b.relations
+    )
+    assert embeddings_fingerprint(a.entities, a.relations) != embeddings_fingerprint(
+        c.entities, c.relations
+    )
+
+
+@pytest.mark.parametrize("optimizer,lr", [("adam", 0.01), ("sgd", 0.5)])
+def test_resume_from_progress_checkpoint_is_exact(optimizer, lr):
+    triples = random_graph()
+    params = dataclasses.replace(SMALL, epochs=6, optimizer=optimizer, lr=lr)
+    full = train_transe(triples, 50, 4, params)
+
+    checkpoints = {}
+
+    def keep(info):
+        checkpoints[info["epoch"]] = {
+            "entities": info["entities"].copy(),
+            "relations": info["relations"].copy(),
+            "optimizer_state": {
+                k: v.clone() if isinstance(v, torch.Tensor) else v
+                for k, v in info["optimizer_state"].items()
+            },
+        }
+
+    train_transe(triples, 50, 4, dataclasses.replace(params, epochs=3), progress=keep)
+    assert sorted(checkpoints) == [0, 1, 2]
+    saved = checkpoints[2]
+    resumed = train_transe(
+        triples,
+        50,
+        4,
+        params,
+        init=(saved["entities"], saved["relations"]),
+        start_epoch=3,
+        optimizer_state=saved["optimizer_state"],
+    )
+    assert [rec["epoch"] for rec in resumed.history] == [3, 4, 5]
+    np.testing.assert_allclose(resumed.entities, full.entities, atol=1e-6)
+    np.testing.assert_allclose(resumed.relations, full.relations, atol=1e-6)
+    np.testing.assert_allclose(
+        [r["loss"] for r in resumed.history], [r["loss"] for r in full.history[3:]], rtol=1e-6
+    )
+
+
+def test_resume_from_result_and_init_is_used():
+    triples = random_graph()
+    first = train_transe(triples, 50, 4, dataclasses.replace(SMALL, epochs=4))
+    resumed = train_transe(
+        triples,
+        50,
+        4,
+        dataclasses.replace(SMALL, epochs=8),
+        init=(first.entities, first.relations),
+        start_epoch=4,
+        optimizer_state=first.optimizer_state,
+    )
+    # Continues where the first run stopped rather than from a fresh initialisation.
+    assert resumed.history[0]["loss"] < first.history[0]["loss"]
+    done = train_transe(
+        triples,
+        50,
+        4,
+        dataclasses.replace(SMALL, epochs=4),
+        init=(first.entities, first.relations),
+        start_epoch=4,
+    )
+    assert done.history == []
+    np.testing.assert_array_equal(done.entities, first.entities)
+
+
+def test_bernoulli_probabilities():
+    # Relation 0 is 1-to-N (head 0 -> tails 1, 2, 3): tph = 3, hpt = 1 -> corrupt head 3/4.
+    # Relation 1 is N-to-1 (heads 1, 2 -> tail 0): tph = 1, hpt = 2 -> 1/3. Relation 2 unused.
+    triples = np.array([[0, 0, 1], [0, 0, 2], [0, 0, 3], [1, 1, 0], [2, 1, 0]])
+    np.testing.assert_allclose(bernoulli_head_probs(triples, 3), [0.75, 1 / 3, 0.5])
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("dim", 0, "transe.dim=0: must be > 0"),
+        ("epochs", -1, "transe.epochs=-1: must be > 0"),
+        ("batch_size", 2.5, "transe.batch_size=2.5: must be an int"),
+        ("num_negatives", 0, "transe.num_negatives=0: must be > 0"),
+        ("norm", 3, "transe.norm=3"),
+        ("margin", 0.0, "transe.margin=0.0"),
+        ("margin", float("nan"), "transe.margin=nan"),
+        ("lr", -1.0, "transe.lr=-1.0"),
+        ("negatives", "hard", "transe.negatives='hard'"),
+        ("optimizer", "adagrad", "transe.optimizer='adagrad'"),
+        ("normalize_entities", "yes", "transe.normalize_entities='yes'"),
+        ("seed", -1, "transe.seed=-1"),
+    ],
+)
+def test_params_validation(field, value, message):
+    params = dataclasses.replace(TransEParams(), **{field: value})
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        params.validate()
+    with pytest.raises(ValueError, match=field):
+        train_transe(random_graph(), 50, 4, params)
+
+
+def test_default_params_are_valid():
+    TransEParams().validate()
+
+
+def test_triples_validation_names_offending_row():
+    triples = random_graph()
+    bad = triples.copy()
+    bad[7, 2] = 50
+    with pytest.raises(ValueError, match=r"triples\[7\]"):
+        train_transe(bad, 50, 4, SMALL)
+    bad = triples.copy()
+    bad[11, 1] = -1
+    with pytest.raises(ValueError, match=r"triples\[11\]"):
+        train_transe(bad, 50, 4, SMALL)
+    with pytest.raises(ValueError, match="T = 0"):
+        train_transe(np.empty((0, 3), np.int64), 50, 4, SMALL)
+    with pytest.raises(ValueError, match="shape"):
+        train_transe(triples[:, :2], 50, 4, SMALL)
+    with pytest.raises(ValueError, match="integer"):
+        train_transe(triples.astype(float), 50, 4, SMALL)
+    with pytest.raises(ValueError, match="num_entities"):
+        train_transe(triples, 0, 4, SMALL)
+    with pytest.raises(ValueError, match="start_epoch"):
+        train_transe(triples, 50, 4, SMALL, start_epoch=SMALL.epochs + 1)
+    with pytest.raises(ValueError, match="init"):
+        train_transe(triples, 50, 4, SMALL, init=(np.zeros((50, 8)), np.zeros((4, 16))))
+    with pytest.raises(ValueError, match="optimizer_state: saved for optimizer='sgd'"):
+        train_transe(triples, 50, 4, SMALL, optimizer_state={"optimizer": "sgd", "step": 1})
+    with pytest.raises(ValueError, match="optimizer_state: missing"):
+        train_transe(triples, 50, 4, SMALL, optimizer_state={"optimizer": "adam", "step": 1})
+
+
+# --- link prediction --------------------------------------------------------------------------
+
+# 1-d embeddings: entities at 0, 1, 3, 7; relation 0 translates by 1, relation 1 by 3.
+HAND_ENTITIES = np.array([[0.0], [1.0], [3.0], [7.0]], np.float32)
+HAND_RELATIONS = np.array([[1.0], [3.0]], np.float32)
+HAND_TEST = np.array([[0, 0, 2], [1, 1, 3]])
+HAND_TRAIN = np.array([[0, 0, 1], [2, 0, 2], [1, 1, 2]])
+
+
+@pytest.mark.parametrize("norm", [1, 2])
+@pytest.mark.parametrize("batch_size", [1, 256])
+def test_link_prediction_hand_ranks(norm, batch_size):
+    # (0, r0, 2), tail query 0 + 1 = 1, distances [1, 0, 2, 6], target 2: entities 0 and 1
+    #   are closer, 1 is filtered by (0, r0, 1) -> rank 2.
+    # (0, r0, 2), head query 3 - 1 = 2, distances [2, 1, 1, 5], target 0: entities 1 and 2 are
+    #   closer, 2 is filtered by (2, r0, 2) -> rank 2.
+    # (1, r1, 3), tail query 1 + 3 = 4, distances [4, 3, 1, 3], target 3: entity 2 is closer but
+    #   filtered by (1, r1, 2); entity 1 ties -> rank 1 + 0.5 = 1.5.
+    # (1, r1, 3), head query 7 - 3 = 4, same distances, target 1: entity 2 closer, entity 3
+    #   ties -> rank 2.5.
+    ranks = np.array([2.0, 2.0, 1.5, 2.5])
+    metrics = link_prediction(
+        HAND_ENTITIES,
+        HAND_RELATIONS,
+        HAND_TEST,
+        [HAND_TRAIN, HAND_TEST],
+        norm=norm,
+        batch_size=batch_size,
+    )
+    assert metrics["count"] == 2
+    assert metrics["mrr"] == pytest.approx(np.mean(1 / ranks))
+    assert metrics["mean_rank"] == pytest.approx(ranks.mean())
+    assert metrics["hits1"] == 0.0
+    assert metrics["hits3"] == 1.0 and metrics["hits10"] == 1.0
+    assert metrics["mrr_tail"] == pytest.approx(np.mean(1 / ranks[[0, 2]]))
+    assert metrics["mrr_head"] == pytest.approx(np.mean(1 / ranks[[1, 3]]))
+
+
+def test_link_prediction_raw_when_nothing_else_known():
+    # Only the test triples are known: nothing else is filtered.
+    # Ranks: (0, r0, 2) tail 3, head 3; (1, r1, 3) tail 2.5, head 2.5.
+    ranks = np.array([3.0, 3.0, 2.5, 2.5])
+    metrics = link_prediction(HAND_ENTITIES, HAND_RELATIONS, HAND_TEST, [HAND_TEST])
+    assert metrics["mrr"] == pytest.approx(np.mean(1 / ranks))
+    assert metrics["mean_rank"] == pytest.approx(ranks.mean())
+    # The test triple's own target is never counted, whether or not it is in `known`.
+    assert link_prediction(HAND_ENTITIES, HAND_RELATIONS, HAND_TEST, [])["mrr"] == metrics["mrr"]
+
+
+def test_link_prediction_perfect_embeddings():
+    triples, E, R = grid_graph(4)
+    # Exact grid coordinates: h + r == t, every true answer at distance 0.
+    coords = np.stack(np.meshgrid(np.arange(4), np.arange(4), indexing="ij"), -1)
+    entities = coords.reshape(-1, 2).astype(np.float32) * 10
+    relations = np.array([[10.0, 0.0], [0.0, 10.0]], np.float32)
+    for norm in (1, 2):
+        metrics = link_prediction(entities, relations, triples, [triples], norm=norm)
+        assert metrics["mrr"] == 1.0 and metrics["hits1"] == 1.0 and metrics["mean_rank"] == 1.0
+        assert metrics["count"] == len(triples)
+
+
+def test_link_prediction_validation():
+    with pytest.raises(ValueError, match="norm"):
+        link_prediction(HAND_ENTITIES, HAND_RELATIONS, HAND_TEST, [], norm=3)
+    with pytest.raises(ValueError, match="batch_size"):
+        link_prediction(HAND_ENTITIES, HAND_RELATIONS, HAND_TEST, [], batch_size=0)
+    with pytest.raises(ValueError, match=r"test\[1\]"):
+        link_prediction(HAND_ENTITIES, HAND_RELATIONS, np.array([[0, 0, 1], [0, 2, 1]]), [])
+    with pytest.raises(ValueError, match=r"known\[0\]\[0\]"):
+        link_prediction(HAND_ENTITIES, HAND_RELATIONS, HAND_TEST, [np.array([[9, 0, 0]])])
+    with pytest.raises(ValueError, match="relations"):
+        link_prediction(HAND_ENTITIES, np.zeros((2, 3), np.float32), HAND_TEST, [])
+    with pytest.raises(ValueError, match="non-finite"):
+        link_prediction(HAND_ENTITIES * np.nan, HAND_RELATIONS, HAND_TEST, [])
+
+
+# --- fingerprint ------------------------------------------------------------------------------
+
+
+def test_fingerprint_depends_on_values_and_shapes():
+    rng = np.random.default_rng(0)
+    ent = rng.standard_normal((6, 4)).astype(np.float32)
+    rel = rng.standard_normal((2, 4)).astype(np.float32)
+    base = embeddings_fingerprint(ent, rel)
+    assert isinstance(base, str) and len(base) == 16
+    assert base == embeddings_fingerprint(ent.copy(), rel.astype(np.float64))
+    changed = ent.copy()
+    changed[3, 1] += 1e-3
+    assert embeddings_fingerprint(changed, rel) != base
+    assert embeddings_fingerprint(ent.reshape(4, 6), rel) != base
+    assert embeddings_fingerprint(ent, rel[:1]) != base
+
+
+def test_result_type():
+    result = train_transe(random_graph(), 50, 4, dataclasses.replace(SMALL, epochs=1))
+    assert isinstance(result, TransEResult)
+    assert result.optimizer_state["optimizer"] == "adam" and result.optimizer_state["step"] > 0
