@@ -100,6 +100,7 @@ class EmbedConfig:
     epochs: int = _f(30, "TransE epochs")
     batch_size: int = _f(1024, "triples per step")
     negatives: str = _f("bern", "negative sampling: 'unif' or 'bern'")
+    num_negatives: int = _f(1, "negative triples per positive")
     num_cpus: int = _f(2, "CPUs of the Ray task that trains TransE")
     seed: int = _f(0, "seed")
 
@@ -107,7 +108,7 @@ class EmbedConfig:
         s = "embed"
         _check(bool(self.entities_file) == bool(self.relations_file), s, "relations_file",
                self.relations_file, "entities_file and relations_file go together")
-        for name in ("dim", "epochs", "batch_size", "num_cpus"):
+        for name in ("dim", "epochs", "batch_size", "num_cpus", "num_negatives"):
             _check(getattr(self, name) > 0, s, name, getattr(self, name), "must be > 0")
         _check(self.norm in (1, 2), s, "norm", self.norm, "must be 1 or 2")
         _check(self.margin > 0, s, "margin", self.margin, "must be > 0")

@@ -84,7 +84,11 @@ class Pipeline:
                                    f"config; run it too (--stages)")
             r = StageResult(name, True, 0.0, {})
         else:
-            r = self.run.run_stage(name, fp, fn, force=force)
+            def with_ray(out: Path) -> dict:
+                init_ray(self.cfg)  # started only when some stage has work to do
+                return fn(out)
+
+            r = self.run.run_stage(name, fp, with_ray, force=force)
         self.results[name] = r
         return r
 
@@ -103,7 +107,10 @@ class Pipeline:
             q["test"] = list(d.questions_test)
         return IngestSources(facts=list(d.facts), names=list(d.names), questions=q)
 
-    def execute(self) -> dict[str, StageResult]:
+    def execute(self, until: str | None = None) -> dict[str, StageResult]:
+        """Run the stages in order; `until` stops after that stage."""
+        if until is not None and until not in STAGES:
+            raise ValueError(f"until={until!r}: unknown stage; known: {', '.join(STAGES)}")
         cfg, run = self.cfg, self.run
         write_text_atomic(run.root / "config.resolved.yaml", dump_config(cfg))
 
@@ -127,6 +134,8 @@ class Pipeline:
         fp_ingest = fingerprint("ingest", cfg.ingest, cfg.data, upstream)
         self._stage("ingest", fp_ingest, lambda out: run_ingest(
             sources, str(out), max_reject_rate=cfg.ingest.max_reject_rate, chunk_lines=cfg.ingest.chunk_lines))
+        if until == "ingest":
+            return self.results
 
         # embed (TransE in a Ray task, or user embeddings)
         from pipeline.stages.embed import run_embed
@@ -136,6 +145,8 @@ class Pipeline:
         self._stage("embed", fp_embed, lambda out: run_embed(
             cfg.embed, run.stage_dir("ingest"), out, run.root / ".embed-checkpoint"))
         embed_fp = self._embeddings_fingerprint()
+        if until == "embed":
+            return self.results
 
         # memory (fact vectors + spherical k-means on Ray actors)
         from pipeline.stages.memory import run_memory
@@ -143,6 +154,8 @@ class Pipeline:
         fp_memory = fingerprint("memory", cfg.memory, fp_embed)
         self._stage("memory", fp_memory, lambda out: run_memory(
             cfg.memory, run.stage_dir("ingest"), run.stage_dir("embed"), embed_fp, out))
+        if until == "memory":
+            return self.results
 
         # train (Ray Train)
         from pipeline.stages.train import run_train
@@ -152,6 +165,8 @@ class Pipeline:
         self._stage("train", fp_train, lambda out: run_train(
             cfg.train, cfg.reader, run.stage_dir("ingest"), run.stage_dir("memory"), out,
             run.root / "train_ray", f"hmn-{fp_train}", fps, force=self.force))
+        if until == "train":
+            return self.results
 
         # evaluate (Ray Data actors)
         from pipeline.stages.evaluate import run_evaluate
@@ -195,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a config field, converted by its type (repeatable)")
     parser.add_argument("--stages", default="", help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--force", action="store_true", help="redo stages even when they are done")
+    parser.add_argument("--experiment", choices=("table1", "table2"),
+                        help="train every variant of the paper's Table 1 or 2 (see pipeline/experiments.py)")
+    parser.add_argument("--variants", default="", help="with --experiment: comma-separated subset of variants")
     parser.add_argument("--help-config", action="store_true", help="list every config field and exit")
     args = parser.parse_args(argv)
     setup_logging()
@@ -213,7 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     run = RunDir(args.run_dir or Path("runs") / cfg.name)
     log.info("run directory %s", run.root)
     t0 = time.perf_counter()
-    init_ray(cfg)
+    if args.experiment:
+        from pipeline.experiments import run_experiment
+
+        variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+        result = run_experiment(args.experiment, cfg, run, force=args.force, only=variants)
+        print("\n" + (run.root / "eval" / f"{args.experiment}.md").read_text())
+        print(f"{args.experiment}: {len(result['rows'])} variants, {time.perf_counter() - t0:.1f} s; "
+              f"{run.root / 'eval'}")
+        return 0
     results = Pipeline(cfg, run, force=args.force, only=only).execute()
     if "evaluate" in results and run.is_done("evaluate", run.fingerprint_of("evaluate")):
         table = write_report(run, results)

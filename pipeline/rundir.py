@@ -106,6 +106,8 @@ class RunDir:
         stats = dict(stats)
         write_json_atomic(staging / "stats.json", stats)
         final = self.stage_dir(stage)
+        if final.is_symlink():  # a stage linked from another run (experiments) is replaced, not followed
+            final.unlink()
         if final.exists():
             old = self.root / f".{stage}.tmp-old-{uuid.uuid4().hex[:8]}"
             os.replace(final, old)

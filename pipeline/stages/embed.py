@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 def transe_params(cfg: EmbedConfig) -> TransEParams:
     return TransEParams(dim=cfg.dim, norm=cfg.norm, margin=cfg.margin, lr=cfg.lr, epochs=cfg.epochs,
-                        batch_size=cfg.batch_size, negatives=cfg.negatives, seed=cfg.seed)
+                        batch_size=cfg.batch_size, negatives=cfg.negatives,
+                        num_negatives=cfg.num_negatives, seed=cfg.seed)
 
 
 def _train_task(triples: np.ndarray, num_entities: int, num_relations: int, cfg: EmbedConfig,

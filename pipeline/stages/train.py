@@ -59,8 +59,13 @@ def _tokens(col) -> list[np.ndarray]:
     return [np.asarray(t, dtype=np.int64) for t in col]
 
 
-def train_loop_per_worker(config: dict) -> list[dict]:
-    """Ray Train worker loop (also runs in local mode with num_workers=0)."""
+def train_loop_per_worker(config: dict) -> dict:
+    """Ray Train worker loop (also runs in local mode with num_workers=0).
+
+    Returns the final state (history, early stopping, best and last weights); Ray Train hands rank
+    0's return value to the driver. In local mode that is the only copy: its checkpoints are not
+    persisted, so only multi-worker runs resume after a driver kill.
+    """
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
@@ -154,7 +159,19 @@ def train_loop_per_worker(config: dict) -> list[dict]:
                             "epoch": epoch + 1}, os.path.join(d, "state.pt"))
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
-    return history
+    # Ray Train refuses torch tensors in return values: hand back numpy arrays.
+    return {"history": history, "stopper": stopper.state_dict(), "best_model": _to_numpy(best_state),
+            "model": _to_numpy(_unwrap(model).state_dict())}
+
+
+def _to_numpy(state: dict | None) -> dict | None:
+    return None if state is None else {k: v.detach().cpu().numpy() for k, v in state.items()}
+
+
+def _to_torch(state: dict | None) -> dict | None:
+    if state is None:
+        return None
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state.items()}
 
 
 def prepare_questions(kb: KnowledgeBase, ingest_dir: Path, artificial: bool) -> tuple[dict, dict]:
@@ -227,12 +244,14 @@ def run_train(train_cfg: TrainConfig, reader_cfg: ReaderConfig, ingest_dir: Path
         datasets={"train": ray.data.from_arrow(train_table)},
     )
     result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+    state = result.return_value
+    if not isinstance(state, dict) or "history" not in state:
+        if result.checkpoint is None:
+            raise RuntimeError("training finished without a checkpoint or a final state")
+        with result.checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
     history = state["history"]
-    best = state["best_model"] or state["model"]
+    best = _to_torch(state["best_model"] or state["model"])
     torch.save({"model": best, "dim": dim, "vocab_size": len(vocab), "fingerprints": fingerprints,
                 "train": copy.deepcopy(train_cfg.__dict__), "reader": copy.deepcopy(reader_cfg.__dict__)},
                out / "model.pt")

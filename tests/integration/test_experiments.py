@@ -1,0 +1,51 @@
+"""Table experiments: every variant is its own run directory sharing the base run's stages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hmn.config import load_config
+from pipeline.experiments import run_experiment, table1, table2
+from pipeline.rundir import RunDir
+
+from .test_pipeline import TINY
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_variant_lists_follow_the_paper():
+    cfg = load_config()
+    names = [v.name for v in table1(cfg, 29423)]
+    assert names[:6] == ["full", "exact-k10", "exact-k50", "exact-k100", "exact-k1000", "clustered"]
+    t2 = table2(cfg, 29423)
+    assert {v.overrides["memory.branching"][0] for v in t2} == {294, 588}  # ~100 and ~50 facts per cluster
+    assert all(v.overrides["train.reader"] == "clustered" for v in t2)
+
+
+def test_table1_subset_end_to_end(ray_local, tmp_path, capsys):
+    from pipeline import evaluate
+
+    cfg = load_config(ROOT / "configs/smoke.yaml", TINY + ["train.num_workers=0", "train.max_epochs=2"])
+    base = RunDir(tmp_path / "exp")
+    result = run_experiment("table1", cfg, base, only=("full", "exact-k10", "clustered"))
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"full", "exact-k10", "clustered"}
+    assert rows["full"]["avg_softmax_size"] == 600
+    assert rows["exact-k10"]["avg_softmax_size"] < 600
+    assert rows["clustered"]["facts_per_query"] < 600
+    assert rows["full"]["speedup_per_epoch_vs_full"] == pytest.approx(1.0)
+    md = (base.root / "eval" / "table1.md").read_text()
+    assert "Full softmax" in md and "Exact K-MIPS (K=10)" in md
+    assert json.loads((base.root / "eval" / "table1.json").read_text())["rows"]
+    assert (base.root / "eval" / "plots" / "table1_validation.png").stat().st_size > 1000
+    assert (base.root / "eval" / "plots" / "table1_accuracy_vs_touched.png").stat().st_size > 1000
+    # the variants share the base run's memory (a link), and each is a run pipeline.evaluate accepts
+    variant = base.root / "experiments" / "table1" / "clustered"
+    assert (variant / "memory").is_symlink()
+    dev = base.stage_dir("generate") / "questions_dev.txt"
+    assert evaluate.main(["--run-dir", str(variant), "--questions", str(dev), "--reader", "clustered"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["reader"] == "clustered" and out["questions"] == 150
