@@ -64,7 +64,7 @@ def _input_signature(paths: tuple[str, ...]) -> list:
     sig = []
     for p in paths:
         st = Path(p).stat() if Path(p).exists() else None
-        sig.append([os.path.abspath(p), st.st_size if st else None, int(st.st_mtime) if st else None])
+        sig.append([os.path.realpath(p), st.st_size if st else None, int(st.st_mtime) if st else None])
     return sig
 
 
@@ -143,7 +143,7 @@ class Pipeline:
         embed_inputs = _input_signature(tuple(p for p in (cfg.embed.entities_file, cfg.embed.relations_file) if p))
         fp_embed = fingerprint("embed", cfg.embed, fp_ingest, embed_inputs)
         self._stage("embed", fp_embed, lambda out: run_embed(
-            cfg.embed, run.stage_dir("ingest"), out, run.root / ".embed-checkpoint"))
+            cfg.embed, run.stage_dir("ingest"), out, run.root / ".embed-checkpoint" / fp_embed))
         embed_fp = self._embeddings_fingerprint()
         if until == "embed":
             return self.results
