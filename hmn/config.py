@@ -43,11 +43,40 @@ class DataConfig:
     questions_train: tuple[str, ...] = _f((), "SimpleQuestions-format training question files")
     questions_dev: tuple[str, ...] = _f((), "SimpleQuestions-format dev (model selection) files")
     questions_test: tuple[str, ...] = _f((), "SimpleQuestions-format test files (optional)")
+    facts_format: str = _f("auto", "format of the fact files: 'grouped' (FB2M/FB5M subject<TAB>"
+                           "relation<TAB>obj1 obj2 ...), 'triples' (head<TAB>relation<TAB>tail, "
+                           "grouped by head and relation), 'rdf' (Freebase N-Triples dump) or "
+                           "'auto' (detected per file); any may be .gz/.bz2/.xz")
+    names_format: str = _f("auto", "format of the name files: 'names' (entity<TAB>name), 'rdf' "
+                           "(type.object.name lines of an N-Triples file) or 'auto'")
+    questions_format: str = _f("auto", "format of the question files: 'simplequestions' "
+                               "(subject<TAB>relation<TAB>object<TAB>question) or 'auto'")
+    rdf_relations: tuple[str, ...] = _f((), "RDF fact files: relations to keep, any key spelling "
+                                        "(empty and no rdf_relations_file = every "
+                                        "entity-to-entity relation)")
+    rdf_relations_file: str = _f("", "RDF fact files: a file of relations to keep, one per line "
+                                 "(adds to rdf_relations)")
+    rdf_names: bool = _f(True, "RDF fact files: also read English names (type.object.name) "
+                         "as a names source")
+    rdf_language: str = _f("en", "RDF names: language tag of the names kept")
 
     def validate(self) -> None:
         s = "data"
         _check(self.source in ("synthetic", "files"), s, "source", self.source,
                "must be 'synthetic' or 'files'")
+        for name, allowed in (("facts_format", ("auto", "grouped", "triples", "rdf")),
+                              ("names_format", ("auto", "names", "rdf")),
+                              ("questions_format", ("auto", "simplequestions"))):
+            _check(getattr(self, name) in allowed, s, name, getattr(self, name),
+                   f"must be one of {', '.join(allowed)}")
+        _check(bool(self.rdf_language) and self.rdf_language.replace("-", "").isalpha(), s,
+               "rdf_language", self.rdf_language, "must be a language tag such as 'en'")
+        for r in self.rdf_relations:
+            _check(bool(r.strip()) and not any(c.isspace() for c in r.strip()), s,
+                   "rdf_relations", self.rdf_relations, f"{r!r} is not a relation key")
+        if self.rdf_relations_file:
+            _check(Path(self.rdf_relations_file).is_file(), s, "rdf_relations_file",
+                   self.rdf_relations_file, "no such file")
         if self.source == "files":
             _check(len(self.facts) > 0, s, "facts", self.facts, "at least one file for source=files")
             _check(len(self.questions_train) > 0, s, "questions_train", self.questions_train,
@@ -126,6 +155,8 @@ class MemoryConfig:
     tol: float = _f(1e-4, "stop when the relative objective change is below this")
     init: str = _f("kmeans++", "centroid initialisation: 'kmeans++' or 'sample'")
     num_shards: int = _f(2, "Ray actors holding a shard of the memory during k-means")
+    batched_levels: bool = _f(True, "cluster all parents of a hierarchical level in one grouped "
+                                    "k-means (iters passes per level, not one k-means per parent)")
     seed: int = _f(0, "seed")
 
     def validate(self) -> None:
@@ -141,7 +172,7 @@ class MemoryConfig:
         _check(self.num_shards > 0, s, "num_shards", self.num_shards, "must be > 0")
 
 
-READER_NAMES = ("exact", "clustered")
+READER_NAMES = ("exact", "exact-factorised", "clustered", "pca-tree", "wta-hash", "faiss-ivf")
 
 
 @dataclass(frozen=True)
@@ -151,6 +182,15 @@ class ReaderConfig:
     sample_clusters: int = _f(0, "clustered reader: extra clusters sampled without replacement (Sample-K)")
     rand_blocks: int = _f(0, "clustered reader: random blocks of facts added (Rand-block)")
     temperature: float = _f(1.0, "Sample-K: log-probability = centroid score / temperature")
+    pca_depth: int = _f(8, "pca-tree reader: tree depth (2^depth leaves, Bachrach et al. 2014)")
+    pca_probes: int = _f(1, "pca-tree reader: leaves read per question (1 = own leaf; more = the "
+                            "leaves behind the narrowest splits)")
+    wta_bands: int = _f(16, "wta-hash reader: hash bands L (candidates collide in any band)")
+    wta_perms: int = _f(4, "wta-hash reader: permutations K per band")
+    wta_window: int = _f(8, "wta-hash reader: coordinates compared per permutation (>= 2)")
+    ivf_nlist: int = _f(128, "faiss-ivf reader: inverted lists of faiss.IndexIVFFlat (inner product)")
+    ivf_nprobe: int = _f(8, "faiss-ivf reader: lists scanned per question (<= ivf_nlist)")
+    baseline_seed: int = _f(0, "seed of the pca-tree / wta-hash / faiss-ivf structures")
 
     def validate(self) -> None:
         s = "reader"
@@ -159,6 +199,16 @@ class ReaderConfig:
         _check(self.sample_clusters >= 0, s, "sample_clusters", self.sample_clusters, "must be >= 0")
         _check(self.rand_blocks >= 0, s, "rand_blocks", self.rand_blocks, "must be >= 0")
         _check(self.temperature > 0, s, "temperature", self.temperature, "must be > 0")
+        _check(1 <= self.pca_depth <= 20, s, "pca_depth", self.pca_depth, "must be in [1, 20]")
+        _check(1 <= self.pca_probes <= 2 ** self.pca_depth, s, "pca_probes", self.pca_probes,
+               f"must be in [1, 2^pca_depth = {2 ** self.pca_depth}]")
+        for name in ("wta_bands", "wta_perms", "ivf_nlist", "ivf_nprobe"):
+            _check(getattr(self, name) > 0, s, name, getattr(self, name), "must be > 0")
+        _check(self.wta_window >= 2, s, "wta_window", self.wta_window, "must be >= 2")
+        _check(self.wta_window ** self.wta_perms < 2 ** 62, s, "wta_perms", self.wta_perms,
+               f"wta_window ** wta_perms must fit 62 bits (wta_window={self.wta_window})")
+        _check(self.ivf_nprobe <= self.ivf_nlist, s, "ivf_nprobe", self.ivf_nprobe,
+               f"must be <= reader.ivf_nlist ({self.ivf_nlist})")
 
     def params(self, name: str, training: bool) -> dict[str, Any]:
         """Keyword arguments of `hmn.readers.make_reader` for reader `name`.
@@ -166,6 +216,13 @@ class ReaderConfig:
         The bias reducers (Sample-K, Rand-block) only matter while training; at inference the
         clustered reader reads its Top-K clusters.
         """
+        if name == "pca-tree":
+            return {"depth": self.pca_depth, "probes": self.pca_probes, "seed": self.baseline_seed}
+        if name == "wta-hash":
+            return {"bands": self.wta_bands, "perms": self.wta_perms, "window": self.wta_window,
+                    "seed": self.baseline_seed}
+        if name == "faiss-ivf":
+            return {"nlist": self.ivf_nlist, "nprobe": self.ivf_nprobe, "seed": self.baseline_seed}
         if name != "clustered":
             return {}
         return {

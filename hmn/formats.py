@@ -11,8 +11,13 @@ Formats (fields separated by one TAB, one record per line):
   (objects separated by spaces);
 * SimpleQuestions questions: ``subject  relation  object  question``;
 * names: ``entity  name``;
+* plain triples (FB15k-237): ``head  relation  tail`` (:func:`parse_triples`);
+* the Freebase RDF dump (N-Triples, :func:`parse_rdf`): entity-to-entity facts of chosen
+  predicates and English names, everything else counted as skipped per reason;
 * embedding text: ``key<TAB>v1 v2 ... vD`` or ``key v1 ... vD``, optionally preceded by a word2vec
-  header line ``count D``.
+  header line ``count D`` (other embedding formats: :mod:`hmn.embedding_files`).
+
+:func:`detect_format` guesses a file's format from its first lines.
 
 Freebase keys come in several spellings; :func:`normalize_key` maps all of them to the canonical
 slash form (``/m/0abc``, ``/people/person/place_of_birth``).
@@ -28,7 +33,7 @@ import io
 import logging
 import lzma
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -53,6 +58,19 @@ __all__ = [
     "parse_grouped_facts",
     "parse_questions",
     "parse_names",
+    "parse_triples",
+    "parse_grouped_bytes",
+    "read_chunk_bytes",
+    "parse_rdf",
+    "is_entity_key",
+    "detect_format",
+    "resolve_format",
+    "sniff_lines",
+    "FACT_FORMATS",
+    "NAME_FORMATS",
+    "QUESTION_FORMATS",
+    "RDF_NAME_PREDICATE",
+    "RDF_SKIP_REASONS",
     "read_embedding_text",
 ]
 
@@ -104,20 +122,56 @@ _WWW_RE = r"^(?:https?://)?(?:www\.)?freebase\.com(/.*)$"
 _DOTTED_RE = r"^[A-Za-z0-9_$\-]+(?:\.[A-Za-z0-9_$\-]+)+$"
 # canonical form: a slash, then non-empty segments without whitespace; no empty segment, no
 # trailing slash (FB15k-237 paths such as /a/b/c./d/e/f are valid)
-_CANONICAL_RE = r"^(?:/[^\s/<>]+)+$"
+_CANONICAL_RE = r"^(?:/[^\s\p{Z}/<>]+)+$"
 
 
-def normalize_keys(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+def normalize_keys(arr: pa.Array | pa.ChunkedArray, *, dictionary: bool = False) -> pa.Array:
     """Normalise Freebase keys to the canonical slash form, vectorised.
 
     ``www.freebase.com/m/0abc``, ``/m/0abc``, ``m.0abc`` and ``<http://rdf.freebase.com/ns/m.0abc>``
     all become ``/m/0abc`` (likewise for relations). A key that already starts with ``/`` is kept
     as it is. Surrounding whitespace is removed. Empty, null or otherwise invalid keys become null.
+
+    Each distinct spelling is normalised once (dictionary encoding), and the common spellings
+    (``www.freebase.com/...`` and ``/...``) take a regex-free path, so the cost is one hash
+    lookup per key plus the regex work on the distinct unusual ones.
+
+    With ``dictionary=True`` the result is that dictionary encoding itself (a
+    ``DictionaryArray``: int32 indices, null where the key is invalid, into the normalised
+    distinct spellings, which may repeat a key and may hold unreferenced nulls), for callers that
+    assign ids by dictionary (the ingest stage) rather than by string.
     """
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
-    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+    if not pa.types.is_string(arr.type):
         arr = arr.cast(pa.string())
+    if len(arr) >= 64 or dictionary:
+        enc = arr.dictionary_encode()
+        norm = _normalize_distinct(enc.dictionary)
+        if not dictionary:
+            return norm.take(enc.indices)
+        indices = enc.indices
+        if norm.null_count:
+            invalid = pc.fill_null(pc.take(pc.is_null(norm), indices), True)
+            indices = pc.if_else(invalid, pa.scalar(None, indices.type), indices)
+        return pa.DictionaryArray.from_arrays(indices, norm)
+    return _normalize_distinct(arr)
+
+
+def _normalize_distinct(arr: pa.Array) -> pa.Array:
+    """:func:`normalize_keys` without the dictionary step: a fast path for the two common
+    spellings, the full regex path (:func:`_normalize_full`) for everything else."""
+    www = pc.starts_with(arr, "www.freebase.com/")
+    keys = pc.if_else(www, pc.utf8_slice_codeunits(arr, 16), arr)
+    valid = pc.fill_null(pc.match_substring_regex(keys, _CANONICAL_RE), False)
+    if pc.all(valid).as_py() is not False:
+        return keys
+    bad = pc.invert(valid)
+    fixed = _normalize_full(arr.filter(bad))
+    return pc.replace_with_mask(keys, bad, fixed)
+
+
+def _normalize_full(arr: pa.Array) -> pa.Array:
     keys = pc.utf8_trim_whitespace(arr)
     keys = pc.replace_substring_regex(keys, _RDF_RE, r"\1\2")
     keys = pc.replace_substring_regex(keys, _WWW_RE, r"\1")
@@ -294,6 +348,17 @@ def plan_line_chunks(path: str, chunk_lines: int = 1_000_000) -> list[LineChunk]
     return chunks
 
 
+def read_chunk_bytes(chunk: LineChunk) -> bytes:
+    """The raw bytes of one :class:`LineChunk` of a plain file (whole lines)."""
+    if chunk.byte_end < 0:
+        raise ValueError(
+            f"{chunk.path}: whole-file chunk of a compressed file; use iter_line_chunks"
+        )
+    with open(chunk.path, "rb") as f:
+        f.seek(chunk.byte_start)
+        return f.read(chunk.byte_end - chunk.byte_start)
+
+
 def read_line_chunk(chunk: LineChunk) -> pa.Array:
     """Read the lines of one :class:`LineChunk` of a plain file as a string array."""
     if chunk.byte_end < 0:
@@ -324,11 +389,27 @@ def read_line_chunk(chunk: LineChunk) -> pa.Array:
 @dataclass
 class Parsed:
     """Result of parsing a chunk of lines: accepted rows, one reject row per bad line, and the
-    number of lines read (``lines == table.num_rows + rejects.num_rows``)."""
+    number of lines read.
+
+    ``lines == table.num_rows + rejects.num_rows + sum(skipped.values()) + names rows``:
+    ``skipped`` counts lines a filter left out on purpose (per reason; only the RDF reader has a
+    filter) and ``names`` holds the English names an RDF file carries (``NAMES_SCHEMA``).
+    """
 
     table: pa.Table
     rejects: pa.Table
     lines: int
+    skipped: dict[str, int] = field(default_factory=dict)
+    names: pa.Table | None = None
+
+    def accounted(self) -> int:
+        """Lines in the table, the rejects, the skip counts and the names (== ``lines``)."""
+        n_names = self.names.num_rows if self.names is not None else 0
+        return self.table.num_rows + self.rejects.num_rows + sum(self.skipped.values()) + n_names
+
+
+class _NeedLines(Exception):
+    """A fast path met a line to reject: redo the chunk on the line path."""
 
 
 class _LineSieve:
@@ -339,17 +420,31 @@ class _LineSieve:
     The first failing check decides a line's reason.
     """
 
-    def __init__(self, lines: pa.Array, first_line: int, source: str):
+    def __init__(self, lines: pa.Array | None, first_line: int, source: str, n: int = -1):
         if isinstance(lines, pa.ChunkedArray):
             lines = lines.combine_chunks()
-        if not pa.types.is_string(lines.type):
+        if lines is not None and not pa.types.is_string(lines.type):
             lines = lines.cast(pa.string())
-        self.lines = lines
+        self.lines = lines  # None: a fast path without the line texts, which cannot reject
         self.first_line = int(first_line)
         self.source = source
-        self.idx = np.arange(len(lines), dtype=np.int64)
+        self.n = len(lines) if lines is not None else n
+        self.idx = np.arange(self.n, dtype=np.int64)
         self._rej_idx: list[np.ndarray] = []
         self._rej_reason: list[pa.Array] = []
+        self.skipped: dict[str, int] = {}
+
+    def skip(self, mask: pa.Array | np.ndarray, reason: str) -> np.ndarray:
+        """Drop the alive rows where ``mask`` is true, counting them under ``reason`` (a filter,
+        not an error: no reject row); return the keep mask over the alive rows."""
+        if isinstance(mask, (pa.Array, pa.ChunkedArray)):
+            mask = pc.fill_null(mask, False).to_numpy(zero_copy_only=False)
+        mask = np.asarray(mask, dtype=bool)
+        n = int(mask.sum())
+        if n:
+            self.skipped[reason] = self.skipped.get(reason, 0) + n
+            self.idx = self.idx[~mask]
+        return ~mask
 
     def reject(self, mask: pa.Array | np.ndarray, reason: str | pa.Array) -> np.ndarray:
         """Drop the alive rows where ``mask`` is true with ``reason`` (a string, or a string array
@@ -358,6 +453,8 @@ class _LineSieve:
             mask = pc.fill_null(mask, False).to_numpy(zero_copy_only=False)
         mask = np.asarray(mask, dtype=bool)
         if mask.any():
+            if self.lines is None:
+                raise _NeedLines()
             self._rej_idx.append(self.idx[mask])
             if isinstance(reason, str):
                 self._rej_reason.append(pa.array([reason] * int(mask.sum()), pa.string()))
@@ -391,46 +488,89 @@ def _filter(arr: pa.Array, keep: np.ndarray) -> pa.Array:
     return arr.filter(pa.array(keep)) if not keep.all() else arr
 
 
+def _may_contain_replacement(arr: pa.Array) -> bool:
+    """Cheap pre-check: False when the data buffer has no 0xEF byte, so no U+FFFD (EF BF BD)."""
+    if arr.null_count == len(arr) or len(arr) == 0:
+        return False
+    data = arr.buffers()[2]
+    if data is None:
+        return False
+    return bool((np.frombuffer(data, dtype=np.uint8) == 0xEF).any())
+
+
 def _split_fields(sieve: _LineSieve, n_fields: int) -> list[pa.Array]:
-    """Common checks (invalid UTF-8, empty line, field count); return the fields of the alive
-    rows, each a string array."""
+    """Common checks (invalid UTF-8, field count; empty lines get their own reason); return the
+    fields of the alive rows, each a string array."""
     lines = sieve.lines
-    keep = sieve.reject(pc.match_substring(lines, "\ufffd"), "invalid UTF-8")
-    lines = _filter(lines, keep)
-    keep = sieve.reject(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(lines)), 0), "empty line")
-    lines = _filter(lines, keep)
+    if _may_contain_replacement(lines):
+        keep = sieve.reject(pc.match_substring(lines, "\ufffd"), "invalid UTF-8")
+        lines = _filter(lines, keep)
     parts = pc.split_pattern(lines, "\t")
-    count = pc.list_value_length(parts)
-    bad = pc.not_equal(count, n_fields)
-    reason = pc.binary_join_element_wise(
-        f"expected {n_fields} tab-separated fields, got ", count.cast(pa.string()), ""
-    )
-    keep = sieve.reject(bad, reason)
-    parts = _filter(parts, keep)
+    count = pc.list_value_length(parts).to_numpy(zero_copy_only=False)
+    bad = count != n_fields
+    if bad.any():
+        # only the lines with a wrong field count can be empty (an empty line has one field)
+        bad_pos = np.flatnonzero(bad)
+        sub = lines.take(pa.array(bad_pos))
+        empty_sub = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(sub)), 0)
+        empty = np.zeros(len(bad), dtype=bool)
+        empty[bad_pos] = empty_sub.to_numpy(zero_copy_only=False)
+        keep = sieve.reject(empty, "empty line")
+        count, bad = count[keep], bad[keep]
+        parts = _filter(parts, keep)
+        reason = pc.binary_join_element_wise(
+            f"expected {n_fields} tab-separated fields, got ", pa.array(count).cast(pa.string()), ""
+        )
+        keep = sieve.reject(bad, reason)
+        parts = _filter(parts, keep)
     flat = pc.list_flatten(parts)  # every alive row has exactly n_fields fields
     return [flat.take(pa.array(np.arange(i, len(flat), n_fields))) for i in range(n_fields)]
 
 
 def _check_key(
-    sieve: _LineSieve, fields: list[pa.Array], which: int, role: str, allow_empty: bool = False
+    sieve: _LineSieve,
+    fields: list[pa.Array],
+    which: int,
+    role: str,
+    allow_empty: bool = False,
+    dictionary: bool = False,
 ) -> list[pa.Array]:
     """Normalise ``fields[which]`` in place of the raw text and reject rows whose key is invalid
     ("invalid <role> key '...'"); return all fields filtered to the surviving rows. With
-    ``allow_empty`` an empty field is kept as a null key."""
+    ``allow_empty`` an empty field is kept as a null key; with ``dictionary`` the normalised
+    field is dictionary-encoded (see :func:`normalize_keys`)."""
     raw = fields[which]
-    keys = normalize_keys(raw)
+    keys = normalize_keys(raw, dictionary=dictionary)
     bad = pc.is_null(keys)
     if allow_empty:
         empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(raw)), 0)
         bad = pc.and_(bad, pc.invert(empty))
-    reason = pc.binary_join_element_wise(f"invalid {role} key '", raw, "'", "")
-    keep = sieve.reject(bad, reason)
+    bad = pc.fill_null(bad, False).to_numpy(zero_copy_only=False)
+    if bad.any():  # the reason strings only for the rows that need them
+        reason_np = np.empty(len(bad), dtype=object)
+        reason_np[bad] = [f"invalid {role} key '{k}'" for k in raw.filter(pa.array(bad)).to_pylist()]
+        keep = sieve.reject(bad, pa.array(reason_np, pa.string()))
+    else:
+        keep = np.ones(len(bad), dtype=bool)
     fields = [keys if i == which else f for i, f in enumerate(fields)]
     return [_filter(f, keep) for f in fields]
 
 
-def parse_grouped_facts(lines: pa.Array, first_line: int, source: str) -> Parsed:
+def parse_grouped_facts(
+    lines: pa.Array,
+    first_line: int,
+    source: str,
+    *,
+    single_object: bool = False,
+    dictionary: bool = False,
+) -> Parsed:
     """Parse grouped facts ``subject<TAB>relation<TAB>obj1 obj2 ...``.
+
+    With ``single_object`` (plain triples ``head<TAB>relation<TAB>tail``, as in FB15k-237) a line
+    with more than one object is rejected ("expected one tail entity, got N"); the ingest stage
+    groups the triples into facts by (head, relation). With ``dictionary`` the key columns are
+    dictionary-encoded (``subject``, ``relation``: dictionary<int32, string>; ``objects``:
+    list<dictionary<int32, string>>) for id assignment without hashing every string again.
 
     Table columns (``FACTS_SCHEMA``): ``line`` int64, ``subject`` string, ``relation`` string,
     ``objects`` list<string> (all keys normalised; objects in file order, as written).
@@ -439,16 +579,29 @@ def parse_grouped_facts(lines: pa.Array, first_line: int, source: str) -> Parsed
     """
     sieve = _LineSieve(lines, first_line, source)
     fields = _split_fields(sieve, 3)
-    fields = _check_key(sieve, fields, 0, "entity")
-    fields = _check_key(sieve, fields, 1, "relation")
+    return _grouped_from_fields(sieve, fields, single_object, dictionary)
+
+
+def _grouped_from_fields(
+    sieve: _LineSieve, fields: list[pa.Array], single_object: bool, dictionary: bool
+) -> Parsed:
+    fields = _check_key(sieve, fields, 0, "entity", dictionary=dictionary)
+    fields = _check_key(sieve, fields, 1, "relation", dictionary=dictionary)
     subject, relation, objects_raw = fields
     objects_raw = pc.utf8_trim_whitespace(objects_raw)
     keep = sieve.reject(pc.equal(pc.utf8_length(objects_raw), 0), "no objects")
     subject, relation, objects_raw = (_filter(a, keep) for a in (subject, relation, objects_raw))
 
-    obj_lists = pc.utf8_split_whitespace(objects_raw)
+    obj_lists = pc.ascii_split_whitespace(objects_raw)
+    if single_object:
+        n_obj = pc.list_value_length(obj_lists)
+        reason = pc.binary_join_element_wise(
+            "expected one tail entity, got ", n_obj.cast(pa.string()), ""
+        )
+        keep = sieve.reject(pc.greater(n_obj, 1), reason)
+        subject, relation, obj_lists = (_filter(a, keep) for a in (subject, relation, obj_lists))
     flat_raw = pc.list_flatten(obj_lists)
-    flat = normalize_keys(flat_raw)
+    flat = normalize_keys(flat_raw, dictionary=dictionary)
     bad_obj = pc.is_null(flat).to_numpy(zero_copy_only=False)
     if bad_obj.any():
         parents = pc.list_parent_indices(obj_lists).to_numpy()
@@ -478,9 +631,86 @@ def parse_grouped_facts(lines: pa.Array, first_line: int, source: str) -> Parsed
             "relation": relation,
             "objects": objects,
         },
-        schema=FACTS_SCHEMA,
+        schema=None if dictionary else FACTS_SCHEMA,
     )
-    return Parsed(table, sieve.rejects(), len(sieve.lines))
+    return Parsed(table, sieve.rejects(), sieve.n)
+
+
+def _csv_fields(data: bytes, n_lines: int) -> list[pa.Array] | None:
+    """The three TAB-separated fields of every line of ``data`` via pyarrow's CSV tokenizer
+    (no quoting, single-threaded: the caller is one of several parallel tasks), or None when a
+    line needs the careful line-by-line path (a wrong field count, an empty field, a ``\\r``,
+    invalid UTF-8 or a U+FFFD, or a count other than ``n_lines``)."""
+    import pyarrow.csv as pacsv
+
+    if not data or data.find(b"\r") >= 0 or (data.find(b"\xef") >= 0 and data.find(b"\xef\xbf\xbd") >= 0):
+        return None
+    invalid: list[int] = []
+
+    def on_invalid(row) -> str:
+        invalid.append(1)
+        return "skip"
+
+    try:
+        table = pacsv.read_csv(
+            pa.BufferReader(data),
+            read_options=pacsv.ReadOptions(
+                column_names=["s", "p", "o"], use_threads=False, block_size=max(1 << 20, len(data) + 1)
+            ),
+            parse_options=pacsv.ParseOptions(
+                delimiter="\t", quote_char=False, escape_char=False, ignore_empty_lines=False,
+                newlines_in_values=False, invalid_row_handler=on_invalid,
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types={c: pa.string() for c in "spo"}, strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+            ),
+        )  # fmt: skip
+    except pa.ArrowInvalid:  # invalid UTF-8, among others
+        return None
+    if invalid or table.num_rows != n_lines:
+        return None
+    fields = [table.column(c).combine_chunks() for c in "spo"]
+    for f in fields:
+        if f.null_count or not pc.all(pc.greater(pc.binary_length(f), 0)).as_py():
+            return None
+    return fields
+
+
+def parse_grouped_bytes(
+    data: bytes,
+    first_line: int,
+    n_lines: int,
+    source: str,
+    *,
+    single_object: bool = False,
+    dictionary: bool = False,
+) -> Parsed:
+    """:func:`parse_grouped_facts` of the ``n_lines`` lines in ``data`` (raw bytes of whole
+    lines, as :func:`read_chunk_bytes` returns them), with the same result, faster: a clean chunk
+    is tokenised by pyarrow's CSV reader; a chunk with any line to reject is parsed line by line.
+    """
+    fields = _csv_fields(data, n_lines)
+    if fields is not None:
+        try:
+            sieve = _LineSieve(None, first_line, source, n=n_lines)
+            return _grouped_from_fields(sieve, fields, single_object, dictionary)
+        except _NeedLines:
+            pass
+    lines = _bytes_to_lines(data[:-1] if data.endswith(b"\n") else data) if data else pa.array(
+        [], pa.string()
+    )
+    return parse_grouped_facts(
+        lines, first_line, source, single_object=single_object, dictionary=dictionary
+    )
+
+
+def parse_triples(
+    lines: pa.Array, first_line: int, source: str, *, dictionary: bool = False
+) -> Parsed:
+    """Parse plain triples ``head<TAB>relation<TAB>tail`` (FB15k-237's train/valid/test files)
+    into the grouped-facts table (one object per row); see :func:`parse_grouped_facts`."""
+    return parse_grouped_facts(lines, first_line, source, single_object=True, dictionary=dictionary)
 
 
 def parse_questions(lines: pa.Array, first_line: int, source: str) -> Parsed:
@@ -533,6 +763,218 @@ def parse_names(lines: pa.Array, first_line: int, source: str) -> Parsed:
         schema=NAMES_SCHEMA,
     )
     return Parsed(table, sieve.rejects(), len(sieve.lines))
+
+
+# --------------------------------------------------------------------------------------------
+# Freebase RDF dump (N-Triples)
+# --------------------------------------------------------------------------------------------
+
+RDF_NAME_PREDICATE = "/type/object/name"
+SKIP_BLANK = "blank line or comment"
+SKIP_PREDICATE = "predicate not selected"
+SKIP_LITERAL = "literal object"
+SKIP_NOT_ENTITY = "subject or object not an entity"
+SKIP_NAME_LANGUAGE = "name not in the chosen language"
+SKIP_NAMES_OFF = "name (names not read from this file)"
+RDF_SKIP_REASONS = (
+    SKIP_BLANK, SKIP_PREDICATE, SKIP_LITERAL, SKIP_NOT_ENTITY, SKIP_NAME_LANGUAGE, SKIP_NAMES_OFF,
+)  # fmt: skip
+_NTRIPLES_REASON = "expected N-Triples '<subject> <predicate> <object> .'"
+
+
+def is_entity_key(keys: pa.Array) -> pa.Array:
+    """True for canonical keys of entities (machine ids ``/m/...`` and ``/g/...``)."""
+    return pc.fill_null(pc.or_(pc.starts_with(keys, "/m/"), pc.starts_with(keys, "/g/")), False)
+
+
+def _is_iri(terms: pa.Array) -> pa.Array:
+    return pc.and_(pc.starts_with(terms, "<"), pc.ends_with(terms, ">"))
+
+
+def parse_rdf(
+    lines: pa.Array,
+    first_line: int,
+    source: str,
+    *,
+    relations: pa.Array | None = None,
+    names: bool = True,
+    language: str = "en",
+) -> Parsed:
+    """Filter lines of the Freebase RDF dump (N-Triples; terms separated by TABs, as in
+    ``freebase-rdf-latest.gz``, or single spaces) into facts and names.
+
+    Kept: entity-to-entity triples ``<ns/m.x> <ns/a.b.c> <ns/m.y> .`` whose predicate (normalised,
+    ``/a/b/c``) is in ``relations`` (canonical keys; ``None`` = every predicate but the name
+    predicate), one row per triple in the facts table (``FACTS_SCHEMA``, one object each); with
+    ``names``, ``<ns/m.x> <ns/type.object.name> "Name"@<language> .`` rows in ``Parsed.names``
+    (``NAMES_SCHEMA``; ``\\"`` and ``\\\\`` unescaped).
+
+    Everything else is *skipped* and counted per reason in ``Parsed.skipped`` (``RDF_SKIP_REASONS``;
+    no reject row: the dump has billions of such lines). Malformed lines are rejected:
+    "invalid UTF-8", the N-Triples shape, "invalid subject term '...'", "invalid predicate term
+    '...'", "invalid object term '...'".
+    """
+    sieve = _LineSieve(lines, first_line, source)
+    lines = sieve.lines
+    if _may_contain_replacement(lines):
+        keep = sieve.reject(pc.match_substring(lines, "\ufffd"), "invalid UTF-8")
+        lines = _filter(lines, keep)
+    keep = sieve.skip(pc.match_substring_regex(lines, r"^\s*(?:#|$)"), SKIP_BLANK)
+    lines = _filter(lines, keep)
+    has_tab = pc.match_substring(lines, "\t")
+    sep = pc.if_else(has_tab, lines, pc.replace_substring(lines, " ", "\t", max_replacements=2))
+    parts = pc.split_pattern(sep, "\t", max_splits=2)
+    n_parts = pc.list_value_length(parts).to_numpy(zero_copy_only=False)
+    keep = sieve.reject(n_parts != 3, _NTRIPLES_REASON)
+    parts = _filter(parts, keep)
+    flat = pc.list_flatten(parts)
+    subj_t, pred_t, rest = (flat.take(pa.array(np.arange(i, len(flat), 3))) for i in range(3))
+    rest = pc.utf8_rtrim_whitespace(rest)
+    keep = sieve.reject(pc.invert(pc.ends_with(rest, ".")), _NTRIPLES_REASON)
+    subj_t, pred_t, rest = (_filter(a, keep) for a in (subj_t, pred_t, rest))
+    obj_t = pc.utf8_trim_whitespace(pc.utf8_slice_codeunits(rest, 0, -1))
+    for role, term in (("subject", subj_t), ("predicate", pred_t)):
+        ok = _is_iri(term)
+        if role == "subject":
+            ok = pc.or_(ok, pc.starts_with(term, "_:"))  # blank nodes: skipped below
+        reason = pc.binary_join_element_wise(f"invalid {role} term '", term, "'", "")
+        keep = sieve.reject(pc.invert(ok), reason)
+        subj_t, pred_t, obj_t = (_filter(a, keep) for a in (subj_t, pred_t, obj_t))
+    literal = pc.starts_with(obj_t, '"')
+    ok = pc.or_(pc.or_(_is_iri(obj_t), literal), pc.starts_with(obj_t, "_:"))
+    reason = pc.binary_join_element_wise("invalid object term '", obj_t, "'", "")
+    keep = sieve.reject(pc.invert(ok), reason)
+    subj_t, pred_t, obj_t = (_filter(a, keep) for a in (subj_t, pred_t, obj_t))
+    literal = _filter(literal, keep)
+
+    pred = normalize_keys(pred_t)  # null for predicates outside the Freebase namespace
+    is_name = pc.fill_null(pc.equal(pred, RDF_NAME_PREDICATE), False)
+    if relations is None:
+        selected = pc.and_(pc.is_valid(pred), pc.invert(is_name))
+    else:
+        selected = pc.is_in(pred, value_set=relations.cast(pa.string()))
+        selected = pc.and_(pc.fill_null(selected, False), pc.invert(is_name))
+    wanted = pc.or_(selected, is_name)
+    keep = sieve.skip(pc.invert(wanted), SKIP_PREDICATE)
+    subj_t, pred, obj_t, literal, is_name = (
+        _filter(a, keep) for a in (subj_t, pred, obj_t, literal, is_name)
+    )
+    if not names:
+        keep = sieve.skip(is_name, SKIP_NAMES_OFF)
+        subj_t, pred, obj_t, literal, is_name = (
+            _filter(a, keep) for a in (subj_t, pred, obj_t, literal, is_name)
+        )
+    subj = normalize_keys(subj_t)
+    keep = sieve.skip(pc.invert(is_entity_key(subj)), SKIP_NOT_ENTITY)
+    subj, pred, obj_t, literal, is_name = (
+        _filter(a, keep) for a in (subj, pred, obj_t, literal, is_name)
+    )
+    # facts: an IRI object; names: a literal in the chosen language
+    is_fact = pc.invert(is_name)
+    keep = sieve.skip(pc.and_(is_fact, literal), SKIP_LITERAL)
+    subj, pred, obj_t, literal, is_name, is_fact = (
+        _filter(a, keep) for a in (subj, pred, obj_t, literal, is_name, is_fact)
+    )
+    lang_tag = f'"@{language}'
+    keep = sieve.skip(
+        pc.and_(is_name, pc.invert(pc.and_(literal, pc.ends_with(obj_t, lang_tag)))),
+        SKIP_NAME_LANGUAGE,
+    )
+    subj, pred, obj_t, is_name, is_fact = (
+        _filter(a, keep) for a in (subj, pred, obj_t, is_name, is_fact)
+    )
+    obj = pc.if_else(is_fact, normalize_keys(pc.if_else(is_fact, obj_t, "")), "")
+    not_entity = pc.and_(is_fact, pc.invert(is_entity_key(obj)))
+    keep = sieve.skip(not_entity, SKIP_NOT_ENTITY)
+    subj, pred, obj, obj_t, is_name = (_filter(a, keep) for a in (subj, pred, obj, obj_t, is_name))
+
+    name_np = is_name.to_numpy(zero_copy_only=False)
+    line_no = sieve.line_numbers().to_numpy()
+    fact_mask = pa.array(~name_np)
+    f_obj = obj.filter(fact_mask)
+    offsets = pa.array(np.arange(len(f_obj) + 1, dtype=np.int32))
+    facts = pa.table(
+        {
+            "line": pa.array(line_no[~name_np]),
+            "subject": subj.filter(fact_mask),
+            "relation": pred.filter(fact_mask),
+            "objects": pa.ListArray.from_arrays(offsets, f_obj),
+        },
+        schema=FACTS_SCHEMA,
+    )
+    name_mask = pa.array(name_np)
+    raw_name = obj_t.filter(name_mask)
+    text = pc.utf8_slice_codeunits(raw_name, 1, -len(lang_tag))
+    text = pc.replace_substring_regex(text, r'\\(["\\])', r"\1")
+    names_table = pa.table(
+        {"line": pa.array(line_no[name_np]), "entity": subj.filter(name_mask), "name": text},
+        schema=NAMES_SCHEMA,
+    )
+    return Parsed(facts, sieve.rejects(), len(sieve.lines), dict(sieve.skipped), names_table)
+
+
+# --------------------------------------------------------------------------------------------
+# Format detection
+# --------------------------------------------------------------------------------------------
+
+FACT_FORMATS = ("auto", "grouped", "triples", "rdf")
+NAME_FORMATS = ("auto", "names", "rdf")
+QUESTION_FORMATS = ("auto", "simplequestions")
+
+
+def sniff_lines(path: str, n: int = 64, max_bytes: int = 1 << 20) -> list[str]:
+    """Up to ``n`` non-blank, non-comment lines from the start of ``path`` (decompressed)."""
+    with open_text(path) as f:
+        head = f.read(max_bytes)
+    out = []
+    for raw in head.split(b"\n")[:-1] if len(head) == max_bytes else head.split(b"\n"):
+        line = raw.decode("utf-8", errors="replace").rstrip("\r")
+        if line.strip() and not line.lstrip().startswith("#"):
+            out.append(line)
+            if len(out) >= n:
+                break
+    return out
+
+
+def detect_format(path: str) -> str:
+    """Guess a file's format from its first lines: "rdf" (N-Triples), "simplequestions" (four
+    TAB fields), "grouped" (three fields, some with several objects or www.freebase.com keys),
+    "triples" (three fields, one ``/m/`` tail each), "names" (two fields). Raises
+    :class:`FormatError` when the lines fit none."""
+    lines = sniff_lines(path)
+    if not lines:
+        raise FormatError(path, None, "cannot detect the format of an empty file")
+    if sum(line.startswith("<") and line.rstrip().endswith(".") for line in lines) > len(lines) / 2:
+        return "rdf"
+    fields = [line.split("\t") for line in lines]
+    counts = [len(f) for f in fields]
+    common = max(set(counts), key=counts.count)
+    if common == 4:
+        return "simplequestions"
+    if common == 2:
+        return "names"
+    if common == 3:
+        third = [f[2] for f in fields if len(f) == 3]
+        if any(len(t.split()) > 1 for t in third) or any("freebase.com" in t for t in third):
+            return "grouped"
+        return "triples"
+    raise FormatError(
+        path, None, f"cannot detect the format: the first lines have {common} TAB-separated fields"
+    )
+
+
+def resolve_format(path: str, fmt: str, allowed: tuple[str, ...], what: str) -> str:
+    """``fmt`` checked against ``allowed`` ("auto" = :func:`detect_format`)."""
+    if fmt not in allowed:
+        raise ValueError(f"{what}={fmt!r}: must be one of {', '.join(allowed)}")
+    if fmt != "auto":
+        return fmt
+    found = detect_format(path)
+    if found not in allowed:
+        raise FormatError(
+            path, None, f"detected format {found!r}, which is not a {what} ({', '.join(allowed)})"
+        )
+    return found
 
 
 # --------------------------------------------------------------------------------------------

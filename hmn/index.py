@@ -34,7 +34,15 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from hmn.kmeans import DataAccess, InMemoryData, imbalance_factor, spherical_kmeans
+from hmn.kmeans import (
+    DataAccess,
+    FactorisedData,
+    InMemoryData,
+    grouped_spherical_kmeans,
+    imbalance_factor,
+    spherical_kmeans,
+)
+from hmn.memory import FactorisedMemory
 from hmn.mips import MipsTransform, fit_transform
 
 logger = logging.getLogger(__name__)
@@ -42,6 +50,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ClusterIndex",
     "DataFactory",
+    "FactorisedDataFactory",
     "InMemoryDataFactory",
     "build_index",
     "check_branching",
@@ -64,10 +73,16 @@ class DataFactory(Protocol):
     * ``transform=None``: raw facts; build_index only calls ``max_norm()`` on it (to fit eq. 6).
     * ``transform=t``: rows are ``t.facts(x)`` (eq. 6-7), unit-normalised by the adapter.
 
+    A factory that accepts ``groups=`` (an (n,) int64 group label per row of the view) returns a
+    grouped adapter (``partial_stats_grouped`` / ``assign_grouped``); :func:`build_index` then
+    clusters all parents of a level in one pass (``batched_levels=True``).
+
     If the adapter has a ``close()`` method, build_index calls it when done with that view.
     """
 
-    def __call__(self, transform: MipsTransform | None, ids: np.ndarray | None) -> DataAccess: ...
+    def __call__(
+        self, transform: MipsTransform | None, ids: np.ndarray | None, groups: np.ndarray | None = None
+    ) -> DataAccess: ...
 
 
 class InMemoryDataFactory:
@@ -87,12 +102,39 @@ class InMemoryDataFactory:
     def n(self) -> int:
         return int(self.vectors.shape[0])
 
-    def __call__(self, transform: MipsTransform | None, ids: np.ndarray | None) -> InMemoryData:
+    def __call__(
+        self, transform: MipsTransform | None, ids: np.ndarray | None, groups: np.ndarray | None = None
+    ) -> InMemoryData:
         x = self.vectors
         if ids is not None:
             ids = check_subset_ids(ids, self.n)
             x = x[torch.from_numpy(ids).to(x.device)]  # (len(ids), D)
-        return InMemoryData(x, self.chunk, transform=None if transform is None else transform.facts)
+        fn = None if transform is None else transform.facts
+        return InMemoryData(x, self.chunk, transform=fn, groups=groups)
+
+
+class FactorisedDataFactory:
+    """:class:`DataFactory` over a :class:`~hmn.memory.FactorisedMemory`: views gather fact rows
+    from the entity / relation / fact tables chunk by chunk (:class:`~hmn.kmeans.FactorisedData`),
+    so an FB2M-sized memory is clustered without its (N, D) matrix."""
+
+    def __init__(self, memory: FactorisedMemory, chunk: int = 65536) -> None:
+        if not isinstance(memory, FactorisedMemory):
+            raise TypeError(f"memory must be a FactorisedMemory, got {type(memory).__name__}")
+        self.memory = memory
+        self.chunk = chunk
+
+    @property
+    def n(self) -> int:
+        return self.memory.n
+
+    def __call__(
+        self, transform: MipsTransform | None, ids: np.ndarray | None, groups: np.ndarray | None = None
+    ) -> FactorisedData:
+        if ids is not None:
+            ids = check_subset_ids(ids, self.n)
+        fn = None if transform is None else transform.facts
+        return FactorisedData(self.memory, ids, self.chunk, transform=fn, groups=groups)
 
 
 def check_subset_ids(ids: np.ndarray, n: int) -> np.ndarray:
@@ -306,8 +348,65 @@ def _sizes(counts: np.ndarray) -> dict[str, Any]:
     }
 
 
-def build_index(
+def _grouped_level(
     data_factory: DataFactory,
+    transform: MipsTransform,
+    fact_cluster: np.ndarray,
+    parent_centroids: torch.Tensor,
+    branching: int,
+    *,
+    level: int,
+    iters: int,
+    tol: float,
+    seed: int,
+    init: str,
+    progress: Callable[[dict], None] | None,
+) -> tuple[np.ndarray, torch.Tensor, np.ndarray, list[dict], int]:
+    """One level > 0 of a hierarchical index by a single grouped k-means over all facts.
+
+    Returns (fact -> new cluster, centroids, parents, per-parent stats, number of clusters).
+    Children of parent 0 come first; an empty parent gets one empty child with its centroid.
+    """
+    c_prev = parent_centroids.shape[0]
+    sizes = np.bincount(fact_cluster, minlength=c_prev)  # (C_prev,)
+    ks = np.minimum(branching, sizes)  # 0 for empty parents
+    seeds = np.array([_child_seed(seed, level, p) for p in range(c_prev)], dtype=np.uint64)
+    data = data_factory(transform, None, groups=fact_cluster)
+    try:
+        res = grouped_spherical_kmeans(
+            data, ks, iters=iters, tol=tol, init=init, progress=progress, group_seeds=seeds
+        )
+    finally:
+        _close(data)
+    # Insert one child (a copy of the parent's centroid) for every empty parent.
+    kk = np.maximum(ks, 1)  # children per parent in the output
+    out_off = np.concatenate([[0], np.cumsum(kk)])
+    in_off = np.concatenate([[0], np.cumsum(ks)])
+    out = torch.empty((int(out_off[-1]), parent_centroids.shape[1]), dtype=torch.float32)
+    for p in range(c_prev):
+        if ks[p] == 0:
+            out[out_off[p]] = parent_centroids[p]
+        else:
+            out[out_off[p] : out_off[p + 1]] = res.centroids[in_off[p] : in_off[p + 1]]
+    owner = np.repeat(np.arange(c_prev), ks)  # parent of each grouped centroid
+    new_cluster = res.assignments - in_off[owner[res.assignments]] + out_off[
+        owner[res.assignments]
+    ]
+    parents = np.repeat(np.arange(c_prev, dtype=np.int64), kk)
+    runs = [
+        {
+            "parent": int(p),
+            "n": int(sizes[p]),
+            "k": int(ks[p]),
+            "iterations": len(res.stats),
+            "objective": float(res.group_objectives[p]),
+        }
+        for p in np.flatnonzero(ks > 0)
+    ]
+    return new_cluster, out, parents, runs, int(out_off[-1])
+
+
+def build_index(    data_factory: DataFactory,
     *,
     n: int,
     branching: list[int],
@@ -318,6 +417,7 @@ def build_index(
     seed: int = 0,
     init: str = "kmeans++",
     progress: Callable[[dict], None] | None = None,
+    batched_levels: bool = True,
 ) -> ClusterIndex:
     """Build a flat (``[C]``) or hierarchical (``[C1, C2, ...]``) cluster index.
 
@@ -328,7 +428,11 @@ def build_index(
         U, m: MIPS transform parameters (eq. 6-7).
         iters, tol, init: spherical k-means parameters.
         seed: seeds level 0; child k-means get seeds derived from (seed, level, parent).
-        progress: called with every k-means iteration's stats plus "level" and "parent".
+        progress: called with every k-means iteration's stats plus "level" and "parent"
+            (parent -1 for a batched level).
+        batched_levels: cluster all parents of a level > 0 in one grouped k-means
+            (:func:`~hmn.kmeans.grouped_spherical_kmeans`: ``iters`` passes over the data per
+            level instead of one k-means per parent); False runs one k-means per parent.
     """
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"n={n!r}: must be an integer >= 1")
@@ -373,6 +477,31 @@ def build_index(
     for level in range(1, len(branching)):
         t0 = time.perf_counter()
         c_prev = centroids[-1].shape[0]
+        if batched_levels:
+            new_cluster, lc, lp, runs, offset = _grouped_level(
+                data_factory, transform, fact_cluster, centroids[-1], branching[level],
+                level=level, iters=iters, tol=tol, seed=seed, init=init,
+                progress=reporter(level, -1),
+            )
+            centroids.append(lc)
+            parents.append(lp)
+            fact_cluster = new_cluster
+            counts = np.bincount(fact_cluster, minlength=offset)
+            level_stats.append(
+                {
+                    "level": level,
+                    "num_clusters": offset,
+                    "batched": True,
+                    "sizes": _sizes(counts),
+                    "kmeans": runs,
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
+            logger.info(
+                "index level %d (batched): %d clusters, sizes %s", level, offset,
+                level_stats[-1]["sizes"],
+            )
+            continue
         order = np.argsort(fact_cluster, kind="stable")  # facts grouped by cluster, ids ascending
         bounds = np.concatenate([[0], np.cumsum(np.bincount(fact_cluster, minlength=c_prev))])
         new_cluster = np.empty(n, dtype=np.int64)
@@ -443,6 +572,7 @@ def build_index(
         "tol": tol,
         "seed": seed,
         "init": init,
+        "batched_levels": bool(batched_levels),
         "levels": level_stats,
         "leaf_sizes": _sizes(np.bincount(fact_cluster, minlength=centroids[-1].shape[0])),
         "seconds": time.perf_counter() - t_start,
@@ -474,9 +604,14 @@ def build_index_from_vectors(
     seed: int = 0,
     init: str = "kmeans++",
     progress: Callable[[dict], None] | None = None,
+    batched_levels: bool = True,
 ) -> ClusterIndex:
-    """In-memory convenience: :func:`build_index` over :class:`InMemoryDataFactory`."""
-    factory = InMemoryDataFactory(vectors)
+    """In-memory convenience: :func:`build_index` over :class:`InMemoryDataFactory` (or
+    :class:`FactorisedDataFactory` when ``vectors`` is a :class:`~hmn.memory.FactorisedMemory`)."""
+    if isinstance(vectors, FactorisedMemory):
+        factory = FactorisedDataFactory(vectors)
+    else:
+        factory = InMemoryDataFactory(vectors)
     return build_index(
         factory,
         n=factory.n,
@@ -488,4 +623,5 @@ def build_index_from_vectors(
         seed=seed,
         init=init,
         progress=progress,
+        batched_levels=batched_levels,
     )

@@ -33,8 +33,10 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "INITS",
     "DataAccess",
+    "FactorisedData",
     "InMemoryData",
     "KMeansResult",
+    "grouped_spherical_kmeans",
     "imbalance_factor",
     "spherical_kmeans",
 ]
@@ -122,10 +124,19 @@ class InMemoryData:
     ``MipsTransform.facts``), ``x`` holds raw rows and the transform is applied chunk by chunk,
     so no transformed copy of the whole matrix is kept; ``max_norm`` then refers to the raw rows.
 
+    Grouped views (``groups`` given) also serve :meth:`partial_stats_grouped` and
+    :meth:`assign_grouped`, where a row may only join the centroids of its own group: this runs
+    the k-means of all children of one level of a hierarchical index in one pass
+    (:func:`grouped_spherical_kmeans`).
+
+    Subclasses that produce raw rows another way (e.g. :class:`FactorisedData`, which gathers
+    them from the factorised tables) override ``_raw_between`` and ``_raw_rows``.
+
     Args:
         x: (n, d_in) rows; already transformed unless ``transform`` is given.
         chunk: rows per matmul chunk, bounds the (chunk, C) similarity buffer.
         transform: optional row-wise map (b, d_in) -> (b, d) applied before normalisation.
+        groups: optional (n,) int64 group of every row, for the grouped methods.
     """
 
     def __init__(
@@ -134,6 +145,7 @@ class InMemoryData:
         chunk: int = 65536,
         *,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        groups: np.ndarray | None = None,
     ) -> None:
         if isinstance(x, np.ndarray):
             x = torch.from_numpy(x)
@@ -143,39 +155,62 @@ class InMemoryData:
             raise ValueError(f"x must be (n, d) with n >= 1, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"x must be floating point, got {x.dtype}")
+        self._x = x if x.dtype == torch.float32 else x.to(torch.float32)  # (n, d_in)
+        self._setup(int(x.shape[0]), chunk, transform, groups)
+
+    def _setup(
+        self,
+        n: int,
+        chunk: int,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None,
+        groups: np.ndarray | None,
+    ) -> None:
         if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
             raise ValueError(f"chunk={chunk!r}: must be an integer >= 1")
-        self._x = x if x.dtype == torch.float32 else x.to(torch.float32)  # (n, d_in)
         self._transform = transform
         self.chunk = int(chunk)
-        self.n = int(x.shape[0])
+        self.n = int(n)
         self.d = int(self._rows_between(0, 1).shape[1])
         self._max_norm: float | None = None
+        self.groups: np.ndarray | None = None
+        if groups is not None:
+            groups = np.asarray(groups)
+            if groups.shape != (self.n,) or (groups.size and groups.min() < 0):
+                raise ValueError(f"groups must be ({self.n},) ints >= 0, got shape {groups.shape}")
+            self.groups = groups.astype(np.int64, copy=False)
+            self._group_order = np.argsort(self.groups, kind="stable")  # rows grouped, ascending
+            g_sorted = self.groups[self._group_order]
+            self._group_ids, starts = np.unique(g_sorted, return_index=True)  # non-empty groups
+            self._group_bounds = np.append(starts, self.n)  # (G' + 1,)
 
     @property
     def device(self) -> torch.device:
         return self._x.device
 
-    def _rows_between(self, s: int, e: int) -> torch.Tensor:
-        xc = self._x[s:e]  # (b, d_in)
+    def _raw_between(self, s: int, e: int) -> torch.Tensor:
+        return self._x[s:e]  # (b, d_in)
+
+    def _raw_rows(self, idx: np.ndarray) -> torch.Tensor:
+        return self._x[torch.from_numpy(idx).to(self.device)]  # (len(idx), d_in)
+
+    def _finish(self, xc: torch.Tensor) -> torch.Tensor:
         if self._transform is not None:
             xc = self._transform(xc)  # (b, d)
         return _normalise_rows(xc)
 
+    def _rows_between(self, s: int, e: int) -> torch.Tensor:
+        return self._finish(self._raw_between(s, e))
+
     def rows(self, idx: np.ndarray) -> torch.Tensor:
         idx = _check_index_array(idx, self.n)
-        xi = self._x[torch.from_numpy(idx).to(self.device)]  # (len(idx), d_in)
-        if self._transform is not None:
-            xi = self._transform(xi)
-        return _normalise_rows(xi)
+        return self._finish(self._raw_rows(idx))
 
     def max_norm(self) -> float:
         if self._max_norm is None:
             best = 0.0
             for s in range(0, self.n, self.chunk):
-                best = max(
-                    best, float(torch.linalg.vector_norm(self._x[s : s + self.chunk], dim=1).max())
-                )
+                raw = self._raw_between(s, s + self.chunk)
+                best = max(best, float(torch.linalg.vector_norm(raw, dim=1).max()))
             self._max_norm = best
         return self._max_norm
 
@@ -210,6 +245,93 @@ class InMemoryData:
             out[s : s + xc.shape[0]] = (xc @ c.T).argmax(dim=1).cpu().numpy()
         return out
 
+    def _grouped_chunks(self, centroid_offsets: np.ndarray):
+        """Yield (row positions, unit rows, first centroid, centroids of the group) per chunk."""
+        if self.groups is None:
+            raise ValueError("this view has no groups: open it with groups=...")
+        offs = np.asarray(centroid_offsets, dtype=np.int64)
+        for gi, g in enumerate(self._group_ids):
+            if g + 1 >= offs.size or offs[g + 1] <= offs[g]:
+                raise ValueError(f"group {int(g)} has rows but no centroids")
+            lo, hi = int(self._group_bounds[gi]), int(self._group_bounds[gi + 1])
+            for s in range(lo, hi, self.chunk):
+                pos = self._group_order[s : min(s + self.chunk, hi)]  # rows of this group
+                yield pos, int(g), int(offs[g]), int(offs[g + 1])
+
+    def partial_stats_grouped(
+        self, centroids: torch.Tensor, centroid_offsets: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Like :meth:`partial_stats`, but row i only joins centroids
+        ``centroid_offsets[groups[i]] : centroid_offsets[groups[i] + 1]``.
+
+        Returns sums (C, d) float64, counts (C,) int64 and objectives (G,) float64 per group.
+        """
+        c = self._centroids(centroids)  # (C, d)
+        k = c.shape[0]
+        ng = len(centroid_offsets) - 1
+        sums = torch.zeros((k, self.d), dtype=torch.float64, device=self.device)
+        counts = torch.zeros(k, dtype=torch.int64, device=self.device)
+        objectives = np.zeros(ng, dtype=np.float64)
+        for pos, g, a, b in self._grouped_chunks(centroid_offsets):
+            xc = self.rows(pos)  # (b, d) unit rows of group g
+            best, lab = (xc @ c[a:b].T).max(dim=1)  # among the group's centroids only
+            objectives[g] += float(best.to(torch.float64).sum())
+            lab = lab + a
+            counts += torch.bincount(lab, minlength=k)
+            _add_segment_sums(sums, xc, lab)
+        return sums.cpu().numpy(), counts.cpu().numpy(), objectives
+
+    def assign_grouped(self, centroids: torch.Tensor, centroid_offsets: np.ndarray) -> np.ndarray:
+        """(n,) int64 most similar centroid of every row among its group's centroids."""
+        c = self._centroids(centroids)
+        out = np.empty(self.n, dtype=np.int64)
+        for pos, _, a, b in self._grouped_chunks(centroid_offsets):
+            out[pos] = (self.rows(pos) @ c[a:b].T).argmax(dim=1).cpu().numpy() + a
+        return out
+
+
+class FactorisedData(InMemoryData):
+    """DataAccess over a :class:`hmn.memory.FactorisedMemory`: rows are gathered from the entity,
+    relation and fact tables chunk by chunk, so the (N, D) matrix is never materialised.
+
+    Args:
+        memory: the factorised memory.
+        ids: optional sorted global fact ids of this view (row i is fact ``ids[i]``).
+        chunk, transform, groups: as :class:`InMemoryData`.
+    """
+
+    def __init__(
+        self,
+        memory,
+        ids: np.ndarray | None = None,
+        chunk: int = 65536,
+        *,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        groups: np.ndarray | None = None,
+    ) -> None:
+        if not hasattr(memory, "gather"):
+            raise TypeError(f"memory must be a FactorisedMemory, got {type(memory).__name__}")
+        self._memory = memory
+        self._ids = None if ids is None else _check_index_array(ids, memory.n)
+        n = memory.n if self._ids is None else int(self._ids.size)
+        if n == 0:
+            raise ValueError("a FactorisedData view needs at least one row")
+        self._setup(n, chunk, transform, groups)
+
+    @property
+    def device(self) -> torch.device:
+        return self._memory.device
+
+    def _raw_between(self, s: int, e: int) -> torch.Tensor:
+        e = min(e, self.n)
+        if self._ids is None:
+            return self._memory.rows_between(s, e)
+        return self._memory.gather(torch.from_numpy(self._ids[s:e]))
+
+    def _raw_rows(self, idx: np.ndarray) -> torch.Tensor:
+        glob = idx if self._ids is None else self._ids[idx]
+        return self._memory.gather(torch.from_numpy(np.ascontiguousarray(glob)))
+
 
 @dataclass
 class KMeansResult:
@@ -226,6 +348,7 @@ class KMeansResult:
     centroids: torch.Tensor
     assignments: np.ndarray
     stats: list[dict] = field(default_factory=list)
+    group_objectives: np.ndarray | None = None
 
     @property
     def objective(self) -> float:
@@ -427,3 +550,142 @@ def spherical_kmeans(
         time.perf_counter() - t_start,
     )
     return KMeansResult(centroids=centroids, assignments=assignments, stats=stats)
+
+
+def grouped_spherical_kmeans(
+    data,
+    ks: np.ndarray,
+    *,
+    iters: int = 20,
+    tol: float = 1e-4,
+    seed: int = 0,
+    init: str = "kmeans++",
+    progress: Callable[[dict], None] | None = None,
+    init_sample: int | None = None,
+    group_seeds: np.ndarray | None = None,
+) -> KMeansResult:
+    """Independent spherical k-means inside every group of rows, all groups in one pass.
+
+    This is the second (and deeper) level of a hierarchical index: group g = the facts of parent
+    cluster g, with ``ks[g]`` children.  Instead of one k-means (and ``iters`` round trips to the
+    data) per parent, every Lloyd iteration is one ``partial_stats_grouped`` call over all rows,
+    so a sharded adapter (Ray actors) costs ``iters`` round trips per level, not C1 x iters.
+    Each group's objective can only increase, as in :func:`spherical_kmeans`; the loop stops when
+    the relative change of the total objective is < tol.
+
+    Args:
+        data: a grouped adapter: ``groups`` (n,) attribute, ``rows``, ``partial_stats_grouped``
+            and ``assign_grouped`` (see :class:`InMemoryData`).
+        ks: (G,) clusters per group, 1 <= ks[g] <= size of group g; 0 for an empty group.
+        group_seeds: optional (G,) seed of each group's initialisation (default from ``seed``).
+        Other arguments: as :func:`spherical_kmeans`.
+
+    Returns:
+        :class:`KMeansResult`; centroids of group g are rows ``offsets[g]:offsets[g + 1]`` with
+        ``offsets = [0, cumsum(ks)]``; assignments are global centroid indices;
+        ``group_objectives`` (G,) the final objective of each group.
+    """
+    groups = getattr(data, "groups", None)
+    if groups is None:
+        raise TypeError(f"data must be a grouped adapter (with .groups), got {type(data).__name__}")
+    groups = np.asarray(groups, dtype=np.int64)
+    ks = np.asarray(ks, dtype=np.int64)
+    if ks.ndim != 1:
+        raise ValueError(f"ks must be 1-D, got shape {ks.shape}")
+    sizes = np.bincount(groups, minlength=ks.size)
+    if sizes.size != ks.size:
+        raise ValueError(f"groups go up to {sizes.size - 1} but ks has {ks.size} entries")
+    bad = np.flatnonzero((ks < 0) | (ks > sizes) | ((sizes > 0) & (ks < 1)))
+    if bad.size:
+        g = int(bad[0])
+        raise ValueError(f"ks[{g}]={int(ks[g])}: must satisfy 1 <= k <= group size {sizes[g]}")
+    if isinstance(iters, bool) or not isinstance(iters, numbers.Integral) or iters < 1:
+        raise ValueError(f"iters={iters!r}: must be an integer >= 1")
+    if init not in INITS:
+        raise ValueError(f"init={init!r}: unknown, known: {sorted(INITS)}")
+    offsets = np.concatenate([[0], np.cumsum(ks)])  # (G + 1,)
+    d = int(data.d)
+    t_start = time.perf_counter()
+
+    # Initialisation: per group, on a sample of its rows; rows fetched for many groups at once.
+    order = np.argsort(groups, kind="stable")
+    gstart = np.concatenate([[0], np.cumsum(sizes)])
+    centroids = torch.empty((int(offsets[-1]), d), dtype=torch.float32)
+    nonempty = np.flatnonzero(ks > 0)
+    seeds = (
+        np.asarray(group_seeds)
+        if group_seeds is not None
+        else np.random.SeedSequence(int(seed)).generate_state(ks.size)
+    )
+    batch: list[tuple[int, np.ndarray, np.random.Generator, int]] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        allidx = np.concatenate([idx for _, idx, _, _ in batch])
+        fetched = data.rows(allidx).to("cpu", torch.float32)
+        at = 0
+        for g, idx, rng, k in batch:
+            sub = InMemoryData(fetched[at : at + idx.size])  # already unit rows
+            at += idx.size
+            centroids[offsets[g] : offsets[g + 1]] = INITS[init](sub, k, rng, sub.n)
+        batch.clear()
+
+    pending = 0
+    for g in nonempty:
+        k = int(ks[g])
+        rng = np.random.default_rng(int(seeds[g]))
+        members = order[gstart[g] : gstart[g + 1]]  # row indices of group g (ascending)
+        s = min(members.size, max(16 * k, 256) if init_sample is None else int(init_sample))
+        idx = np.sort(rng.choice(members, size=max(s, k), replace=False))
+        batch.append((int(g), idx, rng, k))
+        pending += idx.size
+        if pending >= 65536:
+            flush()
+            pending = 0
+    flush()
+
+    stats: list[dict] = []
+    prev: float | None = None
+    group_obj = np.zeros(ks.size)
+    for it in range(int(iters)):
+        t0 = time.perf_counter()
+        sums, counts, group_obj = data.partial_stats_grouped(centroids, offsets)
+        sums = np.asarray(sums, dtype=np.float64)
+        counts = np.asarray(counts, dtype=np.int64)
+        group_obj = np.asarray(group_obj, dtype=np.float64)
+        if int(counts.sum()) != int(data.n):
+            raise ValueError(f"partial_stats_grouped counted {int(counts.sum())} rows, n={data.n}")
+        new = centroids.to(torch.float64).numpy().copy()
+        norms = np.linalg.norm(sums, axis=1)
+        ok = (counts > 0) & (norms > 0)
+        new[ok] = sums[ok] / norms[ok, None]
+        splits = 0
+        if (counts == 0).any():
+            for g in np.unique(np.searchsorted(offsets, np.flatnonzero(counts == 0), "right") - 1):
+                a, b = int(offsets[g]), int(offsets[g + 1])
+                splits += _split_empty(new[a:b], counts[a:b])  # views: split inside group g
+        centroids = torch.from_numpy(new.astype(np.float32))
+        objective = float(group_obj.sum())
+        stat = {
+            "iteration": it,
+            "objective": objective,
+            "imbalance": imbalance_factor(counts),
+            "empty_splits": splits,
+            "seconds": time.perf_counter() - t0,
+        }
+        stats.append(stat)
+        if progress is not None:
+            progress(dict(stat))
+        if prev is not None and splits == 0 and abs(objective - prev) < tol * max(abs(prev), 1e-30):
+            break
+        prev = objective
+
+    assignments = np.asarray(data.assign_grouped(centroids, offsets), dtype=np.int64)
+    logger.info(
+        "grouped spherical k-means: %d groups, C=%d, n=%d, %d iterations, %.2fs",
+        nonempty.size, int(offsets[-1]), data.n, len(stats), time.perf_counter() - t_start,
+    )
+    res = KMeansResult(centroids=centroids, assignments=assignments, stats=stats)
+    res.group_objectives = group_obj
+    return res

@@ -21,7 +21,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FactMemory", "build_fact_vectors"]
+__all__ = ["FactMemory", "FactorisedMemory", "build_fact_vectors"]
 
 
 def _as_int_array(name: str, a: np.ndarray, ndim: int = 1) -> np.ndarray:
@@ -194,3 +194,200 @@ class FactMemory:
         if torch.device(device) == self.device:
             return self
         return FactMemory(self.vectors.to(device))
+
+
+class FactorisedMemory:
+    """The memory M kept factorised: entity table E, relation table R and the integer fact table.
+
+    Row i of M is ``[E[s_i]; R[r_i]; mean_{o in objects(i)} E[o]]`` (section 3) but is never
+    materialised as a whole: at FB2M scale (N = 10.8M, Ne = 2.15M, d = 200) the dense (N, 600)
+    float32 matrix is 26 GB, the tables are 1.7 GB of floats plus 0.3 GB of ids.
+
+    * ``gather(ids)`` builds the requested rows on demand (candidate scoring, k-means chunks).
+    * ``scores(queries)`` computes the exact inner products of all facts factorised:
+      ``q . M[i] = (q_s . E)[s_i] + (q_r . R)[r_i] + mean_o (q_o . E)[o]``, i.e. one pass over E
+      (two d-wide products per entity) and R, then gathers: about 2 Ne d + Nr d + nnz multiply-
+      adds per query instead of 3 N d (7x fewer at FB2M scale).
+
+    It has the reading interface of :class:`FactMemory` (``n``, ``d``, ``device``,
+    ``check_queries``, ``scores``, ``to``) so every reader that scores candidates by id works on
+    it; it has no ``vectors`` attribute.
+
+    Args: as :func:`build_fact_vectors` (validated the same way).
+    """
+
+    def __init__(
+        self,
+        entity_emb: np.ndarray | torch.Tensor,
+        relation_emb: np.ndarray | torch.Tensor,
+        subject_ids: np.ndarray,
+        relation_ids: np.ndarray,
+        object_offsets: np.ndarray,
+        object_values: np.ndarray,
+    ) -> None:
+        ent = torch.as_tensor(np.asarray(entity_emb) if not isinstance(entity_emb, torch.Tensor)
+                              else entity_emb)
+        rel = torch.as_tensor(np.asarray(relation_emb) if not isinstance(relation_emb, torch.Tensor)
+                              else relation_emb)
+        if ent.ndim != 2 or rel.ndim != 2:
+            raise ValueError(
+                f"entity_emb and relation_emb must be 2-D, got {tuple(ent.shape)} and "
+                f"{tuple(rel.shape)}"
+            )
+        if rel.shape[1] != ent.shape[1]:
+            raise ValueError(
+                f"relation_emb has width {rel.shape[1]}, entity_emb has width {ent.shape[1]}: "
+                "they must match"
+            )
+        subj = _as_int_array("subject_ids", subject_ids)
+        rels = _as_int_array("relation_ids", relation_ids)
+        offsets = _as_int_array("object_offsets", object_offsets)
+        values = _as_int_array("object_values", object_values)
+        n = subj.shape[0]
+        if n == 0:
+            raise ValueError("the fact table must hold at least one fact (N >= 1)")
+        if rels.shape[0] != n:
+            raise ValueError(f"relation_ids has {rels.shape[0]} rows, subject_ids has {n}")
+        if offsets.shape[0] != n + 1:
+            raise ValueError(
+                f"object_offsets must have N+1={n + 1} entries (Arrow list layout), "
+                f"got {offsets.shape[0]}"
+            )
+        if offsets[0] != 0 or offsets[-1] != values.shape[0]:
+            raise ValueError(
+                f"object_offsets must start at 0 and end at len(object_values)={values.shape[0]}"
+            )
+        lengths = np.diff(offsets)
+        if (lengths <= 0).any():
+            i = int(np.flatnonzero(lengths <= 0)[0])
+            raise ValueError(f"fact {i} has no object (or offsets decrease there)")
+        _check_ids("subject_ids", subj, ent.shape[0], "entity_emb")
+        _check_ids("relation_ids", rels, rel.shape[0], "relation_emb")
+        _check_ids("object_values", values, ent.shape[0], "entity_emb")
+        self.entity_emb = ent.to(torch.float32)  # (Ne, d)
+        self.relation_emb = rel.to(torch.float32).to(ent.device)  # (Nr, d)
+        dev = self.entity_emb.device
+        self.subject_ids = torch.from_numpy(subj).to(dev)  # (N,)
+        self.relation_ids = torch.from_numpy(rels).to(dev)  # (N,)
+        self.object_offsets = torch.from_numpy(offsets).to(dev)  # (N + 1,)
+        self.object_values = torch.from_numpy(values).to(dev)  # (nnz,)
+        self.object_counts = torch.from_numpy(lengths).to(dev)  # (N,)
+        # fact of every object value: the segment id used by the object-mean reductions
+        self._value_fact = torch.repeat_interleave(
+            torch.arange(n, device=dev), self.object_counts
+        )  # (nnz,)
+
+    @property
+    def n(self) -> int:
+        return int(self.subject_ids.shape[0])
+
+    @property
+    def width(self) -> int:
+        """d, the width of E and R."""
+        return int(self.entity_emb.shape[1])
+
+    @property
+    def d(self) -> int:
+        """D = 3 d, the width of a fact vector."""
+        return 3 * self.width
+
+    @property
+    def device(self) -> torch.device:
+        return self.entity_emb.device
+
+    def __repr__(self) -> str:
+        return (
+            f"FactorisedMemory(n={self.n}, d={self.d}, entities={self.entity_emb.shape[0]}, "
+            f"relations={self.relation_emb.shape[0]}, device={self.device})"
+        )
+
+    def nbytes(self) -> int:
+        """Bytes held by the tables (compare with 4 N D for the dense memory)."""
+        ts = (self.entity_emb, self.relation_emb, self.subject_ids, self.relation_ids,
+              self.object_offsets, self.object_values, self.object_counts, self._value_fact)
+        return int(sum(t.element_size() * t.numel() for t in ts))
+
+    check_queries = FactMemory.check_queries
+
+    def _check_ids(self, ids: torch.Tensor | np.ndarray) -> torch.Tensor:
+        ids = torch.as_tensor(ids)
+        if ids.ndim != 1:
+            raise ValueError(f"ids must be 1-D, got shape {tuple(ids.shape)}")
+        ids = ids.to(device=self.device, dtype=torch.int64)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n):
+            raise ValueError(
+                f"ids must lie in [0, {self.n}), got {int(ids.min())}..{int(ids.max())}"
+            )
+        return ids
+
+    def _object_means(self, ids: torch.Tensor) -> torch.Tensor:
+        """(len(ids), d) float32 mean object embedding of the facts ``ids`` (sums in float64)."""
+        counts = self.object_counts[ids]  # (b,)
+        starts = self.object_offsets[ids]  # (b,)
+        total = int(counts.sum())
+        seg = torch.repeat_interleave(torch.arange(ids.numel(), device=self.device), counts)
+        first = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(total, device=self.device) + torch.repeat_interleave(
+            starts - first, counts
+        )  # (nnz_b,) positions in object_values
+        obj = self.entity_emb[self.object_values[pos]].to(torch.float64)  # (nnz_b, d)
+        sums = torch.zeros((ids.numel(), self.width), dtype=torch.float64, device=self.device)
+        sums.index_add_(0, seg, obj)
+        return (sums / counts[:, None]).to(torch.float32)
+
+    def gather(self, ids: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """(len(ids), D) float32 rows M[ids], equal to :func:`build_fact_vectors`'s rows."""
+        ids = self._check_ids(ids)
+        return torch.cat(
+            [
+                self.entity_emb[self.subject_ids[ids]],
+                self.relation_emb[self.relation_ids[ids]],
+                self._object_means(ids),
+            ],
+            dim=1,
+        )  # (b, 3d)
+
+    def rows_between(self, s: int, e: int) -> torch.Tensor:
+        """(e - s, D) rows s..e-1 (a chunk in fact order)."""
+        return self.gather(torch.arange(s, min(e, self.n), device=self.device))
+
+    def dense(self) -> FactMemory:
+        """The materialised dense memory (tests and small KBs only)."""
+        return FactMemory(self.rows_between(0, self.n))
+
+    def partial_scores(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-table scores of checked queries (B, D): subject (B, Ne), relation (B, Nr),
+        object (B, Ne) — one pass over E (both halves at once) and one over R."""
+        w = self.width
+        qse = torch.cat([q[:, :w], q[:, 2 * w :]], dim=0) @ self.entity_emb.T  # (2B, Ne)
+        b = q.shape[0]
+        return qse[:b], q[:, w : 2 * w] @ self.relation_emb.T, qse[b:]
+
+    def scores_from_parts(
+        self, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor], s: int, e: int
+    ) -> torch.Tensor:
+        """(B, e - s) exact scores of facts s..e-1 from :meth:`partial_scores`."""
+        se, sr, so = parts
+        lo, hi = int(self.object_offsets[s]), int(self.object_offsets[e])
+        obj = so[:, self.object_values[lo:hi]].to(torch.float64)  # (B, nnz_chunk)
+        sums = torch.zeros((so.shape[0], e - s), dtype=torch.float64, device=so.device)
+        sums.index_add_(1, self._value_fact[lo:hi] - s, obj)
+        mean = (sums / self.object_counts[s:e]).to(torch.float32)  # (B, e - s)
+        return se[:, self.subject_ids[s:e]] + sr[:, self.relation_ids[s:e]] + mean
+
+    def scores(self, queries: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Inner products with all facts (B, N) (factorised) or with facts ``ids``."""
+        q = self.check_queries(queries)  # (B, D)
+        if ids is None:
+            return self.scores_from_parts(self.partial_scores(q), 0, self.n)
+        ids = self._check_ids(ids)
+        return q @ self.gather(ids).T  # (B, len(ids))
+
+    def to(self, device: torch.device | str) -> FactorisedMemory:
+        if torch.device(device) == self.device:
+            return self
+        return FactorisedMemory(
+            self.entity_emb.to(device), self.relation_emb.to(device),
+            self.subject_ids.cpu().numpy(), self.relation_ids.cpu().numpy(),
+            self.object_offsets.cpu().numpy(), self.object_values.cpu().numpy(),
+        )

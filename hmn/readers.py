@@ -3,7 +3,9 @@
 A reader returns, for each query h(q), the K facts with the largest inner products h(q) . M[i]
 among the facts it reads, with their exact inner products.
 
-* :class:`ExactReader`: brute force over all N facts (chunked).
+* :class:`ExactReader`: brute force over all N facts (chunked); on a factorised memory it scores
+  factorised.  :class:`FactorisedExactReader` ("exact-factorised") insists on the factorised
+  memory (one pass over E and R, then gathers: ~7x fewer flops at FB2M scale).
 * :class:`ClusteredReader`: clustering-based approximate K-MIPS (eq. 6-8).  The query is mapped by
   Q (eq. 8) and normalised; leaf centroids are scored by cosine; the facts of the selected leaves
   (and of random blocks) are scored exactly.  Bias reducers of the paper:
@@ -13,22 +15,27 @@ among the facts it reads, with their exact inner products.
       G_c ~ Gumbel(0, 1);
     - Rand-block: ``rand_blocks`` random contiguous blocks of ``block_size`` facts.
 
+Baselines of the paper's comparison live in :mod:`hmn.baselines` and are registered here:
+"pca-tree" (Bachrach et al. 2014), "wta-hash" (Vijayanarasimhan et al. 2014), "faiss-ivf"
+(faiss IndexIVFFlat, inner product).  Every reader reports ``touched``, the facts whose inner
+product it computed per query.
+
 Short names inside kernels: q queries (B, D), S leaf scores (B, C), sel selected leaves (B, C),
 U union of facts read by the batch, mask (B, |U|) facts read by each query.
 """
 
 from __future__ import annotations
 
-import abc
 import logging
 import numbers
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from hmn.baselines import FaissIVFReader, PCATreeReader, WTAHashReader
 from hmn.index import ClusterIndex
-from hmn.memory import FactMemory
+from hmn.memory import FactorisedMemory
+from hmn.reader_base import Candidates, Memory, Reader, _check_count, _check_k, _pad
 
 logger = logging.getLogger(__name__)
 
@@ -37,75 +44,26 @@ __all__ = [
     "Candidates",
     "ClusteredReader",
     "ExactReader",
+    "FactorisedExactReader",
+    "FaissIVFReader",
+    "PCATreeReader",
     "Reader",
+    "WTAHashReader",
     "make_reader",
     "recall_at_k",
 ]
 
 
-@dataclass
-class Candidates:
-    """K candidate facts per query.
-
-    Attributes:
-        ids: (B, K) int64 fact ids, best first; -1 pads where fewer than K facts were read.
-        scores: (B, K) float32 exact inner products h(q) . M[id]; -inf at pads.
-        touched: (B,) int64 number of facts whose inner product was computed for each query.
-    """
-
-    ids: torch.Tensor
-    scores: torch.Tensor
-    touched: torch.Tensor
-
-
-def _check_k(k: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"k={k!r}: must be an integer >= 1")
-    return int(k)
-
-
-def _check_count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{name}={value!r}: must be an integer >= 0")
-    return int(value)
-
-
-def _pad(ids: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad (B, k') candidates to (B, k) with id -1 / score -inf; also mark -inf scores as -1."""
-    ids = torch.where(torch.isneginf(scores), torch.full_like(ids, -1), ids)
-    missing = k - ids.shape[1]
-    if missing > 0:
-        b = ids.shape[0]
-        ids = torch.cat([ids, ids.new_full((b, missing), -1)], dim=1)
-        scores = torch.cat([scores, scores.new_full((b, missing), float("-inf"))], dim=1)
-    return ids, scores
-
-
-class Reader(abc.ABC):
-    """A K-MIPS reader over a :class:`FactMemory`."""
-
-    name: str = ""
-    #: whether :func:`make_reader` must pass a ClusterIndex
-    needs_index: bool = False
-
-    def __init__(self, memory: FactMemory) -> None:
-        if not isinstance(memory, FactMemory):
-            raise TypeError(f"memory must be a FactMemory, got {type(memory).__name__}")
-        self.memory = memory
-
-    @abc.abstractmethod
-    def search(
-        self, queries: torch.Tensor, k: int, generator: torch.Generator | None = None
-    ) -> Candidates:
-        """Top-k facts for each of the (B, D) queries; never builds an autograd graph."""
-
-
 class ExactReader(Reader):
-    """Exact K-MIPS: inner products with all N facts, ``chunk`` facts at a time; touched = N."""
+    """Exact K-MIPS: inner products with all N facts, ``chunk`` facts at a time; touched = N.
+
+    On a :class:`~hmn.memory.FactorisedMemory` it scores factorised (see
+    :class:`FactorisedExactReader`).
+    """
 
     name = "exact"
 
-    def __init__(self, memory: FactMemory, chunk: int = 65536) -> None:
+    def __init__(self, memory: Memory, chunk: int = 65536) -> None:
         super().__init__(memory)
         if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
             raise ValueError(f"chunk={chunk!r}: must be an integer >= 1")
@@ -117,14 +75,19 @@ class ExactReader(Reader):
     ) -> Candidates:
         k = _check_k(k)
         q = self.memory.check_queries(queries)  # (B, D)
-        mem = self.memory.vectors  # (N, D)
-        n, b = mem.shape[0], q.shape[0]
+        n, b = self.memory.n, q.shape[0]
+        if isinstance(self.memory, FactorisedMemory):
+            parts = self.memory.partial_scores(q)  # one pass over E and R
+            block = lambda s, e: self.memory.scores_from_parts(parts, s, e)  # noqa: E731
+        else:
+            mem = self.memory.vectors  # (N, D)
+            block = lambda s, e: q @ mem[s:e].T  # noqa: E731
         kk = min(k, n)
         best_s = q.new_empty((b, 0))  # (B, <=K) running best scores
         best_i = torch.empty((b, 0), dtype=torch.int64, device=q.device)
         for s in range(0, n, self.chunk):
             e = min(s + self.chunk, n)
-            cs = q @ mem[s:e].T  # (B, e - s)
+            cs = block(s, e)  # (B, e - s)
             ci = torch.arange(s, e, device=q.device).expand(b, -1)
             cand_s = torch.cat([best_s, cs], dim=1)
             cand_i = torch.cat([best_i, ci], dim=1)
@@ -133,6 +96,27 @@ class ExactReader(Reader):
         ids, scores = _pad(best_i, best_s, k)
         touched = torch.full((b,), n, dtype=torch.int64, device=q.device)
         return Candidates(ids=ids, scores=scores, touched=touched)
+
+
+class FactorisedExactReader(ExactReader):
+    """Exact K-MIPS on the factorised memory (DESIGN "Factorized memory").
+
+    ``q . M[i] = (q_s . E)[s_i] + (q_r . R)[r_i] + mean_o (q_o . E)[o]``: one pass over the entity
+    table (subject and object halves of the query together, (2B, d) x (d, Ne)) and over the
+    relation table, then per chunk of facts gathers and an object mean.  Multiply-adds per query:
+    2 Ne d + Nr d + nnz instead of 3 N d (FB2M: 0.87 G instead of 6.5 G, 7.5x fewer).
+    Needs a :class:`~hmn.memory.FactorisedMemory`; touched = N.
+    """
+
+    name = "exact-factorised"
+
+    def __init__(self, memory: Memory, chunk: int = 1 << 20) -> None:
+        if not isinstance(memory, FactorisedMemory):
+            raise TypeError(
+                f"reader 'exact-factorised' needs a FactorisedMemory (the entity, relation and "
+                f"fact tables), got {type(memory).__name__}; use 'exact' on a dense memory"
+            )
+        super().__init__(memory, chunk=chunk)
 
 
 class ClusteredReader(Reader):
@@ -166,7 +150,7 @@ class ClusteredReader(Reader):
 
     def __init__(
         self,
-        memory: FactMemory,
+        memory: Memory,
         index: ClusterIndex,
         *,
         top_clusters: int = 8,
@@ -334,11 +318,18 @@ class ClusteredReader(Reader):
         return Candidates(ids=ids, scores=scores, touched=touched)
 
 
-READERS: dict[str, type[Reader]] = {"exact": ExactReader, "clustered": ClusteredReader}
+READERS: dict[str, type[Reader]] = {
+    "exact": ExactReader,
+    "exact-factorised": FactorisedExactReader,
+    "clustered": ClusteredReader,
+    "pca-tree": PCATreeReader,
+    "wta-hash": WTAHashReader,
+    "faiss-ivf": FaissIVFReader,
+}
 
 
 def make_reader(
-    name: str, memory: FactMemory, index: ClusterIndex | None = None, **params: Any
+    name: str, memory: Memory, index: ClusterIndex | None = None, **params: Any
 ) -> Reader:
     """Build the reader registered as ``name`` (see :data:`READERS`)."""
     if name not in READERS:

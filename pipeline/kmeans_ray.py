@@ -8,6 +8,12 @@ actors holding numpy shards were the cheapest per iteration).
 * Each actor receives its contiguous shard of the memory once (``ray.put``) and keeps it in its
   heap; for every view (transform, subset of fact ids) it wraps the rows in an
   ``hmn.kmeans.InMemoryData`` that applies the transform and normalisation itself.
+* Factorised shards (``build_index_on_ray(FactorisedMemory, ...)``): every actor gets the entity
+  and relation tables by reference (one ``ray.put``; numpy arrays from the object store are
+  zero-copy, so actors on one node share one copy) plus its slice of the fact table, and gathers
+  rows chunk by chunk (``hmn.kmeans.FactorisedData``): the (N, D) matrix never exists.
+* Levels > 0 of a hierarchical index open one *grouped* view (a parent label per fact) and run
+  all parents' k-means together: ``iters`` round trips per level instead of C1 x iters.
 * Per k-means iteration the centroids are ``ray.put`` once and every actor returns
   (sums, counts, objective) for its rows; the driver adds them in float64 in shard order, so the
   result is deterministic and matches the in-memory build up to float64 rounding.
@@ -23,7 +29,8 @@ import ray
 import torch
 
 from hmn.index import ClusterIndex, build_index, check_branching, check_subset_ids
-from hmn.kmeans import InMemoryData
+from hmn.kmeans import FactorisedData, InMemoryData
+from hmn.memory import FactorisedMemory
 from hmn.mips import MipsTransform, fit_transform
 
 logger = logging.getLogger(__name__)
@@ -34,28 +41,56 @@ __all__ = ["RayShardedData", "RayShardedDataFactory", "ShardActor", "build_index
 class ShardActor:
     """Holds rows [start, start + len(shard)) of the memory and serves views of them."""
 
-    def __init__(self, shard: np.ndarray, start: int, chunk: int = 65536) -> None:
-        # Copy out of the (read-only) object store into this actor's heap.
-        self._x = torch.from_numpy(np.array(shard, dtype=np.float32, order="C"))  # (n_shard, D)
+    def __init__(
+        self,
+        shard: np.ndarray | None,
+        start: int,
+        chunk: int = 65536,
+        factors: dict | None = None,
+        entity_emb: np.ndarray | None = None,
+        relation_emb: np.ndarray | None = None,
+    ) -> None:
+        """Dense shard (``shard``), or factorised: ``factors`` holds this shard's slice of the
+        fact table (subject_ids, relation_ids, object_offsets rebased to 0, object_values) and
+        ``entity_emb`` / ``relation_emb`` the whole tables (pass object refs: zero-copy)."""
         self.start = int(start)
         self.chunk = int(chunk)
         self._views: dict[int, InMemoryData] = {}
+        self._mem: FactorisedMemory | None = None
+        if factors is not None:
+            # Entity / relation tables stay as (read-only, shared) object-store arrays.
+            self._mem = FactorisedMemory(
+                entity_emb, relation_emb, factors["subject_ids"],
+                factors["relation_ids"], factors["object_offsets"], factors["object_values"],
+            )
+            self._x = None
+        else:
+            # Copy out of the (read-only) object store into this actor's heap.
+            self._x = torch.from_numpy(np.array(shard, dtype=np.float32, order="C"))  # (n, D)
 
     def num_rows(self) -> int:
-        return int(self._x.shape[0])
+        return self._mem.n if self._mem is not None else int(self._x.shape[0])
 
-    def open_view(self, view_id: int, transform: dict | None, local_ids: np.ndarray | None) -> int:
+    def open_view(
+        self,
+        view_id: int,
+        transform: dict | None,
+        local_ids: np.ndarray | None,
+        groups: np.ndarray | None = None,
+    ) -> int:
         """Create view ``view_id`` over the local rows ``local_ids`` (all if None); returns n."""
-        x = (
-            self._x
-            if local_ids is None
-            else self._x[torch.from_numpy(np.array(local_ids, dtype=np.int64))]
-        )
-        if x.shape[0] == 0:
-            return 0
         fn = None if transform is None else MipsTransform.from_dict(transform).facts
-        self._views[view_id] = InMemoryData(x, self.chunk, transform=fn)
-        return int(x.shape[0])
+        ids = None if local_ids is None else np.array(local_ids, dtype=np.int64)
+        if ids is not None and ids.size == 0:
+            return 0
+        grp = None if groups is None else np.array(groups, dtype=np.int64)
+        if self._mem is not None:
+            view = FactorisedData(self._mem, ids, self.chunk, transform=fn, groups=grp)
+        else:
+            x = self._x if ids is None else self._x[torch.from_numpy(ids)]
+            view = InMemoryData(x, self.chunk, transform=fn, groups=grp)
+        self._views[view_id] = view
+        return int(view.n)
 
     def close_view(self, view_id: int) -> None:
         self._views.pop(view_id, None)
@@ -74,11 +109,27 @@ class ShardActor:
     def assign(self, view_id: int, centroids: np.ndarray) -> np.ndarray:
         return self._views[view_id].assign(torch.tensor(centroids))
 
+    def partial_stats_grouped(
+        self, view_id: int, centroids: np.ndarray, offsets: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self._views[view_id].partial_stats_grouped(torch.tensor(centroids), offsets)
+
+    def assign_grouped(self, view_id: int, centroids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        return self._views[view_id].assign_grouped(torch.tensor(centroids), offsets)
+
 
 class RayShardedData:
     """DataAccess view over the shard actors (rows in global fact order, shard by shard)."""
 
-    def __init__(self, actors: list, view_id: int, shard_rows: list[int], d: int) -> None:
+    def __init__(
+        self,
+        actors: list,
+        view_id: int,
+        shard_rows: list[int],
+        d: int,
+        groups: np.ndarray | None = None,
+    ) -> None:
+        self.groups = groups  # (n,) group label per row for grouped views, else None
         self._actors = actors
         self._view_id = view_id
         self._shard_rows = np.asarray(shard_rows, dtype=np.int64)  # rows of this view per shard
@@ -134,6 +185,36 @@ class RayShardedData:
         parts = ray.get([self._actors[i].assign.remote(self._view_id, ref) for i in self._live])
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
+    def partial_stats_grouped(
+        self, centroids: torch.Tensor, offsets: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self._check_open()
+        ref = ray.put(np.ascontiguousarray(centroids.detach().cpu().numpy(), dtype=np.float32))
+        offsets = np.asarray(offsets, dtype=np.int64)
+        parts = ray.get(
+            [
+                self._actors[i].partial_stats_grouped.remote(self._view_id, ref, offsets)
+                for i in self._live
+            ]
+        )
+        sums = np.zeros((int(centroids.shape[0]), self.d), dtype=np.float64)
+        counts = np.zeros(int(centroids.shape[0]), dtype=np.int64)
+        objectives = np.zeros(offsets.size - 1, dtype=np.float64)
+        for s, c, o in parts:  # fixed shard order: deterministic
+            sums += s
+            counts += c
+            objectives += o
+        return sums, counts, objectives
+
+    def assign_grouped(self, centroids: torch.Tensor, offsets: np.ndarray) -> np.ndarray:
+        self._check_open()
+        ref = ray.put(np.ascontiguousarray(centroids.detach().cpu().numpy(), dtype=np.float32))
+        offsets = np.asarray(offsets, dtype=np.int64)
+        parts = ray.get(
+            [self._actors[i].assign_grouped.remote(self._view_id, ref, offsets) for i in self._live]
+        )
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
     def close(self) -> None:
         if not self._closed:
             ray.get([a.close_view.remote(self._view_id) for a in self._actors])
@@ -151,7 +232,9 @@ class RayShardedDataFactory:
         self.d = int(d)
         self._next_view = 0
 
-    def __call__(self, transform: MipsTransform | None, ids: np.ndarray | None) -> RayShardedData:
+    def __call__(
+        self, transform: MipsTransform | None, ids: np.ndarray | None, groups: np.ndarray | None = None
+    ) -> RayShardedData:
         view_id = self._next_view
         self._next_view += 1
         tdict = None if transform is None else transform.to_dict()
@@ -161,15 +244,29 @@ class RayShardedDataFactory:
             ids = check_subset_ids(ids, self.n)
             cut = np.searchsorted(ids, self._bounds)  # ids are sorted: split by shard
             local = [ids[cut[s] : cut[s + 1]] - self._starts[s] for s in range(len(self._actors))]
+        local_groups: list[np.ndarray | None] = [None] * len(self._actors)
+        if groups is not None:
+            groups = np.asarray(groups, dtype=np.int64)
+            nv = self.n if ids is None else ids.size
+            if groups.shape != (nv,):
+                raise ValueError(f"groups must have shape ({nv},), got {groups.shape}")
+            rows_per_shard = (
+                np.diff(self._bounds) if ids is None else np.array([li.size for li in local])
+            )
+            cuts = np.concatenate([[0], np.cumsum(rows_per_shard)])
+            local_groups = [groups[cuts[s] : cuts[s + 1]] for s in range(len(self._actors))]
         shard_rows = ray.get(
-            [a.open_view.remote(view_id, tdict, li) for a, li in zip(self._actors, local)]
+            [
+                a.open_view.remote(view_id, tdict, li, gi)
+                for a, li, gi in zip(self._actors, local, local_groups)
+            ]
         )
         d = self.d if transform is None else transform.out_dim(self.d)
-        return RayShardedData(self._actors, view_id, shard_rows, d)
+        return RayShardedData(self._actors, view_id, shard_rows, d, groups=groups)
 
 
 def build_index_on_ray(
-    vectors: np.ndarray,
+    vectors: np.ndarray | FactorisedMemory,
     *,
     num_shards: int,
     branching: list[int],
@@ -181,19 +278,23 @@ def build_index_on_ray(
     init: str = "kmeans++",
     progress: Callable[[dict], None] | None = None,
     actor_options: dict | None = None,
+    batched_levels: bool = True,
 ) -> ClusterIndex:
     """``hmn.index.build_index`` with the memory split over ``num_shards`` Ray actors.
 
     Args:
-        vectors: (N, D) fact vectors.
+        vectors: (N, D) fact vectors, or a :class:`hmn.memory.FactorisedMemory` (the actors then
+            share its entity / relation tables and hold a slice of its fact table each).
         num_shards: number of shard actors (1 <= num_shards <= N).
         actor_options: passed to ``.options()`` of every actor (default ``{"num_cpus": 1}``).
         Other arguments: as :func:`hmn.index.build_index`.
     """
-    vectors = np.asarray(vectors)
-    if vectors.ndim != 2 or vectors.shape[0] == 0:
-        raise ValueError(f"vectors must be (N, D) with N >= 1, got shape {vectors.shape}")
-    n, d = vectors.shape
+    factorised = isinstance(vectors, FactorisedMemory)
+    if not factorised:
+        vectors = np.asarray(vectors)
+        if vectors.ndim != 2 or vectors.shape[0] == 0:
+            raise ValueError(f"vectors must be (N, D) with N >= 1, got shape {vectors.shape}")
+    n, d = (vectors.n, vectors.d) if factorised else vectors.shape
     if isinstance(num_shards, bool) or not isinstance(num_shards, int) or not 1 <= num_shards <= n:
         raise ValueError(f"num_shards={num_shards!r}: must be an integer in [1, N={n}]")
     check_branching(branching, n)  # fail before starting any actor
@@ -207,11 +308,30 @@ def build_index_on_ray(
     remote_cls = ray.remote(ShardActor).options(**(actor_options or {"num_cpus": 1}))
     actors = []
     try:
+        if factorised:
+            ent_ref = ray.put(vectors.entity_emb.cpu().numpy())
+            rel_ref = ray.put(vectors.relation_emb.cpu().numpy())
+            subj = vectors.subject_ids.cpu().numpy()
+            rels = vectors.relation_ids.cpu().numpy()
+            offs = vectors.object_offsets.cpu().numpy()
+            vals = vectors.object_values.cpu().numpy()
         for s in range(num_shards):
-            shard_ref = ray.put(
-                np.ascontiguousarray(vectors[bounds[s] : bounds[s + 1]], dtype=np.float32)
-            )
-            actors.append(remote_cls.remote(shard_ref, int(starts[s])))
+            a, b = int(bounds[s]), int(bounds[s + 1])
+            if factorised:
+                factors = {
+                    "subject_ids": subj[a:b],
+                    "relation_ids": rels[a:b],
+                    "object_offsets": offs[a : b + 1] - offs[a],
+                    "object_values": vals[offs[a] : offs[b]],
+                }
+                actors.append(
+                    remote_cls.remote(
+                        None, a, factors=factors, entity_emb=ent_ref, relation_emb=rel_ref
+                    )
+                )
+            else:
+                shard_ref = ray.put(np.ascontiguousarray(vectors[a:b], dtype=np.float32))
+                actors.append(remote_cls.remote(shard_ref, a))
         ray.get([a.num_rows.remote() for a in actors])  # surface construction errors here
         factory = RayShardedDataFactory(actors, starts, n, d)
         logger.info("built %d shard actors over N=%d facts", num_shards, n)
@@ -226,6 +346,7 @@ def build_index_on_ray(
             seed=seed,
             init=init,
             progress=progress,
+            batched_levels=batched_levels,
         )
     finally:
         for a in actors:

@@ -21,6 +21,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# torch must be loaded before Ray connects: inside a Jobs-API driver, importing torch after
+# ray.init() intermittently fails with "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"
+# (reproduced on a two-node local cluster with `import ray; ray.init(); import torch`).
+import torch  # noqa: F401  isort: skip
+
 from hmn.config import ConfigError, RunConfig, describe, dump_config, fingerprint, load_config
 from pipeline.rundir import RunDir, StageResult, write_text_atomic
 
@@ -105,7 +110,15 @@ class Pipeline:
         q = {"train": list(d.questions_train), "dev": list(d.questions_dev)}
         if d.questions_test:
             q["test"] = list(d.questions_test)
-        return IngestSources(facts=list(d.facts), names=list(d.names), questions=q)
+        relations = list(d.rdf_relations)
+        if d.rdf_relations_file:
+            from pipeline.stages.ingest import read_relation_list
+
+            relations += read_relation_list(d.rdf_relations_file)
+        return IngestSources(facts=list(d.facts), names=list(d.names), questions=q,
+                             facts_format=d.facts_format, names_format=d.names_format,
+                             questions_format=d.questions_format, rdf_relations=relations,
+                             rdf_names=d.rdf_names, rdf_language=d.rdf_language)
 
     def execute(self, until: str | None = None) -> dict[str, StageResult]:
         """Run the stages in order; `until` stops after that stage."""

@@ -1,10 +1,20 @@
 """Ingest stage: original text files -> dense-id Parquet tables of the knowledge base and questions.
 
+Formats (``IngestSources``; "auto" sniffs each file; any file may be gzip/bzip2/xz compressed):
+grouped facts (FB2M/FB5M, SimpleQuestions ``kb.txt``), plain triples (FB15k-237, grouped into
+facts by (head, relation)), the Freebase RDF N-Triples dump (entity-to-entity facts of chosen
+relations, plus English names), ``entity<TAB>name`` files, SimpleQuestions question files.
+
 Parsing runs in parallel on Ray Data: every source file is cut into chunks of whole lines
-(byte ranges found by :func:`hmn.formats.plan_line_chunks`; a compressed file is one chunk), one
-work item per chunk goes through ``map_batches`` calling the ``hmn.formats`` parsers, and each
-task returns its parsed rows and rejects as Arrow IPC bytes. The driver then assigns dense ids
-(sorted by key, so ids are deterministic), merges repeated (subject, relation) pairs into one
+(byte ranges found by :func:`hmn.formats.plan_line_chunks`; a compressed file is one chunk,
+streamed), one work item per chunk goes through ``map_batches`` calling the ``hmn.formats``
+parsers, and each task returns its parsed rows and rejects as Arrow IPC bytes. Fact keys come
+back dictionary-encoded (each task hashes its chunk's keys once while normalising them), so the
+driver assigns ids from the chunk dictionaries, not from every key occurrence: one hash pass
+over the concatenated dictionaries and one sort of the distinct keys (ids = sorted key order,
+hence deterministic), then numpy gathers. The driver holds numpy id arrays and Arrow string
+arrays only (no Python dict of keys); at FB2M scale (10.8M lines) the whole process tree peaked
+under 8 GB (``benchmarks/ingest.py``). It then merges repeated (subject, relation) pairs into one
 fact, resolves names and questions against the KB, and writes with ``pyarrow.parquet``:
 
 ``out_dir/``
@@ -14,14 +24,21 @@ fact, resolves names and questions against the KB, and writes with ``pyarrow.par
     object_ids list<int64>
     ``questions/<split>.parquet``  question string, fact_id int64, subject_id int64,
     relation_id int64, object_id int64 (nullable), source string, line int64
-    ``rejects.parquet``       ``hmn.formats.REJECT_SCHEMA``: every line not accepted
+    ``rejects.parquet``       ``hmn.formats.REJECT_SCHEMA``: every line not accepted (except the
+    counted skips below)
     ``stats.json``            what :func:`run_ingest` returns
 
 Every line of every source is accounted for: ``lines == accepted + rejected + skipped`` per file.
-"Skipped" lines are not errors (a name for an entity outside the KB, a second name for an
-entity); they are in ``rejects.parquet`` too. "Malformed" lines are the parser rejects; their
-rate per file must stay under ``max_reject_rate``. Questions whose fact is not in the KB are
-rejected but do not count as malformed.
+"Skipped" lines are not errors: a name for an entity outside the KB, a second name for an
+entity (both in ``rejects.parquet`` for names files), and the lines an RDF dump's filter leaves
+out (other predicates, literals, non-English names; counted per reason in the source's
+``skipped_by_filter`` and ``by_reason``, never written row by row: the dump has 1.9 billion
+lines). "Malformed" lines are the parser rejects, always with their line number; their rate per
+file must stay under ``max_reject_rate``. Questions whose fact is not in the KB are rejected but
+do not count as malformed.
+
+The caller publishes ``out_dir`` by renaming it (``pipeline.rundir.RunDir.run_stage``), so a
+run killed midway leaves only a staging folder, and the re-run gives the same bytes.
 """
 
 from __future__ import annotations
@@ -81,24 +98,35 @@ QUESTIONS_SCHEMA = pa.schema(
 SKIP_NOT_IN_KB = "entity not in knowledge base"
 SKIP_DUPLICATE_NAME = "duplicate name for entity"
 
-_PARSERS = {
-    "facts": formats.parse_grouped_facts,
-    "names": formats.parse_names,
-    "questions": formats.parse_questions,
-}
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 @dataclass(frozen=True)
 class IngestSources:
-    """Input files: grouped facts, names, and SimpleQuestions files per split name."""
+    """Input files and how to read them.
+
+    ``facts``: fact files, each in ``facts_format`` ("grouped" FB2M/FB5M/SimpleQuestions
+    ``kb.txt``, "triples" ``head<TAB>relation<TAB>tail`` grouped by (head, relation), "rdf" the
+    Freebase N-Triples dump, or "auto" to detect per file). ``names``: ``entity<TAB>name`` files
+    or RDF files (``names_format``). ``questions``: SimpleQuestions files per split name. Any file
+    may be gzip/bzip2/xz compressed. RDF files keep the predicates in ``rdf_relations`` (any key
+    spelling; empty = every entity-to-entity predicate) and, with ``rdf_names``, the names in
+    ``rdf_language``.
+    """
 
     facts: list[str]
     names: list[str] = field(default_factory=list)
     questions: dict[str, list[str]] = field(default_factory=dict)
+    facts_format: str = "auto"
+    names_format: str = "auto"
+    questions_format: str = "auto"
+    rdf_relations: list[str] = field(default_factory=list)
+    rdf_names: bool = True
+    rdf_language: str = "en"
 
-    def listed(self) -> list[tuple[str, str | None, str]]:
-        """``(kind, split, path)`` for every source, in a fixed order; validated."""
+    def listed(self) -> list[tuple[str, str | None, str, str]]:
+        """``(kind, split, path, format)`` for every source, in a fixed order; validated, with
+        "auto" formats resolved by sniffing each file."""
         out: list[tuple[str, str | None, str]] = []
         if not self.facts:
             raise ValueError("ingest.sources.facts: at least one facts file is required")
@@ -117,7 +145,39 @@ class IngestSources:
             seen[path] = kind
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"ingest.sources.{kind}: no such file: {path}")
-        return out
+        if not re.match(r"^[A-Za-z-]+$", self.rdf_language):
+            raise ValueError(f"ingest.sources.rdf_language={self.rdf_language!r}: not a language tag")
+        allowed = {
+            "facts": (formats.FACT_FORMATS, self.facts_format),
+            "names": (formats.NAME_FORMATS, self.names_format),
+            "questions": (formats.QUESTION_FORMATS, self.questions_format),
+        }
+        resolved = []
+        for kind, split, path in out:
+            choices, fmt = allowed[kind]
+            if os.path.getsize(path) == 0 and fmt == "auto":
+                fmt = choices[1]  # an empty file parses the same in any format
+            fmt = formats.resolve_format(path, fmt, choices, f"{kind}_format")
+            resolved.append((kind, split, path, fmt))
+        return resolved
+
+    def relation_filter(self) -> list[str] | None:
+        """The normalised RDF relation allow-list (None = all); invalid keys raise."""
+        if not self.rdf_relations:
+            return None
+        keys = formats.normalize_keys(pa.array(list(self.rdf_relations), pa.string()))
+        bad = [r for r, k in zip(self.rdf_relations, keys.to_pylist()) if k is None]
+        if bad:
+            raise ValueError(f"ingest.sources.rdf_relations: invalid relation keys {bad[:5]}")
+        return sorted(set(keys.to_pylist()))
+
+
+def read_relation_list(path: str) -> list[str]:
+    """Relation keys, one per line (blank lines and ``#`` comments ignored), any spelling."""
+    with formats.open_text(path) as f:
+        text = f.read().decode("utf-8")
+    out = [ln.strip() for ln in text.splitlines()]
+    return [ln for ln in out if ln and not ln.startswith("#")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,69 +192,141 @@ def _to_ipc(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _from_ipc(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+def _from_ipc(data) -> pa.Table:
+    if isinstance(data, bytes):
+        data = pa.py_buffer(data)
+    return pa.ipc.open_stream(data).read_all()
 
 
-def _parse_item(item: dict) -> tuple[pa.Table, pa.Table, int]:
-    """Parse one work item (a chunk of a plain file, or a whole compressed file).
+def _parse_lines(item: dict, lines: pa.Array, first_line: int) -> formats.Parsed:
+    fmt, kind, path = item["format"], item["kind"], item["path"]
+    if fmt == "grouped":
+        return formats.parse_grouped_facts(lines, first_line, path, dictionary=True)
+    if fmt == "triples":
+        return formats.parse_triples(lines, first_line, path, dictionary=True)
+    if fmt == "names":
+        return formats.parse_names(lines, first_line, path)
+    if fmt == "simplequestions":
+        return formats.parse_questions(lines, first_line, path)
+    if fmt == "rdf":
+        if kind == "names":  # a names-only RDF file: every other predicate is filtered out
+            rel = pa.array([], pa.string())
+            return formats.parse_rdf(lines, first_line, path, relations=rel, names=True,
+                                     language=item["rdf_language"])  # fmt: skip
+        rel = item["rdf_relations"]
+        rel = None if rel is None else pa.array(rel, pa.string())
+        return formats.parse_rdf(lines, first_line, path, relations=rel,
+                                 names=item["rdf_names"], language=item["rdf_language"])  # fmt: skip
+    raise ValueError(f"internal error: unknown format {fmt!r}")
 
-    For names and questions the raw line is kept in an extra ``text`` column, so that lines
-    rejected later against the KB keep their original text in ``rejects.parquet``.
-    """
-    parser = _PARSERS[item["kind"]]
-    keep_text = item["kind"] != "facts"
+
+def _empty_result(item: dict) -> dict:
+    return _finish(item, [_parse_lines(item, pa.array([], pa.string()), 1)], [pa.array([], pa.string())], [1])
+
+
+def _finish(item: dict, parsed: list[formats.Parsed], lines: list[pa.Array], firsts: list[int]):
+    """Merge the pieces of one work item. The rows of a names file or a questions file keep
+    their raw line in a ``text`` column (rows rejected later against the KB keep their text)."""
+    keep_text = item["kind"] != "facts" and item["format"] != "rdf"
+    tables, rejects, skipped, names = [], [], {}, []
+    for p, ln, first in zip(parsed, lines, firsts):
+        table = p.table
+        if item["format"] == "rdf" and item["kind"] == "names":
+            table = p.names
+        elif p.names is not None:
+            names.append(p.names)
+        if keep_text:
+            table = table.append_column("text", ln.take(pc.subtract(table["line"], first)))
+        tables.append(table)
+        rejects.append(p.rejects)
+        for k, v in p.skipped.items():
+            skipped[k] = skipped.get(k, 0) + v
+    if len(tables) > 1 and item["kind"] == "facts":
+        # pieces of a streamed (compressed) file have different dictionaries: back to strings
+        tables = [t.cast(formats.FACTS_SCHEMA) for t in tables]
+    return {
+        "table": pa.concat_tables(tables),
+        "rejects": pa.concat_tables(rejects),
+        "lines": sum(p.lines for p in parsed),
+        "skipped": skipped,
+        "names": pa.concat_tables(names) if names else None,
+    }
+
+
+def _parse_item(item: dict) -> dict:
+    """Parse one work item (a chunk of a plain file, or a whole compressed file, streamed)."""
     if item["byte_end"] >= 0:
         chunk = formats.LineChunk(
             item["path"], item["first_line"], item["byte_start"], item["byte_end"], item["lines"]
         )
+        if item["format"] in ("grouped", "triples"):  # the bytes fast path (same result)
+            parsed = formats.parse_grouped_bytes(
+                formats.read_chunk_bytes(chunk), chunk.first_line, chunk.lines, chunk.path,
+                single_object=item["format"] == "triples", dictionary=True,
+            )  # fmt: skip
+            return _finish(item, [parsed], [None], [chunk.first_line])
         pieces = [(chunk.first_line, formats.read_line_chunk(chunk))]
     else:
         pieces = formats.iter_line_chunks(item["path"], item["chunk_lines"])
-    tables, rejects, n_lines = [], [], 0
-    for first_line, lines in pieces:
-        parsed = parser(lines, first_line, item["path"])
-        table = parsed.table
-        if keep_text:
-            pos = pc.subtract(table["line"], first_line)
-            table = table.append_column("text", lines.take(pos))
-        tables.append(table)
-        rejects.append(parsed.rejects)
-        n_lines += parsed.lines
-    if not tables:  # empty compressed file
-        empty = parser(pa.array([], pa.string()), 1, item["path"])
-        table = empty.table
-        if keep_text:
-            table = table.append_column("text", pa.array([], pa.string()))
-        tables, rejects = [table], [empty.rejects]
-    return pa.concat_tables(tables), pa.concat_tables(rejects), n_lines
+    parsed, lines, firsts = [], [], []
+    for first_line, chunk_lines in pieces:
+        parsed.append(_parse_lines(item, chunk_lines, first_line))
+        firsts.append(first_line)
+        # the raw lines are kept only where a text column is built from them
+        lines.append(chunk_lines if item["kind"] != "facts" else None)
+    if not parsed:  # empty compressed file
+        return _empty_result(item)
+    return _finish(item, parsed, lines, firsts)
 
 
 def _parse_batch(batch: pa.Table) -> pa.Table:
     """``map_batches`` UDF: parse each work item of the batch, return IPC-encoded results."""
-    out = {"item": [], "lines": [], "table": [], "rejects": []}
+    out = {"item": [], "lines": [], "table": [], "rejects": [], "names": [], "skipped": []}
     for item in batch.to_pylist():
-        table, rejects, n_lines = _parse_item(item)
+        item = {**item, **json.loads(item["options"])}
+        res = _parse_item(item)
         out["item"].append(item["item"])
-        out["lines"].append(n_lines)
-        out["table"].append(_to_ipc(table))
-        out["rejects"].append(_to_ipc(rejects))
+        out["lines"].append(res["lines"])
+        out["table"].append(_to_ipc(res["table"]))
+        out["rejects"].append(_to_ipc(res["rejects"]))
+        out["names"].append(_to_ipc(res["names"]) if res["names"] is not None else b"")
+        out["skipped"].append(json.dumps(res["skipped"]))
     return pa.table(
         {
             "item": pa.array(out["item"], pa.int64()),
             "lines": pa.array(out["lines"], pa.int64()),
             "table": pa.array(out["table"], pa.large_binary()),
             "rejects": pa.array(out["rejects"], pa.large_binary()),
+            "names": pa.array(out["names"], pa.large_binary()),
+            "skipped": pa.array(out["skipped"], pa.string()),
         }
     )
 
 
-def _parse_all(listed, chunk_lines: int) -> list[tuple[pa.Table, pa.Table, int]]:
-    """Parse every source on Ray Data; return (table, rejects, lines) per source, in order."""
+@dataclass
+class _SourceResult:
+    table: pa.Table | None  # names, questions (and string-keyed facts, e.g. from RDF)
+    chunks: list[pa.Table] | None  # facts: one table per parsed chunk
+    rejects: pa.Table
+    lines: int
+    skipped: dict[str, int]
+    names: pa.Table | None  # English names of an RDF facts file
+
+
+def _parse_all(listed, chunk_lines: int, sources: IngestSources) -> list[_SourceResult]:
+    """Parse every source on Ray Data; return one result per source, in order."""
     import ray
 
+    options = json.dumps(
+        {
+            "rdf_relations": sources.relation_filter(),
+            "rdf_names": bool(sources.rdf_names),
+            "rdf_language": sources.rdf_language,
+            "chunk_lines": chunk_lines,
+        }
+    )
     items = []
-    for src_idx, (kind, _split, path) in enumerate(listed):
+    for src_idx, (kind, _split, path, fmt) in enumerate(listed):
         chunks = formats.plan_line_chunks(path, chunk_lines)
         if formats.is_compressed(path):
             logger.warning(
@@ -208,45 +340,58 @@ def _parse_all(listed, chunk_lines: int) -> list[tuple[pa.Table, pa.Table, int]]
                     "item": len(items),
                     "source": src_idx,
                     "kind": kind,
+                    "format": fmt,
                     "path": path,
                     "first_line": c.first_line,
                     "byte_start": c.byte_start,
                     "byte_end": c.byte_end,
                     "lines": c.lines,
-                    "chunk_lines": chunk_lines,
+                    "options": options,
                 }
             )
-    per_source: list[list[tuple[int, pa.Table, pa.Table, int]]] = [[] for _ in listed]
+    per_source: list[list[tuple[int, dict]]] = [[] for _ in listed]
     if items:
         logger.info("parsing %d sources in %d work items", len(listed), len(items))
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(_parse_batch, batch_size=1, batch_format="pyarrow")
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in batch.to_pylist():
-                item = items[row["item"]]
-                per_source[item["source"]].append(
-                    (
-                        item["first_line"],
-                        _from_ipc(row["table"]),
-                        _from_ipc(row["rejects"]),
-                        row["lines"],
-                    )
-                )
+            for i in range(batch.num_rows):
+                item = items[batch["item"][i].as_py()]
+                names = batch["names"][i].as_buffer()
+                res = {
+                    "table": _from_ipc(batch["table"][i].as_buffer()),
+                    "rejects": _from_ipc(batch["rejects"][i].as_buffer()),
+                    "names": _from_ipc(names) if names.size else None,
+                    "lines": batch["lines"][i].as_py(),
+                    "skipped": json.loads(batch["skipped"][i].as_py()),
+                }
+                per_source[item["source"]].append((item["first_line"], res))
+            del batch
     out = []
-    for src_idx, (kind, _split, path) in enumerate(listed):
+    opts = json.loads(options)
+    for src_idx, (kind, _split, path, fmt) in enumerate(listed):
         parts = sorted(per_source[src_idx], key=lambda p: p[0])
         if not parts:  # empty plain file: no chunks
-            empty = _PARSERS[kind](pa.array([], pa.string()), 1, path)
-            table = empty.table
-            if kind != "facts":
-                table = table.append_column("text", pa.array([], pa.string()))
-            out.append((table, empty.rejects, 0))
-            continue
+            parts = [(1, _empty_result({"kind": kind, "format": fmt, "path": path, **opts}))]
+        skipped: dict[str, int] = {}
+        for _, r in parts:
+            for k, v in r["skipped"].items():
+                skipped[k] = skipped.get(k, 0) + v
+        names = [r["names"] for _, r in parts if r["names"] is not None]
+        if kind == "facts":  # chunks stay apart: their dictionaries differ
+            tables = [r["table"] for _, r in parts]
+            table = None
+        else:
+            tables = None
+            table = pa.concat_tables([r["table"] for _, r in parts]).combine_chunks()
         out.append(
-            (
-                pa.concat_tables([p[1] for p in parts]).combine_chunks(),
-                pa.concat_tables([p[2] for p in parts]).combine_chunks(),
-                sum(p[3] for p in parts),
+            _SourceResult(
+                table=table,
+                chunks=tables,
+                rejects=pa.concat_tables([r["rejects"] for _, r in parts]).combine_chunks(),
+                lines=sum(r["lines"] for _, r in parts),
+                skipped=dict(sorted(skipped.items())),
+                names=pa.concat_tables(names).combine_chunks() if names else None,
             )
         )
     return out
@@ -302,38 +447,184 @@ def _by_reason(rejects: pa.Table) -> dict[str, int]:
     return dict(sorted(pairs, key=lambda kv: (-kv[1], kv[0])))
 
 
-def _build_kb(fact_tables: list[pa.Table]):
-    """Dense ids for entities, relations and merged facts."""
-    facts = pa.concat_tables(fact_tables).combine_chunks()
-    subj = _column(facts, "subject")
-    rel = _column(facts, "relation")
-    objects = _column(facts, "objects")
-    flat_obj = pc.list_flatten(objects)
-    entity_keys = _sorted_unique(pa.concat_arrays([subj, flat_obj]))
-    relation_keys = _sorted_unique(rel)
+def _dict_parts(col) -> tuple[pa.Array, np.ndarray]:
+    """``(dictionary of the referenced keys, indices into it)`` of a key column, string or
+    dictionary-encoded. Entries no row references (keys of rejected rows, invalid spellings)
+    are dropped, so that every key of the KB is used by some fact."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if not pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_encode()
+    if arr.null_count:
+        raise RuntimeError("internal error: null key in a parsed fact table")
+    indices = arr.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    dictionary = arr.dictionary
+    used = np.zeros(len(dictionary), dtype=bool)
+    used[indices] = True
+    if not used.all():
+        remap = np.cumsum(used) - 1
+        indices = remap[indices]
+        dictionary = dictionary.filter(pa.array(used))
+    return dictionary, indices
+
+
+def _assign_ids(parts: list[tuple[pa.Array, np.ndarray]]) -> tuple[pa.Array, np.ndarray]:
+    """Sorted distinct keys of all chunk dictionaries, and the global id of every chunk's
+    indices (concatenated in chunk order).
+
+    One hash pass over the concatenated dictionaries (``dictionary_encode``) gives each entry a
+    code; one string sort of the distinct keys turns codes into ranks. (``index_in`` against the
+    key set would rebuild a hash table of every key per call.)"""
+    if not parts:
+        return pa.array([], pa.string()), np.zeros(0, dtype=np.int64)
+    allkeys = pa.concat_arrays([d.cast(pa.string()) for d, _ in parts])
+    codes = _mid_codes(allkeys)  # (entries,) order-preserving int64 of /m/ keys, -1 otherwise
+    mid = codes >= 0
+    if mid.all():
+        # Freebase machine ids only: integer sort, no string hashing (the common case)
+        uniq, entry_id = np.unique(codes, return_inverse=True)
+        distinct_sorted = _mid_strings(uniq)
+    else:
+        uniq, mid_inv = np.unique(codes[mid], return_inverse=True)
+        enc = allkeys.filter(pa.array(~mid)).dictionary_encode()
+        distinct = pa.concat_arrays([_mid_strings(uniq), enc.dictionary])
+        order = pc.sort_indices(distinct).to_numpy()
+        rank = np.empty(len(distinct), dtype=np.int64)
+        rank[order] = np.arange(len(distinct), dtype=np.int64)
+        entry_id = np.empty(len(codes), dtype=np.int64)
+        entry_id[mid] = rank[mid_inv]
+        entry_id[~mid] = rank[len(uniq) + enc.indices.to_numpy(zero_copy_only=False)]
+        distinct_sorted = distinct.take(pa.array(order))
+    ids, offset = [], 0
+    for d, idx in parts:
+        ids.append(entry_id[offset + idx])
+        offset += len(d)
+    return distinct_sorted, np.concatenate(ids)
+
+
+# Order-preserving integer codes of machine ids "/m/" + up to 12 characters of [0-9_a-z]:
+# base 38, digit 0 = end of key, then the characters in byte order, so that the integer order is
+# the byte order of the keys (a shorter key sorts before its extensions); 38^12 < 2^63.
+_MID_CHARS = "0123456789_abcdefghijklmnopqrstuvwxyz"
+_MID_BASE = 38
+_MID_LEN = 12
+_MID_LUT = np.full(256, 255, dtype=np.int64)
+_MID_LUT[np.frombuffer(_MID_CHARS.encode(), dtype=np.uint8)] = np.arange(1, _MID_BASE)
+_MID_POW = _MID_BASE ** np.arange(_MID_LEN - 1, -1, -1, dtype=np.int64)
+
+
+def _mid_codes(keys: pa.Array, block: int = 1 << 20) -> np.ndarray:
+    """:data:`_MID_CHARS` codes of canonical machine-id keys; -1 for any other key."""
+    keys = keys.cast(pa.string())
+    n = len(keys)
+    out = np.full(n, -1, dtype=np.int64)
+    if n == 0:
+        return out
+    offsets = np.frombuffer(keys.buffers()[1], dtype=np.int32)[keys.offset : keys.offset + n + 1]
+    data = keys.buffers()[2]
+    data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(1, np.uint8)
+    width = 3 + _MID_LEN
+    cols = np.arange(width)
+    for lo in range(0, n, block):
+        start = offsets[lo : lo + block + 1].astype(np.int64)
+        length = np.diff(start)
+        start = start[:-1]
+        inside = cols[None, :] < length[:, None]  # (b, 15)
+        chars = data[np.minimum(start[:, None] + cols[None, :], len(data) - 1)]
+        chars = np.where(inside, chars, 0)
+        ok = (length >= 4) & (length <= width)
+        ok &= (chars[:, 0] == 47) & (chars[:, 1] == 109) & (chars[:, 2] == 47)  # "/m/"
+        digits = np.where(inside[:, 3:], _MID_LUT[chars[:, 3:]], 0)  # (b, 12)
+        ok &= (digits != 255).all(axis=1)
+        if keys.null_count:
+            ok &= keys.slice(lo, len(length)).is_valid().to_numpy(zero_copy_only=False)
+        code = (np.where(digits == 255, 0, digits) * _MID_POW).sum(axis=1)
+        out[lo : lo + len(length)] = np.where(ok, code, -1)
+    return out
+
+
+def _mid_strings(codes: np.ndarray) -> pa.Array:
+    """The keys of :func:`_mid_codes` codes (inverse), as a string array."""
+    n = len(codes)
+    digits = (codes[:, None] // _MID_POW[None, :]) % _MID_BASE  # (n, 12), 0 = end
+    length = (digits > 0).sum(axis=1)
+    chars = np.zeros((n, 3 + _MID_LEN), dtype=np.uint8)
+    chars[:, :3] = np.frombuffer(b"/m/", dtype=np.uint8)
+    lut = np.frombuffer(b"\0" + _MID_CHARS.encode(), dtype=np.uint8)
+    chars[:, 3:] = lut[digits]
+    inside = np.arange(3 + _MID_LEN)[None, :] < (length + 3)[:, None]
+    data = chars[inside]  # row-major: each key's bytes stay together
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(length + 3, out=offsets[1:])
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data.tobytes()))
+
+
+def _build_kb(fact_tables: list[pa.Table], table_source: list[int], n_sources: int):
+    """Dense ids for entities, relations and merged facts.
+
+    ``fact_tables`` are the parsed chunks (source order, then line order); ``table_source``
+    gives each chunk's index among the ``n_sources`` fact sources. Ids are positions in the
+    sorted distinct keys, found per chunk dictionary (no table of every key occurrence is ever
+    hashed as strings)."""
+    steps: dict[str, float] = {}
+    tick = time.perf_counter()
+
+    def step(name: str) -> None:
+        nonlocal tick
+        now = time.perf_counter()
+        steps[name] = round(now - tick, 3)
+        tick = now
+
+    subj_parts, rel_parts, obj_parts, row_lens = [], [], [], []
+    for t in fact_tables:
+        objects = _column(t, "objects")
+        subj_parts.append(_dict_parts(t["subject"]))
+        rel_parts.append(_dict_parts(t["relation"]))
+        obj_parts.append(_dict_parts(pc.list_flatten(objects)))
+        row_lens.append(pc.list_value_length(objects).to_numpy(zero_copy_only=False))
+    step("dictionaries")
+    entity_keys, ent_ids = _assign_ids(subj_parts + obj_parts)
+    n_subj = sum(len(idx) for _, idx in subj_parts)
+    subj_id, obj_id = ent_ids[:n_subj], ent_ids[n_subj:]
+    relation_keys, rel_id = _assign_ids(rel_parts)
     E, R = len(entity_keys), len(relation_keys)
-    subj_id, rel_id, obj_id = (
-        _ids(subj, entity_keys),
-        _ids(rel, relation_keys),
-        _ids(flat_obj, entity_keys),
-    )
+    del subj_parts, rel_parts, obj_parts, ent_ids
+    row_len = np.concatenate(row_lens).astype(np.int64) if row_lens else np.zeros(0, np.int64)
+    obj_row = np.repeat(np.arange(len(row_len), dtype=np.int64), row_len)
 
     # facts sorted by (subject key, relation key) == by (subject id, relation id)
+    step("ids")
     pair = subj_id * R + rel_id  # (rows,)
     uniq_pair, first_row, row_fact = np.unique(pair, return_index=True, return_inverse=True)
     F = len(uniq_pair)
     merged_row = np.ones(len(pair), dtype=bool)
     merged_row[first_row] = False
 
+    step("facts")
     # objects: union per fact, first-seen order (rows in source/line order, then in-line order)
-    obj_row = pc.list_parent_indices(objects).to_numpy()
-    obj_fact = row_fact[obj_row]
-    _, first_obj = np.unique(obj_fact * E + obj_id, return_index=True)
-    first_obj.sort()
-    order = first_obj[np.argsort(obj_fact[first_obj], kind="stable")]
-    kept_fact, kept_obj = obj_fact[order], obj_id[order]
-    offsets = np.zeros(F + 1, dtype=np.int32)
-    np.cumsum(np.bincount(kept_fact, minlength=F), out=offsets[1:])
+    kept_fact = kept_obj = None
+    if not merged_row.any():
+        # one row per fact (the common case): reorder the rows' lists, no sort over objects,
+        # unless a line repeats an object (checked on the rows with two or more objects)
+        multi = row_len[obj_row] > 1
+        codes = np.sort(obj_row[multi] * E + obj_id[multi])  # sort: numpy's hash unique is slow
+        if not (codes[1:] == codes[:-1]).any():
+            row_offsets = np.zeros(len(row_len) + 1, dtype=np.int64)
+            np.cumsum(row_len, out=row_offsets[1:])
+            lens = row_len[first_row]  # first_row: the row of each fact, in fact order
+            starts = row_offsets[first_row]
+            offsets64 = np.zeros(F + 1, dtype=np.int64)
+            np.cumsum(lens, out=offsets64[1:])
+            gather = np.repeat(starts - offsets64[:-1], lens) + np.arange(offsets64[-1])
+            kept_obj = obj_id[gather]
+            offsets = offsets64.astype(np.int32)
+    if kept_obj is None:
+        obj_fact = row_fact[obj_row]
+        _, first_obj = np.unique(obj_fact * E + obj_id, return_index=True)
+        first_obj.sort()
+        order = first_obj[np.argsort(obj_fact[first_obj], kind="stable")]
+        kept_fact, kept_obj = obj_fact[order], obj_id[order]
+        offsets = np.zeros(F + 1, dtype=np.int32)
+        np.cumsum(np.bincount(kept_fact, minlength=F), out=offsets[1:])
     facts_out = pa.table(
         {
             "fact_id": pa.array(np.arange(F, dtype=np.int64)),
@@ -343,26 +634,40 @@ def _build_kb(fact_tables: list[pa.Table]):
         },
         schema=FACTS_SCHEMA,
     )
-    fact_rows = np.array([t.num_rows for t in fact_tables])
-    row_source = np.repeat(np.arange(len(fact_tables)), fact_rows)
-    merged_per_table = np.bincount(row_source[merged_row], minlength=len(fact_tables))
+    step("objects")
+    fact_rows = np.array([t.num_rows for t in fact_tables], dtype=np.int64)
+    row_source = np.repeat(np.asarray(table_source, dtype=np.int64), fact_rows)
+    merged_per_table = np.bincount(row_source[merged_row], minlength=n_sources)
     info = {
         "fact_lines": int(len(pair)),
         "merged_lines": int(merged_row.sum()),
         "duplicate_objects_dropped": int(len(obj_id) - len(kept_obj)),
         "objects": int(len(kept_obj)),
     }
-    # (fact, object) codes for answer checks
-    answer_codes = np.sort(kept_fact * E + kept_obj)
-    return entity_keys, relation_keys, facts_out, uniq_pair, answer_codes, merged_per_table, info
+    info["steps_s"] = steps
+    answers = (offsets, kept_obj)  # for _answer_codes, computed only when there are questions
+    return entity_keys, relation_keys, facts_out, uniq_pair, answers, merged_per_table, info
+
+
+def _answer_codes(answers: tuple[np.ndarray, np.ndarray], E: int) -> np.ndarray:
+    """Sorted (fact, object) codes ``fact * E + object`` for the answer checks."""
+    offsets, kept_obj = answers
+    kept_fact = np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(offsets))
+    return np.sort(kept_fact * E + kept_obj, kind="stable")  # nearly sorted already
 
 
 def _resolve_names(name_sources, entity_keys: pa.Array):
-    """Name per entity (first seen wins); skipped rows per source."""
+    """Name per entity (first seen wins, sources in order).
+
+    ``name_sources`` holds ``(path, table, write_rejects)``. Returns the name column, the skipped
+    rows of the sources with ``write_rejects`` as reject tables ``[(path, table)]``, the skip
+    counts per reason of the others (RDF dumps, which name far more entities than the KB holds)
+    ``{path: {reason: n}}``, and the number of named entities.
+    """
     E = len(entity_keys)
     if not name_sources:
-        return pa.nulls(E, pa.string()), [], 0
-    tables = [t for _, t in name_sources]
+        return pa.nulls(E, pa.string()), [], {}, 0
+    tables = [t.select(["line", "entity", "name"]) for _, t, _ in name_sources]
     names = pa.concat_tables(tables).combine_chunks()
     eid = _ids(_column(names, "entity"), entity_keys)
     in_kb = eid >= 0
@@ -376,20 +681,24 @@ def _resolve_names(name_sources, entity_keys: pa.Array):
     name_col = _column(names, "name").take(pa.array(row_of_entity, mask=row_of_entity < 0))
 
     offsets = np.concatenate([[0], np.cumsum([t.num_rows for t in tables])])
-    skipped = []
-    for i, (path, _) in enumerate(name_sources):
+    skipped, counts = [], {}
+    for i, (path, table, write_rejects) in enumerate(name_sources):
         lo, hi = offsets[i], offsets[i + 1]
-        sub = names.slice(lo, hi - lo)
         for mask, reason in ((~in_kb[lo:hi], SKIP_NOT_IN_KB), (dup[lo:hi], SKIP_DUPLICATE_NAME)):
-            if mask.any():
-                rows = sub.filter(pa.array(mask))
+            if not mask.any():
+                continue
+            if write_rejects:
+                rows = table.filter(pa.array(mask))
                 skipped.append(
                     (
                         path,
                         _rejects_table(path, _column(rows, "line"), _column(rows, "text"), reason),
                     )
                 )
-    return name_col, skipped, len(winner_rows)
+            else:
+                per = counts.setdefault(path, {})
+                per[reason] = per.get(reason, 0) + int(mask.sum())
+    return name_col, skipped, counts, len(winner_rows)
 
 
 def _resolve_questions(
@@ -493,31 +802,36 @@ def run_ingest(
         raise FileExistsError(f"ingest: output directory {out} is not empty")
     out.mkdir(parents=True, exist_ok=True)
 
-    parsed = _parse_all(listed, chunk_lines)
+    parsed = _parse_all(listed, chunk_lines, sources)
     t_parse = time.perf_counter()
 
     # --- per-source bookkeeping and the malformed-line limit -------------------------------------
     src_stats: dict[str, dict] = {}
-    for (kind, split, path), (table, rejects, n_lines) in zip(listed, parsed):
-        if n_lines != table.num_rows + rejects.num_rows:
+    for (kind, split, path, fmt), r in zip(listed, parsed):
+        n_rows = sum(t.num_rows for t in r.chunks) if r.chunks is not None else r.table.num_rows
+        n_names = r.names.num_rows if r.names is not None else 0
+        n_filtered = sum(r.skipped.values())
+        if r.lines != n_rows + r.rejects.num_rows + n_filtered + n_names:
             raise RuntimeError(
-                f"internal error: {path}: {n_lines} lines != {table.num_rows} parsed + "
-                f"{rejects.num_rows} rejected"
+                f"internal error: {path}: {r.lines} lines != {n_rows} parsed + "
+                f"{r.rejects.num_rows} rejected + {n_filtered} filtered + {n_names} names"
             )
         src_stats[path] = {
             "kind": kind,
+            "format": fmt,
             **({"split": split} if split is not None else {}),
-            "lines": int(n_lines),
-            "malformed": int(rejects.num_rows),
-            "malformed_rate": rejects.num_rows / n_lines if n_lines else 0.0,
+            "lines": int(r.lines),
+            "malformed": int(r.rejects.num_rows),
+            "malformed_rate": r.rejects.num_rows / r.lines if r.lines else 0.0,
+            **({"skipped_by_filter": r.skipped} if r.skipped or fmt == "rdf" else {}),
         }
     over = [(path, s) for path, s in src_stats.items() if s["malformed_rate"] > max_reject_rate]
     if over:
-        all_rejects = pa.concat_tables([r for _, r, _ in parsed])
+        all_rejects = pa.concat_tables([r.rejects for r in parsed])
         _write(all_rejects, out / "rejects.parquet")
         messages = []
         for path, s in over:
-            rej = parsed[list(src_stats).index(path)][1]
+            rej = parsed[list(src_stats).index(path)].rejects
             first = [f"line {r['line']}: {r['reason']}" for r in rej.slice(0, 5).to_pylist()]
             messages.append(
                 f"{path}: {s['malformed']} of {s['lines']} lines malformed "
@@ -532,17 +846,31 @@ def run_ingest(
         )
 
     # --- knowledge base ---------------------------------------------------------------------------
-    fact_idx = [i for i, (k, _, _) in enumerate(listed) if k == "facts"]
-    entity_keys, relation_keys, facts, uniq_pair, answer_codes, merged, kb_info = _build_kb(
-        [parsed[i][0] for i in fact_idx]
+    fact_idx = [i for i, src in enumerate(listed) if src[0] == "facts"]
+    fact_tables, table_source = [], []
+    for j, i in enumerate(fact_idx):
+        fact_tables += parsed[i].chunks
+        table_source += [j] * len(parsed[i].chunks)
+        parsed[i].chunks = parsed[i].table = None  # the driver keeps only the ids
+    entity_keys, relation_keys, facts, uniq_pair, answers, merged, kb_info = _build_kb(
+        fact_tables, table_source, len(fact_idx)
     )
+    has_questions = any(src[0] == "questions" for src in listed)
+    answer_codes = _answer_codes(answers, len(entity_keys)) if has_questions else None
+    del answers
+    del fact_tables
+    kb_steps = kb_info.pop("steps_s")
     for j, i in enumerate(fact_idx):
         src_stats[listed[i][2]]["merged_lines"] = int(merged[j])
 
-    name_sources = [
-        (listed[i][2], parsed[i][0]) for i, (k, _, _) in enumerate(listed) if k == "names"
-    ]
-    name_col, skipped, named = _resolve_names(name_sources, entity_keys)
+    name_sources = []
+    for (kind, _split, path, fmt), r in zip(listed, parsed):
+        if kind == "names":
+            name_sources.append((path, r.table, fmt != "rdf"))
+        elif r.names is not None:
+            name_sources.append((path, r.names, False))
+    name_col, skipped, name_counts, named = _resolve_names(name_sources, entity_keys)
+    del name_sources
     E, R = len(entity_keys), len(relation_keys)
     entities = pa.table(
         {"entity_id": pa.array(np.arange(E, dtype=np.int64)), "key": entity_keys, "name": name_col},
@@ -556,11 +884,11 @@ def run_ingest(
     # --- questions ----------------------------------------------------------------------------------
     split_tables: dict[str, list[pa.Table]] = {split: [] for split in sources.questions}
     kb_rejects: dict[str, pa.Table] = {}
-    for i, (kind, split, path) in enumerate(listed):
+    for i, (kind, split, path, _fmt) in enumerate(listed):
         if kind != "questions":
             continue
         q, rej, info = _resolve_questions(
-            path, parsed[i][0], entity_keys, relation_keys, uniq_pair, answer_codes
+            path, parsed[i].table, entity_keys, relation_keys, uniq_pair, answer_codes
         )
         split_tables[split].append(q)
         if rej is not None:
@@ -572,21 +900,28 @@ def run_ingest(
     for path, t in skipped:
         skipped_by_source.setdefault(path, []).append(t)
     reject_parts = []
-    for (_kind, _split, path), (_table, rejects, n_lines) in zip(listed, parsed):
-        parts = [rejects] + skipped_by_source.get(path, [])
+    for (_kind, _split, path, _fmt), r in zip(listed, parsed):
+        parts = [r.rejects] + skipped_by_source.get(path, [])
         if path in kb_rejects:
             parts.append(kb_rejects[path])
         src_rej = pa.concat_tables(parts)
         src_rej = src_rej.take(pc.sort_indices(src_rej, [("line", "ascending")]))
         reject_parts.append(src_rej)
-        n_skipped = sum(t.num_rows for t in skipped_by_source.get(path, []))
-        n_rejected = src_rej.num_rows - n_skipped
+        counted = dict(r.skipped)  # filter skips and name skips that have no reject rows
+        for reason, n in name_counts.get(path, {}).items():
+            counted[reason] = counted.get(reason, 0) + n
+        n_counted = sum(counted.values())
+        n_skipped = sum(t.num_rows for t in skipped_by_source.get(path, [])) + n_counted
+        n_rejected = src_rej.num_rows - (n_skipped - n_counted)
+        by_reason = _by_reason(src_rej)
+        for reason, n in counted.items():
+            by_reason[reason] = by_reason.get(reason, 0) + n
         s = src_stats[path]
         s.update(
-            accepted=int(n_lines - src_rej.num_rows),
+            accepted=int(r.lines - src_rej.num_rows - n_counted),
             rejected=int(n_rejected),
             skipped=int(n_skipped),
-            by_reason=_by_reason(src_rej),
+            by_reason=dict(sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0]))),
         )
         if s["lines"] != s["accepted"] + s["rejected"] + s["skipped"]:
             raise RuntimeError(
@@ -624,12 +959,14 @@ def run_ingest(
         "checks": {"lines_accounted": True},
         "config": {
             "sources": asdict(sources),
+            "formats": {path: fmt for _, _, path, fmt in listed},
             "max_reject_rate": max_reject_rate,
             "chunk_lines": chunk_lines,
         },
         "timings_s": {
             "parse": round(t_parse - t0, 3),
             "assemble": round(t_assemble - t_parse, 3),
+            "assemble_kb_steps": kb_steps,
             "write": round(t_write - t_assemble, 3),
             "total": round(time.perf_counter() - t0, 3),
         },

@@ -201,3 +201,146 @@ def test_real_simplequestions(ray_local, tmp_path):
     assert stats["totals"]["facts"] + stats["totals"]["merged_lines"] == kb["accepted"]
     q = stats["sources"][str(REAL / "questions_train.txt")]
     assert q["lines"] == 10_845 == q["accepted"] + q["rejected"] + q["skipped"]
+
+
+# ------------------------------------------------------------------------------------------------
+# other formats: RDF dump (gzip) with names, FB15k-style triples, names from RDF
+# ------------------------------------------------------------------------------------------------
+
+NS = "http://rdf.freebase.com/ns/"
+
+
+def _rdf(s, p, o):
+    return f"<{NS}{s}>\t<{NS}{p}>\t{o}\t."
+
+
+def test_rdf_and_triples_sources(ray_local, tmp_path):
+    rdf_lines = [
+        _rdf("m.01", "people.person.nationality", f"<{NS}m.02>"),  # 1 fact
+        _rdf("m.01", "people.person.nationality", f"<{NS}m.03>"),  # 2 merges into line 1
+        _rdf("m.01", "film.film.directed_by", f"<{NS}m.04>"),  # 3 not in the allow-list
+        _rdf("m.01", "type.object.name", '"Alpha"@en'),  # 4 name
+        _rdf("m.02", "type.object.name", '"Beta"@de'),  # 5 skipped: language
+        _rdf("m.99", "type.object.name", '"Nobody"@en'),  # 6 name of an entity outside the KB
+        _rdf("m.01", "people.person.height_meters", '"1.8"'),  # 7 not selected
+        "broken line",  # 8 malformed
+    ]
+    rdf = tmp_path / "freebase-rdf.gz"
+    with gzip.open(rdf, "wt", encoding="utf-8") as f:
+        f.write("\n".join(rdf_lines) + "\n")
+    triples = tmp_path / "train.txt"
+    triples.write_text("/m/05\t/people/person/nationality\t/m/02\n"
+                       "/m/05\t/people/person/nationality\t/m/03\n"
+                       "/m/05\t/a/b\n")  # fmt: skip
+    srcs = IngestSources(
+        facts=[str(rdf), str(triples)],
+        rdf_relations=["www.freebase.com/people/person/nationality"],
+    )
+    stats = run_ingest(srcs, str(tmp_path / "out"), max_reject_rate=0.5)
+    s_rdf, s_tri = stats["sources"][str(rdf)], stats["sources"][str(triples)]
+    assert (s_rdf["format"], s_tri["format"]) == ("rdf", "triples")
+    assert s_rdf["lines"] == 8 == s_rdf["accepted"] + s_rdf["rejected"] + s_rdf["skipped"]
+    assert s_rdf["rejected"] == 1 and s_rdf["accepted"] == 3  # 2 facts + 1 name in the KB
+    assert s_rdf["skipped"] == 4
+    assert s_rdf["skipped_by_filter"] == {
+        "name not in the chosen language": 1,
+        "predicate not selected": 2,
+    }
+    assert s_rdf["by_reason"]["entity not in knowledge base"] == 1  # counted, no reject row
+    assert s_tri["merged_lines"] == 1 and s_tri["rejected"] == 1
+    out = tmp_path / "out"
+    ents = pq.read_table(out / "kb/entities.parquet").to_pylist()
+    keys = [e["key"] for e in ents]
+    assert keys == ["/m/01", "/m/02", "/m/03", "/m/05"]
+    assert {e["key"]: e["name"] for e in ents}["/m/01"] == "Alpha"
+    facts = pq.read_table(out / "kb/facts.parquet").to_pylist()
+    assert [(keys[f["subject_id"]], [keys[o] for o in f["object_ids"]]) for f in facts] == [
+        ("/m/01", ["/m/02", "/m/03"]),
+        ("/m/05", ["/m/02", "/m/03"]),
+    ]
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    assert {(r["source"], r["line"]) for r in rejects} == {(str(rdf), 8), (str(triples), 3)}
+
+
+# ------------------------------------------------------------------------------------------------
+# faults: SIGKILL midway, then a clean re-run gives the uninterrupted output
+# ------------------------------------------------------------------------------------------------
+
+KILL_SCRIPT = """
+import json, os, signal, sys
+import ray
+from pipeline.rundir import RunDir
+from pipeline.stages import ingest
+
+root, fp, srcs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+real_write = ingest._write
+
+def write_then_die(table, path):
+    real_write(table, path)
+    if path.name == "facts.parquet":  # some outputs written, others not yet
+        os.kill(os.getpid(), signal.SIGKILL)
+
+ingest._write = write_then_die
+ray.init(address=os.environ["HMN_TEST_RAY_ADDRESS"], log_to_driver=False)
+RunDir(root).run_stage("ingest", fp, lambda out: ingest.run_ingest(
+    ingest.IngestSources(**srcs), str(out), chunk_lines=128))
+"""
+
+
+def test_sigkill_midway_then_rerun_is_identical(sources, ingested, tmp_path):
+    import dataclasses
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import ray
+
+    from pipeline.rundir import RunDir
+
+    srcs, _ = sources
+    reference, _ = ingested
+    root = tmp_path / "run"
+    env = {**os.environ, "HMN_TEST_RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, str(root), "fp1", json.dumps(dataclasses.asdict(srcs))],
+        cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    staging = list(root.glob(".ingest.tmp-*"))
+    assert len(staging) == 1 and (staging[0] / "kb/facts.parquet").exists()
+    assert not (root / "ingest").exists()  # nothing published
+    run = RunDir(root)
+    assert run.entry("ingest")["status"] == "running" and not run.is_done("ingest", "fp1")
+
+    result = run.run_stage("ingest", "fp1", lambda out: run_ingest(srcs, str(out)))
+    assert not result.skipped and run.is_done("ingest", "fp1")
+    assert not list(root.glob(".ingest.tmp-*"))  # the stale staging folder is gone
+    for rel in ["kb/entities.parquet", "kb/relations.parquet", "kb/facts.parquet",
+                "questions/train.parquet", "questions/dev.parquet", "questions/test.parquet",
+                "rejects.parquet"]:  # fmt: skip
+        assert pq.read_table(root / "ingest" / rel).equals(pq.read_table(reference / rel)), rel
+
+
+def test_machine_id_codes_keep_string_order():
+    """The integer id path for /m/ keys gives the same ids as a string sort, mixed keys too."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.stages import ingest
+
+    keys = ["/m/0abc", "/m/0ab", "/m/0_z", "/m/09", "/g/11x", "/m/0ABC", "/m/0" + "a" * 12,
+            "/m/0" + "a" * 11, "/m/0b\u00e9", "/people/person", "/m/0zz"]  # fmt: skip
+    codes = ingest._mid_codes(pa.array(keys))
+    ok = codes >= 0
+    assert ok.tolist() == [True, True, True, True, False, False, False, True, False, False, True]
+    order = np.argsort(codes[ok])
+    assert ingest._mid_strings(codes[ok][order]).to_pylist() == sorted(np.array(keys)[ok])
+    for chunk_keys in (keys, [k for k, o in zip(keys, ok) if o]):
+        half = len(chunk_keys) // 2
+        parts = [(pa.array(chunk_keys[:half]), np.arange(half)[::-1]),
+                 (pa.array(chunk_keys[half:]), np.arange(len(chunk_keys) - half))]  # fmt: skip
+        distinct, ids = ingest._assign_ids(parts)
+        assert distinct.to_pylist() == sorted(set(chunk_keys))
+        got = [distinct[i].as_py() for i in ids]
+        assert got == chunk_keys[:half][::-1] + chunk_keys[half:]

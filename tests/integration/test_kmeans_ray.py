@@ -51,3 +51,23 @@ def test_ray_build_validation(ray_local):
         build_index_on_ray(_facts(n=10), num_shards=0, branching=[2])
     with pytest.raises(ValueError, match="k <= n"):
         build_index_on_ray(_facts(n=10), num_shards=2, branching=[11])
+
+
+def test_ray_build_on_factorised_shards_matches_in_memory(ray_local):
+    from hmn.memory import FactorisedMemory, build_fact_vectors
+
+    rng = np.random.default_rng(1)
+    ent = rng.standard_normal((300, 6)).astype(np.float32)
+    rel = rng.standard_normal((9, 6)).astype(np.float32)
+    offsets = np.concatenate([[0], np.cumsum(rng.integers(1, 4, 1500))])
+    parts = (ent, rel, rng.integers(0, 300, 1500), rng.integers(0, 9, 1500), offsets,
+             rng.integers(0, 300, offsets[-1]))
+    fm = FactorisedMemory(*parts)
+    dense = build_fact_vectors(*parts)
+    ref = build_index_from_vectors(dense, branching=[5, 3], seed=0, iters=8)
+    got = build_index_on_ray(fm, num_shards=2, branching=[5, 3], seed=0, iters=8)
+    assert got.num_leaves == ref.num_leaves
+    for a, b in zip(got.centroids, ref.centroids):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert (got.fact_leaf == ref.fact_leaf).mean() > 0.999
+    assert got.stats["levels"][1]["batched"] is True

@@ -4,6 +4,7 @@ import bz2
 import gzip
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -346,3 +347,188 @@ def test_hmn_does_not_import_ray():
     code = "import sys, hmn.formats, hmn.synthetic; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------------------------------------
+# fast normalisation path == full regex path
+# ------------------------------------------------------------------------------------------------
+
+
+def test_fast_path_matches_full_path():
+    raw = ENTITY_FORMS + RELATION_FORMS + [
+        "www.freebase.com/m/0a ", " /m/0b", "/m/0c\u00a0", "www.freebase.com//m", "/a//b", "/a/b/",
+        "www.freebase.com/", "xyz", "", None, "<http://rdf.freebase.com/ns/m.0x>", "/m/0_x-y",
+    ]  # fmt: skip
+    arr = pa.array(raw * 30, pa.string())  # >= 64 values: the dictionary path
+    fast = normalize_keys(arr).to_pylist()
+    full = formats._normalize_full(arr).to_pylist()
+    assert fast == full
+    assert normalize_keys(pa.array(raw, pa.string())).to_pylist() == full[: len(raw)]
+
+
+# ------------------------------------------------------------------------------------------------
+# triples (FB15k-237)
+# ------------------------------------------------------------------------------------------------
+
+FB15K = Path(__file__).parents[3] / "shared/data/fb15k-237/train.txt"
+
+
+def test_parse_triples():
+    lines = pa.array(
+        [
+            "/m/027rn\t/location/country/form_of_government\t/m/06cx9",
+            "/m/017dcd\t/tv/tv_program/regular_cast./tv/regular_tv_appearance/actor\t/m/06v8s0",
+            "/m/01\t/a/b\t/m/02 /m/03",
+            "/m/01\t/a/b",
+        ]
+    )
+    parsed = formats.parse_triples(lines, 1, "train.txt")
+    _check_counts(parsed)
+    assert [r["objects"] for r in parsed.table.to_pylist()] == [["/m/06cx9"], ["/m/06v8s0"]]
+    assert parsed.table.column("relation")[1].as_py().startswith("/tv/tv_program/regular_cast.")
+    assert {r["line"]: r["reason"] for r in parsed.rejects.to_pylist()} == {
+        3: "expected one tail entity, got 2",
+        4: "expected 3 tab-separated fields, got 2",
+    }
+
+
+@pytest.mark.skipif(not FB15K.is_file(), reason=f"{FB15K} not present")
+def test_real_fb15k_triples_parse_cleanly():
+    assert formats.detect_format(str(FB15K)) == "triples"
+    plan = plan_line_chunks(str(FB15K), 100_000)
+    parsed = formats.parse_triples(read_line_chunk(plan[0]), 1, str(FB15K))
+    assert parsed.rejects.num_rows == 0 and parsed.table.num_rows == 100_000
+
+
+# ------------------------------------------------------------------------------------------------
+# RDF dump
+# ------------------------------------------------------------------------------------------------
+
+NS = "http://rdf.freebase.com/ns/"
+RDF_LINES = [
+    f"<{NS}m.0abc>\t<{NS}people.person.place_of_birth>\t<{NS}m.0xyz>\t.",  # 1 fact (TABs)
+    f'<{NS}m.0abc> <{NS}type.object.name> "Sasha \\"V\\" Name"@en .',  # 2 name
+    f'<{NS}m.0abc> <{NS}type.object.name> "Nom"@fr .',  # 3 skipped: language
+    f'<{NS}m.0abc> <{NS}people.person.height_meters> "1.8" .',  # 4 skipped: literal
+    f"<{NS}m.0abc> <http://www.w3.org/1999/02/22-rdf-syntax-ns#type> <{NS}people.person> .",  # 5
+    f"<{NS}m.0abc> <{NS}type.object.type> <{NS}people.person> .",  # 6 skipped: not an entity
+    "",  # 7 blank
+    "# comment",  # 8 blank/comment
+    "garbage",  # 9 malformed
+    f"<{NS}m.0abc> <{NS}a.b> <{NS}m.0x>",  # 10 malformed: no final dot
+    f"m.0abc <{NS}a.b> <{NS}m.0x> .",  # 11 malformed subject
+    f"<{NS}m.0q> <{NS}film.film.directed_by> <{NS}m.0r> .",  # 12 fact (spaces)
+]
+
+
+def test_parse_rdf_all_relations_and_names():
+    parsed = formats.parse_rdf(pa.array(RDF_LINES), 1, "dump.nt")
+    assert parsed.lines == parsed.accounted() == len(RDF_LINES)
+    assert parsed.table.to_pylist() == [
+        {"line": 1, "subject": "/m/0abc", "relation": "/people/person/place_of_birth",
+         "objects": ["/m/0xyz"]},
+        {"line": 12, "subject": "/m/0q", "relation": "/film/film/directed_by",
+         "objects": ["/m/0r"]},
+    ]  # fmt: skip
+    assert parsed.names.to_pylist() == [{"line": 2, "entity": "/m/0abc", "name": 'Sasha "V" Name'}]
+    assert parsed.skipped == {
+        formats.SKIP_BLANK: 2,
+        formats.SKIP_PREDICATE: 1,
+        formats.SKIP_LITERAL: 1,
+        formats.SKIP_NAME_LANGUAGE: 1,
+        formats.SKIP_NOT_ENTITY: 1,
+    }
+    rejects = {r["line"]: r["reason"] for r in parsed.rejects.to_pylist()}
+    assert set(rejects) == {9, 10, 11}
+    assert rejects[11] == "invalid subject term 'm.0abc'"
+    assert rejects[9].startswith("expected N-Triples")
+
+
+def test_parse_rdf_relation_filter_and_no_names():
+    parsed = formats.parse_rdf(
+        pa.array(RDF_LINES), 100, "dump.nt",
+        relations=pa.array(["/film/film/directed_by"]), names=False,
+    )  # fmt: skip
+    assert parsed.lines == parsed.accounted()
+    assert [r["line"] for r in parsed.table.to_pylist()] == [111]
+    assert parsed.names.num_rows == 0
+    assert parsed.skipped[formats.SKIP_NAMES_OFF] == 2
+    assert parsed.skipped[formats.SKIP_PREDICATE] == 4  # birth place, height, both types
+
+
+def test_parse_rdf_gzip_and_detection(tmp_path):
+    path = _write(tmp_path, "dump.nt.gz", ("\n".join(RDF_LINES) + "\n").encode())
+    assert formats.detect_format(path) == "rdf"
+    ((first, lines),) = iter_line_chunks(path)
+    parsed = formats.parse_rdf(lines, first, path)
+    assert parsed.table.num_rows == 2 and parsed.names.num_rows == 1
+
+
+@pytest.mark.parametrize(
+    "name, text, fmt",
+    [
+        ("kb.txt", "www.freebase.com/m/01\twww.freebase.com/a/b/c\twww.freebase.com/m/02\n", "grouped"),
+        ("kb.txt.bz2", "/m/01\t/a/b/c\t/m/02 /m/03\n", "grouped"),
+        ("train.txt", "/m/01\t/a/b/c\t/m/02\n/m/03\t/a/b\t/m/04\n", "triples"),
+        ("q.txt.gz", "/m/01\t/a/b\t/m/02\twho is it\n", "simplequestions"),
+        ("names.tsv", "# header comment\n/m/01\tSome Name\n", "names"),
+    ],
+)  # fmt: skip
+def test_detect_format(tmp_path, name, text, fmt):
+    assert formats.detect_format(_write(tmp_path, name, text.encode())) == fmt
+
+
+def test_detect_and_resolve_errors(tmp_path):
+    with pytest.raises(FormatError, match="empty file"):
+        formats.detect_format(_write(tmp_path, "e.txt", b""))
+    with pytest.raises(FormatError, match="5 TAB-separated"):
+        formats.detect_format(_write(tmp_path, "f.txt", b"a\tb\tc\td\te\n"))
+    names = _write(tmp_path, "n.tsv", b"/m/01\tName\n")
+    with pytest.raises(FormatError, match="not a facts_format"):
+        formats.resolve_format(names, "auto", formats.FACT_FORMATS, "facts_format")
+    with pytest.raises(ValueError, match="facts_format='csv'"):
+        formats.resolve_format(names, "csv", formats.FACT_FORMATS, "facts_format")
+    assert formats.resolve_format(names, "grouped", formats.FACT_FORMATS, "facts_format") == "grouped"
+
+
+def test_dictionary_output_decodes_to_the_string_table():
+    lines = pa.array(
+        ["m.01\tpeople.person.nationality\tm.02 m.03", "/m/01\t/a/b\t/m/02", "xyz\t/a/b\t/m/1",
+         "/m/1\t/a/b\t/m/2 bad", "www.freebase.com/m/01\t/a/b\twww.freebase.com/m/02"] * 20
+    )  # fmt: skip
+    plain = parse_grouped_facts(lines, 1, "kb")
+    coded = parse_grouped_facts(lines, 1, "kb", dictionary=True)
+    assert pa.types.is_dictionary(coded.table.schema.field("subject").type)
+    assert coded.table.cast(formats.FACTS_SCHEMA).equals(plain.table)
+    assert coded.rejects.equals(plain.rejects)
+    keys = normalize_keys(pa.array(["m.01", "/m/01", "bad", None], pa.string()), dictionary=True)
+    assert keys.cast(pa.string()).to_pylist() == ["/m/01", "/m/01", None, None]
+    assert keys.null_count == 2  # invalid keys are null indices
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "www.freebase.com/m/01\twww.freebase.com/a/b\twww.freebase.com/m/02 m.03\n/m/04\t/a/b\t/m/05\n",
+        "/m/01\t/a/b\t/m/02\n/m/04\t/a/b\t/m/05",  # no final newline
+        "/m/01\t/a/b\t/m/02\n\n/m/04\t/a/b\t/m/05\n",  # empty line
+        "/m/01\t/a/b\t/m/02\r\n/m/04\t/a/b\t/m/05\r\n",  # CRLF
+        "/m/01\t/a/b\n/m/04\t/a/b\t/m/05\n",  # field count
+        "/m/01\t/a/b\t/m/02\t\n",  # trailing TAB
+        "/m/01\t/a/b\t \n",  # no objects
+        "xyz\t/a/b\t/m/02\n",  # bad key
+        '/m/01\t/a/b\t"/m/02"\n',  # quotes are plain characters
+        "/m/01\t/a/\xff\t/m/02\n/m/01\t/a/b\t/m/02\n",  # invalid UTF-8 (latin-1 byte)
+        "",
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("single_object", [False, True])
+def test_parse_grouped_bytes_equals_line_path(text, single_object):
+    data = text.encode("latin-1") if "\xff" in text else text.encode()
+    n = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+    fast = formats.parse_grouped_bytes(data, 7, n, "kb", single_object=single_object)
+    body = data[:-1] if data.endswith(b"\n") else data
+    lines = formats._bytes_to_lines(body) if data else pa.array([], pa.string())
+    slow = parse_grouped_facts(lines, 7, "kb", single_object=single_object)
+    assert fast.lines == slow.lines == n
+    assert fast.table.equals(slow.table) and fast.rejects.equals(slow.rejects)

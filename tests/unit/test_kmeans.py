@@ -205,3 +205,86 @@ def test_build_index_validation():
         factory(fit_transform(1.0), np.array([3, 1]))
     with pytest.raises(ValueError, match="parents"):
         ClusterIndex(fit_transform(1.0), [torch.zeros(2, 3), torch.zeros(4, 3)], [], np.zeros(3))
+
+
+# ---- factorised data access and grouped (batched) levels --------------------------------------
+
+
+def _factorised(n=300, ne=120, nr=7, d=6, seed=0):
+    from hmn.memory import FactorisedMemory, build_fact_vectors
+
+    rng = np.random.default_rng(seed)
+    ent = (rng.standard_normal((ne, d)) * np.exp(0.4 * rng.standard_normal((ne, 1)))).astype(
+        np.float32
+    )
+    rel = rng.standard_normal((nr, d)).astype(np.float32)
+    offsets = np.concatenate([[0], np.cumsum(rng.integers(1, 4, n))])
+    parts = (ent, rel, rng.integers(0, ne, n), rng.integers(0, nr, n), offsets,
+             rng.integers(0, ne, offsets[-1]))
+    return FactorisedMemory(*parts), torch.from_numpy(build_fact_vectors(*parts))
+
+
+def test_factorised_data_equals_in_memory_data():
+    from hmn.kmeans import FactorisedData
+
+    fm, x = _factorised()
+    t = fit_transform(float(x.norm(dim=1).max()))
+    c = torch.nn.functional.normalize(torch.randn(9, x.shape[1] + 3), dim=1)
+    ids = np.arange(3, 300, 4)
+    for a, b in [
+        (FactorisedData(fm, chunk=37, transform=t.facts), InMemoryData(x, transform=t.facts)),
+        (FactorisedData(fm, ids, transform=t.facts), InMemoryData(x[ids], transform=t.facts)),
+    ]:
+        assert (a.n, a.d) == (b.n, b.d)
+        sa, ca, oa = a.partial_stats(c)
+        sb, cb, ob = b.partial_stats(c)
+        np.testing.assert_array_equal(ca, cb)
+        np.testing.assert_allclose(sa, sb, atol=1e-5)
+        assert oa == pytest.approx(ob, rel=1e-6)
+        np.testing.assert_array_equal(a.assign(c), b.assign(c))
+        assert a.max_norm() == pytest.approx(b.max_norm(), rel=1e-6)
+        torch.testing.assert_close(a.rows(np.array([5, 1])), b.rows(np.array([5, 1])))
+
+
+def test_factorised_index_equals_dense_index():
+    fm, x = _factorised()
+    a = build_index_from_vectors(fm, branching=[4, 3], seed=0, iters=8)
+    b = build_index_from_vectors(x, branching=[4, 3], seed=0, iters=8)
+    assert a.transform.scale == pytest.approx(b.transform.scale, rel=1e-6)
+    assert (a.fact_leaf == b.fact_leaf).mean() > 0.99
+    for ca, cb in zip(a.centroids, b.centroids):
+        torch.testing.assert_close(ca, cb, atol=1e-4, rtol=0)
+
+
+def test_grouped_kmeans_matches_separate_runs_per_group():
+    from hmn.kmeans import grouped_spherical_kmeans
+
+    x, labels = _blobs(n_per=50, centres=6, d=10, noise=0.3, seed=2)
+    groups = labels % 3  # 3 groups of 100 rows
+    ks = np.array([4, 2, 3])
+    res = grouped_spherical_kmeans(InMemoryData(x, chunk=17, groups=groups), ks, iters=15, seed=0)
+    offsets = np.concatenate([[0], np.cumsum(ks)])
+    assert res.centroids.shape == (9, 10) and res.group_objectives.shape == (3,)
+    for g in range(3):  # every row joined a centroid of its own group
+        a = res.assignments[groups == g]
+        assert a.min() >= offsets[g] and a.max() < offsets[g + 1]
+        sep = spherical_kmeans(InMemoryData(x[groups == g]), int(ks[g]), iters=15, seed=g)
+        ours = _objective(x[groups == g], res.centroids[offsets[g] : offsets[g + 1]])
+        assert ours >= 0.99 * _objective(x[groups == g], sep.centroids)
+    obj = [s["objective"] for s in res.stats]
+    assert all(b >= a - 1e-6 * abs(a) for a, b in zip(obj, obj[1:]))
+    with pytest.raises(ValueError, match=r"ks\[1\]=0"):
+        grouped_spherical_kmeans(InMemoryData(x, groups=groups), np.array([1, 0, 1]))
+    with pytest.raises(TypeError, match="grouped"):
+        grouped_spherical_kmeans(InMemoryData(x), ks)
+
+
+def test_batched_levels_match_per_parent_levels():
+    x = _facts(n=800)
+    a = build_index_from_vectors(x, branching=[6, 4], seed=0, batched_levels=True)
+    b = build_index_from_vectors(x, branching=[6, 4], seed=0, batched_levels=False)
+    np.testing.assert_array_equal(a.parents[0], b.parents[0])
+    oa = sum(r["objective"] for r in a.stats["levels"][1]["kmeans"])
+    ob = sum(r["objective"] for r in b.stats["levels"][1]["kmeans"])
+    assert oa == pytest.approx(ob, rel=0.02)
+    assert a.stats["levels"][1]["batched"] is True

@@ -93,3 +93,61 @@ def test_fact_memory_validation():
         mem.scores(torch.randn(2, 3), torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="1-D"):
         mem.scores(torch.randn(2, 3), torch.tensor([[0]]))
+
+
+# ---- FactorisedMemory ------------------------------------------------------------------------
+
+
+def _random_kb(n=57, ne=40, nr=6, d=5, seed=0):
+    rng = np.random.default_rng(seed)
+    ent = rng.standard_normal((ne, d)).astype(np.float32)
+    rel = rng.standard_normal((nr, d)).astype(np.float32)
+    lengths = rng.integers(1, 4, n)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return (ent, rel, rng.integers(0, ne, n), rng.integers(0, nr, n), offsets,
+            rng.integers(0, ne, offsets[-1]))
+
+
+def test_factorised_memory_gathers_the_dense_rows():
+    from hmn.memory import FactorisedMemory
+
+    parts = _random_kb()
+    dense = build_fact_vectors(*parts)
+    fm = FactorisedMemory(*parts)
+    assert (fm.n, fm.d, fm.width) == (57, 15, 5)
+    torch.testing.assert_close(fm.gather(np.array([3, 0, 56, 3])), torch.from_numpy(dense[[3, 0, 56, 3]]))
+    torch.testing.assert_close(fm.rows_between(10, 20), torch.from_numpy(dense[10:20]))
+    torch.testing.assert_close(fm.dense().vectors, torch.from_numpy(dense))
+    assert fm.nbytes() > 0
+
+
+def test_factorised_scores_equal_dense_scores():
+    from hmn.memory import FactorisedMemory
+
+    parts = _random_kb(seed=2)
+    fm = FactorisedMemory(*parts)
+    dense = FactMemory(torch.from_numpy(build_fact_vectors(*parts)))
+    q = torch.randn(4, 15)
+    torch.testing.assert_close(fm.scores(q), dense.scores(q), rtol=1e-5, atol=1e-5)
+    ids = torch.tensor([5, 1, 1])
+    torch.testing.assert_close(fm.scores(q, ids), dense.scores(q, ids), rtol=1e-5, atol=1e-5)
+    parts_ = fm.partial_scores(fm.check_queries(q))
+    torch.testing.assert_close(fm.scores_from_parts(parts_, 7, 30), dense.scores(q)[:, 7:30],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_factorised_memory_validation():
+    from hmn.memory import FactorisedMemory
+
+    ent, rel, subj, rels, offsets, objs = _random_kb()
+    with pytest.raises(ValueError, match="subject_ids"):
+        FactorisedMemory(ent, rel, subj + 100, rels, offsets, objs)
+    with pytest.raises(ValueError, match="no object"):
+        FactorisedMemory(ent, rel, subj, rels, np.concatenate([[0, 0], offsets[2:]]), objs)
+    with pytest.raises(ValueError, match="width"):
+        FactorisedMemory(ent, rel[:, :2], subj, rels, offsets, objs)
+    fm = FactorisedMemory(ent, rel, subj, rels, offsets, objs)
+    with pytest.raises(ValueError, match=r"\[0, 57\)"):
+        fm.gather(np.array([57]))
+    with pytest.raises(ValueError, match="D=15"):
+        fm.scores(torch.randn(2, 4))

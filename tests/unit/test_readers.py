@@ -164,3 +164,46 @@ def test_recall_at_k():
     with pytest.raises(ValueError, match="k=4"):
         recall_at_k(approx, exact, 4)
     assert np.isfinite(recall_at_k(exact, exact, 2))
+
+
+def test_factorised_exact_equals_dense_exact():
+    from hmn.memory import FactorisedMemory, build_fact_vectors
+    from hmn.readers import FactorisedExactReader
+
+    rng = np.random.default_rng(0)
+    ent = rng.standard_normal((90, 6)).astype(np.float32)
+    rel = rng.standard_normal((7, 6)).astype(np.float32)
+    offsets = np.concatenate([[0], np.cumsum(rng.integers(1, 4, 400))])
+    parts = (ent, rel, rng.integers(0, 90, 400), rng.integers(0, 7, 400), offsets,
+             rng.integers(0, 90, offsets[-1]))
+    fm, dense = FactorisedMemory(*parts), FactMemory(torch.from_numpy(build_fact_vectors(*parts)))
+    q = torch.randn(9, 18)
+    ref = ExactReader(dense).search(q, 10)
+    for chunk in (33, 1 << 20):
+        got = make_reader("exact-factorised", fm, chunk=chunk).search(q, 10)
+        assert isinstance(make_reader("exact-factorised", fm), FactorisedExactReader)
+        assert torch.equal(got.ids, ref.ids)
+        torch.testing.assert_close(got.scores, ref.scores, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got.touched, ref.touched)
+    assert torch.equal(ExactReader(fm).search(q, 10).ids, ref.ids)
+    with pytest.raises(TypeError, match="FactorisedMemory"):
+        make_reader("exact-factorised", dense)
+    # the clustered reader reads a factorised memory too
+    idx = build_index_from_vectors(fm, branching=[4], seed=0)
+    a = ClusteredReader(fm, idx, top_clusters=2).search(q, 10)
+    b = ClusteredReader(dense, idx, top_clusters=2).search(q, 10)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.touched, b.touched)
+
+
+def test_registry_lists_every_reader_and_matches_config():
+    from hmn.config import READER_NAMES, ReaderConfig
+
+    assert set(READERS) == set(READER_NAMES)
+    mem = FactMemory(torch.randn(50, 4))
+    with pytest.raises(ValueError, match="known readers.*exact-factorised.*faiss-ivf.*pca-tree"):
+        make_reader("nope", mem)
+    cfg = ReaderConfig(pca_depth=2, wta_bands=2, wta_window=4, ivf_nlist=4, ivf_nprobe=2)
+    for name in READER_NAMES:
+        if name in ("clustered", "exact-factorised"):
+            continue
+        assert make_reader(name, mem, **cfg.params(name, training=False)).name == name

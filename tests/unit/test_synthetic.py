@@ -131,3 +131,46 @@ def test_small_chunks_same_bytes(tmp_path, small):
     for key, path in small["files"].items():
         with open(path, "rb") as a, open(again["files"][key], "rb") as b:
             assert a.read() == b.read(), key
+
+
+def test_presets_and_scaling():
+    from hmn.synthetic import PRESETS, scaled_fb2m
+
+    fb2m = PRESETS["fb2m"]
+    assert (fb2m.entities, fb2m.relations, fb2m.facts) == (2_150_000, 6_700, 10_800_000)
+    assert (PRESETS["fb5m"].entities, PRESETS["fb5m"].facts) == (4_900_000, 12_000_000)
+    smoke = PRESETS["smoke"]
+    assert (smoke.entities, smoke.relations, smoke.facts) == (3000, 40, 4000)
+    assert scaled_fb2m(10_800_000) == fb2m
+    small = scaled_fb2m(20_000)
+    assert small.facts == 20_000 and small.entities == round(2_150_000 * 20_000 / 10_800_000)
+    for spec in PRESETS.values():
+        spec.validate()
+    with pytest.raises(ValueError, match="synthetic.objects_decay"):
+        SyntheticSpec(objects_decay=1.0).validate()
+
+
+def test_cli_fb2m_like_statistics(tmp_path):
+    """The CLI at a small scale keeps FB2M's ratios: ~0.2 entities per fact, ~1.3 objects per
+    fact, heavy-tailed subject degrees; every file parses without rejects."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "hmn.synthetic", "--facts", "20000", "--seed", "5", "--out",
+         str(out)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    result = json.loads(proc.stdout)
+    stats = result["stats"]
+    assert stats["facts"] == 20_000 and result["spec"]["seed"] == 5
+    assert 1.25 <= stats["objects_per_fact"] <= 1.35
+    assert stats["max_subject_degree"] >= 10
+    facts, rej, lines = _parse(result["files"]["kb"], parse_grouped_facts)
+    assert rej == 0 and lines == 20_000
+    assert max(len(f["objects"]) for f in facts) > 3  # a longer tail than the default
+    for split in ("train", "dev", "test"):
+        _, rej, _ = _parse(result["files"][f"questions_{split}"], parse_questions)
+        assert rej == 0

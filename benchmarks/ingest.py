@@ -1,0 +1,220 @@
+"""Ingest throughput and memory at FB2M scale, against the raw upper bound.
+
+    python benchmarks/ingest.py [--facts-file FILE | --facts 10800000] [--work DIR]
+
+Without ``--facts-file`` a synthetic FB2M-like ``kb.txt`` (``python -m hmn.synthetic --facts N``)
+is generated into ``--work`` (reused when present). Then, in the same run:
+
+1. raw upper bound: ``pyarrow.csv.read_csv`` of the same file with no transformation (TAB
+   delimiter, no quoting, three string columns, multithreaded), in a subprocess of its own so that
+   its memory does not count against the ingest;
+2. the ingest stage (``pipeline.stages.ingest.run_ingest``) on a local Ray with one logical CPU per
+   core, the file alone as the facts source, into a fresh folder (``ray.init`` and a warm-up job
+   that starts the workers are not timed).
+
+Peak memory: a sampler thread reads, every 0.2 s, ``/proc/<pid>/smaps_rollup`` of this process
+and of every descendant (Ray's GCS, raylet and workers are children of this driver) and keeps
+the largest sum of RSS and of PSS over the tree (PSS splits shared pages such as the plasma object
+store between the processes that map them, so the PSS sum does not count them twice; the RSS sum
+is an upper bound). The driver's own ``VmHWM`` is reported too.
+
+The last line is one JSON object: ``lines_per_s``, ``raw_lines_per_s``, ``ratio``, ``peak_rss_gb``
+(the PSS sum) and details.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RAW_CODE = """
+import sys, time, json
+import pyarrow as pa, pyarrow.csv as pacsv
+t = time.perf_counter()
+table = pacsv.read_csv(
+    sys.argv[1],
+    read_options=pacsv.ReadOptions(column_names=["s", "p", "o"], block_size=16 << 20),
+    parse_options=pacsv.ParseOptions(delimiter="\\t", quote_char=False),
+    convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in "spo"}),
+)
+print(json.dumps({"rows": table.num_rows, "seconds": time.perf_counter() - t}))
+"""
+
+
+def _tree_pids(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def _rollup(pid: int) -> tuple[int, int]:
+    rss = pss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Rss:"):
+                    rss = int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return rss, pss
+
+
+class TreeMemorySampler(threading.Thread):
+    """Largest RSS and PSS sums over this process and its descendants, sampled."""
+
+    def __init__(self, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.peak_rss = self.peak_pss = 0
+        self.peak_procs = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.sample()
+            self._halt.wait(self.interval)
+
+    def sample(self) -> None:
+        pids = _tree_pids(os.getpid())
+        rss = pss = 0
+        for pid in pids:
+            r, p = _rollup(pid)
+            rss += r
+            pss += p
+        if pss > self.peak_pss:
+            self.peak_pss, self.peak_procs = pss, len(pids)
+        self.peak_rss = max(self.peak_rss, rss)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+        self.sample()
+
+
+def _vm_hwm() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _loadavg() -> list[float]:
+    return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--facts-file", help="grouped-facts file (default: generate one)")
+    parser.add_argument("--facts", type=int, default=10_800_000, help="facts to generate")
+    parser.add_argument("--work", default="/tmp/hmn-bench-ingest", help="work folder")
+    parser.add_argument("--chunk-lines", type=int, default=1_000_000, help="lines per parse task")
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2, help="Ray CPUs")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.facts_file:
+        kb = Path(args.facts_file)
+    else:
+        kb = work / f"syn-{args.facts}" / "kb.txt"
+        if not kb.exists():
+            print(f"generating {args.facts} facts into {kb.parent}", flush=True)
+            subprocess.run(
+                [sys.executable, "-m", "hmn.synthetic", "--facts", str(args.facts), "--out",
+                 str(kb.parent)],
+                check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
+            )  # fmt: skip
+    size_gb = kb.stat().st_size / 1e9
+    subprocess.run(["cat", str(kb)], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
+
+    # 1. raw upper bound, its own process
+    load_raw = _loadavg()
+    out = subprocess.run(
+        [sys.executable, "-c", RAW_CODE, str(kb)], check=True, capture_output=True, text=True
+    )
+    raw = json.loads(out.stdout.strip().splitlines()[-1])
+    raw_lps = raw["rows"] / raw["seconds"]
+    print(f"raw pyarrow.csv.read_csv: {raw['rows']} rows in {raw['seconds']:.2f} s "
+          f"= {raw_lps:,.0f} lines/s", flush=True)  # fmt: skip
+
+    # 2. the ingest stage on Ray
+    import ray
+
+    from pipeline.stages.ingest import IngestSources, run_ingest
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)  # fmt: skip
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    # start the Ray workers before timing (a warm cluster, as in a long-running deployment)
+    ray.data.range(8, override_num_blocks=args.num_cpus).map_batches(lambda b: b).materialize()
+    out_dir = work / f"out-{int(time.time())}"
+    sampler = TreeMemorySampler()
+    sampler.start()
+    load_before = _loadavg()
+    t0 = time.perf_counter()
+    stats = run_ingest(IngestSources(facts=[str(kb)], facts_format="grouped"), str(out_dir),
+                       chunk_lines=args.chunk_lines)  # fmt: skip
+    seconds = time.perf_counter() - t0
+    load_after = _loadavg()
+    sampler.stop()
+    ray.shutdown()
+    lines = stats["totals"]["lines"]
+    lps = lines / seconds
+    result = {
+        "lines_per_s": round(lps),
+        "raw_lines_per_s": round(raw_lps),
+        "ratio": round(lps / raw_lps, 3),
+        "peak_rss_gb": round(sampler.peak_pss / 1e9, 2),
+        "peak_rss_sum_gb": round(sampler.peak_rss / 1e9, 2),
+        "driver_vmhwm_gb": round(_vm_hwm() / 1e9, 2),
+        "peak_processes": sampler.peak_procs,
+        "lines": lines,
+        "file_gb": round(size_gb, 3),
+        "ingest_s": round(seconds, 2),
+        "raw_s": round(raw["seconds"], 2),
+        "timings_s": stats["timings_s"],
+        "entities": stats["totals"]["entities"],
+        "relations": stats["totals"]["relations"],
+        "facts": stats["totals"]["facts"],
+        "chunk_lines": args.chunk_lines,
+        "ray_num_cpus": args.num_cpus,
+        "cores": os.cpu_count(),
+        "loadavg_raw": load_raw,
+        "loadavg_ingest_start": load_before,
+        "loadavg_ingest_end": load_after,
+    }
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
