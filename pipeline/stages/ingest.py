@@ -253,6 +253,32 @@ def _finish(item: dict, parsed: list[formats.Parsed], lines: list[pa.Array], fir
     }
 
 
+def _mid_dictionary(arr: pa.Array) -> pa.Array:
+    """A dictionary-encoded key column whose (referenced) keys are all machine ids, re-encoded
+    as ``dictionary<int32, int64>`` over the sorted distinct :func:`_mid_codes` (done in the
+    parse tasks, in parallel, so that the driver merges sorted integer runs instead of hashing
+    strings). Any other column is returned as it is."""
+    if not pa.types.is_dictionary(arr.type) or arr.null_count or not len(arr):
+        return arr
+    dictionary, indices = _dict_parts(arr)
+    codes = _mid_codes(dictionary)
+    if (codes < 0).any():
+        return arr
+    uniq, inv = np.unique(codes, return_inverse=True)
+    return pa.DictionaryArray.from_arrays(pa.array(inv[indices].astype(np.int32)), pa.array(uniq))
+
+
+def _encode_mids(table: pa.Table) -> pa.Table:
+    subject = _mid_dictionary(_column(table, "subject"))
+    objects = _column(table, "objects")
+    values = _mid_dictionary(pc.list_flatten(objects))
+    if values is not objects.values:
+        objects = pa.ListArray.from_arrays(objects.offsets, values)
+    return table.set_column(table.schema.get_field_index("subject"), "subject", subject).set_column(
+        table.schema.get_field_index("objects"), "objects", objects
+    )
+
+
 def _parse_item(item: dict) -> dict:
     """Parse one work item (a chunk of a plain file, or a whole compressed file, streamed)."""
     if item["byte_end"] >= 0:
@@ -264,6 +290,7 @@ def _parse_item(item: dict) -> dict:
                 formats.read_chunk_bytes(chunk), chunk.first_line, chunk.lines, chunk.path,
                 single_object=item["format"] == "triples", dictionary=True,
             )  # fmt: skip
+            parsed.table = _encode_mids(parsed.table)
             return _finish(item, [parsed], [None], [chunk.first_line])
         pieces = [(chunk.first_line, formats.read_line_chunk(chunk))]
     else:
@@ -273,7 +300,8 @@ def _parse_item(item: dict) -> dict:
         parsed.append(_parse_lines(item, chunk_lines, first_line))
         firsts.append(first_line)
         # the raw lines are kept only where a text column is built from them
-        lines.append(chunk_lines if item["kind"] != "facts" else None)
+        keep_text = item["kind"] != "facts" and item["format"] != "rdf"
+        lines.append(chunk_lines if keep_text else None)
     if not parsed:  # empty compressed file
         return _empty_result(item)
     return _finish(item, parsed, lines, firsts)
@@ -476,11 +504,29 @@ def _assign_ids(parts: list[tuple[pa.Array, np.ndarray]]) -> tuple[pa.Array, np.
     key set would rebuild a hash table of every key per call.)"""
     if not parts:
         return pa.array([], pa.string()), np.zeros(0, dtype=np.int64)
-    allkeys = pa.concat_arrays([d.cast(pa.string()) for d, _ in parts])
+    coded = [pa.types.is_integer(d.type) for d, _ in parts]
+    if all(coded):
+        # machine ids only, each chunk's codes sorted by its task: a stable sort merges the runs
+        codes = np.concatenate([d.to_numpy() for d, _ in parts])
+        perm = np.argsort(codes, kind="stable")
+        ordered = codes[perm]
+        new = np.ones(len(ordered), dtype=bool)
+        new[1:] = ordered[1:] != ordered[:-1]
+        entry_id = np.empty(len(codes), dtype=np.int64)
+        entry_id[perm] = np.cumsum(new) - 1
+        distinct_sorted = _mid_strings(ordered[new])
+        ids, offset = [], 0
+        for d, idx in parts:
+            ids.append(entry_id[offset + idx])
+            offset += len(d)
+        return distinct_sorted, np.concatenate(ids)
+    allkeys = pa.concat_arrays(
+        [_mid_strings(d.to_numpy()) if c else d.cast(pa.string()) for (d, _), c in zip(parts, coded)]
+    )
     codes = _mid_codes(allkeys)  # (entries,) order-preserving int64 of /m/ keys, -1 otherwise
     mid = codes >= 0
     if mid.all():
-        # Freebase machine ids only: integer sort, no string hashing (the common case)
+        # Freebase machine ids only: integer sort, no string hashing
         uniq, entry_id = np.unique(codes, return_inverse=True)
         distinct_sorted = _mid_strings(uniq)
     else:
@@ -512,6 +558,10 @@ _MID_LUT[np.frombuffer(_MID_CHARS.encode(), dtype=np.uint8)] = np.arange(1, _MID
 _MID_POW = _MID_BASE ** np.arange(_MID_LEN - 1, -1, -1, dtype=np.int64)
 
 
+_MID_LUT8 = np.where(_MID_LUT == 255, 255, _MID_LUT).astype(np.uint8)
+_MID_LUT8[0] = 0  # the padding byte of _mid_codes_padded: end of key
+
+
 def _mid_codes(keys: pa.Array, block: int = 1 << 20) -> np.ndarray:
     """:data:`_MID_CHARS` codes of canonical machine-id keys; -1 for any other key."""
     keys = keys.cast(pa.string())
@@ -519,6 +569,9 @@ def _mid_codes(keys: pa.Array, block: int = 1 << 20) -> np.ndarray:
     out = np.full(n, -1, dtype=np.int64)
     if n == 0:
         return out
+    fast = _mid_codes_padded(keys)
+    if fast is not None:
+        return fast
     offsets = np.frombuffer(keys.buffers()[1], dtype=np.int32)[keys.offset : keys.offset + n + 1]
     data = keys.buffers()[2]
     data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(1, np.uint8)
@@ -540,6 +593,27 @@ def _mid_codes(keys: pa.Array, block: int = 1 << 20) -> np.ndarray:
         code = (np.where(digits == 255, 0, digits) * _MID_POW).sum(axis=1)
         out[lo : lo + len(length)] = np.where(ok, code, -1)
     return out
+
+
+def _mid_codes_padded(keys: pa.Array) -> np.ndarray | None:
+    """:func:`_mid_codes` without gathers: keys of 4 to 15 ASCII bytes padded with NUL to 15
+    bytes form one (n, 15) byte matrix. None when some key does not fit (the general path)."""
+    width = 3 + _MID_LEN
+    length = pc.binary_length(keys).to_numpy(zero_copy_only=False)
+    if keys.null_count or length.min() < 4 or length.max() > width:
+        return None
+    padded = pc.utf8_rpad(keys, width=width, padding="\x00")
+    offsets = np.frombuffer(padded.buffers()[1], dtype=np.int32)
+    start = int(offsets[padded.offset])
+    if int(offsets[padded.offset + len(keys)]) - start != width * len(keys):
+        return None  # multi-byte characters
+    mat = np.frombuffer(padded.buffers()[2], dtype=np.uint8, count=width * len(keys), offset=start)
+    mat = mat.reshape(len(keys), width)  # (n, 15)
+    ok = (mat[:, 0] == 47) & (mat[:, 1] == 109) & (mat[:, 2] == 47)  # "/m/"
+    digits = _MID_LUT8[mat[:, 3:]]  # (n, 12), 0 = end, 255 = not a mid character
+    ok &= (digits != 255).all(axis=1) & ((digits > 0).sum(axis=1) == length - 3)  # no inner NUL
+    code = digits.astype(np.int64) @ _MID_POW
+    return np.where(ok, code, -1)
 
 
 def _mid_strings(codes: np.ndarray) -> pa.Array:
