@@ -122,6 +122,14 @@ class IngestConfig:
 class EmbedConfig:
     entities_file: str = _f("", "pretrained entity embeddings (key<TAB>v1 ... vd); empty = train TransE")
     relations_file: str = _f("", "pretrained relation embeddings, same format")
+    format: str = _f("auto", "embedding file format: 'text' (key v1 ... vd, optional word2vec "
+                             "header), 'npy' (+ keys file), 'openke' (entity2vec.bin + entity2id.txt) "
+                             "or 'auto'")
+    entities_keys: str = _f("", "key list of the entity file (npy: one key per line; openke: "
+                                "entity2id.txt, found beside the .bin when empty)")
+    relations_keys: str = _f("", "key list of the relation file, as entities_keys")
+    missing: str = _f("fail", "knowledge-base keys without an embedding: 'fail', or 'init' "
+                              "(TransE's uniform initialisation, seeded, counted in the stats)")
     dim: int = _f(200, "TransE dimension (the paper: 200, so facts are 600-d)")
     norm: int = _f(1, "TransE distance: 1 (L1) or 2 (L2)")
     margin: float = _f(1.0, "margin of the ranking loss")
@@ -144,6 +152,9 @@ class EmbedConfig:
         _check(self.lr > 0, s, "lr", self.lr, "must be > 0")
         _check(self.negatives in ("unif", "bern"), s, "negatives", self.negatives,
                "must be 'unif' or 'bern'")
+        _check(self.format in ("auto", "text", "npy", "openke"), s, "format", self.format,
+               "must be one of auto, text, npy, openke")
+        _check(self.missing in ("fail", "init"), s, "missing", self.missing, "must be 'fail' or 'init'")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import numpy as np
 import ray
 
 from hmn.config import EmbedConfig
-from hmn.formats import read_embedding_text
+from hmn.embedding_files import align_embeddings, read_embeddings
 from hmn.transe import TransEParams, embeddings_fingerprint, link_prediction, train_transe
 from pipeline.artifacts import KnowledgeBase, write_vectors
 
@@ -74,9 +74,11 @@ def run_embed(cfg: EmbedConfig, ingest_dir: Path, out: Path, checkpoint_dir: Pat
     E, R = len(kb.entity_keys), len(kb.relation_keys)
     stats: dict = {"entities": E, "relations": R}
     if cfg.entities_file:
-        ent, missing_e = _align(cfg.entities_file, kb.entity_keys, cfg.dim, cfg.seed, "entity")
-        rel, missing_r = _align(cfg.relations_file, kb.relation_keys, cfg.dim, cfg.seed + 1, "relation")
-        stats.update(source="files", missing_entities=missing_e, missing_relations=missing_r)
+        ent, missing_e = _load(cfg, cfg.entities_file, cfg.entities_keys, kb.entity_keys, cfg.seed, "entity")
+        rel, missing_r = _load(cfg, cfg.relations_file, cfg.relations_keys, kb.relation_keys, cfg.seed + 1,
+                               "relation")
+        stats.update(source="files", format=cfg.format, missing_policy=cfg.missing,
+                     missing_entities=missing_e, missing_relations=missing_r)
     else:
         triples = kb.triples()
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -101,14 +103,13 @@ def run_embed(cfg: EmbedConfig, ingest_dir: Path, out: Path, checkpoint_dir: Pat
     return stats
 
 
-def _align(path: str, keys: np.ndarray, dim: int, seed: int, what: str) -> tuple[np.ndarray, int]:
-    """Rows of a text embedding file in knowledge-base id order; missing keys fail."""
-    file_keys, vectors = read_embedding_text(path, expected_dim=dim)
-    index = {k: i for i, k in enumerate(file_keys)}
-    rows = np.array([index.get(k, -1) for k in keys], dtype=np.int64)
-    missing = int((rows < 0).sum())
+def _load(cfg: EmbedConfig, path: str, keys_path: str, kb_keys: np.ndarray, seed: int,
+          what: str) -> tuple[np.ndarray, int]:
+    """Rows of an embedding file in knowledge-base id order; missing keys per `embed.missing`."""
+    keys, vectors = read_embeddings(path, fmt=cfg.format, keys_path=keys_path or None, expected_dim=cfg.dim)
+    aligned, missing = align_embeddings(list(kb_keys), keys, vectors, policy=cfg.missing, seed=seed,
+                                        what=what, source=path)
     if missing:
-        examples = ", ".join(str(k) for k in keys[rows < 0][:5])
-        raise ValueError(f"{path}: {missing} {what} keys of the knowledge base have no embedding "
-                         f"(e.g. {examples})")
-    return vectors[rows], missing
+        log.warning("%s: %d %s keys of the knowledge base had no embedding; initialised (embed.missing=init)",
+                    path, missing, what)
+    return aligned, missing

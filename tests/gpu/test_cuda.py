@@ -25,7 +25,7 @@ def test_training_step_on_cuda_matches_cpu():
         mem = memory.to(device)
         reader = ExactReader(FactMemory(mem))
         opt = torch.optim.Adam(model.parameters(), lr=0.05)
-        for epoch in range(3):
+        for _ in range(3):
             stats = train_epoch(model, iterate_batches(tokens, gold, 64, shuffle=False, device=device),
                                 mem, reader, opt, k=10)
         preds = predict(model, reader, tokens, k=10, device=device)

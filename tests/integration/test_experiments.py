@@ -49,3 +49,18 @@ def test_table1_subset_end_to_end(ray_local, tmp_path, capsys):
     assert evaluate.main(["--run-dir", str(variant), "--questions", str(dev), "--reader", "clustered"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["reader"] == "clustered" and out["questions"] == 150
+
+
+def test_table2_variant_builds_its_own_index(ray_local, tmp_path):
+    cfg = load_config(ROOT / "configs/smoke.yaml", TINY + ["train.num_workers=0", "train.max_epochs=1"])
+    base = RunDir(tmp_path / "exp2")
+    name = "top-k+sample-k-c12"  # ~50 facts per cluster on 600 facts
+    assert name in {v.name for v in table2(cfg, 600)}
+    result = run_experiment("table2", cfg, base, only=(name,))
+    row = result["rows"][0]
+    variant = base.root / "experiments" / "table2" / name
+    assert not (variant / "memory").is_symlink() and (variant / "ingest").is_symlink()
+    index = json.loads((variant / "memory" / "stats.json").read_text())
+    assert index["leaves"] == row["branching"][0] == 12  # ~50 facts per cluster on 600 facts
+    assert row["facts_per_query"] < 600
+    assert (base.root / "eval" / "table2.md").read_text().count("Top-K + Sample-K") == 1

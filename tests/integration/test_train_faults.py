@@ -12,8 +12,8 @@ from pathlib import Path
 import psutil
 
 from hmn.config import load_config
-from pipeline.rundir import RunDir
 from pipeline.run import Pipeline
+from pipeline.rundir import RunDir
 from pipeline.stages.train import run_train
 
 from .test_pipeline import TINY

@@ -1,0 +1,61 @@
+"""The embed stage with user-supplied embeddings (no Ray needed on this path)."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from hmn.config import EmbedConfig
+from pipeline.artifacts import read_vectors
+from pipeline.stages.embed import run_embed
+
+
+def _kb(tmp_path):
+    kb = tmp_path / "ingest" / "kb"
+    kb.mkdir(parents=True)
+    pq.write_table(pa.table({"entity_id": pa.array([0, 1, 2], pa.int64()), "key": ["/m/a", "/m/b", "/m/c"],
+                             "name": ["a", None, "c"]}), kb / "entities.parquet")
+    pq.write_table(pa.table({"relation_id": pa.array([0], pa.int64()), "key": ["/r/x"]}), kb / "relations.parquet")
+    pq.write_table(pa.table({"fact_id": pa.array([0], pa.int64()), "subject_id": pa.array([0], pa.int64()),
+                             "relation_id": pa.array([0], pa.int64()),
+                             "object_ids": pa.array([[1, 2]], pa.list_(pa.int64()))}), kb / "facts.parquet")
+    return tmp_path / "ingest"
+
+
+def _write(path, rows):
+    path.write_text("".join(f"{k}\t{' '.join(map(str, v))}\n" for k, v in rows))
+    return str(path)
+
+
+def test_text_embeddings_are_aligned_and_missing_keys_follow_the_policy(tmp_path):
+    ingest = _kb(tmp_path)
+    ent = _write(tmp_path / "e.txt", [("www.freebase.com/m/b", [1, 2]), ("m.a", [3, 4])])  # /m/c missing
+    rel = _write(tmp_path / "r.txt", [("/r/x", [5, 6])])
+    cfg = EmbedConfig(entities_file=ent, relations_file=rel, dim=2)
+    with pytest.raises(ValueError, match=r"1 of 3 entity keys .*/m/c"):
+        run_embed(cfg, ingest, _out(tmp_path, "o1"), tmp_path / "ck")
+    out = _out(tmp_path, "o2")
+    stats = run_embed(dataclasses.replace(cfg, missing="init"), ingest, out, tmp_path / "ck")
+    assert stats["missing_entities"] == 1 and stats["missing_relations"] == 0
+    vectors = read_vectors(out / "entities.parquet")
+    assert vectors[0].tolist() == [3, 4] and vectors[1].tolist() == [1, 2]  # KB id order, keys normalised
+    assert np.isfinite(vectors[2]).all()
+    assert json.dumps(stats)  # JSON-able for stats.json
+
+
+def test_non_numeric_embedding_names_file_and_line(tmp_path):
+    ingest = _kb(tmp_path)
+    ent = _write(tmp_path / "e.txt", [("/m/a", [1, 2]), ("/m/b", ["x", 2]), ("/m/c", [1, 1])])
+    rel = _write(tmp_path / "r.txt", [("/r/x", [5, 6])])
+    with pytest.raises(ValueError, match=r"e\.txt:2: non-numeric value .x."):
+        run_embed(EmbedConfig(entities_file=ent, relations_file=rel, dim=2), ingest, _out(tmp_path, "o"),
+                  tmp_path / "ck")
+
+
+def _out(tmp_path, name):
+    p = tmp_path / name
+    p.mkdir()
+    return p
