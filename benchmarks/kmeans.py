@@ -1,21 +1,30 @@
-"""Spherical k-means: hmn (in-process torch, and over Ray shard actors) versus faiss.Kmeans.
+"""Spherical k-means: hmn over Ray shard actors (and in-process torch) versus faiss.Kmeans.
 
     .venv/bin/python benchmarks/kmeans.py [--n 1000000] [--k 1000] [--iters 5] [--sq-k 256]
                                           [--sq-iters 20] [--run-dir runs/sq32k]
+                                          [--configs ray-2x1 ray-1x2 torch] [--threads 2]
 
-Two data sets, each clustered by all three with the same number of iterations and 2 threads
-(faiss: omp 2 threads; torch: 2 threads; Ray: 2 shard actors of 1 CPU each, 1 thread each):
+Two data sets, each clustered by every method with the same number of iterations, the same
+seed and the same thread count (``--threads``, 2 by default):
 
-* synthetic: n x 600 float32, a mixture of 2k Gaussian blobs (so the objective has structure);
-* sq32k: the SQ-32k fact memory after the eq. 6-7 transform, unit-normalised (the rows the
-  index build clusters).
+* synthetic: n x 600 float32, a mixture of 2000 Gaussian blobs, rows unit-normalised;
+* sq32k: the SQ-32k fact memory (``<run-dir>/memory/facts.npy``) after the eq. 6-7 transform,
+  unit-normalised (the rows the index build clusters).
 
-faiss is given ``max_points_per_centroid`` large enough to train on every row (its default would
-subsample 256 k rows) and the rows pre-normalised; hmn starts from k-means++ on a sample, faiss
-from random rows.  Seconds per iteration exclude initialisation; the objective is
-sum_i max_j cos(x_i, c_j) of the final centroids, computed the same way for all.
-Last line printed: JSON with time_ratio_vs_faiss (ray / faiss seconds per iteration) and
-objective_gap ((faiss - ray) / faiss) per data set.
+Methods: ``faiss.Kmeans(d, k, niter, spherical=True, seed)`` with ``omp_set_num_threads``;
+hmn's ``spherical_kmeans`` over Ray shard actors (``ray-AxT``: A actors of T CPUs, each
+running torch with T threads, so A x T = threads); hmn in this process (``torch``).
+faiss gets ``max_points_per_centroid`` large enough to train on every row (its default would
+subsample 256 rows per centroid) and hmn starts from k-means++ on a sample, faiss from random rows.
+
+Seconds per iteration are steady-state: faiss's cumulative iteration times (``iteration_stats``)
+differenced, and the mean of hmn's per-iteration seconds after the first; both exclude the
+initialisation.  ``total / iters`` (including initialisation) is reported as well.  The objective
+is sum_i max_j cos(x_i, c_j) of the final centroids, computed the same way for all.
+Last line printed: JSON with, per data set, ``time_ratio_vs_faiss`` (the fastest Ray
+configuration / faiss, steady seconds per iteration; each configuration's ratio is in
+``benchmarks/out/kmeans.json``) and ``objective_gap`` ((faiss - ray) / faiss: negative = hmn's
+objective is higher).
 """
 
 from __future__ import annotations
@@ -33,65 +42,85 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from hmn.kmeans import InMemoryData, spherical_kmeans  # noqa: E402
 from hmn.mips import fit_transform  # noqa: E402
 
 
+def log(*a) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
 def objective(x: np.ndarray, c: np.ndarray) -> float:
+    """sum_i max_j cos(x_i, c_j) for unit rows x."""
     return float(InMemoryData(torch.from_numpy(x)).partial_stats(torch.from_numpy(c))[2])
 
 
-def run_faiss(x: np.ndarray, k: int, iters: int, seed: int) -> dict:
+def _steady(seconds: list[float]) -> float:
+    return float(np.mean(seconds[1:] if len(seconds) > 1 else seconds))
+
+
+def run_faiss(x: np.ndarray, k: int, iters: int, seed: int, threads: int) -> dict:
     import faiss
 
-    faiss.omp_set_num_threads(2)
+    faiss.omp_set_num_threads(threads)
     km = faiss.Kmeans(x.shape[1], k, niter=iters, spherical=True, seed=seed,
                       max_points_per_centroid=max(256, -(-x.shape[0] // k)), verbose=False)
     t0 = time.perf_counter()
     km.train(x)
     total = time.perf_counter() - t0
-    st = km.iteration_stats
-    per_iter = float(np.mean([s["time"] for s in st])) if st and "time" in st[0] else total / iters
-    return {"seconds_total": total, "seconds_per_iter": total / iters,
-            "faiss_reported_time_per_iter": per_iter,
+    cum = [float(s["time"]) for s in km.iteration_stats]  # cumulative seconds per iteration
+    per_iter = np.diff(cum).tolist() if len(cum) > 1 else cum
+    return {"seconds_total": total, "seconds_per_iter_incl_init": total / iters,
+            "seconds_per_iter": float(np.mean(per_iter)), "iteration_seconds": per_iter,
             "objective": objective(x, km.centroids), "iterations": iters}
 
 
-def run_torch(x: np.ndarray, k: int, iters: int, seed: int) -> dict:
-    torch.set_num_threads(2)
+def _result(res, total: float, x: np.ndarray) -> dict:
+    secs = [s["seconds"] for s in res.stats]
+    return {"seconds_total": total, "seconds_per_iter_incl_init": total / len(secs),
+            "seconds_per_iter": _steady(secs), "iteration_seconds": secs,
+            "iterations": len(secs), "objective": objective(x, res.centroids.numpy()),
+            "objective_trace": [s["objective"] for s in res.stats]}
+
+
+def run_torch(x: np.ndarray, k: int, iters: int, seed: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
     t0 = time.perf_counter()
     res = spherical_kmeans(InMemoryData(torch.from_numpy(x)), k, iters=iters, tol=0.0, seed=seed)
-    total = time.perf_counter() - t0
-    per = float(np.mean([s["seconds"] for s in res.stats]))
-    return {"seconds_total": total, "seconds_per_iter": per, "iterations": len(res.stats),
-            "objective": objective(x, res.centroids.numpy())}
+    return _result(res, time.perf_counter() - t0, x)
 
 
-def run_ray(x: np.ndarray, k: int, iters: int, seed: int) -> dict:
+def run_ray(x: np.ndarray, k: int, iters: int, seed: int, actors: int, cpus: int) -> dict:
+    """``actors`` shard actors of ``cpus`` CPUs (and torch threads) each."""
     import ray
 
     from pipeline.kmeans_ray import RayShardedDataFactory, ShardActor
 
-    remote = ray.remote(ShardActor).options(num_cpus=1)
-    bounds = np.linspace(0, x.shape[0], 3).astype(int)
-    actors = [remote.remote(ray.put(x[bounds[s] : bounds[s + 1]]), int(bounds[s]))
-              for s in range(2)]
-    ray.get([a.num_rows.remote() for a in actors])
+    remote = ray.remote(ShardActor).options(num_cpus=cpus)
+    bounds = np.linspace(0, x.shape[0], actors + 1).astype(int)
+    handles = []
+    t_setup = time.perf_counter()
+    for s in range(actors):
+        ref = ray.put(x[bounds[s] : bounds[s + 1]])
+        handles.append(remote.remote(ref, int(bounds[s]), threads=cpus))
+        del ref  # the actor copies its shard into its heap; the object store copy is released
+    threads = ray.get([a.num_threads.remote() for a in handles])
+    setup = time.perf_counter() - t_setup
     try:
-        factory = RayShardedDataFactory(actors, bounds[:-1], x.shape[0], x.shape[1])
-        data = factory(None, None)  # rows as given, unit-normalised by the actors
+        factory = RayShardedDataFactory(handles, bounds[:-1], x.shape[0], x.shape[1])
+        data = factory(None, None)  # rows as given (already unit: used in place by the actors)
         t0 = time.perf_counter()
         res = spherical_kmeans(data, k, iters=iters, tol=0.0, seed=seed)
         total = time.perf_counter() - t0
         data.close()
     finally:
-        for a in actors:
+        for a in handles:
             ray.kill(a)
-    per = float(np.mean([s["seconds"] for s in res.stats]))
-    return {"seconds_total": total, "seconds_per_iter": per, "iterations": len(res.stats),
-            "objective": objective(x, res.centroids.numpy())}
+    out = _result(res, total, x)
+    out.update({"actors": actors, "cpus_per_actor": cpus, "torch_threads": threads,
+                "actor_setup_seconds": setup})
+    return out
 
 
 def synthetic(n: int, d: int = 600, blobs: int = 2000, seed: int = 0) -> np.ndarray:
@@ -106,24 +135,44 @@ def synthetic(n: int, d: int = 600, blobs: int = 2000, seed: int = 0) -> np.ndar
     return x
 
 
-def sq32k_rows(run_dir: str | None) -> np.ndarray:
-    from readers import sq32k_memory
-
-    m, _ = sq32k_memory(run_dir, log=lambda *a: print(*a, file=sys.stderr))
-    xt = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))
-    t = fit_transform(float(xt.norm(dim=1).max()))
+def sq32k_rows(run_dir: str) -> np.ndarray:
+    path = Path(run_dir) / "memory" / "facts.npy"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the sq32k pipeline first")
+    xt = torch.from_numpy(np.ascontiguousarray(np.load(path), dtype=np.float32))
+    t = fit_transform(float(xt.norm(dim=1).max()))  # the index build's default U, m
     return torch.nn.functional.normalize(t.facts(xt), dim=1).numpy()
 
 
-def compare(name: str, x: np.ndarray, k: int, iters: int, seed: int) -> dict:
-    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
-    out = {"n": int(x.shape[0]), "d": int(x.shape[1]), "k": k, "iters": iters}
-    for who, fn in [("faiss", run_faiss), ("hmn_ray_2actors", run_ray), ("hmn_torch", run_torch)]:
-        out[who] = fn(x, k, iters, seed)
-        log(f"{name} {who}: {out[who]}  (load {os.getloadavg()})")
-    f, r = out["faiss"], out["hmn_ray_2actors"]
-    out["time_ratio_vs_faiss"] = r["seconds_per_iter"] / f["seconds_per_iter"]
-    out["objective_gap"] = (f["objective"] - r["objective"]) / abs(f["objective"])
+def compare(name: str, x: np.ndarray, k: int, iters: int, seed: int, threads: int,
+            configs: list[str]) -> dict:
+    out: dict = {"n": int(x.shape[0]), "d": int(x.shape[1]), "k": k, "iters": iters,
+                 "threads": threads}
+    for who in ["faiss", *configs]:
+        load0 = os.getloadavg()
+        if who == "faiss":
+            r = run_faiss(x, k, iters, seed, threads)
+        elif who == "torch":
+            r = run_torch(x, k, iters, seed, threads)
+        else:  # ray-AxT
+            a, t = (int(v) for v in who.removeprefix("ray-").split("x"))
+            if a * t != threads:
+                raise ValueError(f"{who}: actors x cpus must equal --threads={threads}")
+            r = run_ray(x, k, iters, seed, a, t)
+        r["load_avg_before_after"] = [load0, os.getloadavg()]
+        out[who] = r
+        log(f"{name} {who}: {r['seconds_per_iter']:.3f} s/iter (total {r['seconds_total']:.1f}s),"
+            f" objective {r['objective']:.2f}, load {r['load_avg_before_after']}")
+    f = out["faiss"]
+    for who in configs:
+        out[who]["time_ratio_vs_faiss"] = out[who]["seconds_per_iter"] / f["seconds_per_iter"]
+        out[who]["objective_gap"] = (f["objective"] - out[who]["objective"]) / abs(f["objective"])
+    rays = [c for c in configs if c.startswith("ray-")]
+    if rays:
+        best = min(rays, key=lambda c: out[c]["seconds_per_iter"])
+        out["best_ray"] = best
+        out["time_ratio_vs_faiss"] = out[best]["time_ratio_vs_faiss"]
+        out["objective_gap"] = out[best]["objective_gap"]
     return out
 
 
@@ -136,31 +185,48 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sq-iters", type=int, default=20)
     ap.add_argument("--run-dir", default="runs/sq32k")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--configs", nargs="+", default=["ray-2x1", "ray-1x2", "torch"],
+                    help="ray-AxT (A actors x T CPUs/threads) and/or torch (in-process)")
+    ap.add_argument("--datasets", nargs="+", default=["sq32k", "synthetic"])
     ap.add_argument("--out", default="benchmarks/out/kmeans.json")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    loads = [os.getloadavg()]
-    results = {}
+    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    results: dict = {"load_avg_1_5_15_start": os.getloadavg()}
     try:
-        results["sq32k"] = compare("sq32k", sq32k_rows(args.run_dir), args.sq_k, args.sq_iters,
-                                   args.seed)
-        loads.append(os.getloadavg())
-        key = "synthetic_1m" if args.n == 1_000_000 else f"synthetic_{args.n}"
-        results[key] = compare(key, synthetic(args.n), args.k, args.iters, args.seed)
-        loads.append(os.getloadavg())
+        if "sq32k" in args.datasets:
+            results["sq32k"] = compare("sq32k", sq32k_rows(args.run_dir), args.sq_k,
+                                       args.sq_iters, args.seed, args.threads, args.configs)
+        if "synthetic" in args.datasets:
+            key = "synthetic_1m" if args.n == 1_000_000 else f"synthetic_{args.n}"
+            t0 = time.perf_counter()
+            x = synthetic(args.n)
+            log(f"synthetic {x.shape} in {time.perf_counter() - t0:.1f}s")
+            results[key] = compare(key, x, args.k, args.iters, args.seed, args.threads,
+                                   args.configs)
+            del x
     finally:
         ray.shutdown()
-    results["load_avg_1_5_15"] = loads
+    results["load_avg_1_5_15_end"] = os.getloadavg()
     results["peak_rss_gb_driver"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
-    print(json.dumps({k: {"time_ratio_vs_faiss": v["time_ratio_vs_faiss"],
-                          "objective_gap": v["objective_gap"]}
-                      for k, v in results.items() if isinstance(v, dict)}))
+    summary = {}
+    for name, v in results.items():
+        if isinstance(v, dict):
+            summary[name] = {"time_ratio_vs_faiss": v.get("time_ratio_vs_faiss"),
+                             "objective_gap": v.get("objective_gap"), "best_ray": v.get("best_ray"),
+                             "iters": v["iters"], "k": v["k"], "n": v["n"],
+                             "faiss_s_per_iter": v["faiss"]["seconds_per_iter"],
+                             **{f"{c}_s_per_iter": v[c]["seconds_per_iter"] for c in args.configs}}
+    summary["load_avg_1_5_15"] = [results["load_avg_1_5_15_start"], results["load_avg_1_5_15_end"]]
+    print(json.dumps(summary))
     return 0
 
 

@@ -328,6 +328,11 @@ class FaissIVFReader(Reader):
         logger.info("faiss IVF nlist=%d built in %.2fs (gpu=%s)", nlist, self.build_seconds,
                     self.on_gpu)
 
+    def set_nprobe(self, nprobe: int) -> None:
+        """Probe ``nprobe`` lists per query from now on (no rebuild)."""
+        self.nprobe = _check_int("nprobe", nprobe, 1, self.nlist)
+        self._index.nprobe = self.nprobe
+
     @torch.no_grad()
     def search(
         self, queries: torch.Tensor, k: int, generator: torch.Generator | None = None

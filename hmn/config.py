@@ -251,6 +251,9 @@ class TrainConfig:
     infer_reader: str = _f("exact", "reader used for validation accuracy")
     batch_size: int = _f(128, "questions per step, over all workers (the paper: 128)")
     lr: float = _f(0.001, "Adam learning rate (the paper: 0.001)")
+    optimizer: str = _f("adam", "'adam' (dense, the paper's) or 'sparse_adam' (sparse word-vector "
+                                "gradients + torch SparseAdam: a step touches only the batch's words; "
+                                "gloo only, not NCCL)")
     max_epochs: int = _f(10, "upper bound on epochs")
     patience: int = _f(3, "stop when dev accuracy has not improved for this many epochs")
     artificial_questions: bool = _f(True, "add subject-name + relation-word questions for facts "
@@ -273,6 +276,11 @@ class TrainConfig:
         for name in ("batch_size", "max_epochs", "patience"):
             _check(getattr(self, name) > 0, s, name, getattr(self, name), "must be > 0")
         _check(self.lr > 0, s, "lr", self.lr, "must be > 0")
+        _check(self.optimizer in ("adam", "sparse_adam"), s, "optimizer", self.optimizer,
+               "must be 'adam' or 'sparse_adam'")
+        _check(not (self.optimizer == "sparse_adam" and self.use_gpu and self.num_workers > 1), s,
+               "optimizer", self.optimizer, "NCCL has no sparse all-reduce: use 'adam' with "
+               "train.use_gpu and several workers")
         _check(self.init_std > 0, s, "init_std", self.init_std, "must be > 0")
         _check(self.num_workers >= 0, s, "num_workers", self.num_workers, "must be >= 0")
         _check(self.cpus_per_worker > 0, s, "cpus_per_worker", self.cpus_per_worker, "must be > 0")

@@ -406,6 +406,63 @@ def _grouped_level(
     return new_cluster, out, parents, runs, int(out_off[-1])
 
 
+def _refine_leaves(
+    data: DataAccess,
+    centroids: list[torch.Tensor],
+    parents: list[np.ndarray],
+    iters: int,
+    progress: Callable[[dict], None] | None = None,
+) -> tuple[np.ndarray, list[torch.Tensor], list[dict]]:
+    """Global Lloyd iterations over the leaves of a hierarchical index.
+
+    A nested clustering assigns a fact only among the children of its parent, but a query picks
+    leaves by their centroids over the whole level (ClusteredReader), so facts near a parent
+    boundary sit in a leaf whose centroid is not their most similar one and are missed.  Here
+    every fact may join any leaf: ``iters`` spherical k-means iterations over all leaves, starting
+    from the nested leaves (the objective cannot decrease), then a final global assignment.  The
+    tree is kept: upper-level centroids become the normalised sums of their children's rows, so
+    a beam over them still routes to the leaves of similar facts.  Empty leaves keep their
+    centroid (the reader skips them).
+
+    Returns (fact -> leaf, centroids per level, per-iteration stats).
+    """
+    leaves = centroids[-1].to(torch.float32).clone()  # (C, d)
+    k, d = leaves.shape
+    stats: list[dict] = []
+    sums = np.zeros((k, d))
+    for it in range(iters):
+        t0 = time.perf_counter()
+        sums, counts, objective = data.partial_stats(leaves)
+        sums = np.asarray(sums, dtype=np.float64)  # (C, d)
+        counts = np.asarray(counts, dtype=np.int64)
+        norms = np.linalg.norm(sums, axis=1)
+        ok = (counts > 0) & (norms > 0)
+        new = leaves.to(torch.float64).numpy().copy()
+        new[ok] = sums[ok] / norms[ok, None]
+        leaves = torch.from_numpy(new.astype(np.float32))
+        stat = {"iteration": it, "objective": float(objective),
+                "imbalance": imbalance_factor(counts), "empty": int((counts == 0).sum()),
+                "seconds": time.perf_counter() - t0}
+        stats.append(stat)
+        if progress is not None:
+            progress(dict(stat))
+    fact_leaf = np.asarray(data.assign(leaves), dtype=np.int64)
+    out = [*centroids[:-1], leaves]
+    # Upper levels, bottom-up: normalised sum of the children's row sums.
+    child_sums = sums
+    for level in range(len(out) - 2, -1, -1):
+        par = parents[level]  # (C_{level+1},) parent of every cluster of the next level
+        up = np.zeros((out[level].shape[0], d))
+        np.add.at(up, par, child_sums)
+        norms = np.linalg.norm(up, axis=1)
+        cur = out[level].to(torch.float64).numpy().copy()
+        ok = norms > 0
+        cur[ok] = up[ok] / norms[ok, None]
+        out[level] = torch.from_numpy(cur.astype(np.float32))
+        child_sums = up
+    return fact_leaf, out, stats
+
+
 def build_index(    data_factory: DataFactory,
     *,
     n: int,
@@ -418,6 +475,7 @@ def build_index(    data_factory: DataFactory,
     init: str = "kmeans++",
     progress: Callable[[dict], None] | None = None,
     batched_levels: bool = True,
+    refine_leaves: int = 0,
 ) -> ClusterIndex:
     """Build a flat (``[C]``) or hierarchical (``[C1, C2, ...]``) cluster index.
 
@@ -433,9 +491,18 @@ def build_index(    data_factory: DataFactory,
         batched_levels: cluster all parents of a level > 0 in one grouped k-means
             (:func:`~hmn.kmeans.grouped_spherical_kmeans`: ``iters`` passes over the data per
             level instead of one k-means per parent); False runs one k-means per parent.
+        refine_leaves: hierarchical index only: after the last level, this many Lloyd iterations
+            over *all* leaves (every fact may move to any leaf, not only to the children of its
+            parent), then every fact goes to its most similar leaf and the upper levels'
+            centroids become the normalised means of their subtrees (see :func:`_refine_leaves`).
+            0 (default) keeps the strictly nested clustering.
     """
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"n={n!r}: must be an integer >= 1")
+    if isinstance(refine_leaves, bool) or not isinstance(refine_leaves, numbers.Integral) or (
+        refine_leaves < 0
+    ):
+        raise ValueError(f"refine_leaves={refine_leaves!r}: must be an integer >= 0")
     branching = check_branching(branching, int(n))
     t_start = time.perf_counter()
 
@@ -562,6 +629,25 @@ def build_index(    data_factory: DataFactory,
             "index level %d: %d clusters, sizes %s", level, offset, level_stats[-1]["sizes"]
         )
 
+    if refine_leaves > 0 and len(centroids) > 1:
+        t0 = time.perf_counter()
+        data = data_factory(transform, None)
+        try:
+            fact_cluster, centroids, refine_stats = _refine_leaves(
+                data, centroids, parents, int(refine_leaves), progress=reporter(len(centroids), -1)
+            )
+        finally:
+            _close(data)
+        level_stats.append(
+            {
+                "level": "refine",
+                "num_clusters": int(centroids[-1].shape[0]),
+                "sizes": _sizes(np.bincount(fact_cluster, minlength=centroids[-1].shape[0])),
+                "kmeans": refine_stats,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+
     stats = {
         "n": int(n),
         "dim": int(centroids[0].shape[1]),
@@ -573,6 +659,7 @@ def build_index(    data_factory: DataFactory,
         "seed": seed,
         "init": init,
         "batched_levels": bool(batched_levels),
+        "refine_leaves": int(refine_leaves),
         "levels": level_stats,
         "leaf_sizes": _sizes(np.bincount(fact_cluster, minlength=centroids[-1].shape[0])),
         "seconds": time.perf_counter() - t_start,
@@ -605,6 +692,7 @@ def build_index_from_vectors(
     init: str = "kmeans++",
     progress: Callable[[dict], None] | None = None,
     batched_levels: bool = True,
+    refine_leaves: int = 0,
 ) -> ClusterIndex:
     """In-memory convenience: :func:`build_index` over :class:`InMemoryDataFactory` (or
     :class:`FactorisedDataFactory` when ``vectors`` is a :class:`~hmn.memory.FactorisedMemory`)."""
@@ -624,4 +712,5 @@ def build_index_from_vectors(
         init=init,
         progress=progress,
         batched_levels=batched_levels,
+        refine_leaves=refine_leaves,
     )

@@ -41,8 +41,15 @@ __all__ = [
     "spherical_kmeans",
 ]
 
-# Rows per float64 block when summing rows per centroid (bounds the temporary float64 copy).
-_SUM_BLOCK = 8192
+# Rows per float32 block when summing rows per centroid on the CPU: the block's sums are added
+# into the float64 totals, so float32 rounding is bounded by the block, not the data size.
+_SUM_BLOCK = 16384
+# Bytes of the (b, C) similarity buffer of one assignment matmul: bounds b for large C.
+_SIM_BYTES = 64 << 20
+# Rows x dimension x 4 bytes below which an in-memory view keeps its unit rows (cache_rows=None).
+_CACHE_BYTES = 1 << 30
+# An untransformed row whose norm is within this of 1 is used as is (no normalised copy).
+_UNIT_TOL = 1e-6
 # Relative perturbation of a split centroid (faiss Clustering.cpp uses the same EPS = 1/1024).
 _SPLIT_EPS = 1.0 / 1024.0
 
@@ -101,19 +108,26 @@ def _check_index_array(idx: np.ndarray, n: int) -> np.ndarray:
 
 
 def _add_segment_sums(out: torch.Tensor, x: torch.Tensor, lab: torch.Tensor) -> None:
-    """out[c] += sum of rows x[i] with lab[i] == c, in float64, deterministically.
+    """out[c] += sum of rows x[i] with lab[i] == c, deterministically; ``out`` is float64.
 
-    CPU ``index_add_`` accumulates in index order; on CUDA it uses atomics (non-deterministic
-    order), so there the rows are sorted by label and reduced per segment instead.
+    CPU: ``index_add_`` accumulates in index order; it sums a block of rows in float32 (10x
+    faster than converting the rows to float64) and the block's (C, d) sums are added to ``out``
+    in float64.  CUDA: ``index_add_`` uses atomics (non-deterministic order), so the rows are
+    sorted by label and reduced per segment in float64 instead.
     """
-    for s in range(0, x.shape[0], _SUM_BLOCK):
-        xb = x[s : s + _SUM_BLOCK].to(torch.float64)  # (b, d)
-        lb = lab[s : s + _SUM_BLOCK]  # (b,)
+    k = out.shape[0]
+    block = max(_SUM_BLOCK, k)  # the (C, d) zero + add per block stays below the block's own work
+    for s in range(0, x.shape[0], block):
+        xb = x[s : s + block]  # (b, d)
+        lb = lab[s : s + block]  # (b,)
         if xb.device.type == "cpu":
-            out.index_add_(0, lb, xb)
+            part = torch.zeros(out.shape, dtype=xb.dtype)  # (C, d) float32 sums of this block
+            part.index_add_(0, lb, xb)
+            out += part
         else:
+            xb = xb.to(torch.float64)
             order = torch.argsort(lb, stable=True)
-            lengths = torch.bincount(lb, minlength=out.shape[0])  # (C,)
+            lengths = torch.bincount(lb, minlength=k)  # (C,)
             out += torch.segment_reduce(xb[order], "sum", lengths=lengths, axis=0)  # (C, d)
 
 
@@ -121,8 +135,16 @@ class InMemoryData:
     """DataAccess over a tensor held in this process (CPU or CUDA).
 
     Rows are unit-normalised by the adapter (spherical k-means).  If ``transform`` is given (e.g.
-    ``MipsTransform.facts``), ``x`` holds raw rows and the transform is applied chunk by chunk,
-    so no transformed copy of the whole matrix is kept; ``max_norm`` then refers to the raw rows.
+    ``MipsTransform.facts``), ``x`` holds raw rows and the transform is applied by the adapter;
+    ``max_norm`` then refers to the raw rows.
+
+    Unit rows (``cache_rows``): every Lloyd iteration reads all rows, so transforming and
+    normalising them chunk by chunk on every iteration costs a copy of the data per iteration.
+    With ``cache_rows=True`` the view computes its unit rows once, on first use, and keeps them
+    (grouped views keep them in group order, so every group is one contiguous slice).
+    ``cache_rows=None`` (default) caches when the unit rows take at most 1 GiB, ``False`` never.
+    Unless ``cache_rows=False``, untransformed rows that are already unit-norm (within 1e-6) are
+    used as they are, whatever their size: no copy at all.
 
     Grouped views (``groups`` given) also serve :meth:`partial_stats_grouped` and
     :meth:`assign_grouped`, where a row may only join the centroids of its own group: this runs
@@ -134,10 +156,15 @@ class InMemoryData:
 
     Args:
         x: (n, d_in) rows; already transformed unless ``transform`` is given.
-        chunk: rows per matmul chunk, bounds the (chunk, C) similarity buffer.
+        chunk: rows per matmul chunk, bounds the (chunk, C) similarity buffer (further capped
+            at 64 MiB).
         transform: optional row-wise map (b, d_in) -> (b, d) applied before normalisation.
         groups: optional (n,) int64 group of every row, for the grouped methods.
+        cache_rows: keep the unit rows (see above); None = when they fit in 1 GiB.
     """
+
+    #: whether ``cache_rows=None`` may cache (a factorised view must not materialise its rows)
+    _auto_cache = True
 
     def __init__(
         self,
@@ -146,6 +173,7 @@ class InMemoryData:
         *,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         groups: np.ndarray | None = None,
+        cache_rows: bool | None = None,
     ) -> None:
         if isinstance(x, np.ndarray):
             x = torch.from_numpy(x)
@@ -156,7 +184,7 @@ class InMemoryData:
         if not x.is_floating_point():
             raise TypeError(f"x must be floating point, got {x.dtype}")
         self._x = x if x.dtype == torch.float32 else x.to(torch.float32)  # (n, d_in)
-        self._setup(int(x.shape[0]), chunk, transform, groups)
+        self._setup(int(x.shape[0]), chunk, transform, groups, cache_rows)
 
     def _setup(
         self,
@@ -164,14 +192,21 @@ class InMemoryData:
         chunk: int,
         transform: Callable[[torch.Tensor], torch.Tensor] | None,
         groups: np.ndarray | None,
+        cache_rows: bool | None = None,
     ) -> None:
         if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
             raise ValueError(f"chunk={chunk!r}: must be an integer >= 1")
+        if cache_rows not in (None, True, False):
+            raise ValueError(f"cache_rows={cache_rows!r}: must be True, False or None")
         self._transform = transform
         self.chunk = int(chunk)
         self.n = int(n)
         self.d = int(self._rows_between(0, 1).shape[1])
         self._max_norm: float | None = None
+        self._cache_rows = cache_rows
+        self._unit: torch.Tensor | None = None  # (n, d) unit rows; in group order if grouped
+        self._unit_pos: torch.Tensor | None = None  # (n,) row i's position in _unit (grouped)
+        self._unit_done = False
         self.groups: np.ndarray | None = None
         if groups is not None:
             groups = np.asarray(groups)
@@ -201,8 +236,57 @@ class InMemoryData:
     def _rows_between(self, s: int, e: int) -> torch.Tensor:
         return self._finish(self._raw_between(s, e))
 
+    def _build_unit_cache(self) -> None:
+        """Decide once whether to keep the unit rows, and compute them (see the class doc)."""
+        self._unit_done = True
+        if self._cache_rows is False:
+            return
+        if self.groups is None and self._transform is None and hasattr(self, "_x"):
+            unit = True
+            for s in range(0, self.n, self.chunk):
+                norms = torch.linalg.vector_norm(self._x[s : s + self.chunk], dim=1)
+                if float((norms - 1.0).abs().max()) > _UNIT_TOL:
+                    unit = False
+                    break
+            if unit:  # already unit rows: used in place, whatever their size
+                self._unit = self._x
+                return
+        want = self._cache_rows
+        if want is None:
+            want = self._auto_cache and self.n * self.d * 4 <= _CACHE_BYTES
+        if not want:
+            return
+        out = torch.empty((self.n, self.d), dtype=torch.float32, device=self.device)
+        if self.groups is None:
+            for s in range(0, self.n, self.chunk):
+                e = min(s + self.chunk, self.n)
+                out[s:e] = self._rows_between(s, e)
+        else:
+            for s in range(0, self.n, self.chunk):
+                pos = self._group_order[s : s + self.chunk]
+                out[s : s + pos.size] = self._finish(self._raw_rows(pos))
+            inv = np.empty(self.n, dtype=np.int64)
+            inv[self._group_order] = np.arange(self.n)
+            self._unit_pos = torch.from_numpy(inv).to(self.device)
+        self._unit = out
+
+    def _unit_between(self, s: int, e: int) -> torch.Tensor:
+        """(b, d) unit rows s..e (in group order for a cached grouped view: internal use)."""
+        if not self._unit_done:
+            self._build_unit_cache()
+        if self._unit is None:
+            return self._rows_between(s, e)
+        if self._unit_pos is not None:  # group-ordered cache read in row order: gather
+            return self._unit[self._unit_pos[s:e]]
+        return self._unit[s:e]
+
     def rows(self, idx: np.ndarray) -> torch.Tensor:
         idx = _check_index_array(idx, self.n)
+        if self._unit is not None:
+            pos = torch.from_numpy(idx).to(self.device)
+            if self._unit_pos is not None:
+                pos = self._unit_pos[pos]
+            return self._unit[pos]
         return self._finish(self._raw_rows(idx))
 
     def max_norm(self) -> float:
@@ -223,16 +307,35 @@ class InMemoryData:
             )
         return centroids.to(device=self.device, dtype=torch.float32)
 
+    def _step(self, k: int) -> int:
+        """Rows per assignment matmul: ``chunk``, capped so the (b, C) buffer is <= 64 MiB."""
+        return max(1, min(self.chunk, _SIM_BYTES // (4 * max(k, 1))))
+
+    def _assign_chunks(self, c: torch.Tensor):
+        """Yield (start, unit rows (b, d), best cosine (b,), centroid (b,)) over all rows.
+
+        One (b, C) similarity buffer is reused for every chunk: a fresh 64 MiB allocation per
+        chunk would cost page faults comparable to the matmul's memory traffic.
+        """
+        k = c.shape[0]
+        step = self._step(k)
+        sim = torch.empty((min(step, self.n), k), dtype=torch.float32, device=self.device)
+        ct = c.T  # (d, C): BLAS reads the transpose in place
+        for s in range(0, self.n, step):
+            xc = self._unit_between(s, s + step)  # (b, d) unit rows
+            b = xc.shape[0]
+            torch.mm(xc, ct, out=sim[:b])  # (b, C) cosines
+            best, lab = sim[:b].max(dim=1)  # (b,) max cosine and its centroid
+            yield s, xc, best, lab
+
     def partial_stats(self, centroids: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float]:
         c = self._centroids(centroids)  # (C, d)
         k = c.shape[0]
         sums = torch.zeros((k, self.d), dtype=torch.float64, device=self.device)  # (C, d)
         counts = torch.zeros(k, dtype=torch.int64, device=self.device)  # (C,)
         objective = torch.zeros((), dtype=torch.float64, device=self.device)
-        for s in range(0, self.n, self.chunk):
-            xc = self._rows_between(s, s + self.chunk)  # (b, d) unit rows
-            best, lab = (xc @ c.T).max(dim=1)  # (b,) max cosine and its centroid
-            objective += best.to(torch.float64).sum()
+        for _, xc, best, lab in self._assign_chunks(c):
+            objective += best.sum(dtype=torch.float64)
             counts += torch.bincount(lab, minlength=k)
             _add_segment_sums(sums, xc, lab)
         return sums.cpu().numpy(), counts.cpu().numpy(), float(objective)
@@ -240,23 +343,27 @@ class InMemoryData:
     def assign(self, centroids: torch.Tensor) -> np.ndarray:
         c = self._centroids(centroids)  # (C, d)
         out = np.empty(self.n, dtype=np.int64)
-        for s in range(0, self.n, self.chunk):
-            xc = self._rows_between(s, s + self.chunk)  # (b, d)
-            out[s : s + xc.shape[0]] = (xc @ c.T).argmax(dim=1).cpu().numpy()
+        for s, xc, _, lab in self._assign_chunks(c):
+            out[s : s + xc.shape[0]] = lab.cpu().numpy()
         return out
 
     def _grouped_chunks(self, centroid_offsets: np.ndarray):
-        """Yield (row positions, unit rows, first centroid, centroids of the group) per chunk."""
+        """Yield (row positions, unit rows, group, first centroid, end centroid) per chunk."""
         if self.groups is None:
             raise ValueError("this view has no groups: open it with groups=...")
         offs = np.asarray(centroid_offsets, dtype=np.int64)
+        if not self._unit_done:
+            self._build_unit_cache()
         for gi, g in enumerate(self._group_ids):
             if g + 1 >= offs.size or offs[g + 1] <= offs[g]:
                 raise ValueError(f"group {int(g)} has rows but no centroids")
             lo, hi = int(self._group_bounds[gi]), int(self._group_bounds[gi + 1])
             for s in range(lo, hi, self.chunk):
-                pos = self._group_order[s : min(s + self.chunk, hi)]  # rows of this group
-                yield pos, int(g), int(offs[g]), int(offs[g + 1])
+                e = min(s + self.chunk, hi)
+                pos = self._group_order[s:e]  # rows of this group
+                # a cached grouped view holds its unit rows in group order: a slice
+                xc = self._unit[s:e] if self._unit is not None else self.rows(pos)
+                yield pos, xc, int(g), int(offs[g]), int(offs[g + 1])
 
     def partial_stats_grouped(
         self, centroids: torch.Tensor, centroid_offsets: np.ndarray
@@ -272,10 +379,9 @@ class InMemoryData:
         sums = torch.zeros((k, self.d), dtype=torch.float64, device=self.device)
         counts = torch.zeros(k, dtype=torch.int64, device=self.device)
         objectives = np.zeros(ng, dtype=np.float64)
-        for pos, g, a, b in self._grouped_chunks(centroid_offsets):
-            xc = self.rows(pos)  # (b, d) unit rows of group g
+        for _, xc, g, a, b in self._grouped_chunks(centroid_offsets):
             best, lab = (xc @ c[a:b].T).max(dim=1)  # among the group's centroids only
-            objectives[g] += float(best.to(torch.float64).sum())
+            objectives[g] += float(best.sum(dtype=torch.float64))
             lab = lab + a
             counts += torch.bincount(lab, minlength=k)
             _add_segment_sums(sums, xc, lab)
@@ -285,8 +391,8 @@ class InMemoryData:
         """(n,) int64 most similar centroid of every row among its group's centroids."""
         c = self._centroids(centroids)
         out = np.empty(self.n, dtype=np.int64)
-        for pos, _, a, b in self._grouped_chunks(centroid_offsets):
-            out[pos] = (self.rows(pos) @ c[a:b].T).argmax(dim=1).cpu().numpy() + a
+        for pos, xc, _, a, b in self._grouped_chunks(centroid_offsets):
+            out[pos] = (xc @ c[a:b].T).argmax(dim=1).cpu().numpy() + a
         return out
 
 
@@ -298,7 +404,11 @@ class FactorisedData(InMemoryData):
         memory: the factorised memory.
         ids: optional sorted global fact ids of this view (row i is fact ``ids[i]``).
         chunk, transform, groups: as :class:`InMemoryData`.
+        cache_rows: as :class:`InMemoryData`, except that None means False here (caching would
+            materialise the rows this adapter exists to avoid).
     """
+
+    _auto_cache = False
 
     def __init__(
         self,
@@ -308,6 +418,7 @@ class FactorisedData(InMemoryData):
         *,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         groups: np.ndarray | None = None,
+        cache_rows: bool | None = None,
     ) -> None:
         if not hasattr(memory, "gather"):
             raise TypeError(f"memory must be a FactorisedMemory, got {type(memory).__name__}")
@@ -316,7 +427,7 @@ class FactorisedData(InMemoryData):
         n = memory.n if self._ids is None else int(self._ids.size)
         if n == 0:
             raise ValueError("a FactorisedData view needs at least one row")
-        self._setup(n, chunk, transform, groups)
+        self._setup(n, chunk, transform, groups, cache_rows)
 
     @property
     def device(self) -> torch.device:

@@ -46,6 +46,54 @@ def _check_ids(name: str, ids: np.ndarray, upper: int, table: str) -> None:
         )
 
 
+def check_fact_table(
+    subject_ids: np.ndarray,
+    relation_ids: np.ndarray,
+    object_offsets: np.ndarray,
+    object_values: np.ndarray,
+    num_entities: int,
+    num_relations: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Validate the integer fact table (Arrow list layout for the objects).
+
+    Returns int64 (subject_ids, relation_ids, object_offsets, object_values, lengths), where
+    lengths (N,) is the number of objects of each fact. Raises ValueError naming the offending
+    fact or id.
+    """
+    subject_ids = _as_int_array("subject_ids", subject_ids)
+    relation_ids = _as_int_array("relation_ids", relation_ids)
+    object_offsets = _as_int_array("object_offsets", object_offsets)
+    object_values = _as_int_array("object_values", object_values)
+    n = subject_ids.shape[0]
+    if n == 0:
+        raise ValueError("the fact table must hold at least one fact (N >= 1)")
+    if relation_ids.shape[0] != n:
+        raise ValueError(f"relation_ids has {relation_ids.shape[0]} rows, subject_ids has {n}")
+    if object_offsets.shape[0] != n + 1:
+        raise ValueError(
+            f"object_offsets must have N+1={n + 1} entries (Arrow list layout), "
+            f"got {object_offsets.shape[0]}"
+        )
+    if object_offsets[0] != 0 or object_offsets[-1] != object_values.shape[0]:
+        raise ValueError(
+            f"object_offsets must start at 0 and end at len(object_values)="
+            f"{object_values.shape[0]}, got {int(object_offsets[0])}..{int(object_offsets[-1])}"
+        )
+    lengths = np.diff(object_offsets)  # (N,) objects per fact
+    if (lengths < 0).any():
+        i = int(np.flatnonzero(lengths < 0)[0])
+        raise ValueError(f"object_offsets decreases at fact {i}: offsets must be non-decreasing")
+    if (lengths == 0).any():
+        empty = np.flatnonzero(lengths == 0)
+        raise ValueError(
+            f"fact {int(empty[0])} has no object ({empty.size} facts without objects in total)"
+        )
+    _check_ids("subject_ids", subject_ids, num_entities, "entity_emb")
+    _check_ids("relation_ids", relation_ids, num_relations, "relation_emb")
+    _check_ids("object_values", object_values, num_entities, "entity_emb")
+    return subject_ids, relation_ids, object_offsets, object_values, lengths
+
+
 def build_fact_vectors(
     entity_emb: np.ndarray,
     relation_emb: np.ndarray,
@@ -89,35 +137,10 @@ def build_fact_vectors(
         )
     if chunk < 1:
         raise ValueError(f"chunk={chunk}: must be >= 1")
-    subject_ids = _as_int_array("subject_ids", subject_ids)
-    relation_ids = _as_int_array("relation_ids", relation_ids)
-    object_offsets = _as_int_array("object_offsets", object_offsets)
-    object_values = _as_int_array("object_values", object_values)
+    subject_ids, relation_ids, object_offsets, object_values, lengths = check_fact_table(
+        subject_ids, relation_ids, object_offsets, object_values, entity_emb.shape[0],
+        relation_emb.shape[0])
     n = subject_ids.shape[0]
-    if relation_ids.shape[0] != n:
-        raise ValueError(f"relation_ids has {relation_ids.shape[0]} rows, subject_ids has {n}")
-    if object_offsets.shape[0] != n + 1:
-        raise ValueError(
-            f"object_offsets must have N+1={n + 1} entries (Arrow list layout), "
-            f"got {object_offsets.shape[0]}"
-        )
-    if object_offsets[0] != 0 or object_offsets[-1] != object_values.shape[0]:
-        raise ValueError(
-            f"object_offsets must start at 0 and end at len(object_values)="
-            f"{object_values.shape[0]}, got {int(object_offsets[0])}..{int(object_offsets[-1])}"
-        )
-    lengths = np.diff(object_offsets)  # (N,) objects per fact
-    if (lengths < 0).any():
-        i = int(np.flatnonzero(lengths < 0)[0])
-        raise ValueError(f"object_offsets decreases at fact {i}: offsets must be non-decreasing")
-    if (lengths == 0).any():
-        empty = np.flatnonzero(lengths == 0)
-        raise ValueError(
-            f"fact {int(empty[0])} has no object ({empty.size} facts without objects in total)"
-        )
-    _check_ids("subject_ids", subject_ids, entity_emb.shape[0], "entity_emb")
-    _check_ids("relation_ids", relation_ids, relation_emb.shape[0], "relation_emb")
-    _check_ids("object_values", object_values, entity_emb.shape[0], "entity_emb")
 
     out = np.empty((n, 3 * d), dtype=np.float32)  # (N, 3d)
     for s in range(0, n, chunk):
@@ -239,31 +262,9 @@ class FactorisedMemory:
                 f"relation_emb has width {rel.shape[1]}, entity_emb has width {ent.shape[1]}: "
                 "they must match"
             )
-        subj = _as_int_array("subject_ids", subject_ids)
-        rels = _as_int_array("relation_ids", relation_ids)
-        offsets = _as_int_array("object_offsets", object_offsets)
-        values = _as_int_array("object_values", object_values)
+        subj, rels, offsets, values, lengths = check_fact_table(
+            subject_ids, relation_ids, object_offsets, object_values, ent.shape[0], rel.shape[0])
         n = subj.shape[0]
-        if n == 0:
-            raise ValueError("the fact table must hold at least one fact (N >= 1)")
-        if rels.shape[0] != n:
-            raise ValueError(f"relation_ids has {rels.shape[0]} rows, subject_ids has {n}")
-        if offsets.shape[0] != n + 1:
-            raise ValueError(
-                f"object_offsets must have N+1={n + 1} entries (Arrow list layout), "
-                f"got {offsets.shape[0]}"
-            )
-        if offsets[0] != 0 or offsets[-1] != values.shape[0]:
-            raise ValueError(
-                f"object_offsets must start at 0 and end at len(object_values)={values.shape[0]}"
-            )
-        lengths = np.diff(offsets)
-        if (lengths <= 0).any():
-            i = int(np.flatnonzero(lengths <= 0)[0])
-            raise ValueError(f"fact {i} has no object (or offsets decrease there)")
-        _check_ids("subject_ids", subj, ent.shape[0], "entity_emb")
-        _check_ids("relation_ids", rels, rel.shape[0], "relation_emb")
-        _check_ids("object_values", values, ent.shape[0], "entity_emb")
         self.entity_emb = ent.to(torch.float32)  # (Ne, d)
         self.relation_emb = rel.to(torch.float32).to(ent.device)  # (Nr, d)
         dev = self.entity_emb.device

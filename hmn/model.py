@@ -22,11 +22,13 @@ from torch import nn
 class BowEncoder(nn.Module):
     """h(q) = sum of word vectors: an EmbeddingBag in 'sum' mode."""
 
-    def __init__(self, vocab_size: int, dim: int, init_std: float = 0.01):
+    def __init__(self, vocab_size: int, dim: int, init_std: float = 0.01, sparse: bool = False):
         super().__init__()
         if vocab_size <= 0 or dim <= 0:
             raise ValueError(f"BowEncoder: vocab_size={vocab_size} and dim={dim} must be > 0")
-        self.words = nn.EmbeddingBag(vocab_size, dim, mode="sum")
+        # sparse=True: gradients hold only the batch's words (for torch.optim.SparseAdam); a dense
+        # Adam step over a (V, D) table costs more than the whole K-softmax at V ~ 30k.
+        self.words = nn.EmbeddingBag(vocab_size, dim, mode="sum", sparse=sparse)
         nn.init.normal_(self.words.weight, std=init_std)
 
     def forward(self, tokens: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -65,3 +67,12 @@ def ksoftmax_loss(
     union, gold_pos = candidate_union(candidate_ids, gold)
     scores = queries @ memory[union].T  # (B, U): one dense matmul for the whole batch
     return LossOutput(F.cross_entropy(scores, gold_pos), int(union.numel()))
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
+    """'adam' (dense, the paper's) or 'sparse_adam' (lazy Adam on sparse gradients)."""
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr)
+    if name == "sparse_adam":
+        return torch.optim.SparseAdam(list(model.parameters()), lr=lr)
+    raise ValueError(f"optimizer={name!r}: must be 'adam' or 'sparse_adam'")

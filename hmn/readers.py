@@ -125,8 +125,10 @@ class ClusteredReader(Reader):
     Leaf selection in a hierarchical index is a beam search: at every level above the leaves the
     ``beam`` best clusters (by cosine with the normalised Q(q)) among the children of the previous
     beam are kept; the candidate leaves are the children of the last beam.  The default beam is
-    ``top_clusters + sample_clusters``, which guarantees enough candidate leaves because every
-    cluster has at least one child.  With ``top_clusters >= num_leaves`` the reader is exact.
+    ``2 * (top_clusters + sample_clusters)`` (at least as many clusters as leaves to read, since
+    every cluster has a child, and slack for the query's best leaves lying under parents that
+    are not its best: on SQ-32k, [32, 16], beam = top lost recall; see
+    benchmarks/readers.py).  With ``top_clusters >= num_leaves`` the reader is exact.
     (Each level is scored in full, (B, C_l), and clusters outside the beam are masked: simpler than
     gathering children and cheap next to the fact matmul.)  In a hierarchical index Sample-K draws
     only among the leaves under the beam.
@@ -142,7 +144,7 @@ class ClusteredReader(Reader):
         rand_blocks: random contiguous blocks of facts added per query (Rand-block).
         block_size: facts per block; default: mean leaf size.
         temperature: T of the Sample-K distribution p ~ exp(score / T).
-        beam: clusters kept per upper level of a hierarchical index (see above).
+        beam: clusters kept per upper level of a hierarchical index (see above); None = default.
     """
 
     name = "clustered"
@@ -190,7 +192,7 @@ class ClusteredReader(Reader):
             raise ValueError(f"block_size={block_size!r}: must be an integer >= 1")
         self.block_size = min(int(block_size), memory.n)
         if beam is None:
-            beam = max(1, self.top_clusters + self.sample_clusters)
+            beam = 2 * max(1, self.top_clusters + self.sample_clusters)
         if isinstance(beam, bool) or not isinstance(beam, numbers.Integral) or beam < 1:
             raise ValueError(f"beam={beam!r}: must be an integer >= 1")
         self.beam = int(beam)

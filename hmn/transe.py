@@ -62,7 +62,17 @@ class TransEParams:
         batch_size: positive triples per batch.
         negatives: "unif" (corrupt head or tail with probability 1/2) or "bern" (Wang et al.
             2014: corrupt the head with probability tph / (tph + hpt) of the triple's relation).
-        num_negatives: corrupted triples per positive triple (k).
+        num_negatives: corrupted triples per positive triple (k), each with its own random
+            entity. Must stay 1 when ``shared_negatives`` is used.
+        shared_negatives: if > 0, the number N of random entities drawn once per batch and
+            shared by all its positives: each positive (h, r, t) is compared with the N
+            corrupted triples that replace its head (or its tail, by unif / bern) with each of
+            them. The B x N distances are one matrix product (L2) or one ``cdist`` (L1), so
+            hundreds of negatives cost little more than one. A shared entity equal to the
+            replaced true entity is skipped. 0 keeps the per-triple sampling of
+            ``num_negatives``.
+        lr_decay: ratio of the last epoch's learning rate to ``lr``; the rate decays
+            geometrically per epoch, ``lr * lr_decay ** (epoch / (epochs - 1))``. 1 = constant.
         optimizer: "adam" or "sgd".
         normalize_entities: project entity rows to unit L2 norm before they are used in a batch,
             and all rows at the end of training (Bordes 2013).
@@ -77,6 +87,8 @@ class TransEParams:
     batch_size: int = 4096
     negatives: str = "bern"
     num_negatives: int = 1
+    shared_negatives: int = 0
+    lr_decay: float = 1.0
     optimizer: str = "adam"
     normalize_entities: bool = True
     seed: int = 0
@@ -94,6 +106,23 @@ class TransEParams:
                 raise ValueError(f"transe.{name}={value!r}: must be an int")
             if value <= 0:
                 raise ValueError(f"transe.{name}={value!r}: must be > 0")
+        if (
+            isinstance(self.shared_negatives, bool)
+            or not isinstance(self.shared_negatives, (int, np.integer))
+            or self.shared_negatives < 0
+        ):
+            raise ValueError(
+                f"transe.shared_negatives={self.shared_negatives!r}: must be an int >= 0"
+            )
+        if self.shared_negatives > 0 and self.num_negatives != 1:
+            raise ValueError(
+                f"transe.num_negatives={self.num_negatives!r}: must be 1 when "
+                f"transe.shared_negatives={self.shared_negatives} > 0"
+            )
+        if not (isinstance(self.lr_decay, (int, float)) and math.isfinite(self.lr_decay)) or not (
+            0 < self.lr_decay <= 1
+        ):
+            raise ValueError(f"transe.lr_decay={self.lr_decay!r}: must be in (0, 1]")
         if self.norm not in NORMS:
             raise ValueError(f"transe.norm={self.norm!r}: must be one of {NORMS}")
         if not (isinstance(self.margin, (int, float)) and math.isfinite(self.margin)) or (
@@ -297,6 +326,130 @@ def _unit_rows(rows: torch.Tensor) -> torch.Tensor:
     return rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min(1e-12)
 
 
+def _pairwise_distance(queries: torch.Tensor, rows: torch.Tensor, norm: int) -> torch.Tensor:
+    """(B, N) L1 or L2 distances between every query (B, d) and every row (N, d)."""
+    if norm == 1:
+        return torch.cdist(queries, rows, p=1)
+    # ||q - e||^2 = ||q||^2 - 2 q.e + ||e||^2: one matrix product instead of B x N x d diffs.
+    squared = (
+        (queries * queries).sum(1, keepdim=True)
+        - 2.0 * queries @ rows.T
+        + (rows * rows).sum(1)[None, :]
+    )  # (B, N)
+    return squared.clamp_min(1e-12).sqrt()
+
+
+def _gather_rows(
+    ent_w: torch.Tensor,
+    rel_w: torch.Tensor,
+    entity_ids: torch.Tensor,
+    relation_ids: torch.Tensor,
+    normalize: bool,
+) -> tuple[torch.Tensor, ...]:
+    """Leaf tensors for the U distinct entity rows and U_r relation rows a batch reads.
+
+    Returns (ent_ids (U,), ent_pos, ent_rows (U, d), rel_ids (U_r,), rel_pos, rel_rows (U_r, d));
+    ``ent_pos`` / ``rel_pos`` map each input id to its row.
+    """
+    ent_ids, ent_pos = torch.unique(entity_ids, return_inverse=True)
+    rel_ids, rel_pos = torch.unique(relation_ids, return_inverse=True)
+    ent_rows = ent_w.index_select(0, ent_ids)  # (U, d)
+    if normalize:
+        ent_rows = _unit_rows(ent_rows)  # Algorithm 1 line 5, on the rows in use
+    ent_rows.requires_grad_(True)
+    rel_rows = rel_w.index_select(0, rel_ids).requires_grad_(True)  # (U_r, d)
+    return ent_ids, ent_pos, ent_rows, rel_ids, rel_pos, rel_rows
+
+
+def _apply_step(
+    optimizer: _RowOptimizer,
+    hinge: torch.Tensor,
+    ent_w: torch.Tensor,
+    rel_w: torch.Tensor,
+    ent_ids: torch.Tensor,
+    ent_rows: torch.Tensor,
+    rel_ids: torch.Tensor,
+    rel_rows: torch.Tensor,
+) -> None:
+    hinge.mean().backward()  # eq. 1, averaged over the batch's (positive, negative) pairs
+    optimizer.begin_step()
+    optimizer.update_rows("entity", ent_w, ent_ids, ent_rows.detach(), ent_rows.grad)
+    optimizer.update_rows("relation", rel_w, rel_ids, rel_rows.detach(), rel_rows.grad)
+
+
+def _per_triple_step(
+    batch: torch.Tensor,
+    ent_w: torch.Tensor,
+    rel_w: torch.Tensor,
+    p_head: torch.Tensor,
+    num_entities: int,
+    params: TransEParams,
+    gen: torch.Generator,
+    optimizer: _RowOptimizer,
+) -> torch.Tensor:
+    """One step with ``num_negatives`` independent corruptions per positive; returns (B, k)."""
+    device = batch.device
+    h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
+    size, k = batch.shape[0], params.num_negatives
+    # Corrupt the head or the tail of each positive k times (unif or bern).
+    corrupt_head = torch.rand(size, k, generator=gen, device=device) < p_head[r, None]
+    random_ids = torch.randint(num_entities, (size, k), generator=gen, device=device)
+    neg_h = torch.where(corrupt_head, random_ids, h[:, None])  # (B, k)
+    neg_t = torch.where(corrupt_head, t[:, None], random_ids)  # (B, k)
+
+    ent_ids, ent_pos, ent_rows, rel_ids, rel_pos, rel_rows = _gather_rows(
+        ent_w,
+        rel_w,
+        torch.cat([h, t, neg_h.view(-1), neg_t.view(-1)]),
+        r,
+        params.normalize_entities,
+    )  # positions: (2B + 2Bk,), (B,)
+    h_pos, t_pos = ent_pos[:size], ent_pos[size : 2 * size]  # (B,)
+    nh_pos = ent_pos[2 * size : 2 * size + size * k].view(size, k)  # (B, k)
+    nt_pos = ent_pos[2 * size + size * k :].view(size, k)  # (B, k)
+    r_e = rel_rows[rel_pos]  # (B, d)
+    pos = _distance(ent_rows[h_pos] + r_e - ent_rows[t_pos], params.norm)  # (B,)
+    neg = _distance(ent_rows[nh_pos] + r_e[:, None, :] - ent_rows[nt_pos], params.norm)  # (B, k)
+    hinge = torch.relu(params.margin + pos[:, None] - neg)  # (B, k), eq. 1
+    _apply_step(optimizer, hinge, ent_w, rel_w, ent_ids, ent_rows, rel_ids, rel_rows)
+    return hinge
+
+
+def _shared_negatives_step(
+    batch: torch.Tensor,
+    ent_w: torch.Tensor,
+    rel_w: torch.Tensor,
+    p_head: torch.Tensor,
+    num_entities: int,
+    params: TransEParams,
+    gen: torch.Generator,
+    optimizer: _RowOptimizer,
+) -> torch.Tensor:
+    """One step in which all B positives share N corrupting entities; returns (B, N)."""
+    device = batch.device
+    h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
+    size = batch.shape[0]
+    corrupt_head = torch.rand(size, generator=gen, device=device) < p_head[r]  # (B,)
+    shared = torch.randint(
+        num_entities, (params.shared_negatives,), generator=gen, device=device
+    )  # (N,)
+
+    ent_ids, ent_pos, ent_rows, rel_ids, rel_pos, rel_rows = _gather_rows(
+        ent_w, rel_w, torch.cat([h, t, shared]), r, params.normalize_entities
+    )  # positions: (2B + N,), (B,)
+    h_e, t_e = ent_rows[ent_pos[:size]], ent_rows[ent_pos[size : 2 * size]]  # (B, d)
+    r_e = rel_rows[rel_pos]  # (B, d)
+    pos = _distance(h_e + r_e - t_e, params.norm)  # (B,)
+    # A corrupted head e scores d(e + r, t) = d(e, t - r); a corrupted tail, d(h + r, e).
+    queries = torch.where(corrupt_head[:, None], t_e - r_e, h_e + r_e)  # (B, d)
+    neg = _pairwise_distance(queries, ent_rows[ent_pos[2 * size :]], params.norm)  # (B, N)
+    replaced = torch.where(corrupt_head, h, t)  # (B,)
+    is_negative = replaced[:, None] != shared[None, :]  # (B, N) skip "corruptions" to itself
+    hinge = torch.relu(params.margin + pos[:, None] - neg) * is_negative  # (B, N), eq. 1
+    _apply_step(optimizer, hinge, ent_w, rel_w, ent_ids, ent_rows, rel_ids, rel_rows)
+    return hinge
+
+
 def train_transe(
     triples: np.ndarray,
     num_entities: int,
@@ -373,7 +526,8 @@ def train_transe(
     else:
         p_head = torch.full((num_relations,), 0.5, device=device)
     num_triples = data.shape[0]
-    k = params.num_negatives
+    n_shared = params.shared_negatives
+    k = n_shared or params.num_negatives
     history: list[dict] = []
 
     for epoch in range(start_epoch, params.epochs):
@@ -382,41 +536,18 @@ def train_transe(
         order = torch.randperm(num_triples, generator=gen, device=device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         active_sum = torch.zeros((), dtype=torch.float64, device=device)
+        if params.lr_decay != 1.0:
+            optimizer.lr = params.lr * params.lr_decay ** (epoch / max(params.epochs - 1, 1))
         for begin in range(0, num_triples, params.batch_size):
             batch = all_triples[order[begin : begin + params.batch_size]]  # (B, 3)
-            h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
-            size = batch.shape[0]
-            # Corrupt the head or the tail of each positive k times (unif or bern).
-            corrupt_head = torch.rand(size, k, generator=gen, device=device) < p_head[r, None]
-            random_ids = torch.randint(num_entities, (size, k), generator=gen, device=device)
-            neg_h = torch.where(corrupt_head, random_ids, h[:, None])  # (B, k)
-            neg_t = torch.where(corrupt_head, t[:, None], random_ids)  # (B, k)
-
-            # Work on the U distinct entity rows the batch reads: positions index into them.
-            ent_ids, ent_pos = torch.unique(
-                torch.cat([h, t, neg_h.view(-1), neg_t.view(-1)]), return_inverse=True
-            )  # (U,), (2B + 2Bk,)
-            rel_ids, rel_pos = torch.unique(r, return_inverse=True)
-            ent_rows = ent_w.index_select(0, ent_ids)  # (U, d)
-            if params.normalize_entities:
-                ent_rows = _unit_rows(ent_rows)  # Algorithm 1 line 5, on the rows in use
-            ent_rows.requires_grad_(True)
-            rel_rows = rel_w.index_select(0, rel_ids).requires_grad_(True)  # (U_r, d)
-
-            h_pos, t_pos = ent_pos[:size], ent_pos[size : 2 * size]  # (B,)
-            nh_pos = ent_pos[2 * size : 2 * size + size * k].view(size, k)  # (B, k)
-            nt_pos = ent_pos[2 * size + size * k :].view(size, k)  # (B, k)
-            r_e = rel_rows[rel_pos]  # (B, d)
-            pos = _distance(ent_rows[h_pos] + r_e - ent_rows[t_pos], params.norm)  # (B,)
-            neg = _distance(
-                ent_rows[nh_pos] + r_e[:, None, :] - ent_rows[nt_pos], params.norm
-            )  # (B, k)
-            hinge = torch.relu(params.margin + pos[:, None] - neg)  # (B, k), eq. 1
-            hinge.mean().backward()
-
-            optimizer.begin_step()
-            optimizer.update_rows("entity", ent_w, ent_ids, ent_rows.detach(), ent_rows.grad)
-            optimizer.update_rows("relation", rel_w, rel_ids, rel_rows.detach(), rel_rows.grad)
+            if n_shared:
+                hinge = _shared_negatives_step(
+                    batch, ent_w, rel_w, p_head, num_entities, params, gen, optimizer
+                )  # (B, N)
+            else:
+                hinge = _per_triple_step(
+                    batch, ent_w, rel_w, p_head, num_entities, params, gen, optimizer
+                )  # (B, k)
             with torch.no_grad():
                 loss_sum += hinge.sum().double()
                 active_sum += (hinge > 0).sum().double()

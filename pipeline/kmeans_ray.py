@@ -16,7 +16,12 @@ actors holding numpy shards were the cheapest per iteration).
   all parents' k-means together: ``iters`` round trips per level instead of C1 x iters.
 * Per k-means iteration the centroids are ``ray.put`` once and every actor returns
   (sums, counts, objective) for its rows; the driver adds them in float64 in shard order, so the
-  result is deterministic and matches the in-memory build up to float64 rounding.
+  result is deterministic and matches the in-memory build up to float32 rounding inside blocks.
+* Speed: an actor sets ``torch.set_num_threads`` to its CPU share (``num_cpus``; Ray itself only
+  sets OMP_NUM_THREADS), keeps the unit rows of a view once computed (``InMemoryData`` with
+  ``cache_rows``: no transform or normalisation copy per iteration; rows already unit-norm are
+  used in place), and does the assignment as one matmul per chunk into a reused buffer.  Per
+  iteration only the centroids (C, D) go out and (C, D) float64 sums come back per actor.
 """
 
 from __future__ import annotations
@@ -49,12 +54,21 @@ class ShardActor:
         factors: dict | None = None,
         entity_emb: np.ndarray | None = None,
         relation_emb: np.ndarray | None = None,
+        threads: int | None = None,
+        cache_rows: bool | None = None,
     ) -> None:
         """Dense shard (``shard``), or factorised: ``factors`` holds this shard's slice of the
         fact table (subject_ids, relation_ids, object_offsets rebased to 0, object_values) and
-        ``entity_emb`` / ``relation_emb`` the whole tables (pass object refs: zero-copy)."""
+        ``entity_emb`` / ``relation_emb`` the whole tables (pass object refs: zero-copy).
+        ``threads``: torch intra-op threads (the actor's CPU share); ``cache_rows``: as
+        :class:`hmn.kmeans.InMemoryData` (None: dense views cache when <= 1 GiB)."""
+        if threads is not None:
+            if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+                raise ValueError(f"threads={threads!r}: must be an integer >= 1")
+            torch.set_num_threads(threads)
         self.start = int(start)
         self.chunk = int(chunk)
+        self.cache_rows = cache_rows
         self._views: dict[int, InMemoryData] = {}
         self._mem: FactorisedMemory | None = None
         if factors is not None:
@@ -71,6 +85,9 @@ class ShardActor:
     def num_rows(self) -> int:
         return self._mem.n if self._mem is not None else int(self._x.shape[0])
 
+    def num_threads(self) -> int:
+        return torch.get_num_threads()
+
     def open_view(
         self,
         view_id: int,
@@ -85,10 +102,12 @@ class ShardActor:
             return 0
         grp = None if groups is None else np.array(groups, dtype=np.int64)
         if self._mem is not None:
-            view = FactorisedData(self._mem, ids, self.chunk, transform=fn, groups=grp)
+            view = FactorisedData(
+                self._mem, ids, self.chunk, transform=fn, groups=grp, cache_rows=self.cache_rows
+            )
         else:
             x = self._x if ids is None else self._x[torch.from_numpy(ids)]
-            view = InMemoryData(x, self.chunk, transform=fn, groups=grp)
+            view = InMemoryData(x, self.chunk, transform=fn, groups=grp, cache_rows=self.cache_rows)
         self._views[view_id] = view
         return int(view.n)
 
@@ -279,6 +298,8 @@ def build_index_on_ray(
     progress: Callable[[dict], None] | None = None,
     actor_options: dict | None = None,
     batched_levels: bool = True,
+    cache_rows: bool | None = None,
+    refine_leaves: int = 0,
 ) -> ClusterIndex:
     """``hmn.index.build_index`` with the memory split over ``num_shards`` Ray actors.
 
@@ -286,7 +307,10 @@ def build_index_on_ray(
         vectors: (N, D) fact vectors, or a :class:`hmn.memory.FactorisedMemory` (the actors then
             share its entity / relation tables and hold a slice of its fact table each).
         num_shards: number of shard actors (1 <= num_shards <= N).
-        actor_options: passed to ``.options()`` of every actor (default ``{"num_cpus": 1}``).
+        actor_options: passed to ``.options()`` of every actor (default ``{"num_cpus": 1}``);
+            each actor runs torch with max(1, int(num_cpus)) threads.
+        cache_rows: whether actors keep the unit rows of their views (see
+            :class:`hmn.kmeans.InMemoryData`; None = dense shards when <= 1 GiB per view).
         Other arguments: as :func:`hmn.index.build_index`.
     """
     factorised = isinstance(vectors, FactorisedMemory)
@@ -305,7 +329,9 @@ def build_index_on_ray(
     starts = np.array([len(a) for a in np.array_split(np.arange(n), num_shards)]).cumsum()
     starts = np.concatenate([[0], starts[:-1]])  # (S,) first row of each shard
     bounds = np.concatenate([starts, [n]])
-    remote_cls = ray.remote(ShardActor).options(**(actor_options or {"num_cpus": 1}))
+    options = dict(actor_options or {"num_cpus": 1})
+    threads = max(1, int(options.get("num_cpus", 1)))
+    remote_cls = ray.remote(ShardActor).options(**options)
     actors = []
     try:
         if factorised:
@@ -326,12 +352,15 @@ def build_index_on_ray(
                 }
                 actors.append(
                     remote_cls.remote(
-                        None, a, factors=factors, entity_emb=ent_ref, relation_emb=rel_ref
+                        None, a, factors=factors, entity_emb=ent_ref, relation_emb=rel_ref,
+                        threads=threads, cache_rows=cache_rows,
                     )
                 )
             else:
                 shard_ref = ray.put(np.ascontiguousarray(vectors[a:b], dtype=np.float32))
-                actors.append(remote_cls.remote(shard_ref, a))
+                actors.append(
+                    remote_cls.remote(shard_ref, a, threads=threads, cache_rows=cache_rows)
+                )
         ray.get([a.num_rows.remote() for a in actors])  # surface construction errors here
         factory = RayShardedDataFactory(actors, starts, n, d)
         logger.info("built %d shard actors over N=%d facts", num_shards, n)
@@ -347,6 +376,7 @@ def build_index_on_ray(
             init=init,
             progress=progress,
             batched_levels=batched_levels,
+            refine_leaves=refine_leaves,
         )
     finally:
         for a in actors:

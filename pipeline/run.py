@@ -137,8 +137,9 @@ class Pipeline:
             upstream = fp_gen
         else:
             d = cfg.data
+            extra = (d.rdf_relations_file,) if d.rdf_relations_file else ()
             upstream = fingerprint("files", _input_signature(d.facts + d.names + d.questions_train
-                                                             + d.questions_dev + d.questions_test))
+                                                             + d.questions_dev + d.questions_test + extra))
 
         # ingest (Ray Data)
         from pipeline.stages.ingest import run_ingest

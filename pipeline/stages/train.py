@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from hmn.config import ReaderConfig, TrainConfig
-from hmn.model import BowEncoder
+from hmn.model import BowEncoder, make_optimizer
 from hmn.readers import make_reader
 from hmn.text import Vocabulary, artificial_questions
 from hmn.training import EarlyStopping, make_batch, predict, train_epoch
@@ -86,8 +86,9 @@ def train_loop_per_worker(config: dict) -> dict:
     fact_subject, fact_relation = meta["fact_subject"], meta["fact_relation"]
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = BowEncoder(job.vocab_size, job.dim, init_std=cfg.init_std).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    model = BowEncoder(job.vocab_size, job.dim, init_std=cfg.init_std,
+                       sparse=cfg.optimizer == "sparse_adam").to(device)
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr)
     stopper = EarlyStopping(cfg.patience)
     history: list[dict] = []
     best_state = None

@@ -71,3 +71,20 @@ def test_ray_build_on_factorised_shards_matches_in_memory(ray_local):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
     assert (got.fact_leaf == ref.fact_leaf).mean() > 0.999
     assert got.stats["levels"][1]["batched"] is True
+
+
+def test_shard_actor_threads_follow_its_cpus_and_refined_build_matches(ray_local):
+    from pipeline.kmeans_ray import ShardActor
+
+    x = _facts(n=1200)
+    actor = ray.remote(ShardActor).options(num_cpus=2).remote(ray.put(x[:10]), 0, threads=2)
+    try:
+        assert ray.get(actor.num_threads.remote()) == 2
+    finally:
+        ray.kill(actor)
+    ref = build_index_from_vectors(x, branching=[4, 3], seed=0, iters=6, refine_leaves=2)
+    got = build_index_on_ray(x, num_shards=2, branching=[4, 3], seed=0, iters=6, refine_leaves=2,
+                             actor_options={"num_cpus": 2})
+    for a, b in zip(got.centroids, ref.centroids):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert (got.fact_leaf == ref.fact_leaf).mean() > 0.999

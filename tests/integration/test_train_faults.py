@@ -32,7 +32,8 @@ def _train_workers() -> list[psutil.Process]:
 
 def test_killed_worker_resumes_from_checkpoint(ray_local, tmp_path):
     cfg = load_config(ROOT / "configs/smoke.yaml", TINY + ["train.num_workers=2", "train.max_epochs=6",
-                                                            "train.patience=6", "train.max_failures=2"])
+                                                            "train.patience=6", "train.max_failures=2",
+                                                            "train.optimizer=sparse_adam"])
     run = RunDir(tmp_path / "run")
     Pipeline(cfg, run).execute(until="memory")
     storage = tmp_path / "ray_train"

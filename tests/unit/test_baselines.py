@@ -115,3 +115,14 @@ def test_bad_params(setup, name, params, match):
     mem, _, _ = setup
     with pytest.raises(ValueError, match=match):
         make_reader(name, mem, **params)
+
+
+def test_faiss_ivf_set_nprobe_equals_a_fresh_reader(setup):
+    mem, q, _ = setup
+    r = FaissIVFReader(mem, nlist=8, nprobe=1)
+    r.set_nprobe(3)
+    ref = FaissIVFReader(mem, nlist=8, nprobe=3).search(q, 10)
+    got = r.search(q, 10)
+    assert torch.equal(got.ids, ref.ids) and torch.equal(got.touched, ref.touched)
+    with pytest.raises(ValueError, match="nprobe=9"):
+        r.set_nprobe(9)

@@ -37,3 +37,19 @@ def test_ksoftmax_is_over_union_only():
     assert out.softmax_size == 2
     expected = -torch.log_softmax(torch.tensor([10.0, 0.0]), 0)[0]
     assert torch.allclose(out.loss, expected)
+
+
+def test_sparse_adam_updates_only_the_batch_words():
+    from hmn.model import make_optimizer
+
+    torch.manual_seed(0)
+    enc = BowEncoder(10, 4, sparse=True)
+    before = enc.words.weight.detach().clone()
+    opt = make_optimizer(enc, "sparse_adam", 0.1)
+    memory = torch.randn(6, 4)
+    loss = full_softmax_loss(enc(torch.tensor([1, 2]), torch.tensor([0])), memory, torch.tensor([3])).loss
+    loss.backward()
+    assert enc.words.weight.grad.is_sparse
+    opt.step()
+    changed = (enc.words.weight.detach() != before).any(dim=1)
+    assert changed.tolist() == [i in (1, 2) for i in range(10)]

@@ -207,3 +207,18 @@ def test_registry_lists_every_reader_and_matches_config():
         if name in ("clustered", "exact-factorised"):
             continue
         assert make_reader(name, mem, **cfg.params(name, training=False)).name == name
+
+
+def test_hierarchical_beam_default_and_full_beam(setup):
+    mem, q, _, hier = setup
+    assert ClusteredReader(mem, hier, top_clusters=1).beam == 2
+    assert ClusteredReader(mem, hier, top_clusters=2, sample_clusters=1).beam == 6
+    assert ClusteredReader(mem, hier, top_clusters=2, beam=1).beam == 1
+    # a beam over every parent selects the top leaves among all leaves, as a flat index would
+    full = ClusteredReader(mem, hier, top_clusters=3, beam=4)
+    qt = torch.nn.functional.normalize(hier.transform.queries(q), dim=1)
+    top = (qt @ hier.centroids[-1].T).topk(3, dim=1).indices
+    expect = torch.zeros((q.shape[0], hier.num_leaves), dtype=torch.bool).scatter_(1, top, True)
+    assert torch.equal(full.select_leaves(q), expect)
+    with pytest.raises(ValueError, match="beam=0"):
+        ClusteredReader(mem, hier, beam=0)

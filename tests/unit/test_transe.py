@@ -104,6 +104,71 @@ def test_translational_graph_is_learned(norm, optimizer, lr):
     assert on_held_out["mrr"] > 0.5, on_held_out
 
 
+@pytest.mark.parametrize("norm", [1, 2])
+@pytest.mark.parametrize("negatives", ["unif", "bern"])
+def test_shared_negatives_learn_translational_graph(norm, negatives):
+    triples, E, R = planted_graph()
+    held_out = np.random.default_rng(0).permutation(len(triples))[:12]
+    train = np.delete(triples, held_out, axis=0)
+    params = dataclasses.replace(
+        SMALL,
+        norm=norm,
+        negatives=negatives,
+        lr=0.02,
+        epochs=80,
+        batch_size=16,
+        shared_negatives=8,
+        margin=1.0 if norm == 1 else 0.5,
+    )
+    result = train_transe(train, E, R, params)
+    losses = [rec["loss"] for rec in result.history]
+    assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3])
+    for rec in result.history:
+        assert 0 <= rec["active"] <= 1
+    on_train = link_prediction(result.entities, result.relations, train, [triples], norm=norm)
+    on_held_out = link_prediction(
+        result.entities, result.relations, triples[held_out], [triples], norm=norm
+    )
+    assert on_train["mrr"] > 0.8, on_train
+    assert on_held_out["mrr"] > 0.5, on_held_out
+
+
+def test_shared_negatives_skip_the_true_entity():
+    # Two entities: every shared "negative" is either the true entity (skipped) or the other
+    # one; with entity 1 as the only possible corruption of (0, r, 1) -> (0, r, 0) or (1, r, 1).
+    triples = np.array([[0, 0, 1]])
+    params = dataclasses.replace(
+        SMALL, dim=4, epochs=1, batch_size=1, shared_negatives=64, negatives="unif"
+    )
+    result = train_transe(triples, 2, 1, params)
+    # About half of the 64 draws equal the replaced entity; those pairs are never active.
+    assert 0 < result.history[0]["active"] < 0.9
+
+
+def test_pairwise_distance_matches_direct():
+    from hmn.transe import _pairwise_distance
+
+    gen = torch.Generator().manual_seed(0)
+    queries = torch.randn(7, 5, generator=gen)
+    rows = torch.randn(4, 5, generator=gen)
+    for norm, p in ((1, 1), (2, 2)):
+        direct = torch.linalg.vector_norm(queries[:, None, :] - rows[None], ord=p, dim=-1)
+        torch.testing.assert_close(
+            _pairwise_distance(queries, rows, norm), direct, atol=1e-5, rtol=0
+        )
+
+
+def test_lr_decay_changes_training_and_one_is_constant():
+    triples = random_graph()
+    base = dataclasses.replace(SMALL, epochs=4)
+    same = train_transe(triples, 50, 4, dataclasses.replace(base, lr_decay=1.0))
+    plain = train_transe(triples, 50, 4, base)
+    np.testing.assert_array_equal(same.entities, plain.entities)
+    decayed = train_transe(triples, 50, 4, dataclasses.replace(base, lr_decay=0.1))
+    assert decayed.history[0]["loss"] == plain.history[0]["loss"]  # epoch 0 runs at lr
+    assert not np.array_equal(decayed.entities, plain.entities)
+
+
 def test_entities_unit_norm_when_normalized():
     triples = random_graph()
     result = train_transe(triples, 50, 4, dataclasses.replace(SMALL, epochs=3))
@@ -140,10 +205,18 @@ def test_same_seed_same_result_other_seed_differs():
     )
 
 
-@pytest.mark.parametrize("optimizer,lr", [("adam", 0.01), ("sgd", 0.5)])
-def test_resume_from_progress_checkpoint_is_exact(optimizer, lr):
+@pytest.mark.parametrize(
+    "optimizer,lr,extra",
+    [
+        ("adam", 0.01, {}),
+        ("sgd", 0.5, {}),
+        ("adam", 0.01, {"shared_negatives": 16, "lr_decay": 0.3}),
+        ("adam", 0.01, {"shared_negatives": 16, "norm": 2, "margin": 0.5}),
+    ],
+)
+def test_resume_from_progress_checkpoint_is_exact(optimizer, lr, extra):
     triples = random_graph()
-    params = dataclasses.replace(SMALL, epochs=6, optimizer=optimizer, lr=lr)
+    params = dataclasses.replace(SMALL, epochs=6, optimizer=optimizer, lr=lr, **extra)
     full = train_transe(triples, 50, 4, params)
 
     checkpoints = {}
@@ -158,7 +231,12 @@ def test_resume_from_progress_checkpoint_is_exact(optimizer, lr):
             },
         }
 
-    train_transe(triples, 50, 4, dataclasses.replace(params, epochs=3), progress=keep)
+    if params.lr_decay == 1.0:
+        # An interrupted run: the same params, stopped after epoch 2.
+        train_transe(triples, 50, 4, dataclasses.replace(params, epochs=3), progress=keep)
+    else:
+        # The decay schedule depends on `epochs`: checkpoint the full run itself.
+        train_transe(triples, 50, 4, params, progress=lambda info: info["epoch"] < 3 and keep(info))
     assert sorted(checkpoints) == [0, 1, 2]
     saved = checkpoints[2]
     resumed = train_transe(
@@ -221,6 +299,10 @@ def test_bernoulli_probabilities():
         ("epochs", -1, "transe.epochs=-1: must be > 0"),
         ("batch_size", 2.5, "transe.batch_size=2.5: must be an int"),
         ("num_negatives", 0, "transe.num_negatives=0: must be > 0"),
+        ("shared_negatives", -1, "transe.shared_negatives=-1: must be an int >= 0"),
+        ("shared_negatives", 2.0, "transe.shared_negatives=2.0: must be an int >= 0"),
+        ("lr_decay", 0.0, "transe.lr_decay=0.0: must be in (0, 1]"),
+        ("lr_decay", 1.5, "transe.lr_decay=1.5: must be in (0, 1]"),
         ("norm", 3, "transe.norm=3"),
         ("margin", 0.0, "transe.margin=0.0"),
         ("margin", float("nan"), "transe.margin=nan"),
@@ -237,6 +319,14 @@ def test_params_validation(field, value, message):
         params.validate()
     with pytest.raises(ValueError, match=field):
         train_transe(random_graph(), 50, 4, params)
+
+
+def test_shared_negatives_need_one_per_triple_negative():
+    params = TransEParams(shared_negatives=64, num_negatives=4)
+    with pytest.raises(
+        ValueError, match=r"transe\.num_negatives=4: must be 1 when transe\.shared_negatives=64"
+    ):
+        params.validate()
 
 
 def test_default_params_are_valid():
