@@ -65,12 +65,17 @@ def table1(cfg: RunConfig, num_facts: int) -> list[Variant]:
 def table2(cfg: RunConfig, num_facts: int) -> list[Variant]:
     """Bias reducers at two cluster counts (about 100 and 50 facts per cluster).
 
-    Every variant reads the same number of clusters per question, split between the reducers.
+    Every variant reads the same share of the memory as the base config's clustered reader
+    (reader.top_clusters out of its leaves), split between the reducers.
     """
     variants = []
-    budget = max(2, cfg.reader.top_clusters)
+    leaves = 1
+    for b in cfg.memory.branching:
+        leaves *= b
+    share = min(1.0, cfg.reader.top_clusters / leaves)
     for per_cluster in (100, 50):
         c = max(2, round(num_facts / per_cluster))
+        budget = max(2, round(c * share))
         mem = {"memory.branching": [c]}
         half = max(1, budget // 2)
         combos = [
