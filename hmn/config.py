@@ -225,7 +225,8 @@ class ReaderConfig:
         """Keyword arguments of `hmn.readers.make_reader` for reader `name`.
 
         The bias reducers (Sample-K, Rand-block) only matter while training; at inference the
-        clustered reader reads its Top-K clusters.
+        clustered reader spends the same read budget (top + sampled clusters + random blocks of
+        about a leaf each) on its best clusters.
         """
         if name == "pca-tree":
             return {"depth": self.pca_depth, "probes": self.pca_probes, "seed": self.baseline_seed}
@@ -236,10 +237,13 @@ class ReaderConfig:
             return {"nlist": self.ivf_nlist, "nprobe": self.ivf_nprobe, "seed": self.baseline_seed}
         if name != "clustered":
             return {}
+        if not training:
+            return {"top_clusters": self.top_clusters + self.sample_clusters + self.rand_blocks,
+                    "sample_clusters": 0, "rand_blocks": 0, "temperature": self.temperature}
         return {
             "top_clusters": self.top_clusters,
-            "sample_clusters": self.sample_clusters if training else 0,
-            "rand_blocks": self.rand_blocks if training else 0,
+            "sample_clusters": self.sample_clusters,
+            "rand_blocks": self.rand_blocks,
             "temperature": self.temperature,
         }
 

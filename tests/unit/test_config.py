@@ -77,3 +77,10 @@ def test_describe_lists_every_field():
 
 def test_smoke_preset_is_the_embedded_default():
     assert load_config("configs/smoke.yaml") == load_config()
+
+
+def test_inference_spends_the_training_read_budget_on_top_clusters():
+    cfg = load_config(None, ["reader.top_clusters=3", "reader.sample_clusters=2", "reader.rand_blocks=1"])
+    assert cfg.reader.params("clustered", training=True)["top_clusters"] == 3
+    infer = cfg.reader.params("clustered", training=False)
+    assert infer["top_clusters"] == 6 and infer["sample_clusters"] == 0 and infer["rand_blocks"] == 0
