@@ -241,13 +241,12 @@ def main() -> None:
         speed = pykeen_speed(ids["train"], num_entities, num_relations, params, args.pykeen_batches)
         out.update({k: round(v, 1) if isinstance(v, float) else v for k, v in speed.items()})
     out["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+    pykeen_rate = out.pop("pykeen_triples_per_s", None)
     final = {
         "mrr": out.get("test", {}).get("mrr"),
         "hits10": out.get("test", {}).get("hits10"),
         "triples_per_s": round(float(np.mean(epoch_rates))),
-        "pykeen_triples_per_s": round(out["pykeen_triples_per_s"])
-        if "pykeen_triples_per_s" in out
-        else None,
+        "pykeen_triples_per_s": None if pykeen_rate is None else round(pykeen_rate),
         **out,
     }
     print(json.dumps(final), flush=True)
