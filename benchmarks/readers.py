@@ -141,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-queries", type=int, default=0, help="0 = every dev question")
     ap.add_argument("--batch", type=int, default=16, help="queries per reader call")
     ap.add_argument("--iters", type=int, default=20, help="k-means iterations of the indexes")
-    ap.add_argument("--quick", action="store_true", help="fewer settings (smoke run)")
+    ap.add_argument("--grid", choices=["full", "small", "quick"], default="full",
+                    help="settings per reader: full; small (fewer leaf counts / nlists, no (U, m) "
+                         "or bias variants); quick (smoke run)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
@@ -196,22 +198,24 @@ def main(argv: list[str] | None = None) -> int:
         return idx, info
 
     tops = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
-    quick = args.quick
+    quick = args.grid == "quick"
+    small = args.grid != "full"
+    stop = 2 * BUDGET if small else 4 * BUDGET  # a curve ends after its first point beyond this
     indexes: list[dict] = []
 
     # Flat clustered (U = 0.9, m = 3: the sq32k configuration).
     flat = {}
-    for C in ((256,) if quick else (128, 256, 512, 1024)):
+    for C in ((256,) if quick else (256, 512, 1024) if small else (128, 256, 512, 1024)):
         idx, info = index([C])
         indexes.append(info)
         flat[C] = idx
         for t in tops:
             r = run(f"clustered-flat{C}", f"top={t}",
                     make_reader("clustered", mem, idx, top_clusters=t), leaves=C)
-            if r["touched_frac"] > 4 * BUDGET:
+            if r["touched_frac"] > stop:
                 break
     # Leaf balance and recall of other (U, m) of the transform at C = 256.
-    for U, m in ([] if quick else [(0.75, 3), (0.99, 5)]):
+    for U, m in ([] if small else [(0.75, 3), (0.99, 5)]):
         idx, info = index([256], U=U, m=m)
         indexes.append(info)
         for t in (1, 2, 4, 8, 16):
@@ -219,10 +223,11 @@ def main(argv: list[str] | None = None) -> int:
                 make_reader("clustered", mem, idx, top_clusters=t))
     # Bias reducers (training-time readers), flat 512 (256 in quick mode).
     cb = 256 if quick else 512
-    for label, kw in [("top=4,sample=4", dict(top_clusters=4, sample_clusters=4)),
-                      ("top=4,rand_blocks=2", dict(top_clusters=4, rand_blocks=2)),
-                      ("top=2,sample=2,rand=1", dict(top_clusters=2, sample_clusters=2,
-                                                     rand_blocks=1))]:
+    cb = cb if cb in flat else next(iter(flat))
+    bias = [("top=4,sample=4", dict(top_clusters=4, sample_clusters=4)),
+            ("top=4,rand_blocks=2", dict(top_clusters=4, rand_blocks=2)),
+            ("top=2,sample=2,rand=1", dict(top_clusters=2, sample_clusters=2, rand_blocks=1))]
+    for label, kw in ([] if small and not quick else bias):
         run(f"clustered-flat{cb}-bias", label, make_reader("clustered", mem, flat[cb], **kw), 0)
 
     # Hierarchical [32, 16]: nested leaves (default beam, beam = top as the old default, every
@@ -231,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     indexes.append(info)
     hier_r, info = index([32, 16], refine=3)
     indexes.append(info)
-    for t in ((2, 8) if quick else (1, 2, 4, 8, 12, 16, 24, 32)):
+    for t in ((2, 8) if quick else (2, 4, 8, 16, 32) if small else (1, 2, 4, 8, 12, 16, 24, 32)):
         fams = [("clustered-hier32x16", hier, None), ("clustered-hier32x16-beam=top", hier, t),
                 ("clustered-hier32x16-beam=all", hier, 32),
                 ("clustered-hier32x16-refined", hier_r, None),
@@ -239,20 +244,20 @@ def main(argv: list[str] | None = None) -> int:
         for fam, idx, beam in fams:
             reader = make_reader("clustered", mem, idx, top_clusters=t, beam=beam)
             r = run(fam, f"top={t}", reader, beam=reader.beam)
-        if r["touched_frac"] > 4 * BUDGET:
+        if r["touched_frac"] > stop:
             break
 
-    for depth in ((8,) if quick else (6, 8, 10)):
+    for depth in ((8,) if small else (6, 8, 10)):
         for probes in (1, 2, 4, 8, 16, 32):
             r = run(f"pca-tree-d{depth}", f"probes={probes}",
                     make_reader("pca-tree", mem, depth=depth, probes=probes))
-            if r["touched_frac"] > 4 * BUDGET:
+            if r["touched_frac"] > stop:
                 break
-    for perms in ((4,) if quick else (3, 4)):
+    for perms in ((4,) if small else (3, 4)):
         for bands in (4, 16, 64):
             run(f"wta-hash-K{perms}", f"bands={bands}",
                 make_reader("wta-hash", mem, bands=bands, perms=perms, window=8))
-    for nlist in ((256,) if quick else (128, 256, 512, 1024)):
+    for nlist in ((256,) if quick else (256, 512, 1024) if small else (128, 256, 512, 1024)):
         # one build per nlist: the reader's nprobe is set on the faiss index per search
         reader = make_reader("faiss-ivf", mem, nlist=nlist, nprobe=1, niter=args.iters)
         for nprobe in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32):
@@ -260,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             reader.set_nprobe(nprobe)
             r = run(f"faiss-ivf-{nlist}", f"nprobe={nprobe}", reader, nlist=nlist)
-            if r["touched_frac"] > 4 * BUDGET:
+            if r["touched_frac"] > stop:
                 break
     loads.append(os.getloadavg())
 
