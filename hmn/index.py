@@ -361,17 +361,21 @@ def _grouped_level(
     seed: int,
     init: str,
     progress: Callable[[dict], None] | None,
+    fit_ids: np.ndarray | None = None,
 ) -> tuple[np.ndarray, torch.Tensor, np.ndarray, list[dict], int]:
-    """One level > 0 of a hierarchical index by a single grouped k-means over all facts.
+    """One level > 0 of a hierarchical index by a single grouped k-means over all facts (or over
+    the facts ``fit_ids``, followed by one grouped assignment pass over all facts).
 
     Returns (fact -> new cluster, centroids, parents, per-parent stats, number of clusters).
-    Children of parent 0 come first; an empty parent gets one empty child with its centroid.
+    Children of parent 0 come first; a parent without (fitted) facts gets one child with its
+    centroid.
     """
     c_prev = parent_centroids.shape[0]
-    sizes = np.bincount(fact_cluster, minlength=c_prev)  # (C_prev,)
+    fit_cluster = fact_cluster if fit_ids is None else fact_cluster[fit_ids]
+    sizes = np.bincount(fit_cluster, minlength=c_prev)  # (C_prev,)
     ks = np.minimum(branching, sizes)  # 0 for empty parents
     seeds = np.array([_child_seed(seed, level, p) for p in range(c_prev)], dtype=np.uint64)
-    data = data_factory(transform, None, groups=fact_cluster)
+    data = data_factory(transform, fit_ids, groups=fit_cluster)
     try:
         res = grouped_spherical_kmeans(
             data, ks, iters=iters, tol=tol, init=init, progress=progress, group_seeds=seeds
@@ -388,10 +392,17 @@ def _grouped_level(
             out[out_off[p]] = parent_centroids[p]
         else:
             out[out_off[p] : out_off[p + 1]] = res.centroids[in_off[p] : in_off[p + 1]]
-    owner = np.repeat(np.arange(c_prev), ks)  # parent of each grouped centroid
-    new_cluster = res.assignments - in_off[owner[res.assignments]] + out_off[
-        owner[res.assignments]
-    ]
+    if fit_ids is None:
+        owner = np.repeat(np.arange(c_prev), ks)  # parent of each grouped centroid
+        new_cluster = res.assignments - in_off[owner[res.assignments]] + out_off[
+            owner[res.assignments]
+        ]
+    else:  # every fact to its most similar child of its own parent
+        full = data_factory(transform, None, groups=fact_cluster)
+        try:
+            new_cluster = full.assign_grouped(out, out_off)
+        finally:
+            _close(full)
     parents = np.repeat(np.arange(c_prev, dtype=np.int64), kk)
     runs = [
         {
@@ -476,6 +487,7 @@ def build_index(    data_factory: DataFactory,
     progress: Callable[[dict], None] | None = None,
     batched_levels: bool = True,
     refine_leaves: int = 0,
+    fit_sample: int = 0,
 ) -> ClusterIndex:
     """Build a flat (``[C]``) or hierarchical (``[C1, C2, ...]``) cluster index.
 
@@ -496,7 +508,14 @@ def build_index(    data_factory: DataFactory,
             parent), then every fact goes to its most similar leaf and the upper levels'
             centroids become the normalised means of their subtrees (see :func:`_refine_leaves`).
             0 (default) keeps the strictly nested clustering.
+        fit_sample: when 0 < fit_sample < n, every level's k-means iterates over the same seeded
+            random sample of ``fit_sample`` facts, and one assignment pass then places all n facts
+            (the usual large-scale practice, as faiss's ``max_points_per_centroid``): ``iters + 1``
+            passes over a sample and one over all facts per level instead of ``iters`` over all.
+            Needs ``batched_levels`` for hierarchical indexes.
     """
+    if isinstance(fit_sample, bool) or not isinstance(fit_sample, numbers.Integral) or fit_sample < 0:
+        raise ValueError(f"fit_sample={fit_sample!r}: must be an integer >= 0")
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"n={n!r}: must be an integer >= 1")
     if isinstance(refine_leaves, bool) or not isinstance(refine_leaves, numbers.Integral) or (
@@ -505,6 +524,14 @@ def build_index(    data_factory: DataFactory,
         raise ValueError(f"refine_leaves={refine_leaves!r}: must be an integer >= 0")
     branching = check_branching(branching, int(n))
     t_start = time.perf_counter()
+    fit_ids: np.ndarray | None = None
+    if 0 < fit_sample < n:
+        if len(branching) > 1 and not batched_levels:
+            raise ValueError("fit_sample needs batched_levels=True for a hierarchical index")
+        if fit_sample < int(np.prod(branching[:1])):
+            raise ValueError(f"fit_sample={fit_sample} is smaller than branching[0]={branching[0]}")
+        rng = np.random.default_rng([seed, 0xF17])
+        fit_ids = np.sort(rng.choice(int(n), size=int(fit_sample), replace=False)).astype(np.int64)
 
     raw = data_factory(None, None)
     if raw.n != n:
@@ -520,7 +547,7 @@ def build_index(    data_factory: DataFactory,
 
     # Level 0: all facts.
     t0 = time.perf_counter()
-    data = data_factory(transform, None)
+    data = data_factory(transform, fit_ids)
     try:
         res = spherical_kmeans(
             data, branching[0], iters=iters, tol=tol, seed=seed, init=init, progress=reporter(0, -1)
@@ -529,7 +556,14 @@ def build_index(    data_factory: DataFactory,
         _close(data)
     centroids = [res.centroids]
     parents: list[np.ndarray] = []
-    fact_cluster = res.assignments  # (N,) cluster of each fact at the current level
+    if fit_ids is None:
+        fact_cluster = res.assignments  # (N,) cluster of each fact at the current level
+    else:
+        data = data_factory(transform, None)
+        try:
+            fact_cluster = data.assign(res.centroids)
+        finally:
+            _close(data)
     counts = np.bincount(fact_cluster, minlength=branching[0])
     level_stats = [
         {
@@ -548,7 +582,7 @@ def build_index(    data_factory: DataFactory,
             new_cluster, lc, lp, runs, offset = _grouped_level(
                 data_factory, transform, fact_cluster, centroids[-1], branching[level],
                 level=level, iters=iters, tol=tol, seed=seed, init=init,
-                progress=reporter(level, -1),
+                progress=reporter(level, -1), fit_ids=fit_ids,
             )
             centroids.append(lc)
             parents.append(lp)
@@ -660,6 +694,7 @@ def build_index(    data_factory: DataFactory,
         "init": init,
         "batched_levels": bool(batched_levels),
         "refine_leaves": int(refine_leaves),
+        "fit_sample": int(fit_ids.size) if fit_ids is not None else 0,
         "levels": level_stats,
         "leaf_sizes": _sizes(np.bincount(fact_cluster, minlength=centroids[-1].shape[0])),
         "seconds": time.perf_counter() - t_start,
@@ -693,6 +728,7 @@ def build_index_from_vectors(
     progress: Callable[[dict], None] | None = None,
     batched_levels: bool = True,
     refine_leaves: int = 0,
+    fit_sample: int = 0,
 ) -> ClusterIndex:
     """In-memory convenience: :func:`build_index` over :class:`InMemoryDataFactory` (or
     :class:`FactorisedDataFactory` when ``vectors`` is a :class:`~hmn.memory.FactorisedMemory`)."""
@@ -713,4 +749,5 @@ def build_index_from_vectors(
         progress=progress,
         batched_levels=batched_levels,
         refine_leaves=refine_leaves,
+        fit_sample=fit_sample,
     )

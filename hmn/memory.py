@@ -212,6 +212,11 @@ class FactMemory:
             )
         return q @ self.vectors[ids].T  # (B, len(ids))
 
+    def gather(self, ids: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """(len(ids), D) rows M[ids] (the interface shared with :class:`FactorisedMemory`)."""
+        ids = torch.as_tensor(ids).to(device=self.device, dtype=torch.int64)
+        return self.vectors[ids]
+
     def to(self, device: torch.device | str) -> FactMemory:
         """A FactMemory with the same vectors on ``device`` (self if already there)."""
         if torch.device(device) == self.device:

@@ -276,48 +276,78 @@ class ClusteredReader(Reader):
         shift = torch.repeat_interleave(starts - group_first, lengths)
         return self._leaf_facts[torch.arange(total, device=leaves.device) + shift]
 
+    def _pairs(
+        self, sel: torch.Tensor, b: int, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (query, fact) pairs read by the batch, without duplicates, sorted by query then
+        fact: facts of the selected leaves plus the Rand-block blocks. Returns (qidx, fact)."""
+        dev, n = sel.device, self.memory.n
+        qi, leaves = torch.nonzero(sel, as_tuple=True)  # (P_l,) each
+        facts = [self._facts_of_leaves(leaves)]
+        qidx = [torch.repeat_interleave(qi, self._leaf_sizes[leaves])]
+        if self.rand_blocks > 0:  # Rand-block: random contiguous blocks of facts
+            gen_dev = generator.device if generator is not None else torch.device("cpu")
+            starts = torch.randint(
+                0, n - self.block_size + 1, (b, self.rand_blocks), generator=generator,
+                device=gen_dev,
+            ).to(dev)  # (B, R)
+            offs = torch.arange(self.block_size, device=dev)
+            facts.append((starts[:, :, None] + offs).reshape(-1))
+            qidx.append(torch.arange(b, device=dev).repeat_interleave(self.rand_blocks * self.block_size))
+        keys = torch.unique(torch.cat(qidx) * n + torch.cat(facts))  # sorted, duplicate-free
+        return keys // n, keys % n
+
     @torch.no_grad()
     def search(
         self, queries: torch.Tensor, k: int, generator: torch.Generator | None = None
     ) -> Candidates:
+        """Top-k among the facts each query reads, with exact inner products.
+
+        Two equivalent ways to score, chosen by cost: when the queries of the batch read mostly
+        the same facts (small memories), one dense (B, |U|) product over the union U with the
+        unread facts masked; when they read mostly different facts (FB2M-scale memories, where
+        B |U| would be ~B times the pairs actually read), only the P (query, fact) pairs read,
+        gathered in chunks.
+        """
         k = _check_k(k)
         q = self.memory.check_queries(queries)  # (B, D)
         dev, b = q.device, q.shape[0]
-        n = self.memory.n
-
         sel = self.select_leaves(q, generator)  # (B, C)
-        parts = [self._facts_of_leaves(torch.nonzero(sel.any(0)).flatten())]
-
-        starts = None
-        if self.rand_blocks > 0:  # Rand-block: random contiguous blocks of facts
-            gen_dev = generator.device if generator is not None else torch.device("cpu")
-            starts = torch.randint(
-                0,
-                n - self.block_size + 1,
-                (b, self.rand_blocks),
-                generator=generator,
-                device=gen_dev,
-            ).to(dev)  # (B, R)
-            offs = torch.arange(self.block_size, device=dev)
-            parts.append((starts.reshape(-1, 1) + offs).reshape(-1))
-
-        union = torch.unique(torch.cat(parts))  # (|U|,) sorted fact ids read by some query
-        mask = sel.gather(1, self._fact_leaf[union].expand(b, -1))  # (B, |U|)
-        if starts is not None:
-            in_block = (union[None, None, :] >= starts[:, :, None]) & (
-                union[None, None, :] < starts[:, :, None] + self.block_size
-            )  # (B, R, |U|)
-            mask |= in_block.any(dim=1)
-        touched = mask.sum(dim=1)  # (B,)
-
-        if union.numel() == 0:
+        qidx, facts = self._pairs(sel, b, generator)  # (P,), (P,)
+        touched = torch.bincount(qidx, minlength=b)  # (B,)
+        if facts.numel() == 0:
             ids = torch.full((b, k), -1, dtype=torch.int64, device=dev)
             scores = torch.full((b, k), float("-inf"), device=dev)
             return Candidates(ids=ids, scores=scores, touched=touched)
-        s = self.memory.scores(q, union).masked_fill(~mask, float("-inf"))  # (B, |U|) exact
-        top_s, top_p = s.topk(min(k, union.numel()), dim=1)  # (B, K)
-        ids, scores = _pad(union[top_p], top_s, k)
+        union = torch.unique(facts)  # (|U|,) sorted fact ids read by some query
+        if b * union.numel() <= self.dense_factor * facts.numel():
+            mask = torch.zeros((b, union.numel()), dtype=torch.bool, device=dev)  # (B, |U|)
+            mask[qidx, torch.searchsorted(union, facts)] = True
+            s = self.memory.scores(q, union).masked_fill(~mask, float("-inf"))  # (B, |U|) exact
+            top_s, top_p = s.topk(min(k, union.numel()), dim=1)  # (B, K)
+            ids, scores = _pad(union[top_p], top_s, k)
+            return Candidates(ids=ids, scores=scores, touched=touched)
+        # pair path: score only what each query reads, then a per-query top-k
+        pair_s = torch.empty(facts.numel(), dtype=torch.float32, device=dev)  # (P,)
+        for s in range(0, facts.numel(), self.pair_chunk):
+            e = min(s + self.pair_chunk, facts.numel())
+            rows = self.memory.gather(facts[s:e])  # (e - s, D)
+            pair_s[s:e] = (rows * q[qidx[s:e]]).sum(dim=1)
+        first = torch.cumsum(touched, 0) - touched  # (B,) first pair of each query
+        width = int(touched.max())
+        pos = torch.arange(facts.numel(), device=dev) - first[qidx]  # rank within the query
+        grid = torch.full((b, width), float("-inf"), device=dev)  # (B, max touched)
+        grid[qidx, pos] = pair_s
+        grid_ids = torch.full((b, width), -1, dtype=torch.int64, device=dev)
+        grid_ids[qidx, pos] = facts
+        top_s, top_p = grid.topk(min(k, width), dim=1)  # (B, K)
+        ids, scores = _pad(grid_ids.gather(1, top_p), top_s, k)
         return Candidates(ids=ids, scores=scores, touched=touched)
+
+    #: the dense union product is used while B |U| <= dense_factor * pairs read
+    dense_factor: float = 4.0
+    #: pairs gathered at a time by the pair path
+    pair_chunk: int = 1 << 16
 
 
 READERS: dict[str, type[Reader]] = {

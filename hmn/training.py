@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hmn.model import full_softmax_loss, ksoftmax_loss
+from hmn.model import MemoryLike, num_facts, full_softmax_loss, ksoftmax_loss
 from hmn.readers import Candidates, Reader, recall_at_k
 from hmn.text import pack
 
@@ -65,7 +65,7 @@ class EpochStats:
 def train_epoch(
     model: nn.Module,
     batches: Iterable[Batch],
-    memory: torch.Tensor,
+    memory: MemoryLike,
     reader: Reader | None,
     optimizer: torch.optim.Optimizer,
     *,
@@ -75,7 +75,8 @@ def train_epoch(
     max_steps: int = 0,
     on_step: Callable[[int, float], None] | None = None,
 ) -> EpochStats:
-    """One pass over `batches`. memory (N, D) is the fixed fact matrix on the model's device."""
+    """One pass over `batches`. memory is the fixed fact memory on the model's device: an (N, D)
+    tensor, a FactMemory or a FactorisedMemory (never materialised)."""
     if loss not in ("ksoftmax", "full"):
         raise ValueError(f"loss={loss!r}: must be 'ksoftmax' or 'full'")
     if loss == "ksoftmax" and reader is None:
@@ -83,7 +84,7 @@ def train_epoch(
     model.train()
     t0 = time.perf_counter()
     total_loss, steps, questions, softmax_sum, touched_sum = 0.0, 0, 0, 0.0, 0.0
-    n = memory.shape[0]
+    n = num_facts(memory)
     for tokens, offsets, gold in batches:
         if max_steps and steps >= max_steps:
             break

@@ -300,6 +300,7 @@ def build_index_on_ray(
     batched_levels: bool = True,
     cache_rows: bool | None = None,
     refine_leaves: int = 0,
+    fit_sample: int = 0,
 ) -> ClusterIndex:
     """``hmn.index.build_index`` with the memory split over ``num_shards`` Ray actors.
 
@@ -377,6 +378,7 @@ def build_index_on_ray(
             progress=progress,
             batched_levels=batched_levels,
             refine_leaves=refine_leaves,
+            fit_sample=fit_sample,
         )
     finally:
         for a in actors:
