@@ -94,6 +94,8 @@ class SyntheticConfig:
     dev_questions: int = _f(400, "dev questions")
     test_questions: int = _f(400, "test questions")
     max_objects: int = _f(3, "most objects per grouped fact")
+    objects_decay: float = _f(0.18, "geometric decay of the number of objects per grouped fact "
+                                    "(FB2M: 0.23 gives its 1.3 objects per fact)")
     name_ambiguity: float = _f(0.02, "fraction of entity names shared with another entity")
     seed: int = _f(0, "generator seed")
 
@@ -104,6 +106,8 @@ class SyntheticConfig:
             _check(getattr(self, name) > 0, s, name, getattr(self, name), "must be > 0")
         _check(self.test_questions >= 0, s, "test_questions", self.test_questions, "must be >= 0")
         _check(0.0 <= self.name_ambiguity < 1.0, s, "name_ambiguity", self.name_ambiguity,
+               "must be in [0, 1)")
+        _check(0.0 <= self.objects_decay < 1.0, s, "objects_decay", self.objects_decay,
                "must be in [0, 1)")
 
 
@@ -168,6 +172,12 @@ class MemoryConfig:
     num_shards: int = _f(2, "Ray actors holding a shard of the memory during k-means")
     batched_levels: bool = _f(True, "cluster all parents of a hierarchical level in one grouped "
                                     "k-means (iters passes per level, not one k-means per parent)")
+    fit_sample: int = _f(0, "fit every level's k-means on a seeded sample of this many facts, then "
+                            "assign all facts in one pass (0 = iterate over all facts)")
+    layout: str = _f("auto", "'dense' (memory/facts.npy, N x D float32), 'factorised' (entity, "
+                             "relation and fact tables; rows gathered on demand) or 'auto' "
+                             "(factorised when N x D x 4 bytes > dense_limit_gb)")
+    dense_limit_gb: float = _f(4.0, "largest dense memory 'auto' writes, in GB")
     seed: int = _f(0, "seed")
 
     def validate(self) -> None:
@@ -181,6 +191,10 @@ class MemoryConfig:
         _check(self.init in ("kmeans++", "sample"), s, "init", self.init,
                "must be 'kmeans++' or 'sample'")
         _check(self.num_shards > 0, s, "num_shards", self.num_shards, "must be > 0")
+        _check(self.fit_sample >= 0, s, "fit_sample", self.fit_sample, "must be >= 0")
+        _check(self.layout in ("auto", "dense", "factorised"), s, "layout", self.layout,
+               "must be 'auto', 'dense' or 'factorised'")
+        _check(self.dense_limit_gb > 0, s, "dense_limit_gb", self.dense_limit_gb, "must be > 0")
 
 
 READER_NAMES = ("exact", "exact-factorised", "clustered", "pca-tree", "wta-hash", "faiss-ivf")
@@ -262,6 +276,8 @@ class TrainConfig:
     patience: int = _f(3, "stop when dev accuracy has not improved for this many epochs")
     artificial_questions: bool = _f(True, "add subject-name + relation-word questions for facts "
                                            "without a natural training question")
+    artificial_limit: int = _f(0, "at most this many artificial questions, a seeded sample "
+                                  "(0 = one for every fact without a natural question)")
     init_std: float = _f(0.01, "std of the initial word vectors")
     num_workers: int = _f(2, "Ray Train workers (0 = local mode in the driver)")
     cpus_per_worker: float = _f(1.0, "CPUs per worker")
@@ -292,6 +308,7 @@ class TrainConfig:
         _check(self.max_steps_per_epoch >= 0, s, "max_steps_per_epoch", self.max_steps_per_epoch,
                "must be >= 0")
         _check(self.max_failures >= -1, s, "max_failures", self.max_failures, "must be >= -1")
+        _check(self.artificial_limit >= 0, s, "artificial_limit", self.artificial_limit, "must be >= 0")
         workers = max(1, self.num_workers)
         _check(self.batch_size >= workers, s, "batch_size", self.batch_size,
                f"must be >= train.num_workers ({self.num_workers})")
@@ -304,6 +321,8 @@ class EvalConfig:
     recall_k: int = _f(10, "recall@k of approximate candidates against exact ones")
     batch_size: int = _f(512, "questions per scoring batch")
     num_actors: int = _f(1, "Ray Data actors scoring questions")
+    max_questions: int = _f(0, "score a seeded sample of this many questions per split "
+                               "(0 = all; exact K-MIPS over an FB2M memory costs seconds a question)")
 
     def validate(self) -> None:
         s = "eval"
@@ -313,6 +332,7 @@ class EvalConfig:
         _check(self.recall_k > 0, s, "recall_k", self.recall_k, "must be > 0")
         _check(self.batch_size > 0, s, "batch_size", self.batch_size, "must be > 0")
         _check(self.num_actors > 0, s, "num_actors", self.num_actors, "must be > 0")
+        _check(self.max_questions >= 0, s, "max_questions", self.max_questions, "must be >= 0")
 
 
 @dataclass(frozen=True)

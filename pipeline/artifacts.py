@@ -3,7 +3,8 @@
 Layout (see ARCHITECTURE.md):
     ingest/kb/{entities,relations,facts}.parquet, ingest/questions/<split>.parquet, ingest/rejects.parquet
     embed/{entities,relations}.parquet            id int64, vector fixed_size_list<float32>[d]
-    memory/facts.npy (N, D) float32, memory/index/ (hmn.index.ClusterIndex)
+    memory/facts.npy (N, D) float32 (dense layout) or memory/factorised/*.npy (the entity,
+        relation and fact tables of hmn.memory.FactorisedMemory), memory/index/ (hmn.index.ClusterIndex)
     train/model.pt, train/vocab.json, train/history.json
     eval/report.json, eval/report.md, eval/predictions/<split>.<reader>.parquet
 """
@@ -19,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from hmn.index import ClusterIndex
-from hmn.memory import FactMemory
+from hmn.memory import FactMemory, FactorisedMemory
 from hmn.model import BowEncoder
 from hmn.text import Vocabulary
 
@@ -93,9 +94,49 @@ def read_questions(ingest_dir: Path, split: str) -> pa.Table | None:
     return pq.read_table(path) if path.exists() else None
 
 
-def load_memory(memory_dir: Path, device: torch.device | str = "cpu", mmap: bool = True) -> FactMemory:
-    vectors = np.load(Path(memory_dir) / "facts.npy", mmap_mode="r" if mmap else None)
-    return FactMemory(torch.from_numpy(np.array(vectors, dtype=np.float32)).to(device))
+FACTORISED_ARRAYS = ("entity_emb", "relation_emb", "subject_ids", "relation_ids", "object_offsets",
+                     "object_values")
+
+
+def write_factorised(directory: Path, entity_emb: np.ndarray, relation_emb: np.ndarray,
+                     kb: KnowledgeBase) -> None:
+    """The factorised memory as memory-mappable .npy files (one per table)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = {"entity_emb": np.ascontiguousarray(entity_emb, dtype=np.float32),
+              "relation_emb": np.ascontiguousarray(relation_emb, dtype=np.float32),
+              "subject_ids": kb.fact_subject, "relation_ids": kb.fact_relation,
+              "object_offsets": kb.object_offsets, "object_values": kb.object_values}
+    for name, a in arrays.items():
+        np.save(directory / f"{name}.npy", a)
+
+
+def memory_layout(memory_dir: Path) -> str:
+    if (Path(memory_dir) / "facts.npy").exists():
+        return "dense"
+    if (Path(memory_dir) / "factorised").is_dir():
+        return "factorised"
+    raise FileNotFoundError(f"{memory_dir}: neither facts.npy nor factorised/ (run the memory stage)")
+
+
+def memory_dim(memory_dir: Path) -> int:
+    """D, the width of a fact vector, without loading the memory."""
+    if memory_layout(memory_dir) == "dense":
+        return int(np.load(Path(memory_dir) / "facts.npy", mmap_mode="r").shape[1])
+    return 3 * int(np.load(Path(memory_dir) / "factorised" / "entity_emb.npy", mmap_mode="r").shape[1])
+
+
+def load_memory(memory_dir: Path, device: torch.device | str = "cpu",
+                mmap: bool = True) -> FactMemory | FactorisedMemory:
+    """The memory stage's memory: dense (facts.npy) or factorised (factorised/*.npy)."""
+    if memory_layout(memory_dir) == "dense":
+        vectors = np.load(Path(memory_dir) / "facts.npy", mmap_mode="r" if mmap else None)
+        return FactMemory(torch.from_numpy(np.array(vectors, dtype=np.float32)).to(device))
+    d = Path(memory_dir) / "factorised"
+    a = {name: np.load(d / f"{name}.npy") for name in FACTORISED_ARRAYS}
+    mem = FactorisedMemory(a["entity_emb"], a["relation_emb"], a["subject_ids"], a["relation_ids"],
+                           a["object_offsets"], a["object_values"])
+    return mem.to(device)
 
 
 def load_index(memory_dir: Path) -> ClusterIndex:

@@ -28,6 +28,11 @@ def run_evaluate(cfg: EvalConfig, reader_cfg: ReaderConfig, run_dir: Path, out: 
         if q is None or q.num_rows == 0:
             log.info("split %s: no questions, skipped", split)
             continue
+        total = q.num_rows
+        if 0 < cfg.max_questions < total:  # a seeded sample, the same for every reader
+            keep = np.sort(np.random.default_rng([0, 0xE7A1]).choice(total, cfg.max_questions, replace=False))
+            q = q.take(keep)
+            log.info("split %s: scoring a sample of %d of %d questions", split, q.num_rows, total)
         tokens, unknown = vocab.encode_many(q["question"].to_pylist())
         gold = q["fact_id"].to_numpy()
         pred = score(run_dir, tokens, cfg.readers, reader_cfg, k=k, batch_size=cfg.batch_size,
@@ -35,7 +40,7 @@ def run_evaluate(cfg: EvalConfig, reader_cfg: ReaderConfig, run_dir: Path, out: 
         pq.write_table(pred.drop_columns([c for c in pred.column_names if c.startswith("cands_")])
                        .append_column("gold", q["fact_id"]), out / "predictions" / f"{split}.parquet")
         m = metrics(pred, gold, cfg.readers, kb.fact_subject, kb.fact_relation, cfg.recall_k)
-        results[split] = {"questions": int(q.num_rows),
+        results[split] = {"questions": int(q.num_rows), "questions_in_split": int(total),
                           "questions_without_known_words": int(sum(len(t) == 0 for t in tokens)),
                           "unknown_tokens": int(unknown.sum()), "readers": m}
         for name, r in m.items():

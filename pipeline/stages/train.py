@@ -32,7 +32,7 @@ from hmn.model import BowEncoder, make_optimizer
 from hmn.readers import make_reader
 from hmn.text import Vocabulary, artificial_questions
 from hmn.training import EarlyStopping, make_batch, predict, train_epoch
-from pipeline.artifacts import KnowledgeBase, load_index, load_memory, read_questions
+from pipeline.artifacts import KnowledgeBase, load_index, load_memory, memory_dim, read_questions
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def train_loop_per_worker(config: dict) -> dict:
                                         local_shuffle_buffer_size=max(4 * per_worker, 1024),
                                         local_shuffle_seed=cfg.seed + epoch)
         )
-        stats = train_epoch(model, batches, memory.vectors, train_reader, optimizer, loss=cfg.loss,
+        stats = train_epoch(model, batches, memory, train_reader, optimizer, loss=cfg.loss,
                             k=job.reader.k, generator=generator, max_steps=cfg.max_steps_per_epoch)
         # Validation: every rank scores its slice, counts are summed.
         preds = predict(_unwrap(model), infer_reader, [dev_tokens[i] for i in mine], k=job.reader.k,
@@ -175,8 +175,13 @@ def _to_torch(state: dict | None) -> dict | None:
     return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state.items()}
 
 
-def prepare_questions(kb: KnowledgeBase, ingest_dir: Path, artificial: bool) -> tuple[dict, dict]:
-    """Training texts (natural + artificial) and dev texts with gold fact ids."""
+def prepare_questions(kb: KnowledgeBase, ingest_dir: Path, artificial: bool, limit: int = 0,
+                      seed: int = 0) -> tuple[dict, dict]:
+    """Training texts (natural + artificial) and dev texts with gold fact ids.
+
+    Artificial questions go to facts without a natural one; ``limit`` > 0 keeps a seeded sample of
+    that many such facts (FB2M: 10.7M facts lack a natural question).
+    """
     train = read_questions(ingest_dir, "train")
     dev = read_questions(ingest_dir, "dev")
     if train is None or train.num_rows == 0:
@@ -190,9 +195,12 @@ def prepare_questions(kb: KnowledgeBase, ingest_dir: Path, artificial: bool) -> 
     if artificial:
         covered = np.zeros(kb.num_facts, dtype=bool)
         covered[facts] = True
-        names = [kb.entity_names[s] for s in kb.fact_subject]
-        rels = [kb.relation_keys[r] for r in kb.fact_relation]
-        a_texts, a_facts = artificial_questions(np.arange(kb.num_facts), names, rels, covered)
+        todo = np.flatnonzero(~covered)
+        if 0 < limit < todo.size:
+            todo = np.sort(np.random.default_rng([seed, 0xA27]).choice(todo, size=limit, replace=False))
+        names = [kb.entity_names[s] for s in kb.fact_subject[todo]]
+        rels = [kb.relation_keys[r] for r in kb.fact_relation[todo]]
+        a_texts, a_facts = artificial_questions(todo, names, rels, np.zeros(todo.size, dtype=bool))
         texts += a_texts
         facts = np.concatenate([facts, a_facts])
         flags += [True] * len(a_texts)
@@ -208,7 +216,8 @@ def run_train(train_cfg: TrainConfig, reader_cfg: ReaderConfig, ingest_dir: Path
     from ray.train.torch import TorchTrainer
 
     kb = KnowledgeBase.load(ingest_dir)
-    train_q, dev_q = prepare_questions(kb, ingest_dir, train_cfg.artificial_questions)
+    train_q, dev_q = prepare_questions(kb, ingest_dir, train_cfg.artificial_questions,
+                                       train_cfg.artificial_limit, train_cfg.seed)
     vocab = Vocabulary.build(train_q["texts"])
     vocab.save(out / "vocab.json")
     train_tokens, train_unknown = vocab.encode_many(train_q["texts"])
@@ -223,7 +232,7 @@ def run_train(train_cfg: TrainConfig, reader_cfg: ReaderConfig, ingest_dir: Path
     pq.write_table(pa.table({"tokens": pa.array([t.tolist() for t in dev_tokens], list_type),
                              "fact_id": pa.array(dev_q["facts"], pa.int64())}), data / "dev.parquet")
     np.savez(data / "facts_meta.npz", fact_subject=kb.fact_subject, fact_relation=kb.fact_relation)
-    dim = int(np.load(memory_dir / "facts.npy", mmap_mode="r").shape[1])
+    dim = memory_dim(memory_dir)
     job = TrainJob(train=train_cfg, reader=reader_cfg, memory_dir=str(memory_dir),
                    dev_path=str(data / "dev.parquet"), facts_meta_path=str(data / "facts_meta.npz"),
                    vocab_size=len(vocab), dim=dim, fingerprints=fingerprints)

@@ -17,9 +17,27 @@ def test_defaults_validate_and_round_trip(tmp_path):
 
 
 def test_presets_load():
-    for preset in ("configs/smoke.yaml", "configs/sq32k.yaml"):
+    import glob
+
+    presets = sorted(glob.glob("configs/*.yaml"))
+    assert {"configs/fb2m.yaml", "configs/fb5m.yaml", "configs/fb2m-synthetic.yaml",
+            "configs/fb5m-synthetic.yaml", "configs/smoke.yaml", "configs/sq32k.yaml"} <= set(presets)
+    for preset in presets:
         cfg = load_config(preset)
         assert cfg.name in preset
+
+
+def test_fb_scale_presets_keep_the_memory_factorised_and_the_union_small():
+    for preset, facts in (("configs/fb2m-synthetic.yaml", 10_800_000), ("configs/fb5m-synthetic.yaml", 12_000_000)):
+        cfg = load_config(preset)
+        assert cfg.synthetic.facts == facts
+        assert cfg.memory.layout == "factorised"
+        assert len(cfg.memory.branching) >= 2  # leaves of a hierarchical index
+        leaves = 1
+        for b in cfg.memory.branching:
+            leaves *= b
+        per_question = cfg.reader.top_clusters * facts / leaves
+        assert cfg.train.batch_size * per_question < 0.1 * facts  # a batch reads < 10% of the memory
 
 
 def test_overrides_are_converted_by_type():
