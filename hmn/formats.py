@@ -32,12 +32,15 @@ import gzip
 import io
 import logging
 import lzma
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from hmn import ids
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,12 @@ __all__ = [
     "parse_triples",
     "parse_grouped_bytes",
     "read_chunk_bytes",
+    "ByteChunk",
+    "plan_byte_chunks",
+    "read_byte_chunk",
+    "CodedFacts",
+    "code_facts",
+    "parse_grouped_coded",
     "parse_rdf",
     "is_entity_key",
     "detect_format",
@@ -379,6 +388,74 @@ def read_line_chunk(chunk: LineChunk) -> pa.Array:
             f"got {len(lines)} (file changed while reading?)",
         )
     return lines
+
+
+@dataclass(frozen=True)
+class ByteChunk:
+    """Whole lines of one plain file: bytes ``byte_start`` (inclusive) to ``byte_end``
+    (exclusive), cut at line ends. The line numbers are not known when planning (no scan of the
+    file): a parser numbers the chunk's lines from 1 and the caller shifts them by the lines of
+    the chunks before (their counts come back with the results)."""
+
+    path: str
+    byte_start: int
+    byte_end: int
+
+
+def plan_byte_chunks(path: str, chunk_bytes: int) -> list[ByteChunk]:
+    """Cut a plain file into chunks of about ``chunk_bytes`` bytes of whole lines, without
+    reading it: a cut at offset x moves to just after the first ``\n`` at or after x (one small
+    read per cut). An empty file has no chunks."""
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes={chunk_bytes}: must be >= 1")
+    path = str(path)
+    size = os.path.getsize(path)
+    cuts = [0]
+    with open(path, "rb") as f:
+        target = chunk_bytes
+        while target < size:
+            f.seek(target - 1)
+            pos = target - 1
+            while True:
+                piece = f.read(1 << 16)
+                if not piece:
+                    pos = size
+                    break
+                nl = piece.find(b"\n")
+                if nl >= 0:
+                    pos += nl + 1
+                    break
+                pos += len(piece)
+            if pos >= size:
+                break
+            if pos > cuts[-1]:
+                cuts.append(pos)
+            target = max(pos, cuts[-1]) + chunk_bytes
+    cuts.append(size)
+    return [ByteChunk(path, a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
+def read_byte_chunk(chunk: ByteChunk) -> bytes:
+    """The raw bytes of one :class:`ByteChunk`."""
+    with open(chunk.path, "rb") as f:
+        f.seek(chunk.byte_start)
+        data = f.read(chunk.byte_end - chunk.byte_start)
+    if len(data) != chunk.byte_end - chunk.byte_start:
+        raise FormatError(chunk.path, None, "file changed while reading (short read)")
+    return data
+
+
+def count_lines(data: bytes) -> int:
+    """Lines in ``data`` (an unterminated last line counts; a final ``\n`` adds none)."""
+    return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+
+
+def bytes_to_lines(data: bytes) -> pa.Array:
+    """The lines of ``data`` (whole lines, as :func:`read_byte_chunk` returns them) as a string
+    array, ``\r`` removed, invalid UTF-8 replaced by U+FFFD (see :func:`_bytes_to_lines`)."""
+    if not data:
+        return pa.array([], pa.string())
+    return _bytes_to_lines(data[:-1] if data.endswith(b"\n") else data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -703,6 +780,185 @@ def parse_grouped_bytes(
     return parse_grouped_facts(
         lines, first_line, source, single_object=single_object, dictionary=dictionary
     )
+
+
+@dataclass
+class CodedFacts:
+    """A chunk's fact rows with chunk-local dense ids (what the ingest stage merges into global
+    ids): ``entities`` are the chunk's distinct entity keys, sorted: int64 machine-id codes
+    (:mod:`hmn.ids`) when every key is a machine id, else canonical strings; ``relations`` the
+    sorted distinct relation keys; per row (file order) ``subject`` and ``relation`` (int32
+    positions in those), ``offsets`` (int32, rows + 1) into ``objects`` (int32 positions in
+    ``entities``, in file order within a row)."""
+
+    entities: np.ndarray | pa.Array
+    relations: pa.Array
+    subject: np.ndarray
+    relation: np.ndarray
+    offsets: np.ndarray
+    objects: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return len(self.subject)
+
+    def to_table(self) -> pa.Table:
+        """One row of list columns (zero-copy views of the arrays), for transport."""
+
+        def one(values) -> pa.Array:
+            values = values if isinstance(values, pa.Array) else pa.array(values)
+            return pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), values)
+
+        return pa.table(
+            {
+                "entities": one(self.entities),
+                "relations": one(self.relations),
+                "subject": one(self.subject),
+                "relation": one(self.relation),
+                "offsets": one(self.offsets),
+                "objects": one(self.objects),
+            }
+        )
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> CodedFacts:
+        def col(name: str) -> pa.Array:
+            return table.column(name).chunk(0).values
+
+        ent = col("entities")
+        return cls(
+            entities=ent.to_numpy() if pa.types.is_integer(ent.type) else ent,
+            relations=col("relations"),
+            **{k: col(k).to_numpy() for k in ("subject", "relation", "offsets", "objects")},
+        )
+
+
+def _sorted_codes(keys: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """(sorted distinct strings, int32 position of each key among them) by hashing."""
+    enc = keys.dictionary_encode()
+    order = pc.sort_indices(enc.dictionary).to_numpy()
+    rank = np.empty(len(order), dtype=np.int32)
+    rank[order] = np.arange(len(order), dtype=np.int32)
+    return enc.dictionary.take(pa.array(order)), rank[enc.indices.to_numpy(zero_copy_only=False)]
+
+
+def code_facts(table: pa.Table) -> CodedFacts:
+    """:class:`CodedFacts` of a parsed facts table (``FACTS_SCHEMA``, string or
+    dictionary-encoded keys, no nulls)."""
+    objects = table.column("objects").combine_chunks()
+    subject = table.column("subject").combine_chunks().cast(pa.string())
+    flat = pc.list_flatten(objects).cast(pa.string())
+    keys = pa.concat_arrays([subject, flat])
+    codes = ids.mid_codes(keys)
+    if (codes >= 0).all():
+        entities, inverse = ids.local_unique(codes)
+    else:
+        entities, inverse = _sorted_codes(keys)
+    relations, relation = _sorted_codes(table.column("relation").combine_chunks().cast(pa.string()))
+    n = len(subject)
+    offsets = np.frombuffer(objects.offsets.buffers()[1], dtype=np.int32)
+    offsets = offsets[objects.offset : objects.offset + n + 1]
+    return CodedFacts(
+        entities=entities,
+        relations=relations,
+        subject=inverse[:n],
+        relation=relation.astype(np.int32),
+        offsets=(offsets - offsets[0]).astype(np.int32),
+        objects=inverse[n:],
+    )
+
+
+def parse_grouped_coded(
+    data: bytes, source: str, *, single_object: bool = False
+) -> tuple[CodedFacts, Parsed] | None:
+    """The fast path of the ingest stage for a chunk of grouped facts (or triples) in which every
+    line is clean and every key a machine id in one spelling per column (``www.freebase.com/m/``,
+    ``/m/`` or ``m.``): pyarrow's CSV reader tokenises the bytes (TAB, no quoting; relations
+    dictionary-encoded, so each distinct relation is normalised once), keys become
+    :mod:`hmn.ids` codes, and the chunk's entities get local dense ids by one sort.
+
+    Returns ``(coded facts, Parsed with no table rows and no rejects)``, lines numbered from 1,
+    or None when any line needs the careful path (:func:`parse_grouped_bytes`, same result):
+    a wrong field count, an empty line or field, a ``\r``, invalid UTF-8, a key in another
+    spelling, an invalid key, or (``single_object``) a line with several objects.
+    """
+    import pyarrow.csv as pacsv
+
+    if not data or (data.find(b"\xef") >= 0 and data.find(b"\xef\xbf\xbd") >= 0):
+        return None  # U+FFFD: the careful path rejects it as invalid UTF-8
+    # the CSV reader also ends rows at a lone "\r": then count the lines to compare
+    n_lines = count_lines(data) if data.find(b"\r") >= 0 else -1
+    invalid: list[int] = []
+
+    def on_invalid(row) -> str:
+        invalid.append(1)
+        return "skip"
+
+    try:
+        table = pacsv.read_csv(
+            pa.BufferReader(data),
+            read_options=pacsv.ReadOptions(
+                column_names=["s", "p", "o"], use_threads=False, block_size=len(data) + 1
+            ),
+            parse_options=pacsv.ParseOptions(
+                delimiter="\t", quote_char=False, escape_char=False, ignore_empty_lines=False,
+                newlines_in_values=False, invalid_row_handler=on_invalid,
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types={"s": pa.string(), "p": pa.dictionary(pa.int32(), pa.string()),
+                              "o": pa.string()},
+                strings_can_be_null=False, quoted_strings_can_be_null=False,
+            ),
+        )  # fmt: skip
+    except pa.ArrowInvalid:  # invalid UTF-8, among others
+        return None
+    if invalid or (n_lines >= 0 and table.num_rows != n_lines):
+        return None
+    n_lines = table.num_rows
+    s, p, o = (table.column(c).combine_chunks() for c in "spo")
+    s_codes = ids.prefixed_mid_codes(s)
+    if s_codes is None:
+        return None
+    # relations: each distinct spelling once
+    rel_keys = normalize_keys(p.dictionary)
+    if rel_keys.null_count or not _all_canonical_relations(p.dictionary, rel_keys):
+        return None
+    relations, rel_rank = _sorted_codes(rel_keys)
+    relation = rel_rank[p.indices.to_numpy(zero_copy_only=False)]
+    # objects: split on single spaces; an empty piece (extra whitespace) fails the key check
+    if single_object:
+        obj_lists = None
+        o_codes = ids.prefixed_mid_codes(o)
+    else:
+        obj_lists = pc.split_pattern(o, " ")
+        o_codes = ids.prefixed_mid_codes(pc.list_flatten(obj_lists))
+    if o_codes is None:
+        return None
+    n = len(s_codes)
+    entities, inverse = ids.local_unique(np.concatenate([s_codes, o_codes]))
+    if obj_lists is None:
+        offsets = np.arange(n + 1, dtype=np.int32)
+    else:
+        offsets = np.frombuffer(obj_lists.buffers()[1], dtype=np.int32)
+        offsets = offsets[obj_lists.offset : obj_lists.offset + n + 1]
+        offsets = (offsets - offsets[0]).astype(np.int32)
+    coded = CodedFacts(entities, relations, inverse[:n], relation.astype(np.int32), offsets,
+                       inverse[n:])  # fmt: skip
+    empty = pa.table(
+        {
+            "line": pa.array([], pa.int64()),
+            "subject": pa.array([], pa.string()),
+            "relation": pa.array([], pa.string()),
+            "objects": pa.array([], pa.list_(pa.string())),
+        },
+        schema=FACTS_SCHEMA,
+    )
+    return coded, Parsed(empty, REJECT_SCHEMA.empty_table(), n_lines)
+
+
+def _all_canonical_relations(raw: pa.Array, keys: pa.Array) -> bool:
+    """True when no relation spelling is an empty field (the careful path rejects those)."""
+    return bool(pc.all(pc.greater(pc.binary_length(raw), 0)).as_py() is not False)
 
 
 def parse_triples(

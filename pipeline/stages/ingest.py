@@ -56,7 +56,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hmn import formats
+from hmn import formats, ids
 
 logger = logging.getLogger(__name__)
 
@@ -220,13 +220,10 @@ def _parse_lines(item: dict, lines: pa.Array, first_line: int) -> formats.Parsed
     raise ValueError(f"internal error: unknown format {fmt!r}")
 
 
-def _empty_result(item: dict) -> dict:
-    return _finish(item, [_parse_lines(item, pa.array([], pa.string()), 1)], [pa.array([], pa.string())], [1])
-
-
 def _finish(item: dict, parsed: list[formats.Parsed], lines: list[pa.Array], firsts: list[int]):
     """Merge the pieces of one work item. The rows of a names file or a questions file keep
-    their raw line in a ``text`` column (rows rejected later against the KB keep their text)."""
+    their raw line in a ``text`` column (rows rejected later against the KB keep their text).
+    Fact rows leave the task as :class:`hmn.formats.CodedFacts` (chunk-local ids)."""
     keep_text = item["kind"] != "facts" and item["format"] != "rdf"
     tables, rejects, skipped, names = [], [], {}, []
     for p, ln, first in zip(parsed, lines, firsts):
@@ -241,11 +238,15 @@ def _finish(item: dict, parsed: list[formats.Parsed], lines: list[pa.Array], fir
         rejects.append(p.rejects)
         for k, v in p.skipped.items():
             skipped[k] = skipped.get(k, 0) + v
-    if len(tables) > 1 and item["kind"] == "facts":
+    coded = None
+    if item["kind"] == "facts":
         # pieces of a streamed (compressed) file have different dictionaries: back to strings
-        tables = [t.cast(formats.FACTS_SCHEMA) for t in tables]
+        facts = [t.cast(formats.FACTS_SCHEMA) for t in tables] if len(tables) > 1 else tables
+        coded = formats.code_facts(pa.concat_tables(facts))
+        tables = []
     return {
-        "table": pa.concat_tables(tables),
+        "table": pa.concat_tables(tables) if tables else None,
+        "coded": coded,
         "rejects": pa.concat_tables(rejects),
         "lines": sum(p.lines for p in parsed),
         "skipped": skipped,
@@ -253,46 +254,30 @@ def _finish(item: dict, parsed: list[formats.Parsed], lines: list[pa.Array], fir
     }
 
 
-def _mid_dictionary(arr: pa.Array) -> pa.Array:
-    """A dictionary-encoded key column whose (referenced) keys are all machine ids, re-encoded
-    as ``dictionary<int32, int64>`` over the sorted distinct :func:`_mid_codes` (done in the
-    parse tasks, in parallel, so that the driver merges sorted integer runs instead of hashing
-    strings). Any other column is returned as it is."""
-    if not pa.types.is_dictionary(arr.type) or arr.null_count or not len(arr):
-        return arr
-    dictionary, indices = _dict_parts(arr)
-    codes = _mid_codes(dictionary)
-    if (codes < 0).any():
-        return arr
-    uniq, inv = np.unique(codes, return_inverse=True)
-    return pa.DictionaryArray.from_arrays(pa.array(inv[indices].astype(np.int32)), pa.array(uniq))
-
-
-def _encode_mids(table: pa.Table) -> pa.Table:
-    subject = _mid_dictionary(_column(table, "subject"))
-    objects = _column(table, "objects")
-    values = _mid_dictionary(pc.list_flatten(objects))
-    if values is not objects.values:
-        objects = pa.ListArray.from_arrays(objects.offsets, values)
-    return table.set_column(table.schema.get_field_index("subject"), "subject", subject).set_column(
-        table.schema.get_field_index("objects"), "objects", objects
-    )
+def _empty_result(item: dict) -> dict:
+    return _finish(item, [_parse_lines(item, pa.array([], pa.string()), 1)], [pa.array([], pa.string())], [1])
 
 
 def _parse_item(item: dict) -> dict:
-    """Parse one work item (a chunk of a plain file, or a whole compressed file, streamed)."""
+    """Parse one work item: a byte range of whole lines of a plain file (lines numbered from 1
+    within the range; the driver shifts them), or a whole compressed file, streamed."""
     if item["byte_end"] >= 0:
-        chunk = formats.LineChunk(
-            item["path"], item["first_line"], item["byte_start"], item["byte_end"], item["lines"]
-        )
-        if item["format"] in ("grouped", "triples"):  # the bytes fast path (same result)
+        chunk = formats.ByteChunk(item["path"], item["byte_start"], item["byte_end"])
+        data = formats.read_byte_chunk(chunk)
+        if item["format"] in ("grouped", "triples"):
+            single = item["format"] == "triples"
+            fast = formats.parse_grouped_coded(data, chunk.path, single_object=single)
+            if fast is not None:  # every line clean: no rejects, coded directly
+                coded, parsed = fast
+                return {"table": None, "coded": coded, "rejects": parsed.rejects,
+                        "lines": parsed.lines, "skipped": {}, "names": None}  # fmt: skip
             parsed = formats.parse_grouped_bytes(
-                formats.read_chunk_bytes(chunk), chunk.first_line, chunk.lines, chunk.path,
-                single_object=item["format"] == "triples", dictionary=True,
+                data, 1, formats.count_lines(data), chunk.path, single_object=single,
+                dictionary=True,
             )  # fmt: skip
-            parsed.table = _encode_mids(parsed.table)
-            return _finish(item, [parsed], [None], [chunk.first_line])
-        pieces = [(chunk.first_line, formats.read_line_chunk(chunk))]
+            return _finish(item, [parsed], [None], [1])
+        pieces = [(1, formats.bytes_to_lines(data))]
+        del data
     else:
         pieces = formats.iter_line_chunks(item["path"], item["chunk_lines"])
     parsed, lines, firsts = [], [], []
@@ -309,23 +294,23 @@ def _parse_item(item: dict) -> dict:
 
 def _parse_batch(batch: pa.Table) -> pa.Table:
     """``map_batches`` UDF: parse each work item of the batch, return IPC-encoded results."""
-    out = {"item": [], "lines": [], "table": [], "rejects": [], "names": [], "skipped": []}
+    out = {k: [] for k in ("item", "lines", "table", "coded", "rejects", "names", "skipped")}
     for item in batch.to_pylist():
         item = {**item, **json.loads(item["options"])}
         res = _parse_item(item)
         out["item"].append(item["item"])
         out["lines"].append(res["lines"])
-        out["table"].append(_to_ipc(res["table"]))
+        out["table"].append(_to_ipc(res["table"]) if res["table"] is not None else b"")
+        out["coded"].append(_to_ipc(res["coded"].to_table()) if res["coded"] is not None else b"")
         out["rejects"].append(_to_ipc(res["rejects"]))
         out["names"].append(_to_ipc(res["names"]) if res["names"] is not None else b"")
         out["skipped"].append(json.dumps(res["skipped"]))
+    binary = ("table", "coded", "rejects", "names")
     return pa.table(
         {
             "item": pa.array(out["item"], pa.int64()),
             "lines": pa.array(out["lines"], pa.int64()),
-            "table": pa.array(out["table"], pa.large_binary()),
-            "rejects": pa.array(out["rejects"], pa.large_binary()),
-            "names": pa.array(out["names"], pa.large_binary()),
+            **{k: pa.array(out[k], pa.large_binary()) for k in binary},
             "skipped": pa.array(out["skipped"], pa.string()),
         }
     )
@@ -333,12 +318,29 @@ def _parse_batch(batch: pa.Table) -> pa.Table:
 
 @dataclass
 class _SourceResult:
-    table: pa.Table | None  # names, questions (and string-keyed facts, e.g. from RDF)
-    chunks: list[pa.Table] | None  # facts: one table per parsed chunk
+    table: pa.Table | None  # names, questions
+    chunks: list[formats.CodedFacts] | None  # facts: one per parsed chunk, in file order
     rejects: pa.Table
     lines: int
     skipped: dict[str, int]
     names: pa.Table | None  # English names of an RDF facts file
+
+
+def _shift_lines(table: pa.Table | None, offset: int) -> pa.Table | None:
+    """``table`` with ``offset`` added to its ``line`` column (chunk-relative -> file lines)."""
+    if table is None or offset == 0 or "line" not in table.column_names:
+        return table
+    i = table.schema.get_field_index("line")
+    return table.set_column(i, "line", pc.add(table.column(i), offset))
+
+
+def _chunk_bytes(path: str, chunk_lines: int) -> int:
+    """Bytes per work item for about ``chunk_lines`` lines, from the mean line length of the
+    first MiB (work items are byte ranges: planning them reads no more of the file)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    n = max(head.count(b"\n"), 1)
+    return max(1, (len(head) * chunk_lines) // n)
 
 
 def _parse_all(listed, chunk_lines: int, sources: IngestSources) -> list[_SourceResult]:
@@ -355,14 +357,17 @@ def _parse_all(listed, chunk_lines: int, sources: IngestSources) -> list[_Source
     )
     items = []
     for src_idx, (kind, _split, path, fmt) in enumerate(listed):
-        chunks = formats.plan_line_chunks(path, chunk_lines)
         if formats.is_compressed(path):
             logger.warning(
                 "%s is compressed and is parsed by one task; decompress or pre-shard it "
                 "for parallel parsing",
                 path,
             )
-        for c in chunks:
+            ranges = [(0, -1)]
+        else:
+            plan = formats.plan_byte_chunks(path, _chunk_bytes(path, chunk_lines))
+            ranges = [(c.byte_start, c.byte_end) for c in plan]
+        for start, end in ranges:
             items.append(
                 {
                     "item": len(items),
@@ -370,10 +375,8 @@ def _parse_all(listed, chunk_lines: int, sources: IngestSources) -> list[_Source
                     "kind": kind,
                     "format": fmt,
                     "path": path,
-                    "first_line": c.first_line,
-                    "byte_start": c.byte_start,
-                    "byte_end": c.byte_end,
-                    "lines": c.lines,
+                    "byte_start": start,
+                    "byte_end": end,
                     "options": options,
                 }
             )
@@ -385,37 +388,46 @@ def _parse_all(listed, chunk_lines: int, sources: IngestSources) -> list[_Source
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for i in range(batch.num_rows):
                 item = items[batch["item"][i].as_py()]
-                names = batch["names"][i].as_buffer()
+
+                def load(name: str, i=i):
+                    buf = batch[name][i].as_buffer()
+                    return _from_ipc(buf) if buf.size else None
+
+                coded = load("coded")
                 res = {
-                    "table": _from_ipc(batch["table"][i].as_buffer()),
-                    "rejects": _from_ipc(batch["rejects"][i].as_buffer()),
-                    "names": _from_ipc(names) if names.size else None,
+                    "table": load("table"),
+                    "coded": formats.CodedFacts.from_table(coded) if coded is not None else None,
+                    "rejects": load("rejects"),
+                    "names": load("names"),
                     "lines": batch["lines"][i].as_py(),
                     "skipped": json.loads(batch["skipped"][i].as_py()),
                 }
-                per_source[item["source"]].append((item["first_line"], res))
+                per_source[item["source"]].append((item["byte_start"], res))
             del batch
     out = []
     opts = json.loads(options)
     for src_idx, (kind, _split, path, fmt) in enumerate(listed):
         parts = sorted(per_source[src_idx], key=lambda p: p[0])
         if not parts:  # empty plain file: no chunks
-            parts = [(1, _empty_result({"kind": kind, "format": fmt, "path": path, **opts}))]
+            parts = [(0, _empty_result({"kind": kind, "format": fmt, "path": path, **opts}))]
         skipped: dict[str, int] = {}
+        offset = 0  # lines before the chunk
         for _, r in parts:
             for k, v in r["skipped"].items():
                 skipped[k] = skipped.get(k, 0) + v
+            for name in ("table", "rejects", "names"):
+                r[name] = _shift_lines(r[name], offset)
+            offset += r["lines"]
         names = [r["names"] for _, r in parts if r["names"] is not None]
-        if kind == "facts":  # chunks stay apart: their dictionaries differ
-            tables = [r["table"] for _, r in parts]
-            table = None
+        chunks = table = None
+        if kind == "facts":  # chunks stay apart: their local ids differ
+            chunks = [r["coded"] for _, r in parts]
         else:
-            tables = None
             table = pa.concat_tables([r["table"] for _, r in parts]).combine_chunks()
         out.append(
             _SourceResult(
                 table=table,
-                chunks=tables,
+                chunks=chunks,
                 rejects=pa.concat_tables([r["rejects"] for _, r in parts]).combine_chunks(),
                 lines=sum(r["lines"] for _, r in parts),
                 skipped=dict(sorted(skipped.items())),
@@ -475,170 +487,76 @@ def _by_reason(rejects: pa.Table) -> dict[str, int]:
     return dict(sorted(pairs, key=lambda kv: (-kv[1], kv[0])))
 
 
-def _dict_parts(col) -> tuple[pa.Array, np.ndarray]:
-    """``(dictionary of the referenced keys, indices into it)`` of a key column, string or
-    dictionary-encoded. Entries no row references (keys of rejected rows, invalid spellings)
-    are dropped, so that every key of the KB is used by some fact."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if not pa.types.is_dictionary(arr.type):
-        arr = arr.dictionary_encode()
-    if arr.null_count:
-        raise RuntimeError("internal error: null key in a parsed fact table")
-    indices = arr.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    dictionary = arr.dictionary
-    used = np.zeros(len(dictionary), dtype=bool)
-    used[indices] = True
-    if not used.all():
-        remap = np.cumsum(used) - 1
-        indices = remap[indices]
-        dictionary = dictionary.filter(pa.array(used))
-    return dictionary, indices
+# machine-id codes (hmn.ids); the names stay for the tests and callers of this module
+_mid_codes = ids.mid_codes
+_mid_strings = ids.mid_strings
 
 
 def _assign_ids(parts: list[tuple[pa.Array, np.ndarray]]) -> tuple[pa.Array, np.ndarray]:
     """Sorted distinct keys of all chunk dictionaries, and the global id of every chunk's
-    indices (concatenated in chunk order).
-
-    One hash pass over the concatenated dictionaries (``dictionary_encode``) gives each entry a
-    code; one string sort of the distinct keys turns codes into ranks. (``index_in`` against the
-    key set would rebuild a hash table of every key per call.)"""
+    indices (concatenated in chunk order). Dictionaries may be int64 machine-id codes or
+    strings (machine ids among them take the integer path; other keys are hashed once)."""
     if not parts:
         return pa.array([], pa.string()), np.zeros(0, dtype=np.int64)
     coded = [pa.types.is_integer(d.type) for d, _ in parts]
     if all(coded):
-        # machine ids only, each chunk's codes sorted by its task: a stable sort merges the runs
-        codes = np.concatenate([d.to_numpy() for d, _ in parts])
-        perm = np.argsort(codes, kind="stable")
-        ordered = codes[perm]
-        new = np.ones(len(ordered), dtype=bool)
-        new[1:] = ordered[1:] != ordered[:-1]
-        entry_id = np.empty(len(codes), dtype=np.int64)
-        entry_id[perm] = np.cumsum(new) - 1
-        distinct_sorted = _mid_strings(ordered[new])
-        ids, offset = [], 0
-        for d, idx in parts:
-            ids.append(entry_id[offset + idx])
-            offset += len(d)
-        return distinct_sorted, np.concatenate(ids)
+        distinct, maps = ids.sorted_union([np.unique(d.to_numpy()) for d, _ in parts])
+        entry = [m[np.searchsorted(np.unique(d.to_numpy()), d.to_numpy())] for m, (d, _) in
+                 zip(maps, parts)]  # fmt: skip
+        return ids.mid_strings(distinct), np.concatenate(
+            [e[np.asarray(idx)] for e, (_, idx) in zip(entry, parts)]
+        )
     allkeys = pa.concat_arrays(
-        [_mid_strings(d.to_numpy()) if c else d.cast(pa.string()) for (d, _), c in zip(parts, coded)]
+        [ids.mid_strings(d.to_numpy()) if c else d.cast(pa.string()) for (d, _), c in zip(parts, coded)]
     )
-    codes = _mid_codes(allkeys)  # (entries,) order-preserving int64 of /m/ keys, -1 otherwise
+    codes = ids.mid_codes(allkeys)  # (entries,) order-preserving int64 of /m/ keys, -1 otherwise
     mid = codes >= 0
-    if mid.all():
-        # Freebase machine ids only: integer sort, no string hashing
-        uniq, entry_id = np.unique(codes, return_inverse=True)
-        distinct_sorted = _mid_strings(uniq)
-    else:
-        uniq, mid_inv = np.unique(codes[mid], return_inverse=True)
-        enc = allkeys.filter(pa.array(~mid)).dictionary_encode()
-        distinct = pa.concat_arrays([_mid_strings(uniq), enc.dictionary])
-        order = pc.sort_indices(distinct).to_numpy()
-        rank = np.empty(len(distinct), dtype=np.int64)
-        rank[order] = np.arange(len(distinct), dtype=np.int64)
-        entry_id = np.empty(len(codes), dtype=np.int64)
-        entry_id[mid] = rank[mid_inv]
-        entry_id[~mid] = rank[len(uniq) + enc.indices.to_numpy(zero_copy_only=False)]
-        distinct_sorted = distinct.take(pa.array(order))
-    ids, offset = [], 0
+    uniq, mid_inv = np.unique(codes[mid], return_inverse=True)
+    enc = allkeys.filter(pa.array(~mid)).dictionary_encode()
+    distinct = pa.concat_arrays([ids.mid_strings(uniq), enc.dictionary])
+    order = pc.sort_indices(distinct).to_numpy()
+    rank = np.empty(len(distinct), dtype=np.int64)
+    rank[order] = np.arange(len(distinct), dtype=np.int64)
+    entry_id = np.empty(len(codes), dtype=np.int64)
+    entry_id[mid] = rank[mid_inv]
+    entry_id[~mid] = rank[len(uniq) + enc.indices.to_numpy(zero_copy_only=False)]
+    distinct_sorted = distinct.take(pa.array(order))
+    out, offset = [], 0
     for d, idx in parts:
-        ids.append(entry_id[offset + idx])
+        out.append(entry_id[offset + np.asarray(idx)])
         offset += len(d)
-    return distinct_sorted, np.concatenate(ids)
+    return distinct_sorted, np.concatenate(out)
 
 
-# Order-preserving integer codes of machine ids "/m/" + up to 12 characters of [0-9_a-z]:
-# base 38, digit 0 = end of key, then the characters in byte order, so that the integer order is
-# the byte order of the keys (a shorter key sorts before its extensions); 38^12 < 2^63.
-_MID_CHARS = "0123456789_abcdefghijklmnopqrstuvwxyz"
-_MID_BASE = 38
-_MID_LEN = 12
-_MID_LUT = np.full(256, 255, dtype=np.int64)
-_MID_LUT[np.frombuffer(_MID_CHARS.encode(), dtype=np.uint8)] = np.arange(1, _MID_BASE)
-_MID_POW = _MID_BASE ** np.arange(_MID_LEN - 1, -1, -1, dtype=np.int64)
+def _entity_ids(chunks: list[formats.CodedFacts]) -> tuple[pa.Array, list[np.ndarray]]:
+    """Sorted distinct entity keys of all chunks and, per chunk, the global id of each of its
+    local ids. Machine-id codes only: one sort of the chunks' distinct codes and a binary search
+    per chunk (sorted queries), no string is hashed or compared."""
+    if all(isinstance(c.entities, np.ndarray) for c in chunks):
+        union, maps = ids.sorted_union([c.entities for c in chunks])
+        return ids.mid_strings(union), maps
+    parts = [
+        pa.array(c.entities) if isinstance(c.entities, np.ndarray) else c.entities for c in chunks
+    ]
+    distinct, gid = _assign_ids([(p, np.arange(len(p))) for p in parts])
+    maps, offset = [], 0
+    for p in parts:
+        maps.append(gid[offset : offset + len(p)])
+        offset += len(p)
+    return distinct, maps
 
 
-_MID_LUT8 = np.where(_MID_LUT == 255, 255, _MID_LUT).astype(np.uint8)
-_MID_LUT8[0] = 0  # the padding byte of _mid_codes_padded: end of key
+def _bits(n: int) -> int:
+    return max(1, int(n - 1).bit_length())
 
 
-def _mid_codes(keys: pa.Array, block: int = 1 << 20) -> np.ndarray:
-    """:data:`_MID_CHARS` codes of canonical machine-id keys; -1 for any other key."""
-    keys = keys.cast(pa.string())
-    n = len(keys)
-    out = np.full(n, -1, dtype=np.int64)
-    if n == 0:
-        return out
-    fast = _mid_codes_padded(keys)
-    if fast is not None:
-        return fast
-    offsets = np.frombuffer(keys.buffers()[1], dtype=np.int32)[keys.offset : keys.offset + n + 1]
-    data = keys.buffers()[2]
-    data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(1, np.uint8)
-    width = 3 + _MID_LEN
-    cols = np.arange(width)
-    for lo in range(0, n, block):
-        start = offsets[lo : lo + block + 1].astype(np.int64)
-        length = np.diff(start)
-        start = start[:-1]
-        inside = cols[None, :] < length[:, None]  # (b, 15)
-        chars = data[np.minimum(start[:, None] + cols[None, :], len(data) - 1)]
-        chars = np.where(inside, chars, 0)
-        ok = (length >= 4) & (length <= width)
-        ok &= (chars[:, 0] == 47) & (chars[:, 1] == 109) & (chars[:, 2] == 47)  # "/m/"
-        digits = np.where(inside[:, 3:], _MID_LUT[chars[:, 3:]], 0)  # (b, 12)
-        ok &= (digits != 255).all(axis=1)
-        if keys.null_count:
-            ok &= keys.slice(lo, len(length)).is_valid().to_numpy(zero_copy_only=False)
-        code = (np.where(digits == 255, 0, digits) * _MID_POW).sum(axis=1)
-        out[lo : lo + len(length)] = np.where(ok, code, -1)
-    return out
-
-
-def _mid_codes_padded(keys: pa.Array) -> np.ndarray | None:
-    """:func:`_mid_codes` without gathers: keys of 4 to 15 ASCII bytes padded with NUL to 15
-    bytes form one (n, 15) byte matrix. None when some key does not fit (the general path)."""
-    width = 3 + _MID_LEN
-    length = pc.binary_length(keys).to_numpy(zero_copy_only=False)
-    if keys.null_count or length.min() < 4 or length.max() > width:
-        return None
-    padded = pc.utf8_rpad(keys, width=width, padding="\x00")
-    offsets = np.frombuffer(padded.buffers()[1], dtype=np.int32)
-    start = int(offsets[padded.offset])
-    if int(offsets[padded.offset + len(keys)]) - start != width * len(keys):
-        return None  # multi-byte characters
-    mat = np.frombuffer(padded.buffers()[2], dtype=np.uint8, count=width * len(keys), offset=start)
-    mat = mat.reshape(len(keys), width)  # (n, 15)
-    ok = (mat[:, 0] == 47) & (mat[:, 1] == 109) & (mat[:, 2] == 47)  # "/m/"
-    digits = _MID_LUT8[mat[:, 3:]]  # (n, 12), 0 = end, 255 = not a mid character
-    ok &= (digits != 255).all(axis=1) & ((digits > 0).sum(axis=1) == length - 3)  # no inner NUL
-    code = digits.astype(np.int64) @ _MID_POW
-    return np.where(ok, code, -1)
-
-
-def _mid_strings(codes: np.ndarray) -> pa.Array:
-    """The keys of :func:`_mid_codes` codes (inverse), as a string array."""
-    n = len(codes)
-    digits = (codes[:, None] // _MID_POW[None, :]) % _MID_BASE  # (n, 12), 0 = end
-    length = (digits > 0).sum(axis=1)
-    chars = np.zeros((n, 3 + _MID_LEN), dtype=np.uint8)
-    chars[:, :3] = np.frombuffer(b"/m/", dtype=np.uint8)
-    lut = np.frombuffer(b"\0" + _MID_CHARS.encode(), dtype=np.uint8)
-    chars[:, 3:] = lut[digits]
-    inside = np.arange(3 + _MID_LEN)[None, :] < (length + 3)[:, None]
-    data = chars[inside]  # row-major: each key's bytes stay together
-    offsets = np.zeros(n + 1, dtype=np.int32)
-    np.cumsum(length + 3, out=offsets[1:])
-    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data.tobytes()))
-
-
-def _build_kb(fact_tables: list[pa.Table], table_source: list[int], n_sources: int):
+def _build_kb(chunks: list[formats.CodedFacts], chunk_source: list[int], n_sources: int):
     """Dense ids for entities, relations and merged facts.
 
-    ``fact_tables`` are the parsed chunks (source order, then line order); ``table_source``
-    gives each chunk's index among the ``n_sources`` fact sources. Ids are positions in the
-    sorted distinct keys, found per chunk dictionary (no table of every key occurrence is ever
-    hashed as strings)."""
+    ``chunks`` are the parsed chunks (source order, then line order) with chunk-local ids;
+    ``chunk_source`` gives each chunk's index among the ``n_sources`` fact sources. Entity and
+    relation ids are positions in the sorted distinct keys; facts are sorted by (subject id,
+    relation id) with one sort of packed ``subject | relation | row`` integers."""
     steps: dict[str, float] = {}
     tick = time.perf_counter()
 
@@ -648,50 +566,72 @@ def _build_kb(fact_tables: list[pa.Table], table_source: list[int], n_sources: i
         steps[name] = round(now - tick, 3)
         tick = now
 
-    subj_parts, rel_parts, obj_parts, row_lens = [], [], [], []
-    for t in fact_tables:
-        objects = _column(t, "objects")
-        subj_parts.append(_dict_parts(t["subject"]))
-        rel_parts.append(_dict_parts(t["relation"]))
-        obj_parts.append(_dict_parts(pc.list_flatten(objects)))
-        row_lens.append(pc.list_value_length(objects).to_numpy(zero_copy_only=False))
-    step("dictionaries")
-    entity_keys, ent_ids = _assign_ids(subj_parts + obj_parts)
-    n_subj = sum(len(idx) for _, idx in subj_parts)
-    subj_id, obj_id = ent_ids[:n_subj], ent_ids[n_subj:]
-    relation_keys, rel_id = _assign_ids(rel_parts)
+    entity_keys, maps = _entity_ids(chunks)
+    rel_all = pa.concat_arrays([c.relations for c in chunks]) if chunks else pa.array([], pa.string())
+    relation_keys = _sorted_unique(rel_all)
+    rmaps = [_ids(c.relations, relation_keys) for c in chunks]
     E, R = len(entity_keys), len(relation_keys)
-    del subj_parts, rel_parts, obj_parts, ent_ids
-    row_len = np.concatenate(row_lens).astype(np.int64) if row_lens else np.zeros(0, np.int64)
-    obj_row = np.repeat(np.arange(len(row_len), dtype=np.int64), row_len)
+    step("dictionaries")
+    idt = np.int32 if E < 2**31 else np.int64
+    subj_id = np.concatenate([m.astype(idt)[c.subject] for c, m in zip(chunks, maps)]) if chunks \
+        else np.zeros(0, idt)  # fmt: skip
+    rel_id = np.concatenate([m[c.relation] for c, m in zip(chunks, rmaps)]) if chunks \
+        else np.zeros(0, np.int64)  # fmt: skip
+    obj_id = np.concatenate([m.astype(idt)[c.objects] for c, m in zip(chunks, maps)]) if chunks \
+        else np.zeros(0, idt)  # fmt: skip
+    row_len = np.concatenate([np.diff(c.offsets) for c in chunks]).astype(np.int64) if chunks \
+        else np.zeros(0, np.int64)  # fmt: skip
+    del maps, rmaps
+    n_rows = len(subj_id)
+    step("ids")
 
     # facts sorted by (subject key, relation key) == by (subject id, relation id)
-    step("ids")
-    pair = subj_id * R + rel_id  # (rows,)
-    uniq_pair, first_row, row_fact = np.unique(pair, return_index=True, return_inverse=True)
+    eb, rb, nb = _bits(E), _bits(R), _bits(n_rows)
+    if eb + rb + nb <= 63:
+        key = (subj_id.astype(np.int64) << (rb + nb)) | (rel_id << nb)
+        key |= np.arange(n_rows, dtype=np.int64)
+        key.sort()  # distinct values: no stability needed, rows ascend within a pair
+        row_order = key & ((1 << nb) - 1)
+        key >>= nb
+        pair_sorted = (key >> rb) * R + (key & ((1 << rb) - 1))
+        del key
+    else:
+        pair = subj_id.astype(np.int64) * R + rel_id
+        row_order = np.argsort(pair, kind="stable")
+        pair_sorted = pair[row_order]
+        del pair
+    new = np.empty(n_rows, dtype=bool)
+    if n_rows:
+        new[0] = True
+        np.not_equal(pair_sorted[1:], pair_sorted[:-1], out=new[1:])
+    uniq_pair = pair_sorted[new]
+    first_row = row_order[new]  # the first row of each fact, in fact order
     F = len(uniq_pair)
-    merged_row = np.ones(len(pair), dtype=bool)
+    merged_row = np.ones(n_rows, dtype=bool)
     merged_row[first_row] = False
-
+    del pair_sorted
     step("facts")
+
     # objects: union per fact, first-seen order (rows in source/line order, then in-line order)
-    kept_fact = kept_obj = None
-    if not merged_row.any():
-        # one row per fact (the common case): reorder the rows' lists, no sort over objects,
-        # unless a line repeats an object (checked on the rows with two or more objects)
-        multi = row_len[obj_row] > 1
-        codes = np.sort(obj_row[multi] * E + obj_id[multi])  # sort: numpy's hash unique is slow
-        if not (codes[1:] == codes[:-1]).any():
-            row_offsets = np.zeros(len(row_len) + 1, dtype=np.int64)
-            np.cumsum(row_len, out=row_offsets[1:])
-            lens = row_len[first_row]  # first_row: the row of each fact, in fact order
-            starts = row_offsets[first_row]
-            offsets64 = np.zeros(F + 1, dtype=np.int64)
-            np.cumsum(lens, out=offsets64[1:])
-            gather = np.repeat(starts - offsets64[:-1], lens) + np.arange(offsets64[-1])
-            kept_obj = obj_id[gather]
-            offsets = offsets64.astype(np.int32)
+    row_offsets = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(row_len, out=row_offsets[1:])
+    kept_obj = None
+    if F == n_rows and not _repeats_an_object(row_len, row_offsets, obj_id, E):
+        # one row per fact, no line repeats an object (the common case): reorder the rows'
+        # lists, no sort over the objects
+        lens = row_len[first_row]
+        starts = row_offsets[first_row]
+        offsets64 = np.zeros(F + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets64[1:])
+        gather = np.repeat(starts - offsets64[:-1], lens)
+        gather += np.arange(offsets64[-1], dtype=np.int64)
+        kept_obj = obj_id[gather]
+        offsets = offsets64.astype(np.int32)
+        del gather, lens, starts
     if kept_obj is None:
+        row_fact = np.empty(n_rows, dtype=np.int64)
+        row_fact[row_order] = np.cumsum(new) - 1
+        obj_row = np.repeat(np.arange(n_rows, dtype=np.int64), row_len)
         obj_fact = row_fact[obj_row]
         _, first_obj = np.unique(obj_fact * E + obj_id, return_index=True)
         first_obj.sort()
@@ -699,21 +639,24 @@ def _build_kb(fact_tables: list[pa.Table], table_source: list[int], n_sources: i
         kept_fact, kept_obj = obj_fact[order], obj_id[order]
         offsets = np.zeros(F + 1, dtype=np.int32)
         np.cumsum(np.bincount(kept_fact, minlength=F), out=offsets[1:])
+    del row_order, new
     facts_out = pa.table(
         {
             "fact_id": pa.array(np.arange(F, dtype=np.int64)),
-            "subject_id": pa.array(uniq_pair // R),
-            "relation_id": pa.array(uniq_pair % R),
-            "object_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(kept_obj)),
+            "subject_id": pa.array(uniq_pair // R if R else uniq_pair),
+            "relation_id": pa.array(uniq_pair % R if R else uniq_pair),
+            "object_ids": pa.ListArray.from_arrays(
+                pa.array(offsets), pa.array(kept_obj.astype(np.int64))
+            ),
         },
         schema=FACTS_SCHEMA,
     )
     step("objects")
-    fact_rows = np.array([t.num_rows for t in fact_tables], dtype=np.int64)
-    row_source = np.repeat(np.asarray(table_source, dtype=np.int64), fact_rows)
+    chunk_rows = np.array([c.rows for c in chunks], dtype=np.int64)
+    row_source = np.repeat(np.asarray(chunk_source, dtype=np.int64), chunk_rows)
     merged_per_table = np.bincount(row_source[merged_row], minlength=n_sources)
     info = {
-        "fact_lines": int(len(pair)),
+        "fact_lines": int(n_rows),
         "merged_lines": int(merged_row.sum()),
         "duplicate_objects_dropped": int(len(obj_id) - len(kept_obj)),
         "objects": int(len(kept_obj)),
@@ -721,6 +664,24 @@ def _build_kb(fact_tables: list[pa.Table], table_source: list[int], n_sources: i
     info["steps_s"] = steps
     answers = (offsets, kept_obj)  # for _answer_codes, computed only when there are questions
     return entity_keys, relation_keys, facts_out, uniq_pair, answers, merged_per_table, info
+
+
+def _repeats_an_object(row_len: np.ndarray, row_offsets: np.ndarray, obj_id: np.ndarray,
+                       E: int) -> bool:  # fmt: skip
+    """True when some row lists one object twice. Rows of two objects compare their two ids;
+    only rows of three or more sort their (row, object) codes."""
+    two = row_offsets[:-1][row_len == 2]
+    if (obj_id[two] == obj_id[two + 1]).any():
+        return True
+    more = np.flatnonzero(row_len > 2)
+    if not len(more):
+        return False
+    lens = row_len[more]
+    starts = np.repeat(row_offsets[more], lens)
+    inner = np.arange(lens.sum(), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
+    codes = np.repeat(np.arange(len(more), dtype=np.int64), lens) * E + obj_id[starts + inner]
+    codes.sort()
+    return bool((codes[1:] == codes[:-1]).any())
 
 
 def _answer_codes(answers: tuple[np.ndarray, np.ndarray], E: int) -> np.ndarray:
@@ -882,7 +843,7 @@ def run_ingest(
     # --- per-source bookkeeping and the malformed-line limit -------------------------------------
     src_stats: dict[str, dict] = {}
     for (kind, split, path, fmt), r in zip(listed, parsed):
-        n_rows = sum(t.num_rows for t in r.chunks) if r.chunks is not None else r.table.num_rows
+        n_rows = sum(c.rows for c in r.chunks) if r.chunks is not None else r.table.num_rows
         n_names = r.names.num_rows if r.names is not None else 0
         n_filtered = sum(r.skipped.values())
         if r.lines != n_rows + r.rejects.num_rows + n_filtered + n_names:

@@ -532,3 +532,129 @@ def test_parse_grouped_bytes_equals_line_path(text, single_object):
     slow = parse_grouped_facts(lines, 7, "kb", single_object=single_object)
     assert fast.lines == slow.lines == n
     assert fast.table.equals(slow.table) and fast.rejects.equals(slow.rejects)
+
+
+# ------------------------------------------------------------------------------------------------
+# machine-id codes (hmn.ids), byte-range chunks, the coded fast path of the ingest stage
+# ------------------------------------------------------------------------------------------------
+
+
+def test_prefixed_mid_codes_match_normalised_codes():
+    from hmn import ids
+
+    suffixes = ["0abc", "09", "0_z", "0" + "a" * 7, "0" + "a" * 11, "zz"]
+    want = ids.mid_codes(pa.array(["/m/" + s for s in suffixes]))
+    assert (want >= 0).all()
+    for prefix in ids.MID_PREFIXES:
+        raw = pa.array([prefix + s for s in suffixes])
+        assert ids.prefixed_mid_codes(raw).tolist() == want.tolist()
+        assert ids.mid_codes(normalize_keys(raw)).tolist() == want.tolist()
+    assert ids.mid_strings(want).to_pylist() == ["/m/" + s for s in suffixes]
+    for bad in (["/m/0abc", "m.09"], ["/m/0aBc"], ["/m/0a b"], ["/m/"], ["/m/0" + "a" * 12],
+                ["/m/0b\u00e9"], ["/g/11x"], ["/m/0a.b"], ["/m/0a\x00"], [" /m/0abc"]):  # fmt: skip
+        assert ids.prefixed_mid_codes(pa.array(bad)) is None, bad
+
+
+@pytest.mark.parametrize("max_len", [7, 12])
+def test_local_unique_and_sorted_union(max_len):
+    from hmn import ids
+
+    rng = np.random.default_rng(max_len)
+    keys = ["/m/0" + "".join(rng.choice(list("ab_19z"), rng.integers(0, max_len)))
+            for _ in range(3000)]  # fmt: skip
+    codes = ids.mid_codes(pa.array(keys))
+    uniq, inv = ids.local_unique(codes)
+    assert inv.dtype == np.int32 and (uniq[inv] == codes).all()
+    assert ids.mid_strings(uniq).to_pylist() == sorted(set(keys))
+    parts = [uniq[::2], uniq[1::3], uniq[:5], uniq[:0]]
+    union, pos = ids.sorted_union(parts)
+    assert union.tolist() == sorted(set(np.concatenate(parts).tolist()))
+    assert all((union[p] == q).all() for p, q in zip(pos, parts))
+
+
+@pytest.mark.parametrize("tail", [b"\n", b""])
+@pytest.mark.parametrize("chunk_bytes", [1, 7, 40, 1000])
+def test_plan_byte_chunks_cover_whole_lines(tmp_path, chunk_bytes, tail):
+    lines = [b"x" * (i % 13) for i in range(50)]
+    data = b"\n".join(lines) + tail
+    path = _write(tmp_path, "f.txt", data)
+    plan = formats.plan_byte_chunks(path, chunk_bytes)
+    assert plan[0].byte_start == 0 and plan[-1].byte_end == len(data)
+    got = []
+    for a, b in zip(plan, plan[1:] + [None]):
+        piece = formats.read_byte_chunk(a)
+        if b is not None:
+            assert a.byte_end == b.byte_start and piece.endswith(b"\n")
+        got += formats.bytes_to_lines(piece).to_pylist()
+    assert got == [ln.decode() for ln in lines]
+    assert sum(formats.count_lines(formats.read_byte_chunk(c)) for c in plan) == len(lines)
+    assert formats.plan_byte_chunks(_write(tmp_path, "e.txt", b""), chunk_bytes) == []
+
+
+def _coded_equal(a, b):
+    assert type(a.entities) is type(b.entities)
+    if isinstance(a.entities, np.ndarray):
+        assert a.entities.tolist() == b.entities.tolist()
+    else:
+        assert a.entities.equals(b.entities)
+    assert a.relations.equals(b.relations)
+    for name in ("subject", "relation", "offsets", "objects"):
+        assert getattr(a, name).tolist() == getattr(b, name).tolist(), name
+
+
+CODED_TEXTS = [
+    "www.freebase.com/m/01\twww.freebase.com/a/b\twww.freebase.com/m/02 www.freebase.com/m/01\n"
+    "www.freebase.com/m/04\twww.freebase.com/a/b\twww.freebase.com/m/05\n"
+    "www.freebase.com/m/04\ta.b\twww.freebase.com/m/02\n",  # clean (two relation spellings)
+    "/m/01\t/a/b\t/m/02\n/m/04\t/c/d\t/m/05",  # no final newline
+    "m.01\t/a/b\tm.02\r\nm.04\t/a/b\tm.05\r\n",  # CRLF
+    "/m/01\t/a/b\t/m/02\n\n/m/04\t/a/b\t/m/05\n",  # empty line
+    "/m/01\t/a/b\n/m/04\t/a/b\t/m/05\n",  # field count
+    "/m/01\t/a/b\t/m/02  /m/03\n",  # double space
+    "/m/01\t/a/b\t/m/02 \n",  # trailing space
+    "/m/01\t/a/b\t/m/02\r/m/03\n",  # lone CR
+    "/m/01\t/a/b\tm.02\n/m/04\t/a/b\t/m/05\n",  # two spellings in one column
+    "/m/01\t/a/b\t/g/02\n",  # not a machine id
+    "/m/01\t\t/m/02\n",  # empty relation
+    "/m/01\tbad\t/m/02\n",  # invalid relation
+    "/m/01\t/a/\ufffd\t/m/02\n",  # U+FFFD
+    "/m/01\t/a/b\t\"/m/02\"\n",  # quotes are plain characters
+    "/m/0ABC\t/a/b\t/m/02\n",  # canonical, but not a machine-id code
+]
+
+
+@pytest.mark.parametrize("text", CODED_TEXTS)
+@pytest.mark.parametrize("single_object", [False, True])
+def test_parse_grouped_coded_equals_careful_path(text, single_object):
+    data = text.encode()
+    n = formats.count_lines(data)
+    careful = formats.parse_grouped_bytes(data, 1, n, "kb", single_object=single_object,
+                                          dictionary=True)  # fmt: skip
+    fast = formats.parse_grouped_coded(data, "kb", single_object=single_object)
+    if fast is None:  # the careful path must then have a reason (or a spelling to normalise)
+        return
+    coded, parsed = fast
+    assert careful.rejects.num_rows == 0 and parsed.rejects.num_rows == 0
+    assert parsed.lines == careful.lines == n and coded.rows == n
+    _coded_equal(coded, formats.code_facts(careful.table))
+    back = formats.CodedFacts.from_table(coded.to_table())
+    _coded_equal(back, coded)
+
+
+def test_parse_grouped_coded_takes_clean_chunks():
+    assert formats.parse_grouped_coded(CODED_TEXTS[0].encode(), "kb") is not None
+    assert formats.parse_grouped_coded(CODED_TEXTS[2].encode(), "kb") is not None
+    for text in CODED_TEXTS[3:]:
+        assert formats.parse_grouped_coded(text.encode(), "kb") is None, text
+    # triples: a line with two objects goes to the careful path (it is rejected there)
+    assert formats.parse_grouped_coded(CODED_TEXTS[0].encode(), "kb", single_object=True) is None
+    assert formats.parse_grouped_coded(CODED_TEXTS[1].encode(), "kb", single_object=True)
+
+
+def test_code_facts_with_string_keys():
+    lines = pa.array(["/m/01\t/a/b\t/g/02 /m/01", "/m/01\t/a/a\t/m/03"])
+    coded = formats.code_facts(parse_grouped_facts(lines, 1, "kb").table)
+    assert coded.entities.to_pylist() == ["/g/02", "/m/01", "/m/03"]
+    assert coded.relations.to_pylist() == ["/a/a", "/a/b"]
+    assert coded.subject.tolist() == [1, 1] and coded.relation.tolist() == [1, 0]
+    assert coded.offsets.tolist() == [0, 2, 3] and coded.objects.tolist() == [0, 1, 2]

@@ -1,0 +1,196 @@
+"""Dense ids for Freebase keys without hashing strings: machine ids as order-preserving integers.
+
+A machine id ``/m/`` + up to 12 characters of ``[0-9_a-z]`` maps to one int64 *code* (base 38,
+digit 0 = end of key, then the characters in byte order), so that the integer order is the byte
+order of the keys (a shorter key sorts before its extensions; 38^12 < 2^63). Ids are ranks in the
+sorted distinct keys, so sorting codes gives the same ids as sorting the strings.
+
+* :func:`mid_codes` codes canonical keys (``/m/0abc``), -1 for any other key;
+* :func:`prefixed_mid_codes` codes raw keys that all share one spelling (``www.freebase.com/m/``,
+  ``/m/`` or ``m.``): the fast path of the ingest parsers, None when some key needs the general
+  normaliser (:func:`hmn.formats.normalize_keys`);
+* :func:`mid_strings` inverts the codes;
+* :func:`local_unique` and :func:`sorted_union` turn codes into dense ranks by sorting: per
+  chunk (sorted distinct codes + int32 positions), then across chunks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+__all__ = [
+    "MID_CHARS",
+    "MID_PREFIXES",
+    "mid_codes",
+    "prefixed_mid_codes",
+    "mid_strings",
+    "local_unique",
+    "sorted_union",
+]
+
+MID_CHARS = "0123456789_abcdefghijklmnopqrstuvwxyz"
+_BASE = 38
+_LEN = 12
+_SHORT = 8  # keys of up to 8 characters after "/m/" have codes divisible by 38^4
+_LUT = np.full(256, 255, dtype=np.int64)
+_LUT[np.frombuffer(MID_CHARS.encode(), dtype=np.uint8)] = np.arange(1, _BASE)
+_POW = _BASE ** np.arange(_LEN - 1, -1, -1, dtype=np.int64)  # (12,)
+_LUT8 = _LUT.astype(np.uint8)
+_LUT8[0] = 0  # the padding byte: end of key
+_POW_HEAD = (_BASE ** np.arange(_SHORT - 1, -1, -1)).astype(np.float64)  # exact: 38^8 < 2^53
+_TAIL = int(_BASE ** (_LEN - _SHORT))
+_PACK_BITS = 22  # local_unique packs (code // 38^4) << 22 | position into one uint64
+
+# spellings whose canonical form is "/m/" + the rest (hmn.formats.normalize_keys)
+MID_PREFIXES = ("www.freebase.com/m/", "/m/", "m.")
+
+
+def _codes_of_suffixes(sfx: pa.Array, length: np.ndarray) -> np.ndarray | None:
+    """Codes of machine-id suffixes (the characters after ``/m/``), each 1 to 12 characters;
+    None when a character is not a machine-id character."""
+    n = len(sfx)
+    width = _SHORT if int(length.max()) <= _SHORT else _LEN
+    padded = pc.utf8_rpad(sfx, width=width, padding="\x00")
+    offsets = np.frombuffer(padded.buffers()[1], dtype=np.int32)
+    start = int(offsets[padded.offset])
+    if int(offsets[padded.offset + n]) - start != width * n:
+        return None  # multi-byte characters
+    mat = np.frombuffer(padded.buffers()[2], dtype=np.uint8, count=width * n, offset=start)
+    digits = _LUT8[mat.reshape(n, width)]  # (n, width), 0 = end, 255 = not a mid character
+    if (digits == 255).any() or ((digits > 0).sum(axis=1) != length).any():  # no inner NUL
+        return None
+    code = (digits[:, :_SHORT] @ _POW_HEAD).astype(np.int64) * _TAIL  # (n,) exact
+    if width > _SHORT:
+        code += digits[:, _SHORT:].astype(np.int64) @ _POW[_SHORT:]
+    return code
+
+
+def prefixed_mid_codes(keys: pa.Array) -> np.ndarray | None:
+    """Codes of raw keys that all are one of :data:`MID_PREFIXES` + 1 to 12 machine-id
+    characters (the canonical key is then ``/m/`` + those characters); None when any key is
+    spelled otherwise, is null, or is not a machine id (the caller takes the general path)."""
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    n = len(keys)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if keys.null_count or not pa.types.is_string(keys.type):
+        return None
+    for prefix in MID_PREFIXES:
+        if pc.all(pc.starts_with(keys, prefix)).as_py():
+            break
+    else:
+        return None
+    p = len(prefix)
+    length = pc.binary_length(keys).to_numpy(zero_copy_only=False) - p
+    if int(length.min()) < 1 or int(length.max()) > _LEN:
+        return None
+    sfx = pc.binary_slice(keys.view(pa.binary()), p, p + _LEN).view(pa.string())
+    return _codes_of_suffixes(sfx, length)
+
+
+def mid_codes(keys: pa.Array) -> np.ndarray:
+    """Codes of canonical machine-id keys (``/m/`` + 1 to 12 of :data:`MID_CHARS`); -1 for any
+    other key or a null."""
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    keys = keys.cast(pa.string())
+    n = len(keys)
+    out = np.full(n, -1, dtype=np.int64)
+    if n == 0:
+        return out
+    is_mid = pc.fill_null(pc.starts_with(keys, "/m/"), False).to_numpy(zero_copy_only=False)
+    length = pc.fill_null(pc.binary_length(keys), 0).to_numpy(zero_copy_only=False) - 3
+    ok = is_mid & (length >= 1) & (length <= _LEN)
+    if not ok.any():
+        return out
+    sub = keys.filter(pa.array(ok)) if not ok.all() else keys
+    sub_len = length[ok]
+    sfx = pc.binary_slice(sub.view(pa.binary()), 3, 3 + _LEN).view(pa.string())
+    # per-row validity: a separate pass for rows with foreign characters
+    padded = pc.utf8_rpad(sfx, width=_LEN, padding="\x00")
+    offsets = np.frombuffer(padded.buffers()[1], dtype=np.int32)[
+        padded.offset : padded.offset + len(sub) + 1
+    ].astype(np.int64)
+    data = np.frombuffer(padded.buffers()[2], dtype=np.uint8)
+    row_bytes = np.diff(offsets)
+    codes = np.full(len(sub), -1, dtype=np.int64)
+    fits = row_bytes == _LEN  # rows with multi-byte characters are longer
+    if fits.any():
+        starts = offsets[:-1][fits]
+        mat = data[starts[:, None] + np.arange(_LEN)[None, :]]  # (k, 12)
+        digits = _LUT8[mat]
+        good = (digits != 255).all(axis=1) & ((digits > 0).sum(axis=1) == sub_len[fits])
+        code = np.where(digits == 255, 0, digits).astype(np.int64) @ _POW
+        codes[fits] = np.where(good, code, -1)
+    out[ok] = codes
+    return out
+
+
+def mid_strings(codes: np.ndarray) -> pa.Array:
+    """The canonical keys of codes (inverse of :func:`mid_codes`), as a string array."""
+    codes = np.asarray(codes, dtype=np.int64)
+    n = len(codes)
+    digits = (codes[:, None] // _POW[None, :]) % _BASE  # (n, 12), 0 = end
+    length = (digits > 0).sum(axis=1)
+    chars = np.zeros((n, 3 + _LEN), dtype=np.uint8)
+    chars[:, :3] = np.frombuffer(b"/m/", dtype=np.uint8)
+    lut = np.frombuffer(b"\0" + MID_CHARS.encode(), dtype=np.uint8)
+    chars[:, 3:] = lut[digits]
+    inside = np.arange(3 + _LEN)[None, :] < (length + 3)[:, None]
+    data = chars[inside]  # row-major: each key's bytes stay together
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(length + 3, out=offsets[1:])
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data.tobytes()))
+
+
+def local_unique(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(sorted distinct codes, int32 position of each code among them)``.
+
+    When every key has at most 8 characters (its code divisible by 38^4) and there are fewer
+    than 2^22 codes, one sort of ``(code // 38^4) << 22 | index`` (uint64, distinct values)
+    replaces the argsort, several times faster; otherwise ``argsort``."""
+    codes = np.asarray(codes, dtype=np.int64)
+    n = len(codes)
+    if n == 0:
+        return codes.copy(), np.zeros(0, dtype=np.int32)
+    head = codes // _TAIL
+    packed_path = n < (1 << _PACK_BITS) and not (codes - head * _TAIL).any()
+    if packed_path:
+        packed = (head.astype(np.uint64) << np.uint64(_PACK_BITS)) | np.arange(n, dtype=np.uint64)
+        packed.sort()
+        position = (packed & np.uint64((1 << _PACK_BITS) - 1)).astype(np.int64)
+        ordered = (packed >> np.uint64(_PACK_BITS)).astype(np.int64)
+        del packed
+    else:
+        position = np.argsort(codes, kind="stable")
+        ordered = codes[position]
+    del head
+    new = np.empty(n, dtype=bool)
+    new[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
+    rank = np.cumsum(new, dtype=np.int32) - 1
+    inverse = np.empty(n, dtype=np.int32)
+    inverse[position] = rank
+    uniq = ordered[new]
+    if packed_path:
+        uniq *= _TAIL
+    return uniq, inverse
+
+
+def sorted_union(parts: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``(U, [position in U of every entry of each part])`` for sorted distinct int64 arrays:
+    U is their sorted union. One sort of the concatenation, then a binary search per part with
+    sorted queries (cache-friendly)."""
+    if not parts:
+        return np.zeros(0, dtype=np.int64), []
+    allc = np.concatenate(parts)
+    allc.sort()
+    keep = np.empty(len(allc), dtype=bool)
+    if len(allc):
+        keep[0] = True
+        np.not_equal(allc[1:], allc[:-1], out=keep[1:])
+    union = allc[keep]
+    return union, [np.searchsorted(union, p) for p in parts]
