@@ -156,6 +156,37 @@ def build_fact_vectors(
     return out
 
 
+def _grouped(q: torch.Tensor, facts: torch.Tensor, counts: torch.Tensor, max_rows: int,
+             parts) -> torch.Tensor:
+    """Scores of each query with its own run of ``facts`` (see ``grouped_scores``).
+
+    ``parts(f)`` gives [(rows (len(f), w), column slice of q)] for a run of facts; queries are
+    taken in groups of about ``max_rows`` facts, one matrix-vector product per query and part, so
+    neither the (P, D) rows of all pairs nor the queries repeated per pair are ever built.
+    """
+    out = torch.empty(facts.numel(), dtype=torch.float32, device=q.device)  # (P,)
+    ends = torch.cumsum(counts, 0).tolist()
+    starts = [0] + ends[:-1]
+    i, b = 0, q.shape[0]
+    while i < b:
+        j = i + 1
+        while j < b and ends[j] - starts[i] <= max_rows:
+            j += 1
+        a, e = starts[i], ends[j - 1]
+        if e > a:
+            blocks = parts(facts[a:e])
+            for qi in range(i, j):
+                lo, hi = starts[qi] - a, ends[qi] - a
+                if hi > lo:
+                    acc = None
+                    for rows, cols in blocks:
+                        v = rows[lo:hi] @ q[qi, cols]
+                        acc = v if acc is None else acc.add_(v)
+                    out[starts[qi]:ends[qi]] = acc
+        i = j
+    return out
+
+
 class FactMemory:
     """The memory M: an (N, D) float32 tensor of fact vectors on any device.
 
@@ -216,6 +247,12 @@ class FactMemory:
         """(len(ids), D) rows M[ids] (the interface shared with :class:`FactorisedMemory`)."""
         ids = torch.as_tensor(ids).to(device=self.device, dtype=torch.int64)
         return self.vectors[ids]
+
+    def grouped_scores(self, q: torch.Tensor, facts: torch.Tensor, counts: torch.Tensor,
+                       max_rows: int = 1 << 16) -> torch.Tensor:
+        """(P,) inner products of checked queries q (B, D) with their own facts: ``facts`` holds
+        the facts of query 0, then of query 1, ... (``counts`` (B,) of each)."""
+        return _grouped(q, facts, counts, max_rows, lambda f: [(self.vectors[f], slice(None))])
 
     def to(self, device: torch.device | str) -> FactMemory:
         """A FactMemory with the same vectors on ``device`` (self if already there)."""
@@ -352,6 +389,29 @@ class FactorisedMemory:
             ],
             dim=1,
         )  # (b, 3d)
+
+    def _object_means_fast(self, ids: torch.Tensor) -> torch.Tensor:
+        """(len(ids), d) float32 mean object embeddings by one embedding_bag (no float64 pass)."""
+        counts = self.object_counts[ids]
+        first = torch.cumsum(counts, 0) - counts  # (b,) bag offsets
+        pos = torch.arange(int(counts.sum()), device=self.device) + torch.repeat_interleave(
+            self.object_offsets[ids] - first, counts)
+        return torch.nn.functional.embedding_bag(self.object_values[pos], self.entity_emb, first,
+                                                 mode="mean")
+
+    def grouped_scores(self, q: torch.Tensor, facts: torch.Tensor, counts: torch.Tensor,
+                       max_rows: int = 1 << 16) -> torch.Tensor:
+        """(P,) inner products of checked queries q (B, D) with their own facts (``facts``: the
+        facts of query 0, then of query 1, ...; ``counts`` (B,)), factorised: the subject,
+        relation and object-mean parts are gathered as d-wide rows and never concatenated."""
+        w = self.width
+
+        def parts(f: torch.Tensor):
+            return [(self.entity_emb[self.subject_ids[f]], slice(0, w)),
+                    (self.relation_emb[self.relation_ids[f]], slice(w, 2 * w)),
+                    (self._object_means_fast(f), slice(2 * w, 3 * w))]
+
+        return _grouped(q, facts, counts, max_rows, parts)
 
     def rows_between(self, s: int, e: int) -> torch.Tensor:
         """(e - s, D) rows s..e-1 (a chunk in fact order)."""

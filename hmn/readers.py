@@ -294,8 +294,10 @@ class ClusteredReader(Reader):
             offs = torch.arange(self.block_size, device=dev)
             facts.append((starts[:, :, None] + offs).reshape(-1))
             qidx.append(torch.arange(b, device=dev).repeat_interleave(self.rand_blocks * self.block_size))
-        keys = torch.unique(torch.cat(qidx) * n + torch.cat(facts))  # sorted, duplicate-free
-        return keys // n, keys % n
+            keys = torch.unique(torch.cat(qidx) * n + torch.cat(facts))  # sorted, duplicate-free
+            return keys // n, keys % n
+        # leaves are disjoint and nonzero() is row-major: already grouped by query, no duplicates
+        return qidx[0], facts[0]
 
     @torch.no_grad()
     def search(
@@ -319,8 +321,13 @@ class ClusteredReader(Reader):
             ids = torch.full((b, k), -1, dtype=torch.int64, device=dev)
             scores = torch.full((b, k), float("-inf"), device=dev)
             return Candidates(ids=ids, scores=scores, touched=touched)
-        union = torch.unique(facts)  # (|U|,) sorted fact ids read by some query
-        if b * union.numel() <= self.dense_factor * facts.numel():
+        # |U| without sorting: leaves are disjoint, so the facts of the leaves any query reads
+        # (plus at most the blocks' facts)
+        any_leaf = sel.any(0)
+        union_size = int(self._leaf_sizes[any_leaf].sum()) + (
+            b * self.rand_blocks * self.block_size if self.rand_blocks else 0)
+        if b * union_size <= self.dense_factor * facts.numel():
+            union = torch.unique(facts)  # (|U|,) sorted fact ids read by some query
             mask = torch.zeros((b, union.numel()), dtype=torch.bool, device=dev)  # (B, |U|)
             mask[qidx, torch.searchsorted(union, facts)] = True
             s = self.memory.scores(q, union).masked_fill(~mask, float("-inf"))  # (B, |U|) exact
@@ -328,11 +335,7 @@ class ClusteredReader(Reader):
             ids, scores = _pad(union[top_p], top_s, k)
             return Candidates(ids=ids, scores=scores, touched=touched)
         # pair path: score only what each query reads, then a per-query top-k
-        pair_s = torch.empty(facts.numel(), dtype=torch.float32, device=dev)  # (P,)
-        for s in range(0, facts.numel(), self.pair_chunk):
-            e = min(s + self.pair_chunk, facts.numel())
-            rows = self.memory.gather(facts[s:e])  # (e - s, D)
-            pair_s[s:e] = (rows * q[qidx[s:e]]).sum(dim=1)
+        pair_s = self.memory.grouped_scores(q, facts, touched, max_rows=self.pair_chunk)  # (P,)
         first = torch.cumsum(touched, 0) - touched  # (B,) first pair of each query
         width = int(touched.max())
         pos = torch.arange(facts.numel(), device=dev) - first[qidx]  # rank within the query
