@@ -205,10 +205,11 @@ def write_report(run: RunDir, results: dict[str, StageResult]) -> str:
     train_stats = json.loads((run.stage_dir("train") / "stats.json").read_text())
     manifest = run.manifest()["stages"]
     times = {s: float(manifest.get(s, {}).get("seconds", 0.0)) for s in STAGES if s in manifest}
-    table = results_table(report, train_stats, times)
+    peaks = {s: manifest[s].get("peak_pss_gb") for s in STAGES if s in manifest}
+    table = results_table(report, train_stats, times, peaks)
     text = f"# HMN run report: {run.root.name}\n\nRun directory: `{run.root}`\n\n{table}\n"
     write_text_atomic(run.stage_dir("evaluate") / "report.md", text)
-    full = {"report": report, "stage_seconds": times,
+    full = {"report": report, "stage_seconds": times, "stage_peak_pss_gb": peaks,
             "skipped": [n for n, r in results.items() if r.skipped],
             "train": {k: v for k, v in train_stats.items() if k != "history"}}
     write_text_atomic(run.root / "report.json", json.dumps(full, indent=2, default=str))

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.memwatch import PeakMemory
+
 log = logging.getLogger(__name__)
 
 
@@ -98,7 +100,8 @@ class RunDir:
         log.info("[%s] starting", stage)
         t0 = time.perf_counter()
         try:
-            stats = fn(staging) or {}
+            with PeakMemory() as mem:
+                stats = fn(staging) or {}
         except BaseException:
             self._record(stage, {"status": "failed", "fingerprint": fingerprint})
             raise
@@ -116,8 +119,11 @@ class RunDir:
         else:
             os.replace(staging, final)
         self._record(stage, {"status": "done", "fingerprint": fingerprint, "seconds": seconds,
+                             "peak_pss_gb": round(mem.peak_pss_gb, 3),
+                             "peak_rss_gb": round(mem.peak_rss_gb, 3),
                              "finished": time.time(), "stats": _summary(stats)})
-        log.info("[%s] done in %.1f s", stage, seconds)
+        log.info("[%s] done in %.1f s, peak memory %.2f GB (PSS of the process tree)", stage, seconds,
+                 mem.peak_pss_gb)
         return StageResult(stage, False, seconds, stats)
 
 

@@ -50,8 +50,9 @@ def run_evaluate(cfg: EvalConfig, reader_cfg: ReaderConfig, run_dir: Path, out: 
     return report
 
 
-def results_table(report: dict, train_stats: dict | None, stage_times: dict[str, float]) -> str:
-    """Markdown: one row per split and reader, then the per-stage times."""
+def results_table(report: dict, train_stats: dict | None, stage_times: dict[str, float],
+                  stage_peaks: dict[str, float | None] | None = None) -> str:
+    """Markdown: one row per split and reader, then the per-stage times and peak memory."""
     lines = ["| split | reader | accuracy | facts scored / question | recall@10 vs exact |",
              "|---|---|---|---|---|"]
     for split, r in report["splits"].items():
@@ -66,7 +67,16 @@ def results_table(report: dict, train_stats: dict | None, stage_times: dict[str,
                       f"{train_stats.get('best_epoch')}, mean softmax size "
                       f"{train_stats.get('mean_softmax_size', 0):.0f}, "
                       f"{train_stats.get('mean_epoch_seconds', 0):.1f} s/epoch"]
-    lines += ["", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {s} | {t:.1f} |" for s, t in stage_times.items()]
-    lines.append(f"| total | {float(np.sum(list(stage_times.values()))):.1f} |")
+    peaks = stage_peaks or {}
+
+    def gb(s: str) -> str:
+        v = peaks.get(s)
+        return "" if v is None else f"{v:.2f}"
+
+    lines += ["", "| stage | seconds | peak memory (GB, PSS of the process tree) |", "|---|---|---|"]
+    lines += [f"| {s} | {t:.1f} | {gb(s)} |" for s, t in stage_times.items()]
+    known = [v for v in peaks.values() if v is not None]
+    lines.append(f"| total | {float(np.sum(list(stage_times.values()))):.1f} | "
+                 f"{max(known):.2f} (max) |" if known else
+                 f"| total | {float(np.sum(list(stage_times.values()))):.1f} | |")
     return "\n".join(lines)
