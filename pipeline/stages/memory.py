@@ -34,7 +34,7 @@ def choose_layout(cfg: MemoryConfig, n: int, dim: int) -> str:
     return "factorised" if n * dim * 4 > cfg.dense_limit_gb * 1e9 else "dense"
 
 
-def _norms(mem: FactorisedMemory, chunk: int = 1 << 20) -> tuple[float, float]:
+def _norms(mem: FactorisedMemory, chunk: int = 1 << 18) -> tuple[float, float]:
     """(max, mean) fact-vector norm, gathered chunk by chunk."""
     mx, total = 0.0, 0.0
     for s in range(0, mem.n, chunk):
