@@ -1,17 +1,21 @@
 """TransE on FB15k-237: filtered link prediction against published numbers, speed against PyKEEN.
 
     .venv/bin/python benchmarks/transe_fb15k237.py [--set field=value ...] [--threads 2]
-        [--valid-every 10] [--valid-limit 2000] [--pykeen-batches 0] [--no-pykeen]
+        [--valid-every 5] [--valid-limit 5000] [--pykeen-batches 20] [--no-pykeen]
         [--speed-only] [--no-test] [--data ../shared/data/fb15k-237]
 
+With ``--valid-every n`` the filtered MRR on the first ``--valid-limit`` valid triples is measured
+every n epochs and after the last; the test set is ranked with the tables of the best of these
+(model selection on validation, as published results do).
+
 Trains ``hmn.transe.train_transe`` on train.txt (``head<TAB>relation<TAB>tail``) with the
-``TransEParams`` defaults overridden by ``--set`` (converted by the dataclass field types), then
+configuration ``CHOSEN`` below overridden by ``--set`` (converted by the dataclass field types), then
 ranks test.txt in the filtered setting (train + valid + test as known triples). Published TransE
 on FB15k-237: filtered MRR 0.29-0.33, Hits@10 0.47-0.52 (LibKGE: MRR 0.313, Hits@10 0.497).
 
-Speed: positive triples per second over one epoch, ours (mean over the trained epochs) beside
+Speed: positive triples per second over one epoch, ours (median over the trained epochs) beside
 PyKEEN's ``TransE`` trained by its ``SLCWATrainingLoop`` for one epoch with the same dimension,
-norm, margin ranking loss, Adam learning rate, batch size, number of negatives per positive
+norm, loss (``MarginRankingLoss``, or ``NSSALoss`` for the self-adversarial loss), Adam learning rate, batch size, number of negatives per positive
 (PyKEEN draws them per triple with its Bernoulli or basic sampler; ours may share them across a
 batch, see ``TransEParams.shared_negatives``), CPU and torch threads. ``--pykeen-batches n``
 times only PyKEEN's batches 2..n+1 of the epoch (for configurations where a whole epoch is slow).
@@ -46,6 +50,25 @@ from hmn.transe import (  # noqa: E402
 
 logger = logging.getLogger("transe_fb15k237")
 SPLITS = ("train", "valid", "test")
+
+# The configuration that reaches the published numbers on this 2-core budget (``--set`` overrides
+# it field by field; ``--set loss=margin ...`` gives back the Bordes 2013 loss). RotatE's TransE
+# (Sun et al. 2019): self-adversarial negative sampling, gamma = margin; here 200-d, L2, 256
+# negatives shared by a batch (one matmul), no entity normalisation, Adam 0.01 decaying to 0.001.
+CHOSEN = {
+    "dim": 200,
+    "norm": 2,
+    "loss": "self_adversarial",
+    "adversarial_temperature": 1.0,
+    "margin": 6.0,
+    "shared_negatives": 256,
+    "normalize_entities": False,
+    "batch_size": 1024,
+    "lr": 0.01,
+    "lr_decay": 0.1,
+    "epochs": 40,
+    "negatives": "bern",
+}
 
 
 def load_splits(data: Path) -> tuple[dict[str, np.ndarray], int, int]:
@@ -99,7 +122,7 @@ def pykeen_speed(
     train: np.ndarray, num_entities: int, num_relations: int, params: TransEParams, batches: int
 ) -> dict:
     """PyKEEN TransE, one epoch (or ``batches`` timed batches) with the matching settings."""
-    from pykeen.losses import MarginRankingLoss
+    from pykeen.losses import MarginRankingLoss, NSSALoss
     from pykeen.models import TransE
     from pykeen.training import SLCWATrainingLoop
     from pykeen.training.callbacks import TrainingCallback
@@ -127,7 +150,13 @@ def pykeen_speed(
         triples_factory=factory,
         embedding_dim=params.dim,
         scoring_fct_norm=params.norm,
-        loss=MarginRankingLoss(margin=params.margin),
+        loss=(
+            MarginRankingLoss(margin=params.margin)
+            if params.loss == "margin"
+            else NSSALoss(
+                margin=params.margin, adversarial_temperature=params.adversarial_temperature
+            )
+        ),
         random_seed=params.seed,
     )
     negatives = params.shared_negatives or params.num_negatives
@@ -170,9 +199,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="TransEParams field=value")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/fb15k-237")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--valid-every", type=int, default=0, help="epochs between valid evals")
-    parser.add_argument("--valid-limit", type=int, default=2000, help="valid triples per eval")
-    parser.add_argument("--pykeen-batches", type=int, default=0, help="0 = the whole epoch")
+    parser.add_argument("--valid-every", type=int, default=5, help="epochs between valid evals")
+    parser.add_argument("--valid-limit", type=int, default=5000, help="valid triples per eval")
+    parser.add_argument("--pykeen-batches", type=int, default=20, help="0 = the whole epoch")
     parser.add_argument("--no-pykeen", action="store_true")
     parser.add_argument("--speed-only", action="store_true", help="one epoch, no evaluation")
     parser.add_argument("--no-test", action="store_true", help="skip the test evaluation")
@@ -180,9 +209,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
 
-    overrides = parse_overrides(args.set)
+    given = parse_overrides(args.set)
+    overrides = {**CHOSEN, **given}
     if args.speed_only:
-        overrides.setdefault("epochs", 1)
+        overrides["epochs"] = given.get("epochs", 1)
     params = TransEParams(**overrides)
     params.validate()
     ids, num_entities, num_relations = load_splits(args.data)
@@ -197,6 +227,7 @@ def main() -> None:
     known = [ids[split] for split in SPLITS]
     valid = ids["valid"][: args.valid_limit]
     valid_curve = []
+    best: dict = {}  # the tables of the epoch with the best validation MRR
 
     def progress(info: dict) -> None:
         epoch = info["epoch"]
@@ -208,14 +239,19 @@ def main() -> None:
             info["seconds"],
             info["triples_per_s"],
         )
-        if args.valid_every and (epoch + 1) % args.valid_every == 0:
-            metrics = link_prediction(
-                info["entities"], info["relations"], valid, known, norm=params.norm
-            )
+        last = epoch == params.epochs - 1
+        if args.valid_every and ((epoch + 1) % args.valid_every == 0 or last):
+            entities = info["entities"].copy()
+            if params.normalize_entities:  # as train_transe leaves them after the last epoch
+                entities /= np.maximum(np.linalg.norm(entities, axis=1, keepdims=True), 1e-12)
+            metrics = link_prediction(entities, info["relations"], valid, known, norm=params.norm)
             valid_curve.append(
                 {"epoch": epoch + 1, "mrr": round(metrics["mrr"], 4), "hits10": metrics["hits10"]}
             )
             logger.info("valid@%d (%d triples) %s", epoch + 1, len(valid), valid_curve[-1])
+            if metrics["mrr"] > best.get("mrr", -1.0):
+                best.update(mrr=metrics["mrr"], epoch=epoch + 1, entities=entities,
+                            relations=info["relations"].copy())
 
     started = time.perf_counter()
     result = train_transe(ids["train"], num_entities, num_relations, params, progress=progress)
@@ -229,11 +265,15 @@ def main() -> None:
         "valid_curve": valid_curve,
         "fingerprint": embeddings_fingerprint(result.entities, result.relations),
     }
+    # Model selection on validation MRR: test the best validated epoch (the last one if none).
+    entities, relations = result.entities, result.relations
+    if best:
+        entities, relations = best["entities"], best["relations"]
+        out["selected_epoch"] = best["epoch"]
+        out["selected_valid_mrr"] = round(best["mrr"], 4)
     if not (args.speed_only or args.no_test):
         started = time.perf_counter()
-        metrics = link_prediction(
-            result.entities, result.relations, ids["test"], known, norm=params.norm
-        )
+        metrics = link_prediction(entities, relations, ids["test"], known, norm=params.norm)
         out["eval_seconds"] = round(time.perf_counter() - started, 1)
         out["test"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
         logger.info("test %s", out["test"])
@@ -245,7 +285,9 @@ def main() -> None:
     final = {
         "mrr": out.get("test", {}).get("mrr"),
         "hits10": out.get("test", {}).get("hits10"),
-        "triples_per_s": round(float(np.mean(epoch_rates))),
+        # The median epoch: on a shared machine single epochs are slowed by other jobs.
+        "triples_per_s": round(float(np.median(epoch_rates))),
+        "triples_per_s_mean": round(float(np.mean(epoch_rates))),
         "pykeen_triples_per_s": None if pykeen_rate is None else round(pykeen_rate),
         **out,
     }

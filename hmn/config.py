@@ -142,15 +142,35 @@ class EmbedConfig:
     batch_size: int = _f(1024, "triples per step")
     negatives: str = _f("bern", "negative sampling: 'unif' or 'bern'")
     num_negatives: int = _f(1, "negative triples per positive")
-    num_cpus: int = _f(2, "CPUs of the Ray task that trains TransE")
+    shared_negatives: int = _f(0, "if > 0: random entities shared by a batch's positives as their "
+                                  "negatives (one matmul for L2); 0 = num_negatives per triple")
+    loss: str = _f("margin", "'margin' (Bordes 2013) or 'self_adversarial' (RotatE, Sun 2019; "
+                             "margin = gamma)")
+    adversarial_temperature: float = _f(1.0, "alpha of the self-adversarial negative weights")
+    normalize_entities: bool = _f(True, "project entity rows to unit norm before use (Bordes 2013)")
+    lr_decay: float = _f(1.0, "ratio of the last epoch's learning rate to lr (geometric per epoch)")
+    num_workers: int = _f(1, "Ray Train workers training TransE (0 = local mode in the driver)")
+    num_partitions: int = _f(1, "entity partitions (PyTorch-BigGraph buckets); a worker holds two "
+                                "at a time; use >= 2 * num_workers")
+    max_failures: int = _f(1, "worker-group restarts from the last epoch checkpoint")
+    num_cpus: int = _f(2, "CPUs (torch threads) of each TransE worker")
     seed: int = _f(0, "seed")
 
     def validate(self) -> None:
         s = "embed"
         _check(bool(self.entities_file) == bool(self.relations_file), s, "relations_file",
                self.relations_file, "entities_file and relations_file go together")
-        for name in ("dim", "epochs", "batch_size", "num_cpus", "num_negatives"):
+        for name in ("dim", "epochs", "batch_size", "num_cpus", "num_negatives", "num_partitions"):
             _check(getattr(self, name) > 0, s, name, getattr(self, name), "must be > 0")
+        for name in ("shared_negatives", "num_workers", "max_failures"):
+            _check(getattr(self, name) >= 0, s, name, getattr(self, name), "must be >= 0")
+        _check(self.shared_negatives == 0 or self.num_negatives == 1, s, "num_negatives",
+               self.num_negatives, "must be 1 when shared_negatives > 0")
+        _check(self.loss in ("margin", "self_adversarial"), s, "loss", self.loss,
+               "must be 'margin' or 'self_adversarial'")
+        _check(self.adversarial_temperature >= 0, s, "adversarial_temperature",
+               self.adversarial_temperature, "must be >= 0")
+        _check(0 < self.lr_decay <= 1, s, "lr_decay", self.lr_decay, "must be in (0, 1]")
         _check(self.norm in (1, 2), s, "norm", self.norm, "must be 1 or 2")
         _check(self.margin > 0, s, "margin", self.margin, "must be > 0")
         _check(self.lr > 0, s, "lr", self.lr, "must be > 0")

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 NORMS = (1, 2)
 NEGATIVE_SAMPLERS = ("unif", "bern")
 OPTIMIZERS = ("adam", "sgd")
+LOSSES = ("margin", "self_adversarial")
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,13 @@ class TransEParams:
         lr_decay: ratio of the last epoch's learning rate to ``lr``; the rate decays
             geometrically per epoch, ``lr * lr_decay ** (epoch / (epochs - 1))``. 1 = constant.
         optimizer: "adam" or "sgd".
+        loss: "margin" (Bordes 2013, eq. 1) or "self_adversarial" (Sun et al. 2019, RotatE,
+            eq. 5): ``-log sigmoid(margin - d_pos) - sum_j w_j log sigmoid(d_neg_j - margin)``,
+            the two halves averaged, with ``w = softmax(adversarial_temperature * (margin -
+            d_neg))`` over a positive's negatives, held constant in the gradient. ``margin``
+            is then RotatE's gamma.
+        adversarial_temperature: alpha of the self-adversarial weights; 0 weighs all the
+            negatives of a positive equally (their mean).
         normalize_entities: project entity rows to unit L2 norm before they are used in a batch,
             and all rows at the end of training (Bordes 2013).
         seed: seeds the initialisation, shuffles and negative samples.
@@ -91,6 +99,8 @@ class TransEParams:
     shared_negatives: int = 0
     lr_decay: float = 1.0
     optimizer: str = "adam"
+    loss: str = "margin"
+    adversarial_temperature: float = 1.0
     normalize_entities: bool = True
     seed: int = 0
 
@@ -136,6 +146,13 @@ class TransEParams:
             raise ValueError(
                 f"transe.negatives={self.negatives!r}: must be one of {NEGATIVE_SAMPLERS}"
             )
+        if self.loss not in LOSSES:
+            raise ValueError(f"transe.loss={self.loss!r}: must be one of {LOSSES}")
+        temp = self.adversarial_temperature
+        if not (isinstance(temp, (int, float)) and math.isfinite(temp)) or temp < 0:
+            raise ValueError(
+                f"transe.adversarial_temperature={temp!r}: must be a finite number >= 0"
+            )
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"transe.optimizer={self.optimizer!r}: must be one of {OPTIMIZERS}")
         if not isinstance(self.normalize_entities, bool):
@@ -155,8 +172,8 @@ class TransEResult:
     Attributes:
         entities: (E, d) float32 entity embeddings.
         relations: (R, d) float32 relation embeddings.
-        history: one dict per epoch trained in this call: ``epoch``, ``loss`` (mean hinge over
-            the epoch's pairs), ``active`` (fraction of pairs with a non-zero hinge), ``seconds``,
+        history: one dict per epoch trained in this call: ``epoch``, ``loss`` (mean loss over
+            the epoch's pairs), ``active`` (fraction of pairs whose negative is within the margin), ``seconds``,
             ``triples_per_s`` (positive triples per second).
         optimizer_state: the optimiser's ``state_dict()`` at the end, to pass back as
             ``train_transe(optimizer_state=...)`` when resuming (None if no epoch ran).
@@ -251,7 +268,7 @@ ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
 
-class _RowOptimizer:
+class RowOptimizer:
     """Adam or SGD applied to the rows of a table that a batch touched.
 
     Adam here is "lazy" Adam (the semantics of ``torch.optim.SparseAdam``): a row's moments
@@ -261,15 +278,28 @@ class _RowOptimizer:
     grow with the table (Freebase has millions of entities).
     """
 
-    def __init__(self, params: TransEParams, tables: dict[str, torch.Tensor]):
+    def __init__(
+        self,
+        params: TransEParams,
+        tables: dict[str, torch.Tensor],
+        moments: dict[str, torch.Tensor] | None = None,
+    ):
+        """``moments`` (Adam only): existing ``<name>_m`` / ``<name>_v`` tables to update in
+        place, e.g. slices of a partition loaded from disk; default zeros."""
         self.kind = params.optimizer
         self.lr = params.lr
         self.step_count = 0
         self.moments: dict[str, torch.Tensor] = {}
         if self.kind == "adam":
             for name, table in tables.items():
-                self.moments[f"{name}_m"] = torch.zeros_like(table)
-                self.moments[f"{name}_v"] = torch.zeros_like(table)
+                for key in (f"{name}_m", f"{name}_v"):
+                    given = None if moments is None else moments.get(key)
+                    if given is not None and given.shape != table.shape:
+                        raise ValueError(
+                            f"moments[{key!r}]: shape {tuple(given.shape)}, "
+                            f"expected {tuple(table.shape)}"
+                        )
+                    self.moments[key] = torch.zeros_like(table) if given is None else given
 
     def state_dict(self) -> dict:
         """Live state (no copies): step count and, for Adam, first and second moment tables."""
@@ -362,9 +392,41 @@ def _gather_rows(
     return ent_ids, ent_pos, ent_rows, rel_ids, rel_pos, rel_rows
 
 
+def _pair_loss(
+    params: TransEParams, pos: torch.Tensor, neg: torch.Tensor, valid: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss of a batch from positive distances (B,) and negative distances (B, k).
+
+    ``valid`` (B, k) masks out pairs that are not negatives (None = all are). Returns
+    (scalar loss to minimise, its value summed over the batch's pairs for the epoch mean,
+    active pairs (B, k) bool: negative within ``margin`` of the positive).
+    """
+    gap = params.margin + pos[:, None] - neg  # (B, k)
+    active = gap > 0
+    if valid is not None:
+        active = active & valid
+    pairs = neg.numel()
+    if params.loss == "margin":
+        hinge = torch.relu(gap)  # (B, k), eq. 1
+        if valid is not None:
+            hinge = hinge * valid
+        return hinge.mean(), hinge.sum().detach(), active
+    # Self-adversarial negative sampling (Sun et al. 2019, eq. 5); margin is gamma.
+    logits = params.margin - neg  # (B, k) the negatives' scores
+    with torch.no_grad():
+        weights = params.adversarial_temperature * logits
+        if valid is not None:
+            weights = weights.masked_fill(~valid, -math.inf)
+        weights = torch.softmax(weights, dim=1)  # (B, k)
+    pos_term = -torch.nn.functional.logsigmoid(params.margin - pos)  # (B,)
+    neg_term = -(weights * torch.nn.functional.logsigmoid(-logits)).sum(1)  # (B,)
+    loss = 0.5 * (pos_term.mean() + neg_term.mean())
+    return loss, loss.detach() * pairs, active
+
+
 def _apply_step(
-    optimizer: _RowOptimizer,
-    hinge: torch.Tensor,
+    optimizer: RowOptimizer,
+    loss: torch.Tensor,
     ent_w: torch.Tensor,
     rel_w: torch.Tensor,
     ent_ids: torch.Tensor,
@@ -372,7 +434,7 @@ def _apply_step(
     rel_ids: torch.Tensor,
     rel_rows: torch.Tensor,
 ) -> None:
-    hinge.mean().backward()  # eq. 1, averaged over the batch's (positive, negative) pairs
+    loss.backward()
     optimizer.begin_step()
     optimizer.update_rows("entity", ent_w, ent_ids, ent_rows.detach(), ent_rows.grad)
     optimizer.update_rows("relation", rel_w, rel_ids, rel_rows.detach(), rel_rows.grad)
@@ -386,9 +448,12 @@ def _per_triple_step(
     num_entities: int,
     params: TransEParams,
     gen: torch.Generator,
-    optimizer: _RowOptimizer,
+    optimizer: RowOptimizer,
 ) -> torch.Tensor:
-    """One step with ``num_negatives`` independent corruptions per positive; returns (B, k)."""
+    """One step with ``num_negatives`` independent corruptions per positive.
+
+    Returns (summed pair loss, active pairs (B, k)).
+    """
     device = batch.device
     h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
     size, k = batch.shape[0], params.num_negatives
@@ -411,9 +476,9 @@ def _per_triple_step(
     r_e = rel_rows[rel_pos]  # (B, d)
     pos = _distance(ent_rows[h_pos] + r_e - ent_rows[t_pos], params.norm)  # (B,)
     neg = _distance(ent_rows[nh_pos] + r_e[:, None, :] - ent_rows[nt_pos], params.norm)  # (B, k)
-    hinge = torch.relu(params.margin + pos[:, None] - neg)  # (B, k), eq. 1
-    _apply_step(optimizer, hinge, ent_w, rel_w, ent_ids, ent_rows, rel_ids, rel_rows)
-    return hinge
+    loss, loss_sum, active = _pair_loss(params, pos, neg, None)  # (B, k) pairs
+    _apply_step(optimizer, loss, ent_w, rel_w, ent_ids, ent_rows, rel_ids, rel_rows)
+    return loss_sum, active
 
 
 def _shared_negatives_step(
@@ -424,9 +489,12 @@ def _shared_negatives_step(
     num_entities: int,
     params: TransEParams,
     gen: torch.Generator,
-    optimizer: _RowOptimizer,
+    optimizer: RowOptimizer,
 ) -> torch.Tensor:
-    """One step in which all B positives share N corrupting entities; returns (B, N)."""
+    """One step in which all B positives share N corrupting entities.
+
+    Returns (summed pair loss, active pairs (B, N)).
+    """
     device = batch.device
     h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
     size = batch.shape[0]
@@ -446,9 +514,32 @@ def _shared_negatives_step(
     neg = _pairwise_distance(queries, ent_rows[ent_pos[2 * size :]], params.norm)  # (B, N)
     replaced = torch.where(corrupt_head, h, t)  # (B,)
     is_negative = replaced[:, None] != shared[None, :]  # (B, N) skip "corruptions" to itself
-    hinge = torch.relu(params.margin + pos[:, None] - neg) * is_negative  # (B, N), eq. 1
-    _apply_step(optimizer, hinge, ent_w, rel_w, ent_ids, ent_rows, rel_ids, rel_rows)
-    return hinge
+    loss, loss_sum, active = _pair_loss(params, pos, neg, is_negative)
+    _apply_step(optimizer, loss, ent_w, rel_w, ent_ids, ent_rows, rel_ids, rel_rows)
+    return loss_sum, active
+
+
+def _run_batches(
+    triples: torch.Tensor,
+    order: torch.Tensor,
+    ent_w: torch.Tensor,
+    rel_w: torch.Tensor,
+    p_head: torch.Tensor,
+    params: TransEParams,
+    gen: torch.Generator,
+    optimizer: RowOptimizer,
+    loss_sum: torch.Tensor,
+    active_sum: torch.Tensor,
+) -> None:
+    """One pass over ``triples[order]`` in batches; adds the pair loss and active pairs."""
+    step = _shared_negatives_step if params.shared_negatives else _per_triple_step
+    for begin in range(0, order.shape[0], params.batch_size):
+        batch = triples[order[begin : begin + params.batch_size]]  # (B, 3)
+        batch_loss, active = step(
+            batch, ent_w, rel_w, p_head, ent_w.shape[0], params, gen, optimizer
+        )  # active: (B, N) or (B, k)
+        loss_sum += batch_loss.double()
+        active_sum += active.sum().double()
 
 
 def train_transe(
@@ -517,7 +608,7 @@ def train_transe(
         rel0 = torch.from_numpy(_check_table(init[1], num_relations, dim, "init[1] (relations)"))
     ent_w = ent0.to(device=device, dtype=torch.float32, copy=True)  # (E, d)
     rel_w = rel0.to(device=device, dtype=torch.float32, copy=True)  # (R, d)
-    optimizer = _RowOptimizer(params, {"entity": ent_w, "relation": rel_w})
+    optimizer = RowOptimizer(params, {"entity": ent_w, "relation": rel_w})
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
 
@@ -537,21 +628,9 @@ def train_transe(
         order = torch.randperm(num_triples, generator=gen, device=device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         active_sum = torch.zeros((), dtype=torch.float64, device=device)
-        if params.lr_decay != 1.0:
-            optimizer.lr = params.lr * params.lr_decay ** (epoch / max(params.epochs - 1, 1))
-        for begin in range(0, num_triples, params.batch_size):
-            batch = all_triples[order[begin : begin + params.batch_size]]  # (B, 3)
-            if n_shared:
-                hinge = _shared_negatives_step(
-                    batch, ent_w, rel_w, p_head, num_entities, params, gen, optimizer
-                )  # (B, N)
-            else:
-                hinge = _per_triple_step(
-                    batch, ent_w, rel_w, p_head, num_entities, params, gen, optimizer
-                )  # (B, k)
-            with torch.no_grad():
-                loss_sum += hinge.sum().double()
-                active_sum += (hinge > 0).sum().double()
+        optimizer.lr = epoch_lr(params, epoch)
+        _run_batches(all_triples, order, ent_w, rel_w, p_head, params, gen, optimizer,
+                     loss_sum, active_sum)
 
         if params.normalize_entities and epoch == params.epochs - 1:
             _normalize_rows_(ent_w)
@@ -593,6 +672,126 @@ def train_transe(
             for key, value in optimizer.state_dict().items()
         },
     )
+
+
+def epoch_lr(params: TransEParams, epoch: int) -> float:
+    """Learning rate of ``epoch``: ``lr * lr_decay ** (epoch / (epochs - 1))``."""
+    if params.lr_decay == 1.0:
+        return params.lr
+    return params.lr * params.lr_decay ** (epoch / max(params.epochs - 1, 1))
+
+
+def init_relations(num_relations: int, dim: int, seed: int) -> np.ndarray:
+    """(R, d) uniform(-6/sqrt(d), 6/sqrt(d)) rows normalised once (Bordes 2013, Alg. 1 l. 1-2)."""
+    bound = 6.0 / math.sqrt(dim)
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
+    rel = torch.empty(num_relations, dim).uniform_(-bound, bound, generator=gen)
+    _normalize_rows_(rel)
+    return rel.numpy()
+
+
+# Partitioned training (PyTorch-BigGraph, Lerer et al. 2019): the entity table is split into P
+# contiguous id ranges; a triple belongs to bucket (partition of its head, partition of its tail).
+# Buckets that share no partition can be trained at the same time by different workers, each
+# holding only two partitions; corrupted heads and tails are drawn from the two partitions held.
+# These functions are pure; storage of the partitions and synchronisation live in the pipeline.
+
+
+def partition_bounds(num_entities: int, num_partitions: int) -> np.ndarray:
+    """(P + 1,) int64 bounds: partition p holds ids ``bounds[p] <= id < bounds[p + 1]``; sizes
+    differ by at most one."""
+    if num_partitions <= 0 or num_partitions > num_entities:
+        raise ValueError(
+            f"num_partitions={num_partitions}: must be in [1, num_entities={num_entities}]"
+        )
+    return np.linspace(0, num_entities, num_partitions + 1).round().astype(np.int64)
+
+
+def entity_partition(ids: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Partition of each entity id (same shape as ``ids``)."""
+    return np.searchsorted(bounds, ids, side="right") - 1
+
+
+def bucket_schedule(
+    num_partitions: int, num_workers: int, seed: int, epoch: int
+) -> list[list[tuple[int, int]]]:
+    """Every bucket (i, j) once, grouped into rounds of at most ``num_workers`` buckets whose
+    partitions are pairwise disjoint, so the buckets of one round can be trained in parallel.
+
+    The bucket order is a seeded permutation per epoch (the same on every worker); rounds are
+    filled greedily. With P >= 2W partitions most rounds are full.
+    """
+    rng = np.random.default_rng([seed, epoch, 7])
+    buckets = [(i, j) for i in range(num_partitions) for j in range(num_partitions)]
+    remaining = [buckets[k] for k in rng.permutation(len(buckets))]
+    rounds = []
+    while remaining:
+        used: set[int] = set()
+        this, rest = [], []
+        for i, j in remaining:
+            if len(this) < num_workers and i not in used and j not in used:
+                this.append((i, j))
+                used.update((i, j))
+            else:
+                rest.append((i, j))
+        rounds.append(this)
+        remaining = rest
+    return rounds
+
+
+def init_entity_rows(count: int, dim: int, seed: int, part: int) -> np.ndarray:
+    """(count, d) uniform(-6/sqrt(d), 6/sqrt(d)) initial rows of one entity partition."""
+    state = np.random.SeedSequence([seed, 2, part]).generate_state(1)[0]
+    gen = torch.Generator().manual_seed(int(state))
+    bound = 6.0 / math.sqrt(dim)
+    return torch.empty(count, dim).uniform_(-bound, bound, generator=gen).numpy()
+
+
+def train_bucket(
+    triples: np.ndarray,
+    entities: torch.Tensor,
+    relations: torch.Tensor,
+    optimizer: RowOptimizer,
+    p_head: torch.Tensor,
+    params: TransEParams,
+    seed_key: tuple[int, ...],
+) -> dict:
+    """One pass over a bucket's triples, updating ``entities``, ``relations`` and the
+    optimizer's moments in place.
+
+    Args:
+        triples: (T, 3) int64 (head, relation, tail) with entity ids local to ``entities``
+            (the rows of the bucket's one or two partitions); may be empty.
+        entities: (n, d) float32 rows of the partitions held; negatives are drawn among them.
+        relations: (R, d) float32 relation table.
+        optimizer: a RowOptimizer over ``{"entity": entities, "relation": relations}``; its
+            ``lr`` and ``step_count`` are the caller's to set.
+        p_head: (R,) probability of corrupting the head (0.5 for unif).
+        params: hyperparameters.
+        seed_key: seeds the shuffle and negatives, e.g. (seed, epoch, bucket).
+
+    Returns:
+        {"loss_sum", "active_sum", "pairs", "triples", "seconds"}.
+    """
+    started = time.perf_counter()
+    data = torch.from_numpy(np.ascontiguousarray(triples, dtype=np.int64))
+    num = data.shape[0]
+    k = params.shared_negatives or params.num_negatives
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    active_sum = torch.zeros((), dtype=torch.float64)
+    if num:
+        state = np.random.SeedSequence(list(seed_key)).generate_state(2, dtype=np.uint32)
+        gen = torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+        order = torch.randperm(num, generator=gen)
+        _run_batches(data, order, entities, relations, p_head, params, gen, optimizer,
+                     loss_sum, active_sum)
+    return {
+        "loss_sum": float(loss_sum),
+        "active_sum": float(active_sum),
+        "pairs": num * k,
+        "triples": num,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 class _FilterIndex:

@@ -9,11 +9,17 @@ import pytest
 import torch
 
 from hmn.transe import (
+    RowOptimizer,
     TransEParams,
     TransEResult,
     bernoulli_head_probs,
+    bucket_schedule,
     embeddings_fingerprint,
+    entity_partition,
+    init_relations,
     link_prediction,
+    partition_bounds,
+    train_bucket,
     train_transe,
 )
 
@@ -311,6 +317,8 @@ def test_bernoulli_probabilities():
         ("optimizer", "adagrad", "transe.optimizer='adagrad'"),
         ("normalize_entities", "yes", "transe.normalize_entities='yes'"),
         ("seed", -1, "transe.seed=-1"),
+        ("loss", "bce", "transe.loss='bce'"),
+        ("adversarial_temperature", -1.0, "transe.adversarial_temperature=-1.0"),
     ],
 )
 def test_params_validation(field, value, message):
@@ -458,3 +466,108 @@ def test_result_type():
     result = train_transe(random_graph(), 50, 4, dataclasses.replace(SMALL, epochs=1))
     assert isinstance(result, TransEResult)
     assert result.optimizer_state["optimizer"] == "adam" and result.optimizer_state["step"] > 0
+
+
+# --- self-adversarial loss -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shared", [0, 8])
+def test_self_adversarial_loss_learns_translational_graph(shared):
+    triples, E, R = planted_graph()
+    held_out = np.random.default_rng(0).permutation(len(triples))[:12]
+    train = np.delete(triples, held_out, axis=0)
+    params = dataclasses.replace(
+        SMALL, norm=2, loss="self_adversarial", margin=2.0, lr=0.02, epochs=80, batch_size=16,
+        shared_negatives=shared, num_negatives=1 if shared else 4, normalize_entities=False,
+    )
+    result = train_transe(train, E, R, params)
+    losses = [rec["loss"] for rec in result.history]
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+    on_train = link_prediction(result.entities, result.relations, train, [triples], norm=2)
+    on_held_out = link_prediction(
+        result.entities, result.relations, triples[held_out], [triples], norm=2
+    )
+    assert on_train["mrr"] > 0.8, on_train
+    assert on_held_out["mrr"] > 0.5, on_held_out
+
+
+# --- partitioned training (PyTorch-BigGraph buckets) ------------------------------------------
+
+
+@pytest.mark.parametrize("E,P", [(10, 1), (10, 3), (7, 7), (2_150_000, 8)])
+def test_partitions_cover_ids_in_order(E, P):
+    bounds = partition_bounds(E, P)
+    assert bounds[0] == 0 and bounds[-1] == E and len(bounds) == P + 1
+    sizes = np.diff(bounds)
+    assert sizes.min() >= 1 and sizes.max() - sizes.min() <= 1
+    ids = np.array([0, E - 1, E // 2])
+    part = entity_partition(ids, bounds)
+    assert ((bounds[part] <= ids) & (ids < bounds[part + 1])).all()
+
+
+def test_partition_count_is_checked():
+    with pytest.raises(ValueError, match="num_partitions=0"):
+        partition_bounds(10, 0)
+    with pytest.raises(ValueError, match="num_partitions=11"):
+        partition_bounds(10, 11)
+
+
+@pytest.mark.parametrize("P,W", [(1, 1), (1, 2), (4, 2), (5, 2), (8, 3)])
+def test_bucket_schedule_rounds_are_disjoint_and_cover_every_bucket(P, W):
+    rounds = bucket_schedule(P, W, seed=0, epoch=3)
+    seen = [b for round_ in rounds for b in round_]
+    assert sorted(seen) == [(i, j) for i in range(P) for j in range(P)]
+    for round_ in rounds:
+        assert 1 <= len(round_) <= W
+        parts = [p for i, j in round_ for p in {i, j}]
+        assert len(parts) == len(set(parts)), round_
+    assert rounds == bucket_schedule(P, W, seed=0, epoch=3)  # the same on every worker
+    if P >= 2 * W:
+        assert len(rounds) <= 2 * P * P // W  # mostly full rounds
+
+
+def test_partitioned_training_learns_translational_graph():
+    """Buckets trained one at a time over two partitions, as the Ray workers do."""
+    triples, E, R = planted_graph(E=40, R=3)
+    params = dataclasses.replace(SMALL, lr=0.02, batch_size=16, num_negatives=4)
+    P = 2
+    bounds = partition_bounds(E, P)
+    rng = np.random.default_rng(0)
+    ent = torch.from_numpy(rng.uniform(-0.4, 0.4, (E, 16)).astype(np.float32))
+    rel = torch.from_numpy(init_relations(R, 16, 0))
+    moments = {k: torch.zeros(E, 16) for k in ("entity_m", "entity_v")}
+    moments.update({k: torch.zeros(R, 16) for k in ("relation_m", "relation_v")})
+    p_head = torch.full((R,), 0.5)
+    hp, tp = entity_partition(triples[:, 0], bounds), entity_partition(triples[:, 2], bounds)
+    first = last = None
+    for epoch in range(60):
+        for round_ in bucket_schedule(P, 1, 0, epoch):
+            (i, j), = round_
+            rows = np.concatenate([np.arange(bounds[i], bounds[i + 1])]
+                                  + ([np.arange(bounds[j], bounds[j + 1])] if i != j else []))
+            local = np.full(E, -1)
+            local[rows] = np.arange(len(rows))
+            mine = triples[(hp == i) & (tp == j)]
+            bucket = np.stack([local[mine[:, 0]], mine[:, 1], local[mine[:, 2]]], 1)
+            table = ent[rows].clone()
+            held = {k: (v[rows].clone() if k.startswith("entity") else v) for k, v in moments.items()}
+            opt = RowOptimizer(params, {"entity": table, "relation": rel}, held)
+            stats = train_bucket(bucket, table, rel, opt, p_head, params, (0, epoch, i * P + j))
+            assert stats["triples"] == len(bucket)
+            ent[rows] = table
+            for k in ("entity_m", "entity_v"):
+                moments[k][rows] = held[k]
+            if stats["triples"]:
+                loss = stats["loss_sum"] / stats["pairs"]
+                first = loss if first is None else first
+                last = loss
+    assert last < 0.5 * first
+    ent = ent / ent.norm(dim=1, keepdim=True)
+    assert link_prediction(ent.numpy(), rel.numpy(), triples, [triples])["mrr"] > 0.7
+
+
+def test_row_optimizer_checks_given_moments():
+    params = TransEParams(dim=4)
+    table = torch.zeros(5, 4)
+    with pytest.raises(ValueError, match=r"moments\['entity_m'\]: shape \(3, 4\)"):
+        RowOptimizer(params, {"entity": table}, {"entity_m": torch.zeros(3, 4)})
