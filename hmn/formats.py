@@ -787,9 +787,11 @@ class CodedFacts:
     """A chunk's fact rows with chunk-local dense ids (what the ingest stage merges into global
     ids): ``entities`` are the chunk's distinct entity keys, sorted: int64 machine-id codes
     (:mod:`hmn.ids`) when every key is a machine id, else canonical strings; ``relations`` the
-    sorted distinct relation keys; per row (file order) ``subject`` and ``relation`` (int32
-    positions in those), ``offsets`` (int32, rows + 1) into ``objects`` (int32 positions in
-    ``entities``, in file order within a row)."""
+    sorted distinct relation keys; per row ``subject`` and ``relation`` (int32 positions in
+    those), ``offsets`` (int32, rows + 1) into ``objects`` (int32 positions in ``entities``, in
+    file order within a row). Rows are sorted by (subject, relation, line), i.e. in the order of
+    the facts they make (:meth:`sorted`), so that the ingest stage merges the chunks' sorted runs
+    instead of sorting all rows; ``repeats`` is True when a row lists one object twice."""
 
     entities: np.ndarray | pa.Array
     relations: pa.Array
@@ -797,6 +799,37 @@ class CodedFacts:
     relation: np.ndarray
     offsets: np.ndarray
     objects: np.ndarray
+    repeats: bool = False
+
+    def sorted(self) -> CodedFacts:
+        """The rows in (subject, relation, line) order, objects moved along; ``repeats`` set.
+        One sort of packed ``subject | relation | row`` integers."""
+        n = len(self.subject)
+        lens = np.diff(self.offsets).astype(np.int64)
+        repeats = _row_repeats(lens, self.offsets, self.objects, len(self.entities))
+        sb, rb, nb = (max(1, int(x - 1).bit_length()) for x in
+                      (len(self.entities), len(self.relations), n))  # fmt: skip
+        if sb + rb + nb <= 63:
+            key = (self.subject.astype(np.int64) << (rb + nb)) | (
+                self.relation.astype(np.int64) << nb)  # fmt: skip
+            key |= np.arange(n, dtype=np.int64)
+            key.sort()
+            order = key & ((1 << nb) - 1)
+            subject = (key >> (rb + nb)).astype(np.int32)
+            relation = ((key >> nb) & ((1 << rb) - 1)).astype(np.int32)
+        else:
+            order = np.lexsort((self.relation, self.subject))  # stable
+            subject, relation = self.subject[order], self.relation[order]
+        if n and (order[1:] > order[:-1]).all():  # already in order
+            return CodedFacts(self.entities, self.relations, self.subject, self.relation,
+                              self.offsets, self.objects, repeats)  # fmt: skip
+        lens = lens[order]
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        gather = np.repeat(self.offsets[:-1][order].astype(np.int64) - offsets[:-1], lens)
+        gather += np.arange(offsets[-1], dtype=np.int64)
+        return CodedFacts(self.entities, self.relations, subject, relation,
+                          offsets.astype(np.int32), self.objects[gather], repeats)  # fmt: skip
 
     @property
     def rows(self) -> int:
@@ -817,6 +850,7 @@ class CodedFacts:
                 "relation": one(self.relation),
                 "offsets": one(self.offsets),
                 "objects": one(self.objects),
+                "repeats": pa.array([self.repeats]),
             }
         )
 
@@ -830,7 +864,25 @@ class CodedFacts:
             entities=ent.to_numpy() if pa.types.is_integer(ent.type) else ent,
             relations=col("relations"),
             **{k: col(k).to_numpy() for k in ("subject", "relation", "offsets", "objects")},
+            repeats=bool(table.column("repeats")[0].as_py()),
         )
+
+
+def _row_repeats(lens: np.ndarray, offsets: np.ndarray, objects: np.ndarray, n_ids: int) -> bool:
+    """True when some row lists one object twice. Rows of two objects compare their two ids;
+    only rows of three or more sort their (row, object) codes."""
+    two = offsets[:-1][lens == 2].astype(np.int64)
+    if (objects[two] == objects[two + 1]).any():
+        return True
+    more = np.flatnonzero(lens > 2)
+    if not len(more):
+        return False
+    k = lens[more]
+    starts = np.repeat(offsets[more].astype(np.int64), k)
+    inner = np.arange(k.sum(), dtype=np.int64) - np.repeat(np.cumsum(k) - k, k)
+    codes = np.repeat(np.arange(len(more), dtype=np.int64), k) * n_ids + objects[starts + inner]
+    codes.sort()
+    return bool((codes[1:] == codes[:-1]).any())
 
 
 def _sorted_codes(keys: pa.Array) -> tuple[pa.Array, np.ndarray]:
@@ -844,7 +896,7 @@ def _sorted_codes(keys: pa.Array) -> tuple[pa.Array, np.ndarray]:
 
 def code_facts(table: pa.Table) -> CodedFacts:
     """:class:`CodedFacts` of a parsed facts table (``FACTS_SCHEMA``, string or
-    dictionary-encoded keys, no nulls)."""
+    dictionary-encoded keys, no nulls; rows in line order), rows sorted."""
     objects = table.column("objects").combine_chunks()
     subject = table.column("subject").combine_chunks().cast(pa.string())
     flat = pc.list_flatten(objects).cast(pa.string())
@@ -865,7 +917,7 @@ def code_facts(table: pa.Table) -> CodedFacts:
         relation=relation.astype(np.int32),
         offsets=(offsets - offsets[0]).astype(np.int32),
         objects=inverse[n:],
-    )
+    ).sorted()
 
 
 def parse_grouped_coded(
@@ -943,7 +995,7 @@ def parse_grouped_coded(
         offsets = offsets[obj_lists.offset : obj_lists.offset + n + 1]
         offsets = (offsets - offsets[0]).astype(np.int32)
     coded = CodedFacts(entities, relations, inverse[:n], relation.astype(np.int32), offsets,
-                       inverse[n:])  # fmt: skip
+                       inverse[n:]).sorted()  # fmt: skip
     empty = pa.table(
         {
             "line": pa.array([], pa.int64()),

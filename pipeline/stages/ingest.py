@@ -48,6 +48,7 @@ import logging
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -556,7 +557,8 @@ def _build_kb(chunks: list[formats.CodedFacts], chunk_source: list[int], n_sourc
     ``chunks`` are the parsed chunks (source order, then line order) with chunk-local ids;
     ``chunk_source`` gives each chunk's index among the ``n_sources`` fact sources. Entity and
     relation ids are positions in the sorted distinct keys; facts are sorted by (subject id,
-    relation id) with one sort of packed ``subject | relation | row`` integers."""
+    relation id): a merge of the chunks' sorted runs of packed ``subject | relation | row``
+    integers."""
     steps: dict[str, float] = {}
     tick = time.perf_counter()
 
@@ -571,35 +573,41 @@ def _build_kb(chunks: list[formats.CodedFacts], chunk_source: list[int], n_sourc
     relation_keys = _sorted_unique(rel_all)
     rmaps = [_ids(c.relations, relation_keys) for c in chunks]
     E, R = len(entity_keys), len(relation_keys)
+    n_rows = sum(c.rows for c in chunks)
     step("dictionaries")
-    idt = np.int32 if E < 2**31 else np.int64
-    subj_id = np.concatenate([m.astype(idt)[c.subject] for c, m in zip(chunks, maps)]) if chunks \
-        else np.zeros(0, idt)  # fmt: skip
-    rel_id = np.concatenate([m[c.relation] for c, m in zip(chunks, rmaps)]) if chunks \
-        else np.zeros(0, np.int64)  # fmt: skip
-    obj_id = np.concatenate([m.astype(idt)[c.objects] for c, m in zip(chunks, maps)]) if chunks \
-        else np.zeros(0, idt)  # fmt: skip
-    row_len = np.concatenate([np.diff(c.offsets) for c in chunks]).astype(np.int64) if chunks \
-        else np.zeros(0, np.int64)  # fmt: skip
-    del maps, rmaps
-    n_rows = len(subj_id)
-    step("ids")
 
-    # facts sorted by (subject key, relation key) == by (subject id, relation id)
+    # facts sorted by (subject key, relation key) == by (subject id, relation id). Each chunk's
+    # rows come sorted by its local ids, which map to global ids in the same order, so the
+    # packed keys form one sorted run per chunk and a stable sort (timsort) merges the runs.
     eb, rb, nb = _bits(E), _bits(R), _bits(n_rows)
-    if eb + rb + nb <= 63:
-        key = (subj_id.astype(np.int64) << (rb + nb)) | (rel_id << nb)
-        key |= np.arange(n_rows, dtype=np.int64)
-        key.sort()  # distinct values: no stability needed, rows ascend within a pair
+    packed = eb + rb + nb <= 63
+    keys, obj_parts, len_parts, base = [], [], [], 0
+    for c, m, rm in zip(chunks, maps, rmaps):
+        sid, rid = m[c.subject], rm[c.relation]  # (rows,) int64
+        if packed:
+            k = (sid << (rb + nb)) | (rid << nb)
+            k |= np.arange(base, base + c.rows, dtype=np.int64)
+        else:
+            k = sid * R + rid
+        keys.append(k)
+        obj_parts.append(m[c.objects])
+        len_parts.append(np.diff(c.offsets))
+        base += c.rows
+    del maps, rmaps
+    key = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+    obj_id = np.concatenate(obj_parts) if obj_parts else np.zeros(0, np.int64)
+    row_len = np.concatenate(len_parts).astype(np.int64) if len_parts else np.zeros(0, np.int64)
+    del keys, obj_parts, len_parts
+    step("ids")
+    if packed:
+        key.sort(kind="stable")  # distinct values; rows ascend within a pair
         row_order = key & ((1 << nb) - 1)
         key >>= nb
         pair_sorted = (key >> rb) * R + (key & ((1 << rb) - 1))
-        del key
     else:
-        pair = subj_id.astype(np.int64) * R + rel_id
-        row_order = np.argsort(pair, kind="stable")
-        pair_sorted = pair[row_order]
-        del pair
+        row_order = np.argsort(key, kind="stable")
+        pair_sorted = key[row_order]
+    del key
     new = np.empty(n_rows, dtype=bool)
     if n_rows:
         new[0] = True
@@ -616,7 +624,7 @@ def _build_kb(chunks: list[formats.CodedFacts], chunk_source: list[int], n_sourc
     row_offsets = np.zeros(n_rows + 1, dtype=np.int64)
     np.cumsum(row_len, out=row_offsets[1:])
     kept_obj = None
-    if F == n_rows and not _repeats_an_object(row_len, row_offsets, obj_id, E):
+    if F == n_rows and not any(c.repeats for c in chunks):
         # one row per fact, no line repeats an object (the common case): reorder the rows'
         # lists, no sort over the objects
         lens = row_len[first_row]
@@ -645,9 +653,7 @@ def _build_kb(chunks: list[formats.CodedFacts], chunk_source: list[int], n_sourc
             "fact_id": pa.array(np.arange(F, dtype=np.int64)),
             "subject_id": pa.array(uniq_pair // R if R else uniq_pair),
             "relation_id": pa.array(uniq_pair % R if R else uniq_pair),
-            "object_ids": pa.ListArray.from_arrays(
-                pa.array(offsets), pa.array(kept_obj.astype(np.int64))
-            ),
+            "object_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(kept_obj)),
         },
         schema=FACTS_SCHEMA,
     )
@@ -664,24 +670,6 @@ def _build_kb(chunks: list[formats.CodedFacts], chunk_source: list[int], n_sourc
     info["steps_s"] = steps
     answers = (offsets, kept_obj)  # for _answer_codes, computed only when there are questions
     return entity_keys, relation_keys, facts_out, uniq_pair, answers, merged_per_table, info
-
-
-def _repeats_an_object(row_len: np.ndarray, row_offsets: np.ndarray, obj_id: np.ndarray,
-                       E: int) -> bool:  # fmt: skip
-    """True when some row lists one object twice. Rows of two objects compare their two ids;
-    only rows of three or more sort their (row, object) codes."""
-    two = row_offsets[:-1][row_len == 2]
-    if (obj_id[two] == obj_id[two + 1]).any():
-        return True
-    more = np.flatnonzero(row_len > 2)
-    if not len(more):
-        return False
-    lens = row_len[more]
-    starts = np.repeat(row_offsets[more], lens)
-    inner = np.arange(lens.sum(), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
-    codes = np.repeat(np.arange(len(more), dtype=np.int64), lens) * E + obj_id[starts + inner]
-    codes.sort()
-    return bool((codes[1:] == codes[:-1]).any())
 
 
 def _answer_codes(answers: tuple[np.ndarray, np.ndarray], E: int) -> np.ndarray:
@@ -802,9 +790,15 @@ def _resolve_questions(
     return questions, rejects, info
 
 
-def _write(table: pa.Table, path: Path) -> None:
+def _write(table: pa.Table, path: Path, **options) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    pq.write_table(table, path, **options)
+
+
+# dictionary pages only where values repeat (ids and keys are mostly distinct: building a
+# dictionary that overflows costs a third of the write time)
+_FACTS_WRITE = {"use_dictionary": ["relation_id"]}
+_ENTITIES_WRITE = {"use_dictionary": ["name"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -890,6 +884,12 @@ def run_ingest(
     entity_keys, relation_keys, facts, uniq_pair, answers, merged, kb_info = _build_kb(
         fact_tables, table_source, len(fact_idx)
     )
+    # the largest file is written by a thread (pyarrow releases the GIL) while the driver
+    # resolves names and questions and gathers the rejects
+    facts_writer = ThreadPoolExecutor(max_workers=1)
+    facts_written = facts_writer.submit(
+        _write, facts, out / "kb" / "facts.parquet", **_FACTS_WRITE
+    )
     has_questions = any(src[0] == "questions" for src in listed)
     answer_codes = _answer_codes(answers, len(entity_keys)) if has_questions else None
     del answers
@@ -967,15 +967,16 @@ def run_ingest(
     t_assemble = time.perf_counter()
 
     # --- write ---------------------------------------------------------------------------------------
-    _write(entities, out / "kb" / "entities.parquet")
+    _write(entities, out / "kb" / "entities.parquet", **_ENTITIES_WRITE)
     _write(relations, out / "kb" / "relations.parquet")
-    _write(facts, out / "kb" / "facts.parquet")
     questions_count = {}
     for split, tables in split_tables.items():
         q = pa.concat_tables(tables).combine_chunks() if tables else QUESTIONS_SCHEMA.empty_table()
         _write(q, out / "questions" / f"{split}.parquet")
         questions_count[split] = q.num_rows
     _write(all_rejects, out / "rejects.parquet")
+    facts_written.result()
+    facts_writer.shutdown()
     t_write = time.perf_counter()
 
     stats = {

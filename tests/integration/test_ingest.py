@@ -275,8 +275,8 @@ from pipeline.stages import ingest
 root, fp, srcs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 real_write = ingest._write
 
-def write_then_die(table, path):
-    real_write(table, path)
+def write_then_die(table, path, **options):
+    real_write(table, path, **options)
     if path.name == "facts.parquet":  # some outputs written, others not yet
         os.kill(os.getpid(), signal.SIGKILL)
 

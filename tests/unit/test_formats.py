@@ -656,5 +656,10 @@ def test_code_facts_with_string_keys():
     coded = formats.code_facts(parse_grouped_facts(lines, 1, "kb").table)
     assert coded.entities.to_pylist() == ["/g/02", "/m/01", "/m/03"]
     assert coded.relations.to_pylist() == ["/a/a", "/a/b"]
-    assert coded.subject.tolist() == [1, 1] and coded.relation.tolist() == [1, 0]
-    assert coded.offsets.tolist() == [0, 2, 3] and coded.objects.tolist() == [0, 1, 2]
+    # rows sorted by (subject, relation): the second line first
+    assert coded.subject.tolist() == [1, 1] and coded.relation.tolist() == [0, 1]
+    assert coded.offsets.tolist() == [0, 1, 3] and coded.objects.tolist() == [2, 0, 1]
+    assert not coded.repeats
+    again = formats.code_facts(parse_grouped_facts(pa.array(["/m/01\t/a/b\t/m/02 /m/03 /m/02"]),
+                                                   1, "kb").table)  # fmt: skip
+    assert again.repeats
