@@ -70,3 +70,28 @@ def test_two_workers_four_partitions_learn_and_survive_a_worker_failure(ray_loca
     # A second call on the same storage resumes the finished run: nothing is trained again.
     ent2, rel2, history2 = train_transe_on_ray(CFG, ingest, E, R, bernoulli_head_probs(triples, R), root)
     assert len(history2) == CFG.epochs and np.array_equal(ent, ent2) and np.array_equal(rel, rel2)
+
+
+def test_embed_stage_trains_writes_vectors_and_removes_its_checkpoint(ray_local, tmp_path):
+    """run_embed as the pipeline calls it (Ray Train local mode here, to keep the test short)."""
+    from pipeline.artifacts import read_vectors
+    from pipeline.stages.embed import run_embed
+
+    triples = _planted(E=30, R=2)
+    ingest = _ingest(tmp_path, triples)
+    kb = ingest / "kb"
+    pq.write_table(pa.table({"entity_id": pa.array(np.arange(30)), "key": [f"/m/e{i}" for i in range(30)],
+                             "name": pa.array([None] * 30, pa.string())}), kb / "entities.parquet")
+    pq.write_table(pa.table({"relation_id": pa.array(np.arange(2)), "key": ["/r/a", "/r/b"]}),
+                   kb / "relations.parquet")
+    out = tmp_path / "embed"
+    out.mkdir()
+    cfg = EmbedConfig(dim=8, margin=1.0, lr=0.02, epochs=6, batch_size=16, num_workers=0, num_cpus=1,
+                      loss="self_adversarial", norm=2, shared_negatives=8, normalize_entities=False)
+    stats = run_embed(cfg, ingest, out, tmp_path / "ck")
+    assert stats["source"] == "transe" and stats["triples"] == len(triples)
+    assert len(stats["history"]) == 6 and len(stats["fingerprint"]) == 16
+    assert read_vectors(out / "entities.parquet").shape == (30, 8)
+    assert read_vectors(out / "relations.parquet").shape == (2, 8)
+    assert not (tmp_path / "ck").exists()
+    assert json.dumps(stats)
