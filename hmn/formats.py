@@ -920,8 +920,38 @@ def code_facts(table: pa.Table) -> CodedFacts:
     ).sorted()
 
 
+class _MappedRange:
+    """Bytes ``[start, end)`` of a file, memory-mapped (or given bytes): ``find`` and a
+    zero-copy pyarrow buffer without reading the range into a bytes object."""
+
+    def __init__(self, chunk: ByteChunk | None, data: bytes | None = None):
+        if chunk is None:
+            self._mm, self.start, self.size = data, 0, len(data)
+            return
+        import mmap
+
+        self.start, self.size = chunk.byte_start, chunk.byte_end - chunk.byte_start
+        if os.path.getsize(chunk.path) < chunk.byte_end:
+            raise FormatError(chunk.path, None, "file changed while reading (shorter)")
+        with open(chunk.path, "rb") as f:
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else b""
+
+    def find(self, sub: bytes) -> int:
+        return self._mm.find(sub, self.start, self.start + self.size)
+
+    def buffer(self) -> pa.Buffer:
+        return pa.py_buffer(self._mm).slice(self.start, self.size)
+
+    def to_bytes(self) -> bytes:
+        return bytes(self._mm[self.start : self.start + self.size])
+
+
+def _one_chunk(col: pa.ChunkedArray) -> pa.Array:
+    return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+
+
 def parse_grouped_coded(
-    data: bytes, source: str, *, single_object: bool = False
+    data: bytes | ByteChunk, source: str, *, single_object: bool = False
 ) -> tuple[CodedFacts, Parsed] | None:
     """The fast path of the ingest stage for a chunk of grouped facts (or triples) in which every
     line is clean and every key a machine id in one spelling per column (``www.freebase.com/m/``,
@@ -936,10 +966,14 @@ def parse_grouped_coded(
     """
     import pyarrow.csv as pacsv
 
-    if not data or (data.find(b"\xef") >= 0 and data.find(b"\xef\xbf\xbd") >= 0):
+    if isinstance(data, ByteChunk):  # memory-mapped: the page cache is read in place
+        view = _MappedRange(data)
+    else:
+        view = _MappedRange(None, data)
+    if not view.size or (view.find(b"\xef") >= 0 and view.find(b"\xef\xbf\xbd") >= 0):
         return None  # U+FFFD: the careful path rejects it as invalid UTF-8
     # the CSV reader also ends rows at a lone "\r": then count the lines to compare
-    n_lines = count_lines(data) if data.find(b"\r") >= 0 else -1
+    n_lines = count_lines(view.to_bytes()) if view.find(b"\r") >= 0 else -1
     invalid: list[int] = []
 
     def on_invalid(row) -> str:
@@ -948,9 +982,9 @@ def parse_grouped_coded(
 
     try:
         table = pacsv.read_csv(
-            pa.BufferReader(data),
+            pa.BufferReader(view.buffer()),
             read_options=pacsv.ReadOptions(
-                column_names=["s", "p", "o"], use_threads=False, block_size=len(data) + 1
+                column_names=["s", "p", "o"], use_threads=False, block_size=view.size + 1
             ),
             parse_options=pacsv.ParseOptions(
                 delimiter="\t", quote_char=False, escape_char=False, ignore_empty_lines=False,
@@ -967,7 +1001,8 @@ def parse_grouped_coded(
     if invalid or (n_lines >= 0 and table.num_rows != n_lines):
         return None
     n_lines = table.num_rows
-    s, p, o = (table.column(c).combine_chunks() for c in "spo")
+    del view
+    s, p, o = (_one_chunk(table.column(c)) for c in "spo")
     s_codes = ids.prefixed_mid_codes(s)
     if s_codes is None:
         return None

@@ -264,14 +264,15 @@ def _parse_item(item: dict) -> dict:
     within the range; the driver shifts them), or a whole compressed file, streamed."""
     if item["byte_end"] >= 0:
         chunk = formats.ByteChunk(item["path"], item["byte_start"], item["byte_end"])
-        data = formats.read_byte_chunk(chunk)
         if item["format"] in ("grouped", "triples"):
             single = item["format"] == "triples"
-            fast = formats.parse_grouped_coded(data, chunk.path, single_object=single)
+            fast = formats.parse_grouped_coded(chunk, chunk.path, single_object=single)
             if fast is not None:  # every line clean: no rejects, coded directly
                 coded, parsed = fast
                 return {"table": None, "coded": coded, "rejects": parsed.rejects,
                         "lines": parsed.lines, "skipped": {}, "names": None}  # fmt: skip
+        data = formats.read_byte_chunk(chunk)
+        if item["format"] in ("grouped", "triples"):
             parsed = formats.parse_grouped_bytes(
                 data, 1, formats.count_lines(data), chunk.path, single_object=single,
                 dictionary=True,

@@ -625,14 +625,21 @@ CODED_TEXTS = [
 
 @pytest.mark.parametrize("text", CODED_TEXTS)
 @pytest.mark.parametrize("single_object", [False, True])
-def test_parse_grouped_coded_equals_careful_path(text, single_object):
+def test_parse_grouped_coded_equals_careful_path(tmp_path, text, single_object):
     data = text.encode()
     n = formats.count_lines(data)
     careful = formats.parse_grouped_bytes(data, 1, n, "kb", single_object=single_object,
                                           dictionary=True)  # fmt: skip
     fast = formats.parse_grouped_coded(data, "kb", single_object=single_object)
+    # the same through a memory-mapped byte range of a file
+    path = _write(tmp_path, "kb.txt", b"/m/0\t/a/b\t/m/0\n" + data)
+    mapped = formats.parse_grouped_coded(formats.ByteChunk(path, 15, 15 + len(data)), "kb",
+                                         single_object=single_object) if data else None  # fmt: skip
+    assert (fast is None) == (mapped is None)
     if fast is None:  # the careful path must then have a reason (or a spelling to normalise)
         return
+    _coded_equal(mapped[0], fast[0])
+    assert mapped[1].lines == fast[1].lines
     coded, parsed = fast
     assert careful.rejects.num_rows == 0 and parsed.rejects.num_rows == 0
     assert parsed.lines == careful.lines == n and coded.rows == n
