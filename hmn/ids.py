@@ -167,8 +167,11 @@ def mid_strings(codes: np.ndarray) -> pa.Array:
     return pc.utf8_rtrim(padded.cast(pa.binary()).cast(pa.string()), characters="\x00")
 
 
-def local_unique(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(sorted distinct codes, int32 position of each code among them)``.
+def local_unique(
+    codes: np.ndarray, *, return_order: bool = False
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(sorted distinct codes, int32 position of each code among them)``, and with
+    ``return_order`` the indices of ``codes`` in sorted order (equal codes by index).
 
     When every key has at most 8 characters (its code divisible by 38^4) and there are fewer
     than 2^22 codes, one sort of ``(code // 38^4) << 22 | index`` (uint64, distinct values)
@@ -176,7 +179,8 @@ def local_unique(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     codes = np.asarray(codes, dtype=np.int64)
     n = len(codes)
     if n == 0:
-        return codes.copy(), np.zeros(0, dtype=np.int32)
+        empty = (codes.copy(), np.zeros(0, dtype=np.int32))
+        return (*empty, np.zeros(0, dtype=np.int64)) if return_order else empty
     head = codes // _TAIL
     packed_path = n < (1 << _PACK_BITS) and not (codes - head * _TAIL).any()
     if packed_path:
@@ -198,7 +202,7 @@ def local_unique(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     uniq = ordered[new]
     if packed_path:
         uniq *= _TAIL
-    return uniq, inverse
+    return (uniq, inverse, position) if return_order else (uniq, inverse)
 
 
 def sorted_union(parts: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:

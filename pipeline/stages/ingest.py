@@ -582,23 +582,30 @@ def _build_kb(chunks: list[formats.CodedFacts], chunk_source: list[int], n_sourc
     # packed keys form one sorted run per chunk and a stable sort (timsort) merges the runs.
     eb, rb, nb = _bits(E), _bits(R), _bits(n_rows)
     packed = eb + rb + nb <= 63
-    keys, obj_parts, len_parts, base = [], [], [], 0
+    n_objects = sum(int(c.offsets[-1]) for c in chunks)
+    odt = np.int32 if n_objects < 2**31 else np.int64  # int32 cumsum is several times faster
+    key = np.empty(n_rows, dtype=np.int64)
+    obj_id = np.empty(n_objects, dtype=np.int64)
+    row_start = np.empty(n_rows + 1, dtype=odt)  # first object of each row
+    row_start[n_rows:] = n_objects
+    base = obj_base = 0
     for c, m, rm in zip(chunks, maps, rmaps):
-        sid, rid = m[c.subject], rm[c.relation]  # (rows,) int64
+        k = key[base : base + c.rows]
+        np.take(m, c.subject, out=k)  # (rows,) global subject ids
         if packed:
-            k = (sid << (rb + nb)) | (rid << nb)
+            k <<= rb + nb
+            k |= rm[c.relation] << nb
             k |= np.arange(base, base + c.rows, dtype=np.int64)
         else:
-            k = sid * R + rid
-        keys.append(k)
-        obj_parts.append(m[c.objects])
-        len_parts.append(np.diff(c.offsets))
+            k *= R
+            k += rm[c.relation]
+        np.take(m, c.objects, out=obj_id[obj_base : obj_base + len(c.objects)])
+        np.add(c.offsets[:-1], obj_base, out=row_start[base : base + c.rows], dtype=odt,
+               casting="unsafe")  # fmt: skip
         base += c.rows
+        obj_base += len(c.objects)
     del maps, rmaps
-    key = np.concatenate(keys) if keys else np.zeros(0, np.int64)
-    obj_id = np.concatenate(obj_parts) if obj_parts else np.zeros(0, np.int64)
-    row_len = np.concatenate(len_parts).astype(np.int64) if len_parts else np.zeros(0, np.int64)
-    del keys, obj_parts, len_parts
+    row_len = np.diff(row_start)
     step("ids")
     if packed:
         key.sort(kind="stable")  # distinct values; rows ascend within a pair
@@ -622,21 +629,17 @@ def _build_kb(chunks: list[formats.CodedFacts], chunk_source: list[int], n_sourc
     step("facts")
 
     # objects: union per fact, first-seen order (rows in source/line order, then in-line order)
-    row_offsets = np.zeros(n_rows + 1, dtype=np.int64)
-    np.cumsum(row_len, out=row_offsets[1:])
     kept_obj = None
     if F == n_rows and not any(c.repeats for c in chunks):
         # one row per fact, no line repeats an object (the common case): reorder the rows'
         # lists, no sort over the objects
         lens = row_len[first_row]
-        starts = row_offsets[first_row]
-        offsets64 = np.zeros(F + 1, dtype=np.int64)
-        np.cumsum(lens, out=offsets64[1:])
-        gather = np.repeat(starts - offsets64[:-1], lens)
-        gather += np.arange(offsets64[-1], dtype=np.int64)
+        offsets = np.zeros(F + 1, dtype=odt)
+        np.cumsum(lens, out=offsets[1:])
+        gather = np.repeat(row_start[first_row].astype(np.int64) - offsets[:-1], lens)
+        gather += np.arange(n_objects, dtype=np.int64)
         kept_obj = obj_id[gather]
-        offsets = offsets64.astype(np.int32)
-        del gather, lens, starts
+        del gather, lens
     if kept_obj is None:
         row_fact = np.empty(n_rows, dtype=np.int64)
         row_fact[row_order] = np.cumsum(new) - 1

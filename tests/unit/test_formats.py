@@ -607,6 +607,8 @@ CODED_TEXTS = [
     "www.freebase.com/m/04\twww.freebase.com/a/b\twww.freebase.com/m/05\n"
     "www.freebase.com/m/04\ta.b\twww.freebase.com/m/02\n",  # clean (two relation spellings)
     "/m/01\t/a/b\t/m/02\n/m/04\t/c/d\t/m/05",  # no final newline
+    "/m/09\t/c/d\t/m/02\n/m/01\t/e/f\t/m/05 /m/09\n/m/09\t/a/b\t/m/01\n/m/01\t/c/d\t/m/0\n"
+    "/m/09\t/c/d\t/m/03\n",  # rows to reorder by (subject, relation, line)
     "m.01\t/a/b\tm.02\r\nm.04\t/a/b\tm.05\r\n",  # CRLF
     "/m/01\t/a/b\t/m/02\n\n/m/04\t/a/b\t/m/05\n",  # empty line
     "/m/01\t/a/b\n/m/04\t/a/b\t/m/05\n",  # field count
@@ -651,7 +653,8 @@ def test_parse_grouped_coded_equals_careful_path(tmp_path, text, single_object):
 def test_parse_grouped_coded_takes_clean_chunks():
     assert formats.parse_grouped_coded(CODED_TEXTS[0].encode(), "kb") is not None
     assert formats.parse_grouped_coded(CODED_TEXTS[2].encode(), "kb") is not None
-    for text in CODED_TEXTS[3:]:
+    assert formats.parse_grouped_coded(CODED_TEXTS[3].encode(), "kb") is not None
+    for text in CODED_TEXTS[4:]:
         assert formats.parse_grouped_coded(text.encode(), "kb") is None, text
     # triples: a line with two objects goes to the careful path (it is rejected there)
     assert formats.parse_grouped_coded(CODED_TEXTS[0].encode(), "kb", single_object=True) is None
