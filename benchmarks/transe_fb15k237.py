@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/transe_fb15k237.py [--set field=value ...] [--threads 2]
         [--valid-every 5] [--valid-limit 5000] [--pykeen-batches 20] [--no-pykeen]
         [--speed-only] [--no-test] [--data ../shared/data/fb15k-237]
+        [--ray-workers W --partitions P]
 
 With ``--valid-every n`` the filtered MRR on the first ``--valid-limit`` valid triples is measured
 every n epochs and after the last; the test set is ranked with the tables of the best of these
@@ -19,6 +20,11 @@ norm, loss (``MarginRankingLoss``, or ``NSSALoss`` for the self-adversarial loss
 (PyKEEN draws them per triple with its Bernoulli or basic sampler; ours may share them across a
 batch, see ``TransEParams.shared_negatives``), CPU and torch threads. ``--pykeen-batches n``
 times only PyKEEN's batches 2..n+1 of the epoch (for configurations where a whole epoch is slow).
+
+``--ray-workers W --partitions P`` trains with the embed stage's Ray Train loop instead
+(``pipeline.stages.embed.train_transe_on_ray``: W gloo workers over P PyTorch-BigGraph entity
+partitions), to check that the partitioned design keeps the quality; it has no validation curve,
+so the last epoch is tested.
 
 Last printed line: one JSON object with ``mrr``, ``hits10``, ``triples_per_s``,
 ``pykeen_triples_per_s``, the resolved config and the wall times.
@@ -43,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from hmn.transe import (  # noqa: E402
     TransEParams,
+    TransEResult,
     embeddings_fingerprint,
     link_prediction,
     train_transe,
@@ -194,6 +201,62 @@ def pykeen_speed(
     }
 
 
+def train_on_ray(
+    train: np.ndarray, num_entities: int, num_relations: int, params: TransEParams, args
+) -> TransEResult:
+    """The embed stage's Ray Train loop (pipeline.stages.embed) on the FB15k-237 triples."""
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from hmn.config import EmbedConfig
+    from hmn.transe import bernoulli_head_probs
+    from pipeline.stages.embed import train_transe_on_ray
+
+    fields = {f.name for f in dataclasses.fields(EmbedConfig)}
+    cfg = EmbedConfig(
+        **{k: v for k, v in dataclasses.asdict(params).items() if k in fields},
+        num_workers=args.ray_workers,
+        num_partitions=args.partitions,
+        num_cpus=args.threads,
+        max_failures=0,
+    )
+    cfg.validate()
+    p_head = (
+        bernoulli_head_probs(train, num_relations)
+        if params.negatives == "bern"
+        else np.full(num_relations, 0.5)
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        kb = Path(tmp, "ingest", "kb")
+        kb.mkdir(parents=True)
+        pq.write_table(
+            pa.table(
+                {
+                    "fact_id": pa.array(np.arange(len(train))),
+                    "subject_id": pa.array(train[:, 0]),
+                    "relation_id": pa.array(train[:, 1]),
+                    "object_ids": pa.array(train[:, 2:3].tolist(), pa.list_(pa.int64())),
+                }
+            ),
+            kb / "facts.parquet",
+        )
+        ray.init(
+            num_cpus=max(4, args.ray_workers * args.threads + 2),
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+        try:
+            ent, rel, history = train_transe_on_ray(
+                cfg, Path(tmp, "ingest"), num_entities, num_relations, p_head, Path(tmp, "shared")
+            )
+        finally:
+            ray.shutdown()
+    return TransEResult(entities=ent, relations=rel, history=history)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--set", action="append", default=[], help="TransEParams field=value")
@@ -205,6 +268,16 @@ def main() -> None:
     parser.add_argument("--no-pykeen", action="store_true")
     parser.add_argument("--speed-only", action="store_true", help="one epoch, no evaluation")
     parser.add_argument("--no-test", action="store_true", help="skip the test evaluation")
+    parser.add_argument(
+        "--ray-workers",
+        type=int,
+        default=-1,
+        help=">= 0: train with the embed stage's Ray Train loop (PyTorch-BigGraph "
+        "partitions; 0 = local mode) instead of train_transe; no validation",
+    )
+    parser.add_argument(
+        "--partitions", type=int, default=1, help="entity partitions (--ray-workers)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -213,6 +286,7 @@ def main() -> None:
     overrides = {**CHOSEN, **given}
     if args.speed_only:
         overrides["epochs"] = given.get("epochs", 1)
+        args.valid_every = 0
     params = TransEParams(**overrides)
     params.validate()
     ids, num_entities, num_relations = load_splits(args.data)
@@ -250,15 +324,27 @@ def main() -> None:
             )
             logger.info("valid@%d (%d triples) %s", epoch + 1, len(valid), valid_curve[-1])
             if metrics["mrr"] > best.get("mrr", -1.0):
-                best.update(mrr=metrics["mrr"], epoch=epoch + 1, entities=entities,
-                            relations=info["relations"].copy())
+                best.update(
+                    mrr=metrics["mrr"],
+                    epoch=epoch + 1,
+                    entities=entities,
+                    relations=info["relations"].copy(),
+                )
 
     started = time.perf_counter()
-    result = train_transe(ids["train"], num_entities, num_relations, params, progress=progress)
+    if args.ray_workers >= 0:
+        result = train_on_ray(ids["train"], num_entities, num_relations, params, args)
+    else:
+        result = train_transe(ids["train"], num_entities, num_relations, params, progress=progress)
     train_seconds = time.perf_counter() - started
     epoch_rates = [rec["triples_per_s"] for rec in result.history]
     out: dict = {
         "config": dataclasses.asdict(params),
+        "trainer": (
+            f"ray_train(workers={args.ray_workers}, partitions={args.partitions})"
+            if args.ray_workers >= 0
+            else "train_transe"
+        ),
         "threads": torch.get_num_threads(),
         "train_seconds": round(train_seconds, 1),
         "epoch_seconds_mean": round(float(np.mean([r["seconds"] for r in result.history])), 3),

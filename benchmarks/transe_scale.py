@@ -2,7 +2,7 @@
 
     flock /tmp/bigmem.lock .venv/bin/python benchmarks/transe_scale.py \\
         [--kb /tmp/bench/fb2m/kb.txt] [--work /tmp/bench/transe_scale] [--workers 2] \\
-        [--partitions 4] [--threads 1] [--epochs 1] [--set embed.field=value ...]
+        [--partitions 8] [--threads 1] [--epochs 1] [--set embed.field=value ...]
 
 The grouped-fact file (FB2M format; ``python -m hmn.synthetic`` writes an FB2M-sized one) goes
 through the project's ingest stage (Ray Data) into ``<work>/ingest`` (reused when present), then
@@ -47,9 +47,12 @@ def main() -> None:
     parser.add_argument("--kb", type=Path, default=Path("/tmp/bench/fb2m/kb.txt"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench/transe_scale"))
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--max-failures", type=int, default=2,
+                        help="worker-group restarts (e.g. after Ray's memory monitor kills a "
+                             "worker on a shared machine); the epoch restarts from its checkpoint")
     parser.add_argument("--set", action="append", default=[], help="embed.field=value")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -78,7 +81,8 @@ def main() -> None:
     overrides = [s if s.startswith("embed.") else f"embed.{s}" for s in args.set]
     cfg = load_config(ROOT / "configs/fb2m-synthetic.yaml", overrides).embed
     cfg = dataclasses.replace(cfg, epochs=args.epochs, num_workers=args.workers,
-                              num_partitions=args.partitions, num_cpus=args.threads, max_failures=0)
+                              num_partitions=args.partitions, num_cpus=args.threads,
+                              max_failures=args.max_failures)
     cfg.validate()
 
     kb = KnowledgeBase.load(ingest_dir)
