@@ -800,9 +800,16 @@ def _write(table: pa.Table, path: Path, **options) -> None:
 
 
 # dictionary pages only where values repeat (ids and keys are mostly distinct: building a
-# dictionary that overflows costs a third of the write time)
-_FACTS_WRITE = {"use_dictionary": ["relation_id"]}
-_ENTITIES_WRITE = {"use_dictionary": ["name"]}
+# dictionary that overflows cost a third of the write time); sorted ids delta-encoded (measured
+# at FB2M scale: facts.parquet 158 -> 102 MB, 10% less CPU than dictionary + snappy alone)
+_FACTS_WRITE = {
+    "use_dictionary": ["relation_id"],
+    "column_encoding": {"fact_id": "DELTA_BINARY_PACKED", "subject_id": "DELTA_BINARY_PACKED"},
+}
+_ENTITIES_WRITE = {
+    "use_dictionary": ["name"],
+    "column_encoding": {"entity_id": "DELTA_BINARY_PACKED"},
+}
 
 
 # ---------------------------------------------------------------------------------------------
