@@ -207,15 +207,21 @@ def local_unique(
 
 def sorted_union(parts: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
     """``(U, [position in U of every entry of each part])`` for sorted distinct int64 arrays:
-    U is their sorted union. One sort of the concatenation, then a binary search per part with
-    sorted queries (cache-friendly)."""
+    U is their sorted union. One stable argsort of the concatenation (timsort: a merge of the
+    sorted runs), ranks by a running count of new values, scattered back."""
     if not parts:
         return np.zeros(0, dtype=np.int64), []
     allc = np.concatenate(parts)
-    allc.sort(kind="stable")  # a merge of sorted runs (timsort), several times faster
-    keep = np.empty(len(allc), dtype=bool)
+    order = np.argsort(allc, kind="stable")
+    ordered = allc[order]
+    new = np.empty(len(allc), dtype=bool)
     if len(allc):
-        keep[0] = True
-        np.not_equal(allc[1:], allc[:-1], out=keep[1:])
-    union = allc[keep]
-    return union, [np.searchsorted(union, p) for p in parts]
+        new[0] = True
+        np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
+    rank = np.empty(len(allc), dtype=np.int64)
+    rank[order] = np.cumsum(new) - 1
+    out, offset = [], 0
+    for p in parts:
+        out.append(rank[offset : offset + len(p)])
+        offset += len(p)
+    return ordered[new], out

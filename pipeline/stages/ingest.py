@@ -5,17 +5,25 @@ grouped facts (FB2M/FB5M, SimpleQuestions ``kb.txt``), plain triples (FB15k-237,
 facts by (head, relation)), the Freebase RDF N-Triples dump (entity-to-entity facts of chosen
 relations, plus English names), ``entity<TAB>name`` files, SimpleQuestions question files.
 
-Parsing runs in parallel on Ray Data: every source file is cut into chunks of whole lines
-(byte ranges found by :func:`hmn.formats.plan_line_chunks`; a compressed file is one chunk,
-streamed), one work item per chunk goes through ``map_batches`` calling the ``hmn.formats``
-parsers, and each task returns its parsed rows and rejects as Arrow IPC bytes. Fact keys come
-back dictionary-encoded (each task hashes its chunk's keys once while normalising them), so the
-driver assigns ids from the chunk dictionaries, not from every key occurrence: one hash pass
-over the concatenated dictionaries and one sort of the distinct keys (ids = sorted key order,
-hence deterministic), then numpy gathers. The driver holds numpy id arrays and Arrow string
-arrays only (no Python dict of keys); at FB2M scale (10.8M lines) the whole process tree peaked
-under 8 GB (``benchmarks/ingest.py``). It then merges repeated (subject, relation) pairs into one
-fact, resolves names and questions against the KB, and writes with ``pyarrow.parquet``:
+Parsing runs in parallel on Ray Data: every plain source file is cut into byte ranges of whole
+lines (about ``chunk_lines`` lines each, :func:`hmn.formats.plan_byte_chunks`: one small read per
+cut, no scan; each task numbers its lines from 1 and the driver shifts them by the line counts
+of the chunks before), a compressed file is one work item, streamed. One work item per chunk goes
+through ``map_batches`` calling the ``hmn.formats`` parsers; each task returns Arrow IPC bytes.
+
+Fact chunks come back as :class:`hmn.formats.CodedFacts`: chunk-local dense ids, rows sorted by
+(subject, relation, line). A clean chunk of machine-id keys takes the fast path
+(:func:`hmn.formats.parse_grouped_coded`: pyarrow's CSV reader over the memory-mapped range,
+relations dictionary-encoded and normalised once per distinct spelling, keys as order-preserving
+int64 codes of :mod:`hmn.ids`, one sort for the chunk's entity ids); any other chunk goes through
+the careful line parser, with the same result plus its rejects. The driver then never hashes or
+compares key strings: one merge of the chunks' sorted distinct codes gives the entity ids (ids =
+sorted key order, hence deterministic), numpy gathers map local to global ids, and one merge of
+the chunks' sorted runs of packed ``subject | relation | row`` integers orders the facts and finds
+repeated (subject, relation) pairs, which it merges into one fact. It resolves names and
+questions against the KB and writes with ``pyarrow.parquet`` (the facts by a thread, overlapped
+with the rest). At FB2M scale (10.8M lines) the whole process tree stays under 3 GB
+(``benchmarks/ingest.py``).
 
 ``out_dir/``
     ``kb/entities.parquet``   entity_id int64, key string, name string (nullable)
