@@ -344,13 +344,21 @@ def _shift_lines(table: pa.Table | None, offset: int) -> pa.Table | None:
     return table.set_column(i, "line", pc.add(table.column(i), offset))
 
 
-def _chunk_bytes(path: str, chunk_lines: int) -> int:
+def _chunk_bytes(path: str, chunk_lines: int, cpus: int = 1) -> int:
     """Bytes per work item for about ``chunk_lines`` lines, from the mean line length of the
-    first MiB (work items are byte ranges: planning them reads no more of the file)."""
+    first MiB (work items are byte ranges: planning them reads no more of the file). A file of
+    several items gets a multiple of ``cpus`` items of equal size, so that the last wave of
+    tasks keeps every CPU busy."""
     with open(path, "rb") as f:
         head = f.read(1 << 20)
     n = max(head.count(b"\n"), 1)
-    return max(1, (len(head) * chunk_lines) // n)
+    target = max(1, (len(head) * chunk_lines) // n)
+    size = os.path.getsize(path)
+    items = -(-size // target)  # ceil
+    if items > 1 and cpus > 1:
+        items = -(-items // cpus) * cpus
+        target = max(1, -(-size // items))
+    return target
 
 
 def _parse_all(listed, chunk_lines: int, sources: IngestSources) -> list[_SourceResult]:
@@ -366,6 +374,7 @@ def _parse_all(listed, chunk_lines: int, sources: IngestSources) -> list[_Source
         }
     )
     items = []
+    cpus = int(ray.cluster_resources().get("CPU", 1))
     for src_idx, (kind, _split, path, fmt) in enumerate(listed):
         if formats.is_compressed(path):
             logger.warning(
@@ -375,7 +384,7 @@ def _parse_all(listed, chunk_lines: int, sources: IngestSources) -> list[_Source
             )
             ranges = [(0, -1)]
         else:
-            plan = formats.plan_byte_chunks(path, _chunk_bytes(path, chunk_lines))
+            plan = formats.plan_byte_chunks(path, _chunk_bytes(path, chunk_lines, cpus))
             ranges = [(c.byte_start, c.byte_end) for c in plan]
         for start, end in ranges:
             items.append(
