@@ -194,11 +194,22 @@ def read_relation_list(path: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _to_ipc(table: pa.Table) -> bytes:
+def _to_ipc(table: pa.Table) -> pa.Buffer:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-    return sink.getvalue().to_pybytes()
+    return sink.getvalue()
+
+
+def _binary_column(values: list) -> pa.Array:
+    """A large_binary column of IPC buffers (or b"" for none), concatenated once."""
+    bufs = [v if isinstance(v, pa.Buffer) else pa.py_buffer(v) for v in values]
+    offsets = np.zeros(len(bufs) + 1, dtype=np.int64)
+    np.cumsum([b.size for b in bufs], out=offsets[1:])
+    data = b"".join(bufs) if len(bufs) > 1 else bufs[0]
+    return pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), len(bufs), [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    )
 
 
 def _from_ipc(data) -> pa.Table:
@@ -320,7 +331,7 @@ def _parse_batch(batch: pa.Table) -> pa.Table:
         {
             "item": pa.array(out["item"], pa.int64()),
             "lines": pa.array(out["lines"], pa.int64()),
-            **{k: pa.array(out[k], pa.large_binary()) for k in binary},
+            **{k: _binary_column(out[k]) for k in binary},
             "skipped": pa.array(out["skipped"], pa.string()),
         }
     )
