@@ -17,6 +17,11 @@ Formats (fields separated by one TAB, one record per line):
 * embedding text: ``key<TAB>v1 v2 ... vD`` or ``key v1 ... vD``, optionally preceded by a word2vec
   header line ``count D`` (other embedding formats: :mod:`hmn.embedding_files`).
 
+Large plain files are read in byte ranges of whole lines (:func:`plan_byte_chunks`, no scan);
+:func:`parse_grouped_coded` is the fast path for clean chunks of grouped facts with machine-id
+keys: it returns chunk-local dense ids (:class:`CodedFacts`, keys as :mod:`hmn.ids` codes)
+instead of string tables, and None whenever a line needs the careful parsers above.
+
 :func:`detect_format` guesses a file's format from its first lines.
 
 Freebase keys come in several spellings; :func:`normalize_key` maps all of them to the canonical
