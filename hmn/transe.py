@@ -714,28 +714,41 @@ def entity_partition(ids: np.ndarray, bounds: np.ndarray) -> np.ndarray:
 
 def bucket_schedule(
     num_partitions: int, num_workers: int, seed: int, epoch: int
-) -> list[list[tuple[int, int]]]:
-    """Every bucket (i, j) once, grouped into rounds of at most ``num_workers`` buckets whose
-    partitions are pairwise disjoint, so the buckets of one round can be trained in parallel.
+) -> list[list[tuple[int, int] | None]]:
+    """Every bucket (i, j) once, grouped into rounds of ``num_workers`` slots whose buckets share
+    no partition, so the buckets of one round can be trained in parallel. Slot w of a round is
+    worker w's bucket (None: idle this round).
 
-    The bucket order is a seeded permutation per epoch (the same on every worker); rounds are
-    filled greedily. With P >= 2W partitions most rounds are full.
+    The bucket order is a seeded permutation per epoch (the same on every worker). Rounds are
+    filled greedily, and each worker first looks for a bucket that shares a partition with its
+    bucket of the previous round, so that it can keep that partition in memory instead of
+    writing and reading it back (PyTorch-BigGraph orders buckets for the same reason). With
+    P >= 2W partitions most rounds are full.
     """
     rng = np.random.default_rng([seed, epoch, 7])
     buckets = [(i, j) for i in range(num_partitions) for j in range(num_partitions)]
     remaining = [buckets[k] for k in rng.permutation(len(buckets))]
+    previous: list[tuple[int, int] | None] = [None] * num_workers
     rounds = []
     while remaining:
         used: set[int] = set()
-        this, rest = [], []
-        for i, j in remaining:
-            if len(this) < num_workers and i not in used and j not in used:
-                this.append((i, j))
-                used.update((i, j))
-            else:
-                rest.append((i, j))
+        this: list[tuple[int, int] | None] = [None] * num_workers
+        for w in range(num_workers):
+            first = shared = None
+            for bucket in remaining:
+                if used.isdisjoint(bucket):
+                    first = bucket if first is None else first
+                    if previous[w] is not None and not set(previous[w]).isdisjoint(bucket):
+                        shared = bucket
+                        break
+            chosen = shared or first
+            if chosen is None:
+                continue
+            this[w] = chosen
+            used.update(chosen)
+            remaining.remove(chosen)
+            previous[w] = chosen
         rounds.append(this)
-        remaining = rest
     return rounds
 
 

@@ -10,8 +10,9 @@ contiguous id ranges; a triple belongs to the bucket (partition of its head, par
 tail). Each partition (its rows plus their Adam moments) is one ``.npy`` file in shared storage
 (``<checkpoint_dir>/tables/epoch-<e>/part-<p>.npy``, shape (S, n_p, d): rows, m, v). An epoch is a
 sequence of rounds (``hmn.transe.bucket_schedule``); in a round every worker trains one bucket
-whose two partitions no other worker holds, loading them from storage and writing them back, so
-a worker needs memory for two partitions only. Negatives are drawn among the rows of the two
+whose two partitions no other worker holds, loading them from storage and writing them back
+(a partition that the worker's next bucket also uses stays in its memory instead), so a worker
+needs memory for about three partitions only. Negatives are drawn among the rows of the two
 partitions held. The relation table is small and replicated: after each round the workers
 all-reduce (sum) their relation updates. The triples come from a Ray Dataset (the ingested
 facts, exploded); each worker files its shard into per-bucket edge files once.
@@ -255,15 +256,26 @@ def train_loop_per_worker(config: dict) -> dict:
         _barrier(world)
         lr = epoch_lr(params, epoch)
         totals = torch.zeros(5, dtype=torch.float64)  # loss, active, pairs, triples, busy seconds
-        for round_ in bucket_schedule(P, world, cfg.seed, epoch):
+        schedule = bucket_schedule(P, world, cfg.seed, epoch)
+        mine = [round_[rank] for round_ in schedule] + [None]  # this worker's bucket per round
+        held: dict[int, tuple[np.ndarray, int]] = {}  # partition kept in memory for the next round
+        for r in range(len(schedule)):
             rel_before = rel_w.clone()
-            if rank < len(round_):
-                i, j = round_[rank]
+            if mine[r] is not None:
+                i, j = mine[r]
                 parts = [i] if i == j else [i, j]
                 sizes = [tables.size(p) for p in parts]
+                starts = np.cumsum([0] + sizes[:-1])
                 state = np.empty((tables.slots, sum(sizes), cfg.dim), np.float32)  # (S, n, d)
-                steps = [tables.read_into(tables.source(epoch, p), p, state[:, a:a + n])
-                         for p, a, n in zip(parts, np.cumsum([0] + sizes[:-1]), sizes)]
+                steps = []
+                for p, a, n in zip(parts, starts, sizes):
+                    if p in held:  # trained by this worker in the previous round
+                        rows, step = held.pop(p)
+                        state[:, a:a + n] = rows
+                        steps.append(step)
+                    else:
+                        steps.append(tables.read_into(tables.source(epoch, p), p, state[:, a:a + n]))
+                assert not held, f"partitions {sorted(held)} held but not used"
                 tensor = torch.from_numpy(state)
                 moments = {"relation_m": rel_m, "relation_v": rel_v}
                 if adam:
@@ -276,8 +288,12 @@ def train_loop_per_worker(config: dict) -> dict:
                                      (cfg.seed, epoch, i * P + j))
                 totals += torch.tensor([stats["loss_sum"], stats["active_sum"], stats["pairs"],
                                         stats["triples"], stats["seconds"]], dtype=torch.float64)
-                for p, a, n in zip(parts, np.cumsum([0] + sizes[:-1]), sizes):
-                    tables.write(nxt, p, state[:, a:a + n], optimizer.step_count)
+                following = set(mine[r + 1] or ())
+                for p, a, n in zip(parts, starts, sizes):
+                    if p in following:  # no other worker can touch p before this one's next round
+                        held[p] = (state[:, a:a + n].copy(), optimizer.step_count)
+                    else:
+                        tables.write(nxt, p, state[:, a:a + n], optimizer.step_count)
                 del state, tensor, optimizer
             # Relations: every worker's update of this round, summed (also the round's barrier).
             delta = rel_w - rel_before

@@ -515,15 +515,27 @@ def test_partition_count_is_checked():
 @pytest.mark.parametrize("P,W", [(1, 1), (1, 2), (4, 2), (5, 2), (8, 3)])
 def test_bucket_schedule_rounds_are_disjoint_and_cover_every_bucket(P, W):
     rounds = bucket_schedule(P, W, seed=0, epoch=3)
-    seen = [b for round_ in rounds for b in round_]
+    seen = [b for round_ in rounds for b in round_ if b is not None]
     assert sorted(seen) == [(i, j) for i in range(P) for j in range(P)]
     for round_ in rounds:
-        assert 1 <= len(round_) <= W
-        parts = [p for i, j in round_ for p in {i, j}]
+        assert len(round_) == W and any(b is not None for b in round_)
+        parts = [p for b in round_ if b is not None for p in set(b)]
         assert len(parts) == len(set(parts)), round_
     assert rounds == bucket_schedule(P, W, seed=0, epoch=3)  # the same on every worker
     if P >= 2 * W:
         assert len(rounds) <= 2 * P * P // W  # mostly full rounds
+
+
+@pytest.mark.parametrize("P,W", [(4, 1), (8, 2)])
+def test_bucket_schedule_keeps_a_partition_between_a_workers_rounds(P, W):
+    """Most of a worker's consecutive buckets share a partition (kept in memory, not reloaded)."""
+    rounds = bucket_schedule(P, W, seed=1, epoch=0)
+    kept = total = 0
+    for w in range(W):
+        mine = [round_[w] for round_ in rounds if round_[w] is not None]
+        kept += sum(not set(a).isdisjoint(b) for a, b in zip(mine, mine[1:]))
+        total += len(mine) - 1
+    assert kept >= 0.6 * total, (kept, total)
 
 
 def test_partitioned_training_learns_translational_graph():
@@ -542,7 +554,7 @@ def test_partitioned_training_learns_translational_graph():
     first = last = None
     for epoch in range(60):
         for round_ in bucket_schedule(P, 1, 0, epoch):
-            (i, j), = round_
+            ((i, j),) = round_
             rows = np.concatenate([np.arange(bounds[i], bounds[i + 1])]
                                   + ([np.arange(bounds[j], bounds[j + 1])] if i != j else []))
             local = np.full(E, -1)
