@@ -413,7 +413,9 @@ def run_embed(cfg: EmbedConfig, ingest_dir: Path, out: Path, checkpoint_dir: Pat
         # Link prediction on a sample of the training triples: a sanity figure, not a benchmark.
         rng = np.random.default_rng(cfg.seed)
         sample = triples[rng.choice(len(triples), size=min(1000, len(triples)), replace=False)]
-        lp = link_prediction(ent, rel, sample, [triples], norm=cfg.norm)
+        # Queries per batch so that the (Q, E) distance matrix stays ~256 MB (34 at FB2M).
+        lp = link_prediction(ent, rel, sample, [triples], norm=cfg.norm,
+                             batch_size=max(1, min(256, (1 << 26) // E)))
         stats.update(source="transe", triples=len(triples), history=history,
                      workers=cfg.num_workers, partitions=cfg.num_partitions,
                      train_sample_mrr=lp["mrr"], train_sample_hits10=lp["hits10"],
