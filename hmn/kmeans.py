@@ -382,9 +382,10 @@ class InMemoryData:
         for _, xc, g, a, b in self._grouped_chunks(centroid_offsets):
             best, lab = (xc @ c[a:b].T).max(dim=1)  # among the group's centroids only
             objectives[g] += float(best.sum(dtype=torch.float64))
-            lab = lab + a
-            counts += torch.bincount(lab, minlength=k)
-            _add_segment_sums(sums, xc, lab)
+            counts[a:b] += torch.bincount(lab, minlength=b - a)
+            # only the group's own rows of the sums: a (C, d) pass per group would cost
+            # G x C x d per iteration (FB2M, 256 x 128 children: 60 GB of memory traffic)
+            _add_segment_sums(sums[a:b], xc, lab)
         return sums.cpu().numpy(), counts.cpu().numpy(), objectives
 
     def assign_grouped(self, centroids: torch.Tensor, centroid_offsets: np.ndarray) -> np.ndarray:
