@@ -71,17 +71,19 @@ def synthetic_memory(facts: int, seed: int = 0, dim: int = 200) -> FactorisedMem
 
 
 def load_run(run_dir: Path, max_questions: int):
+    """Memory and index of a finished memory stage; the trained encoder and dev questions when the
+    train stage has finished too (else None: batches are then random, recall queries noisy facts)."""
     from pipeline.artifacts import load_index, load_memory, load_model, read_questions
 
     memory = load_memory(run_dir / "memory")
     index = load_index(run_dir / "memory")
+    if not (run_dir / "train" / "model.pt").exists():
+        return memory, index, None, None, None
     model, vocab, _ = load_model(run_dir / "train")
     q = read_questions(run_dir / "ingest", "dev")
     tokens, _ = vocab.encode_many(q["question"].to_pylist()[:max_questions])
     gold = q["fact_id"].to_numpy()[:max_questions]
-    cfg = json.loads((run_dir / "config.resolved.json").read_text()) if (
-        run_dir / "config.resolved.json").exists() else None
-    return memory, index, model, tokens, gold, cfg
+    return memory, index, model, tokens, gold
 
 
 def timed_steps(name: str, model: torch.nn.Module, memory, reader, tokens, gold, steps: int,
@@ -131,12 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
     load = [os.getloadavg()]
 
     steps_needed = max(args.full_steps, args.exact_steps, args.clustered_steps)
+    trained = None
+    build_seconds = None
     if args.run_dir is not None:
-        memory, index, trained, tokens, gold, _ = load_run(args.run_dir, steps_needed * args.batch)
-        source = f"run {args.run_dir}"
-        vocab = trained.words.weight.shape[0]
-        query_model = trained
-        build_seconds = None
+        memory, index, trained, tokens, gold = load_run(args.run_dir, steps_needed * args.batch)
+        source = f"run {args.run_dir}" + ("" if trained is not None else " (memory and index; no trained encoder)")
     else:
         t0 = time.perf_counter()
         memory = synthetic_memory(args.facts)
@@ -151,6 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("index: %d leaves in %.1f s, sizes %s", index.num_leaves, build_seconds,
                  index.stats["leaf_sizes"])
         source = "synthetic"
+    if trained is not None:
+        vocab, query_model = trained.words.weight.shape[0], trained
+    else:
         vocab, query_model = 50_000, None
         rng = np.random.default_rng(1)
         tokens = [rng.integers(0, vocab, size=rng.integers(4, 10)) for _ in range(steps_needed * args.batch)]
