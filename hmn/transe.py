@@ -449,7 +449,7 @@ def _per_triple_step(
     params: TransEParams,
     gen: torch.Generator,
     optimizer: RowOptimizer,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One step with ``num_negatives`` independent corruptions per positive.
 
     Returns (summed pair loss, active pairs (B, k)).
@@ -490,7 +490,7 @@ def _shared_negatives_step(
     params: TransEParams,
     gen: torch.Generator,
     optimizer: RowOptimizer,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One step in which all B positives share N corrupting entities.
 
     Returns (summed pair loss, active pairs (B, N)).
