@@ -298,6 +298,8 @@ class TrainConfig:
                                            "without a natural training question")
     artificial_limit: int = _f(0, "at most this many artificial questions, a seeded sample "
                                   "(0 = one for every fact without a natural question)")
+    dev_limit: int = _f(0, "validate each epoch on a seeded sample of this many dev questions "
+                           "(0 = all of dev; FB2M-sized memories make a full dev pass costly)")
     init_std: float = _f(0.01, "std of the initial word vectors")
     num_workers: int = _f(2, "Ray Train workers (0 = local mode in the driver)")
     cpus_per_worker: float = _f(1.0, "CPUs per worker")
@@ -329,6 +331,7 @@ class TrainConfig:
                "must be >= 0")
         _check(self.max_failures >= -1, s, "max_failures", self.max_failures, "must be >= -1")
         _check(self.artificial_limit >= 0, s, "artificial_limit", self.artificial_limit, "must be >= 0")
+        _check(self.dev_limit >= 0, s, "dev_limit", self.dev_limit, "must be >= 0")
         workers = max(1, self.num_workers)
         _check(self.batch_size >= workers, s, "batch_size", self.batch_size,
                f"must be >= train.num_workers ({self.num_workers})")

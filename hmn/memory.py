@@ -403,15 +403,19 @@ class FactorisedMemory:
                        max_rows: int = 1 << 16) -> torch.Tensor:
         """(P,) inner products of checked queries q (B, D) with their own facts (``facts``: the
         facts of query 0, then of query 1, ...; ``counts`` (B,)), factorised: the subject,
-        relation and object-mean parts are gathered as d-wide rows and never concatenated."""
+        relation and object-mean parts are gathered as d-wide rows and never concatenated.
+        The relation part is a (B, Nr) product (Nr is small: 6.7k at FB2M) read per pair, so only
+        the subject and object rows are gathered."""
         w = self.width
 
         def parts(f: torch.Tensor):
             return [(self.entity_emb[self.subject_ids[f]], slice(0, w)),
-                    (self.relation_emb[self.relation_ids[f]], slice(w, 2 * w)),
                     (self._object_means_fast(f), slice(2 * w, 3 * w))]
 
-        return _grouped(q, facts, counts, max_rows, parts)
+        out = _grouped(q, facts, counts, max_rows, parts)  # (P,) subject + object parts
+        rel = q[:, w:2 * w] @ self.relation_emb.T  # (B, Nr)
+        qidx = torch.repeat_interleave(torch.arange(q.shape[0], device=q.device), counts)  # (P,)
+        return out.add_(rel[qidx, self.relation_ids[facts]])
 
     def rows_between(self, s: int, e: int) -> torch.Tensor:
         """(e - s, D) rows s..e-1 (a chunk in fact order)."""

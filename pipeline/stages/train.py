@@ -176,11 +176,12 @@ def _to_torch(state: dict | None) -> dict | None:
 
 
 def prepare_questions(kb: KnowledgeBase, ingest_dir: Path, artificial: bool, limit: int = 0,
-                      seed: int = 0) -> tuple[dict, dict]:
+                      seed: int = 0, dev_limit: int = 0) -> tuple[dict, dict]:
     """Training texts (natural + artificial) and dev texts with gold fact ids.
 
     Artificial questions go to facts without a natural one; ``limit`` > 0 keeps a seeded sample of
-    that many such facts (FB2M: 10.7M facts lack a natural question).
+    that many such facts (FB2M: 10.7M facts lack a natural question). ``dev_limit`` > 0 keeps a
+    seeded sample of that many dev questions (in file order) for the per-epoch validation.
     """
     train = read_questions(ingest_dir, "train")
     dev = read_questions(ingest_dir, "dev")
@@ -205,8 +206,14 @@ def prepare_questions(kb: KnowledgeBase, ingest_dir: Path, artificial: bool, lim
         facts = np.concatenate([facts, a_facts])
         flags += [True] * len(a_texts)
         n_art = len(a_texts)
+    dev_total = dev.num_rows
+    if 0 < dev_limit < dev_total:
+        keep = np.sort(np.random.default_rng([seed, 0xDE7]).choice(dev_total, size=dev_limit,
+                                                                      replace=False))
+        dev = dev.take(pa.array(keep))
     return ({"texts": texts, "facts": facts, "artificial": flags, "artificial_count": n_art},
-            {"texts": dev["question"].to_pylist(), "facts": dev["fact_id"].to_numpy()})
+            {"texts": dev["question"].to_pylist(), "facts": dev["fact_id"].to_numpy(),
+             "total": dev_total})
 
 
 def run_train(train_cfg: TrainConfig, reader_cfg: ReaderConfig, ingest_dir: Path, memory_dir: Path,
@@ -217,7 +224,8 @@ def run_train(train_cfg: TrainConfig, reader_cfg: ReaderConfig, ingest_dir: Path
 
     kb = KnowledgeBase.load(ingest_dir)
     train_q, dev_q = prepare_questions(kb, ingest_dir, train_cfg.artificial_questions,
-                                       train_cfg.artificial_limit, train_cfg.seed)
+                                       train_cfg.artificial_limit, train_cfg.seed,
+                                       train_cfg.dev_limit)
     vocab = Vocabulary.build(train_q["texts"])
     vocab.save(out / "vocab.json")
     train_tokens, train_unknown = vocab.encode_many(train_q["texts"])
@@ -236,8 +244,9 @@ def run_train(train_cfg: TrainConfig, reader_cfg: ReaderConfig, ingest_dir: Path
     job = TrainJob(train=train_cfg, reader=reader_cfg, memory_dir=str(memory_dir),
                    dev_path=str(data / "dev.parquet"), facts_meta_path=str(data / "facts_meta.npz"),
                    vocab_size=len(vocab), dim=dim, fingerprints=fingerprints)
-    log.info("training on %d questions (%d artificial), vocabulary %d words, dev %d questions, memory %d x %d",
-             train_table.num_rows, train_q["artificial_count"], len(vocab), len(dev_tokens), kb.num_facts, dim)
+    log.info("training on %d questions (%d artificial), vocabulary %d words, dev %d of %d questions, "
+             "memory %d x %d", train_table.num_rows, train_q["artificial_count"], len(vocab),
+             len(dev_tokens), dev_q["total"], kb.num_facts, dim)
 
     if force:
         shutil.rmtree(storage_dir / run_name, ignore_errors=True)
@@ -269,7 +278,7 @@ def run_train(train_cfg: TrainConfig, reader_cfg: ReaderConfig, ingest_dir: Path
     stopper = state["stopper"]
     return {
         "train_questions": train_table.num_rows, "artificial_questions": train_q["artificial_count"],
-        "vocabulary": len(vocab), "dev_questions": len(dev_tokens),
+        "vocabulary": len(vocab), "dev_questions": len(dev_tokens), "dev_total": dev_q["total"],
         "train_unknown_tokens": int(train_unknown.sum()), "dev_unknown_tokens": int(dev_unknown.sum()),
         "epochs": len(history), "best_epoch": stopper["best_epoch"], "best_dev_accuracy": stopper["best"],
         "mean_epoch_seconds": float(np.mean([h["epoch_seconds"] for h in history])) if history else 0.0,
