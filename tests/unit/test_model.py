@@ -53,3 +53,26 @@ def test_sparse_adam_updates_only_the_batch_words():
     opt.step()
     changed = (enc.words.weight.detach() != before).any(dim=1)
     assert changed.tolist() == [i in (1, 2) for i in range(10)]
+
+
+def test_dense_adam_is_fused_and_matches_the_default_adam():
+    from hmn.model import make_optimizer
+
+    torch.manual_seed(0)
+    a, b = BowEncoder(50, 8), BowEncoder(50, 8)
+    b.load_state_dict(a.state_dict())
+    start = a.words.weight.detach().clone()
+    opt_a = make_optimizer(a, "adam", 0.01)
+    opt_b = torch.optim.Adam(b.parameters(), lr=0.01, foreach=False)
+    assert opt_a.param_groups[0]["fused"] is True
+    memory = torch.randn(20, 8)
+    for step in range(5):
+        tokens = torch.randint(0, 50, (12,))
+        offsets = torch.tensor([0, 4, 9])
+        gold = torch.randint(0, 20, (3,))
+        for enc, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            full_softmax_loss(enc(tokens, offsets), memory, gold).loss.backward()
+            opt.step()
+    assert torch.allclose(a.words.weight, b.words.weight, atol=1e-6)
+    assert (a.words.weight - start).abs().max() > 1e-3  # it did train
