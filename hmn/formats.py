@@ -1011,9 +1011,6 @@ def parse_grouped_coded(
     n_lines = table.num_rows
     del view
     s, p, o = (_one_chunk(table.column(c)) for c in "spo")
-    s_codes = ids.prefixed_mid_codes(s)
-    if s_codes is None:
-        return None
     # relations: each distinct spelling once
     rel_keys = normalize_keys(p.dictionary)
     if rel_keys.null_count or not _all_canonical_relations(p.dictionary, rel_keys):
@@ -1021,27 +1018,31 @@ def parse_grouped_coded(
     relations, rel_rank = _sorted_codes(rel_keys)
     relation = rel_rank[p.indices.to_numpy(zero_copy_only=False)]
     # objects: split on single spaces; an empty piece (extra whitespace) fails the key check
-    if single_object:
-        obj_lists = None
-        o_codes = ids.prefixed_mid_codes(o)
+    obj_lists = None if single_object else pc.split_pattern(o, " ")
+    o_keys = o if single_object else pc.list_flatten(obj_lists)
+    n = len(s)
+    by_subject = None
+    hashed = ids.window_ids([s, o_keys])  # keys of up to 8 characters: hashed, not sorted
+    if hashed is not None:
+        entities, (subject, objects) = hashed
     else:
-        obj_lists = pc.split_pattern(o, " ")
-        o_codes = ids.prefixed_mid_codes(pc.list_flatten(obj_lists))
-    if o_codes is None:
-        return None
-    n = len(s_codes)
-    entities, inverse, order = ids.local_unique(np.concatenate([s_codes, o_codes]),
-                                                return_order=True)  # fmt: skip
-    by_subject = order[order < n]  # rows by subject code, lines ascending within a subject
-    del order
+        s_codes = ids.prefixed_mid_codes(s)
+        o_codes = None if s_codes is None else ids.prefixed_mid_codes(o_keys)
+        if o_codes is None:
+            return None
+        entities, inverse, order = ids.local_unique(np.concatenate([s_codes, o_codes]),
+                                                    return_order=True)  # fmt: skip
+        by_subject = order[order < n]  # rows by subject code, lines ascending within a subject
+        subject, objects = inverse[:n], inverse[n:]
+        del order
     if obj_lists is None:
         offsets = np.arange(n + 1, dtype=np.int32)
     else:
         offsets = np.frombuffer(obj_lists.buffers()[1], dtype=np.int32)
         offsets = offsets[obj_lists.offset : obj_lists.offset + n + 1]
         offsets = (offsets - offsets[0]).astype(np.int32)
-    coded = CodedFacts(entities, relations, inverse[:n], relation.astype(np.int32), offsets,
-                       inverse[n:]).sorted(by_subject)  # fmt: skip
+    coded = CodedFacts(entities, relations, subject, relation.astype(np.int32), offsets,
+                       objects).sorted(by_subject)  # fmt: skip
     empty = pa.table(
         {
             "line": pa.array([], pa.int64()),

@@ -9,12 +9,19 @@ sorted distinct keys, so sorting codes gives the same ids as sorting the strings
 * :func:`prefixed_mid_codes` codes raw keys that all share one spelling (``www.freebase.com/m/``,
   ``/m/`` or ``m.``): the fast path of the ingest parsers, None when some key needs the general
   normaliser (:func:`hmn.formats.normalize_keys`);
+* :func:`window_ids` gives such raw keys (suffixes of up to 8 characters) chunk-local dense ids
+  without coding every key: each key's last 8 bytes, loaded as one integer, are hashed
+  (``pyarrow.compute.dictionary_encode``) and only the distinct ones are decoded, validated,
+  coded and sorted (the fast path's main step: ~2.3 keys a line, ~1.3 of them distinct in a
+  1M-line chunk of FB2M);
 * :func:`mid_strings` inverts the codes;
 * :func:`local_unique` and :func:`sorted_union` turn codes into dense ranks by sorting: per
   chunk (sorted distinct codes + int32 positions), then across chunks.
 """
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +33,7 @@ __all__ = [
     "mid_codes",
     "prefixed_mid_codes",
     "mid_strings",
+    "window_ids",
     "local_unique",
     "sorted_union",
 ]
@@ -107,6 +115,108 @@ def prefixed_mid_codes(keys: pa.Array) -> np.ndarray | None:
         return None
     sfx = pc.binary_slice(keys.view(pa.binary()), p, p + _LEN).view(pa.string())
     return _codes_of_suffixes(sfx, length)
+
+
+# window_ids: _KEEP[k] keeps the last k bytes of a little-endian 8-byte window (its top k bytes)
+_KEEP = np.array([0] + [((1 << (8 * k)) - 1) << (8 * (8 - k)) for k in range(1, 9)], dtype=np.uint64)
+
+
+def _windows(keys: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(window, suffix length)`` per key of a column of raw keys that all are one of
+    :data:`MID_PREFIXES` + 1 to 8 characters: the window is the key's suffix, right-aligned in
+    8 bytes (the key's last 8 bytes as a little-endian uint64, prefix bytes zeroed), so that
+    equal suffixes give equal windows whatever the spelling. None for any other column."""
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    n = len(keys)
+    if n == 0:
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int32)
+    if keys.null_count or not pa.types.is_string(keys.type):
+        return None
+    for prefix in MID_PREFIXES:
+        if pc.all(pc.starts_with(keys, prefix)).as_py():
+            break
+    else:
+        return None
+    offsets = np.frombuffer(keys.buffers()[1], dtype=np.int32, count=n + 1, offset=4 * keys.offset)
+    length = np.diff(offsets) - len(prefix)  # (n,) suffix lengths
+    k_min, k_max = int(length.min()), int(length.max())
+    if k_min < 1 or k_max > _SHORT:
+        return None
+    data = np.frombuffer(keys.buffers()[2], dtype=np.uint8)
+    ends = offsets[1:]
+    if int(ends[0]) < 8:  # a window would start before the buffer (short keys): pad it
+        data = np.concatenate([np.zeros(8, dtype=np.uint8), data])
+        ends = ends + 8
+    # element j of `view` is bytes j..j+7 (unaligned loads): one gather reads every window
+    view = np.ndarray((len(data) - 7,), dtype="<u8", buffer=data, strides=(1,))
+    window = view[ends - 8]  # (n,) uint64, the key's last byte most significant
+    if k_min != k_max:
+        window &= _KEEP[length]
+    elif k_min < 8:
+        window &= _KEEP[k_min]
+    return window, length
+
+
+def window_ids(columns: list[pa.Array]) -> tuple[np.ndarray, list[np.ndarray]] | None:
+    """``(sorted distinct codes, [int32 position of each key among them, per column])`` for
+    columns of raw keys that all are one of :data:`MID_PREFIXES` (one spelling per column) + 1
+    to 8 machine-id characters; the codes are those of :func:`prefixed_mid_codes`, the positions
+    those of :func:`local_unique` of the concatenated codes. None when some key is not such a
+    key (the caller codes the keys one by one or takes the general path).
+
+    Each key's suffix is read as one 8-byte integer (:func:`_windows`), the integers are hashed
+    once, and only the distinct ones are decoded, validated (every suffix byte a machine-id
+    character, the decoded length that of the key) and coded; a sort of the distinct codes
+    gives the ranks."""
+    if sys.byteorder != "little":
+        return None
+    parts = [_windows(c) for c in columns]
+    if any(p is None for p in parts):
+        return None
+    window = np.concatenate([w for w, _ in parts])
+    sizes = [len(w) for w, _ in parts]
+    if not len(window):
+        return np.zeros(0, dtype=np.int64), [np.zeros(0, dtype=np.int32) for _ in columns]
+    enc = pc.dictionary_encode(pa.array(window))
+    del window
+    distinct = enc.dictionary.to_numpy()  # (V,) uint64, first-seen order
+    index = enc.indices.to_numpy()  # (keys,) int32 positions in `distinct`
+    # decode the distinct windows: the suffix starts after the leading NUL bytes (memory order)
+    raw = distinct.view(np.uint8).reshape(-1, 8)
+    lead = (raw != 0).argmax(axis=1)  # (V,) zero bytes before the suffix
+    left = distinct >> (lead.astype(np.uint64) * np.uint64(8))  # suffix left-aligned, NUL-padded
+    digits = _LUT8[left.view(np.uint8).reshape(-1, 8)]  # (V, 8), 0 = end, 255 = not a mid char
+    decoded = 8 - lead
+    if (digits == 255).any() or ((digits > 0).sum(axis=1) != decoded).any():
+        return None  # a foreign character, or an inner NUL
+    # a suffix that begins with NUL bytes decodes shorter than the key: compare every key
+    lengths = np.concatenate([k for _, k in parts])
+    if lengths.min() == lengths.max():
+        if (decoded != lengths[0]).any():
+            return None
+    elif not np.array_equal(decoded[index], lengths):
+        return None
+    del lengths
+    codes = _combine_short(digits)  # (V,) distinct codes, all divisible by 38^4
+    V = len(codes)
+    if V < (1 << _PACK_BITS):  # the codes are distinct: sort (code // 38^4) << 22 | position
+        packed = ((codes // _TAIL).astype(np.uint64) << np.uint64(_PACK_BITS)) | np.arange(
+            V, dtype=np.uint64
+        )
+        packed.sort()
+        position = (packed & np.uint64((1 << _PACK_BITS) - 1)).astype(np.int64)
+        del packed
+    else:
+        position = np.argsort(codes)
+    rank = np.empty(V, dtype=np.int32)
+    rank[position] = np.arange(V, dtype=np.int32)
+    local = rank[index]  # (keys,) int32
+    out, start = [], 0
+    for size in sizes:
+        out.append(local[start : start + size])
+        start += size
+    return codes[position], out
 
 
 def mid_codes(keys: pa.Array) -> np.ndarray:

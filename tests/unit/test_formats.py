@@ -555,6 +555,44 @@ def test_prefixed_mid_codes_match_normalised_codes():
         assert ids.prefixed_mid_codes(pa.array(bad)) is None, bad
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_window_ids_equal_codes_and_local_unique(seed):
+    """The hashed 8-byte windows give the codes and positions of prefixed_mid_codes +
+    local_unique: several columns, spellings, suffix lengths 1..8, sliced arrays."""
+    from hmn import ids
+
+    rng = np.random.default_rng(seed)
+    pool = ["".join(rng.choice(list(ids.MID_CHARS[: rng.choice([2, 5, 37])]), rng.integers(1, 9)))
+            for _ in range(200)]  # fmt: skip
+    for _ in range(30):
+        cols = []
+        for _c in range(int(rng.integers(1, 4))):
+            prefix = ids.MID_PREFIXES[int(rng.integers(0, 3))]
+            n = int(rng.integers(0, 60))
+            col = pa.array([prefix + pool[int(rng.integers(0, len(pool)))] for _ in range(n)])
+            cols.append(col.slice(1, n - 2) if n > 2 and rng.random() < 0.3 else col)
+        got = ids.window_ids(cols)
+        assert got is not None
+        codes = np.concatenate([ids.prefixed_mid_codes(c) for c in cols])
+        uniq, inv = ids.local_unique(codes)
+        assert got[0].tolist() == uniq.tolist()
+        assert [len(g) for g in got[1]] == [len(c) for c in cols]
+        assert np.concatenate(got[1]).tolist() == inv.tolist()
+
+
+def test_window_ids_refuse_other_keys():
+    from hmn import ids
+
+    for bad in (["www.freebase.com/m/0a-b"], ["www.freebase.com/m/\x00ab"], ["/m/a\x00b"],
+                ["www.freebase.com/m//m/abcde"], ["/m/"], ["/m/0abcdefgh"], ["/m/0aBc"],
+                ["m.0b\u00e9"], ["www.freebase.com/m/0ab", "/m/0ab"], ["/g/11x"],
+                ["/m/0ab", None]):  # fmt: skip
+        assert ids.window_ids([pa.array(bad, pa.string())]) is None, bad
+    # one spelling per column, different spellings across columns: the same entity
+    uniq, (a, b) = ids.window_ids([pa.array(["www.freebase.com/m/0ab"]), pa.array(["m.0ab"])])
+    assert ids.mid_strings(uniq).to_pylist() == ["/m/0ab"] and a.tolist() == b.tolist() == [0]
+
+
 @pytest.mark.parametrize("max_len", [7, 12])
 def test_local_unique_and_sorted_union(max_len):
     from hmn import ids
