@@ -372,10 +372,86 @@ def _chunk_bytes(path: str, chunk_lines: int, cpus: int = 1) -> int:
     return target
 
 
-def _parse_all(listed, chunk_lines: int, sources: IngestSources) -> list[_SourceResult]:
-    """Parse every source on Ray Data; return one result per source, in order."""
+PARSE_IN = ("auto", "driver", "ray")
+
+
+def _local_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _parse_where(parse_in: str) -> str:
+    """"driver" or "ray" for ``parse_in``: "auto" parses in the driver's threads when no Ray
+    cluster is attached or the attached one is a single node (the driver's machine), and on
+    Ray Data when the cluster has several nodes (their CPUs are not the driver's)."""
+    if parse_in not in PARSE_IN:
+        raise ValueError(f"ingest.parse_in={parse_in!r}: must be one of {', '.join(PARSE_IN)}")
+    if parse_in != "auto":
+        return parse_in
+    import sys
+
+    if "ray" not in sys.modules:
+        return "driver"
     import ray
 
+    if not ray.is_initialized():
+        return "driver"
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    return "driver" if len(alive) <= 1 else "ray"
+
+
+def _parse_items_in_driver(items: list[dict], cpus: int):
+    """``(item, result)`` of every work item, parsed by a pool of ``cpus`` threads of this
+    process (pyarrow and numpy release the GIL in the parsers' kernels), in item order. At
+    most ``2 * cpus`` items are in flight, so memory stays that of a few chunks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=cpus, thread_name_prefix="ingest-parse") as pool:
+        pending = []
+        for item in items:
+            pending.append((item, pool.submit(_parse_item, item)))
+            if len(pending) >= 2 * cpus:
+                item0, fut = pending.pop(0)
+                yield item0, fut.result()
+        for item0, fut in pending:
+            yield item0, fut.result()
+
+
+def _parse_items_on_ray(items: list[dict]):
+    """``(item, result)`` of every work item, parsed by Ray Data tasks (``map_batches``),
+    results shipped back as Arrow IPC, in completion order."""
+    import ray
+
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(_parse_batch, batch_size=1, batch_format="pyarrow")
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for i in range(batch.num_rows):
+            item = items[batch["item"][i].as_py()]
+
+            def load(name: str, i=i):
+                buf = batch[name][i].as_buffer()
+                return _from_ipc(buf) if buf.size else None
+
+            coded = load("coded")
+            yield item, {
+                "table": load("table"),
+                "coded": formats.CodedFacts.from_table(coded) if coded is not None else None,
+                "rejects": load("rejects"),
+                "names": load("names"),
+                "lines": batch["lines"][i].as_py(),
+                "skipped": json.loads(batch["skipped"][i].as_py()),
+            }
+        del batch
+
+
+def _parse_all(
+    listed, chunk_lines: int, sources: IngestSources, parse_in: str = "auto"
+) -> tuple[list[_SourceResult], str]:
+    """Parse every source; return one result per source, in order, and where they were parsed
+    ("driver" threads or "ray" tasks: :func:`_parse_where`)."""
+    where = _parse_where(parse_in)
     options = json.dumps(
         {
             "rdf_relations": sources.relation_filter(),
@@ -385,7 +461,12 @@ def _parse_all(listed, chunk_lines: int, sources: IngestSources) -> list[_Source
         }
     )
     items = []
-    cpus = int(ray.cluster_resources().get("CPU", 1))
+    if where == "ray":
+        import ray
+
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+    else:
+        cpus = _local_cpus()
     for src_idx, (kind, _split, path, fmt) in enumerate(listed):
         if formats.is_compressed(path):
             logger.warning(
@@ -412,28 +493,15 @@ def _parse_all(listed, chunk_lines: int, sources: IngestSources) -> list[_Source
             )
     per_source: list[list[tuple[int, dict]]] = [[] for _ in listed]
     if items:
-        logger.info("parsing %d sources in %d work items", len(listed), len(items))
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(_parse_batch, batch_size=1, batch_format="pyarrow")
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for i in range(batch.num_rows):
-                item = items[batch["item"][i].as_py()]
-
-                def load(name: str, i=i):
-                    buf = batch[name][i].as_buffer()
-                    return _from_ipc(buf) if buf.size else None
-
-                coded = load("coded")
-                res = {
-                    "table": load("table"),
-                    "coded": formats.CodedFacts.from_table(coded) if coded is not None else None,
-                    "rejects": load("rejects"),
-                    "names": load("names"),
-                    "lines": batch["lines"][i].as_py(),
-                    "skipped": json.loads(batch["skipped"][i].as_py()),
-                }
-                per_source[item["source"]].append((item["byte_start"], res))
-            del batch
+        logger.info("parsing %d sources in %d work items (%s)", len(listed), len(items), where)
+        if where == "driver":
+            results = _parse_items_in_driver(
+                [{**item, **json.loads(item["options"])} for item in items], cpus
+            )
+        else:
+            results = _parse_items_on_ray(items)
+        for item, res in results:
+            per_source[item["source"]].append((item["byte_start"], res))
     out = []
     opts = json.loads(options)
     for src_idx, (kind, _split, path, fmt) in enumerate(listed):
@@ -464,7 +532,7 @@ def _parse_all(listed, chunk_lines: int, sources: IngestSources) -> list[_Source
                 names=pa.concat_tables(names).combine_chunks() if names else None,
             )
         )
-    return out
+    return out, where
 
 
 # ---------------------------------------------------------------------------------------------
@@ -851,6 +919,7 @@ def run_ingest(
     *,
     max_reject_rate: float = 0.01,
     chunk_lines: int = 1_000_000,
+    parse_in: str = "auto",
 ) -> dict:
     """Parse, validate and id-map the sources into ``out_dir`` (see module docstring).
 
@@ -870,7 +939,7 @@ def run_ingest(
         raise FileExistsError(f"ingest: output directory {out} is not empty")
     out.mkdir(parents=True, exist_ok=True)
 
-    parsed = _parse_all(listed, chunk_lines, sources)
+    parsed, parsed_in = _parse_all(listed, chunk_lines, sources, parse_in)
     t_parse = time.perf_counter()
 
     # --- per-source bookkeeping and the malformed-line limit -------------------------------------
@@ -1037,7 +1106,9 @@ def run_ingest(
             "formats": {path: fmt for _, _, path, fmt in listed},
             "max_reject_rate": max_reject_rate,
             "chunk_lines": chunk_lines,
+            "parse_in": parse_in,
         },
+        "parsed_in": parsed_in,
         "timings_s": {
             "parse": round(t_parse - t0, 3),
             "assemble": round(t_assemble - t_parse, 3),
