@@ -1,6 +1,7 @@
 """Ingest throughput and memory at FB2M scale, against the raw upper bound.
 
     python benchmarks/ingest.py [--facts-file FILE | --facts 10800000] [--work DIR]
+        [--parse-in auto|driver|ray] [--out benchmarks/out/ingest.json]
 
 Without ``--facts-file`` a synthetic FB2M-like ``kb.txt`` (``python -m hmn.synthetic --facts N``)
 is generated into ``--work`` (reused when present). Then, in the same run:
@@ -9,9 +10,11 @@ is generated into ``--work`` (reused when present). Then, in the same run:
    delimiter, no quoting, three string columns, multithreaded), in a subprocess of its own so that
    its memory does not count against the ingest; run before and again after the ingest, and the
    faster run is the bound (on a shared machine a single short run swings with the load);
-2. the ingest stage (``pipeline.stages.ingest.run_ingest``) on a local Ray with one logical CPU per
-   core, the file alone as the facts source, into a fresh folder (``ray.init`` and a warm-up job
-   that starts the workers are not timed).
+2. the ingest stage (``pipeline.stages.ingest.run_ingest``) with a local Ray started as in a
+   pipeline run (one logical CPU per core), the file alone as the facts source, into a fresh
+   folder (``ray.init`` and a warm-up job that starts the workers are not timed). ``--parse-in``
+   is passed to the stage: "auto" (the default) parses in the driver's threads on this single
+   node, "ray" forces Ray Data tasks (the multi-node path).
 
 Peak memory: a sampler thread reads, every 0.2 s, ``/proc/<pid>/smaps_rollup`` of this process
 and of every descendant (Ray's GCS, raylet and workers are children of this driver) and keeps
@@ -25,7 +28,7 @@ work done that the machine's load does not move (the wall-clock ``ratio`` does; 
 is recorded next to each measurement).
 
 The last line is one JSON object: ``lines_per_s``, ``raw_lines_per_s``, ``ratio``, ``peak_rss_gb``
-(the PSS sum) and details.
+(the PSS sum) and details; ``--out`` also writes it to a file.
 """
 
 from __future__ import annotations
@@ -91,22 +94,30 @@ def _rollup(pid: int) -> tuple[int, int]:
 
 
 class TreeMemorySampler(threading.Thread):
-    """Largest RSS and PSS sums over this process and its descendants, sampled."""
+    """Largest RSS and PSS sums over this process and its descendants, sampled. The process
+    tree is listed again every ``rescan`` samples only: a scan of /proc is pure Python, and the
+    ingest may parse in this process's threads."""
 
-    def __init__(self, interval: float = 0.2):
+    def __init__(self, interval: float = 0.2, rescan: int = 5):
         super().__init__(daemon=True)
         self.interval = interval
+        self.rescan = rescan
         self.peak_rss = self.peak_pss = 0
         self.peak_procs = 0
         self._halt = threading.Event()
+        self._pids: list[int] = []
+        self._samples = 0
 
     def run(self) -> None:
         while not self._halt.is_set():
             self.sample()
             self._halt.wait(self.interval)
 
-    def sample(self) -> None:
-        pids = _tree_pids(os.getpid())
+    def sample(self, rescan: bool = False) -> None:
+        if rescan or self._samples % self.rescan == 0:
+            self._pids = _tree_pids(os.getpid())
+        self._samples += 1
+        pids = self._pids
         rss = pss = 0
         for pid in pids:
             r, p = _rollup(pid)
@@ -119,7 +130,7 @@ class TreeMemorySampler(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
         self.join()
-        self.sample()
+        self.sample(rescan=True)
 
 
 def _tree_cpu_seconds() -> float:
@@ -164,6 +175,9 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/hmn-bench-ingest", help="work folder")
     parser.add_argument("--chunk-lines", type=int, default=1_000_000, help="lines per parse task")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2, help="Ray CPUs")
+    parser.add_argument("--parse-in", default="auto", choices=["auto", "driver", "ray"],
+                        help="where the stage parses (run_ingest's parse_in)")
+    parser.add_argument("--out", help="also write the result JSON to this file")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -209,7 +223,7 @@ def main() -> int:
     cpu0 = _tree_cpu_seconds()
     t0 = time.perf_counter()
     stats = run_ingest(IngestSources(facts=[str(kb)], facts_format="grouped"), str(out_dir),
-                       chunk_lines=args.chunk_lines)  # fmt: skip
+                       chunk_lines=args.chunk_lines, parse_in=args.parse_in)  # fmt: skip
     seconds = time.perf_counter() - t0
     cpu_seconds = _tree_cpu_seconds() - cpu0
     load_after = _loadavg()
@@ -243,6 +257,8 @@ def main() -> int:
         "relations": stats["totals"]["relations"],
         "facts": stats["totals"]["facts"],
         "chunk_lines": args.chunk_lines,
+        "parse_in": args.parse_in,
+        "parsed_in": stats.get("parsed_in"),
         "ray_num_cpus": args.num_cpus,
         "cores": os.cpu_count(),
         "loadavg_raw": load_raw,
@@ -251,6 +267,9 @@ def main() -> int:
         "loadavg_raw_after": load_raw2,
     }
     print(json.dumps(result), flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result) + "\n")
     return 0
 
 

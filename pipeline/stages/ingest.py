@@ -5,25 +5,32 @@ grouped facts (FB2M/FB5M, SimpleQuestions ``kb.txt``), plain triples (FB15k-237,
 facts by (head, relation)), the Freebase RDF N-Triples dump (entity-to-entity facts of chosen
 relations, plus English names), ``entity<TAB>name`` files, SimpleQuestions question files.
 
-Parsing runs in parallel on Ray Data: every plain source file is cut into byte ranges of whole
-lines (about ``chunk_lines`` lines each, :func:`hmn.formats.plan_byte_chunks`: one small read per
-cut, no scan; each task numbers its lines from 1 and the driver shifts them by the line counts
-of the chunks before), a compressed file is one work item, streamed. One work item per chunk goes
-through ``map_batches`` calling the ``hmn.formats`` parsers; each task returns Arrow IPC bytes.
+Parsing runs in parallel: every plain source file is cut into byte ranges of whole lines (about
+``chunk_lines`` lines each, :func:`hmn.formats.plan_byte_chunks`: one small read per cut, no scan;
+each work item numbers its lines from 1 and the driver shifts them by the line counts of the
+chunks before), a compressed file is one work item, streamed. Where the items are parsed
+(``parse_in``): "driver" runs them on a pool of threads in this process, one per CPU of this
+machine (pyarrow's CSV reader and compute kernels and numpy release the GIL), with results kept
+in memory; "ray" sends one work item per task through Ray Data ``map_batches`` calling the same
+parser, each task returning Arrow IPC bytes. "auto" (the default) picks "driver" when no Ray
+cluster is attached or the attached one has a single node (this machine: threads save the
+tasks' serialisation and the Ray Data executor), and "ray" on a multi-node cluster, whose CPUs
+the driver's threads cannot use. Both give the same bytes (tested).
 
 Fact chunks come back as :class:`hmn.formats.CodedFacts`: chunk-local dense ids, rows sorted by
 (subject, relation, line). A clean chunk of machine-id keys takes the fast path
 (:func:`hmn.formats.parse_grouped_coded`: pyarrow's CSV reader over the memory-mapped range,
-relations dictionary-encoded and normalised once per distinct spelling, keys as order-preserving
-int64 codes of :mod:`hmn.ids`, one sort for the chunk's entity ids); any other chunk goes through
-the careful line parser, with the same result plus its rejects. The driver then never hashes or
-compares key strings: one merge of the chunks' sorted distinct codes gives the entity ids (ids =
-sorted key order, hence deterministic), numpy gathers map local to global ids, and one merge of
-the chunks' sorted runs of packed ``subject | relation | row`` integers orders the facts and finds
-repeated (subject, relation) pairs, which it merges into one fact. It resolves names and
-questions against the KB and writes with ``pyarrow.parquet`` (the facts by a thread, overlapped
-with the rest). At FB2M scale (10.8M lines) the whole process tree stays under 3 GB
-(``benchmarks/ingest.py``).
+relations dictionary-encoded and normalised once per distinct spelling, keys of up to 8
+characters hashed as one 8-byte integer each (:func:`hmn.ids.window_ids`: only the distinct
+ones are decoded and sorted), longer ones as order-preserving int64 codes of :mod:`hmn.ids`);
+any other chunk goes through the careful line parser, with the same result plus its rejects.
+The driver then never hashes or compares key strings: one merge of the chunks' sorted distinct
+codes gives the entity ids (ids = sorted key order, hence deterministic), numpy gathers map
+local to global ids, and one merge of the chunks' sorted runs of packed
+``subject | relation | row`` integers orders the facts and finds repeated (subject, relation)
+pairs, which it merges into one fact. It resolves names and questions against the KB and writes
+with ``pyarrow.parquet`` (the facts by a thread, overlapped with the rest). At FB2M scale (10.8M
+lines) the whole process tree stays under 3 GB (``benchmarks/ingest.py``).
 
 ``out_dir/``
     ``kb/entities.parquet``   entity_id int64, key string, name string (nullable)
@@ -926,7 +933,8 @@ def run_ingest(
     ``out_dir`` must be absent or empty (the caller renames it into place afterwards). Returns
     the stats, also written to ``out_dir/stats.json``. Raises ``ValueError`` when a source's
     malformed-line rate exceeds ``max_reject_rate`` (``rejects.parquet`` is written first, for
-    inspection).
+    inspection). ``parse_in``: where the chunks are parsed, "auto", "driver" (this process's
+    threads) or "ray" (Ray Data tasks); see the module docstring.
     """
     t0 = time.perf_counter()
     if not 0.0 <= max_reject_rate <= 1.0:
