@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,7 +125,8 @@ def train_loop_per_worker(config: dict) -> dict:
                                         local_shuffle_seed=cfg.seed + epoch)
         )
         stats = train_epoch(model, batches, memory, train_reader, optimizer, loss=cfg.loss,
-                            k=job.reader.k, generator=generator, max_steps=cfg.max_steps_per_epoch)
+                            k=job.reader.k, generator=generator, max_steps=cfg.max_steps_per_epoch,
+                            on_step=_progress(epoch, rank))
         # Validation: every rank scores its slice, counts are summed.
         preds = predict(_unwrap(model), infer_reader, [dev_tokens[i] for i in mine], k=job.reader.k,
                         device=device)
@@ -173,6 +175,23 @@ def _to_torch(state: dict | None) -> dict | None:
     if state is None:
         return None
     return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state.items()}
+
+
+def _progress(epoch: int, rank: int, every_s: float = 30.0):
+    """on_step callback: rank 0 logs steps, mean loss and step rate every ``every_s`` seconds."""
+    t0 = last = time.perf_counter()
+    total = 0.0
+
+    def on_step(step: int, loss: float) -> None:
+        nonlocal last, total
+        total += loss
+        now = time.perf_counter()
+        if rank == 0 and now - last >= every_s:
+            last = now
+            log.info("epoch %d: step %d, mean loss %.4f, %.2f steps/s", epoch, step, total / step,
+                     step / (now - t0))
+
+    return on_step
 
 
 def prepare_questions(kb: KnowledgeBase, ingest_dir: Path, artificial: bool, limit: int = 0,

@@ -49,6 +49,11 @@ def test_table1_subset_end_to_end(ray_local, tmp_path, capsys):
     assert evaluate.main(["--run-dir", str(variant), "--questions", str(dev), "--reader", "clustered"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["reader"] == "clustered" and out["questions"] == 150
+    # a later run of one variant keeps the rows of the variants finished before in the table
+    again = run_experiment("table1", cfg, base, only=("exact-k10",))
+    assert [r["variant"] for r in again["rows"]] == ["full", "exact-k10", "clustered"]
+    assert again["rows"][1]["accuracy"] == rows["exact-k10"]["accuracy"]
+    assert "Full softmax" in (base.root / "eval" / "table1.md").read_text()
 
 
 def test_table2_variant_builds_its_own_index(ray_local, tmp_path):
