@@ -13,7 +13,9 @@ seed and the same thread count (``--threads``, 2 by default):
 
 Methods: ``faiss.Kmeans(d, k, niter, spherical=True, seed)`` with ``omp_set_num_threads``;
 hmn's ``spherical_kmeans`` over Ray shard actors (``ray-AxT``: A actors of T CPUs, each
-running torch with T threads, so A x T = threads); hmn in this process (``torch``).
+running torch with T threads, so A x T = threads; ``ray-AxT-bf16``: the same with the
+assignment matmul in bfloat16, ``memory.kmeans_precision=bfloat16``, whose sums and objective
+stay exact for the assignment it makes); hmn in this process (``torch``).
 faiss gets ``max_points_per_centroid`` large enough to train on every row (its default would
 subsample 256 rows per centroid) and hmn starts from k-means++ on a sample, faiss from random rows.
 
@@ -28,7 +30,8 @@ faiss (``iteration_stats[-1]["obj"]``: inner products of unit rows and unit cent
 (``stats[-1]["objective"]``) report it; ``--final-objective`` also evaluates J of the final
 centroids for every method (one more pass over the data each).
 Last line printed: JSON with, per data set, ``time_ratio_vs_faiss`` (the fastest Ray
-configuration / faiss, steady seconds per iteration; each configuration's ratio is in
+configuration / faiss, steady seconds per iteration; ``time_ratio_vs_faiss_float32`` the
+fastest float32 one; each configuration's ratio is in
 ``benchmarks/out/kmeans.json``) and ``objective_gap`` ((faiss - ray) / faiss: negative = hmn's
 objective is higher).
 """
@@ -107,8 +110,10 @@ def run_torch(x: np.ndarray, k: int, iters: int, seed: int, threads: int) -> dic
     return _result(res, time.perf_counter() - t0, x)
 
 
-def run_ray(x: np.ndarray, k: int, iters: int, seed: int, actors: int, cpus: int) -> dict:
-    """``actors`` shard actors of ``cpus`` CPUs (and torch threads) each."""
+def run_ray(x: np.ndarray, k: int, iters: int, seed: int, actors: int, cpus: int,
+            precision: str = "float32") -> dict:
+    """``actors`` shard actors of ``cpus`` CPUs (and torch threads) each; ``precision`` of the
+    assignment matmul (``ray-AxT-bf16``: bfloat16, see hmn.kmeans.similarity_dtype)."""
     import ray
 
     from pipeline.kmeans_ray import RayShardedDataFactory, ShardActor
@@ -119,7 +124,7 @@ def run_ray(x: np.ndarray, k: int, iters: int, seed: int, actors: int, cpus: int
     t_setup = time.perf_counter()
     for s in range(actors):
         ref = ray.put(x[bounds[s] : bounds[s + 1]])
-        handles.append(remote.remote(ref, int(bounds[s]), threads=cpus))
+        handles.append(remote.remote(ref, int(bounds[s]), threads=cpus, precision=precision))
         del ref  # the actor copies its shard into its heap; the object store copy is released
     threads = ray.get([a.num_threads.remote() for a in handles])
     setup = time.perf_counter() - t_setup
@@ -135,7 +140,7 @@ def run_ray(x: np.ndarray, k: int, iters: int, seed: int, actors: int, cpus: int
             ray.kill(a)
     out = _result(res, total, x)
     out.update({"actors": actors, "cpus_per_actor": cpus, "torch_threads": threads,
-                "actor_setup_seconds": setup})
+                "actor_setup_seconds": setup, "precision": precision})
     return out
 
 
@@ -172,11 +177,12 @@ def compare(name: str, x: np.ndarray, k: int, iters: int, seed: int, threads: in
                 r = run_faiss(x, k, iters, seed, threads)
             elif who == "torch":
                 r = run_torch(x, k, iters, seed, threads)
-            else:  # ray-AxT
-                a, t = (int(v) for v in who.removeprefix("ray-").split("x"))
+            else:  # ray-AxT or ray-AxT-bf16
+                spec, _, prec = who.removeprefix("ray-").partition("-")
+                a, t = (int(v) for v in spec.split("x"))
                 if a * t != threads:
                     raise ValueError(f"{who}: actors x cpus must equal --threads={threads}")
-                r = run_ray(x, k, iters, seed, a, t)
+                r = run_ray(x, k, iters, seed, a, t, {"": "float32", "bf16": "bfloat16"}[prec])
             r["load_avg_before_after"] = [load0, os.getloadavg()]
             log(f"{name} {who} (round {rep + 1}/{repeats}): {r['seconds_per_iter']:.3f} s/iter "
                 f"(total {r['seconds_total']:.1f}s), objective {r['objective']:.2f}, "
@@ -197,6 +203,12 @@ def compare(name: str, x: np.ndarray, k: int, iters: int, seed: int, threads: in
         out["best_ray"] = best
         out["time_ratio_vs_faiss"] = out[best]["time_ratio_vs_faiss"]
         out["objective_gap"] = out[best]["objective_gap"]
+        exact = [c for c in rays if not c.endswith("-bf16")]
+        if exact:  # the float32 assignment alone, like for like with faiss
+            b32 = min(exact, key=lambda c: out[c]["seconds_per_iter"])
+            out["best_ray_float32"] = b32
+            out["time_ratio_vs_faiss_float32"] = out[b32]["time_ratio_vs_faiss"]
+            out["objective_gap_float32"] = out[b32]["objective_gap"]
     return out
 
 
@@ -210,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", default="runs/sq32k")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--configs", nargs="+", default=["ray-2x1", "ray-1x2", "torch"],
-                    help="ray-AxT (A actors x T CPUs/threads) and/or torch (in-process)")
+    ap.add_argument("--configs", nargs="+",
+                    default=["ray-2x1", "ray-1x2", "ray-2x1-bf16", "ray-1x2-bf16", "torch"],
+                    help="ray-AxT (A actors x T CPUs/threads; -bf16: bfloat16 assignment matmul) "
+                         "and/or torch (in-process)")
     ap.add_argument("--datasets", nargs="+", default=["sq32k", "synthetic"])
     ap.add_argument("--out", default="benchmarks/out/kmeans.json")
     ap.add_argument("--final-objective", action="store_true")
@@ -252,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(v, dict):
             summary[name] = {"time_ratio_vs_faiss": v.get("time_ratio_vs_faiss"),
                              "objective_gap": v.get("objective_gap"), "best_ray": v.get("best_ray"),
+                             "time_ratio_vs_faiss_float32": v.get("time_ratio_vs_faiss_float32"),
+                             "objective_gap_float32": v.get("objective_gap_float32"),
                              "iters": v["iters"], "k": v["k"], "n": v["n"],
                              "faiss_s_per_iter": v["faiss"]["seconds_per_iter"],
                              **{f"{c}_s_per_iter": v[c]["seconds_per_iter"] for c in args.configs}}

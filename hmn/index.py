@@ -88,7 +88,8 @@ class DataFactory(Protocol):
 class InMemoryDataFactory:
     """:class:`DataFactory` over an (N, D) tensor in this process (CPU or CUDA)."""
 
-    def __init__(self, vectors: torch.Tensor | np.ndarray, chunk: int = 65536) -> None:
+    def __init__(self, vectors: torch.Tensor | np.ndarray, chunk: int = 65536,
+                 precision: str = "float32") -> None:
         if isinstance(vectors, np.ndarray):
             vectors = torch.from_numpy(vectors)
         if not isinstance(vectors, torch.Tensor):
@@ -97,6 +98,7 @@ class InMemoryDataFactory:
             raise ValueError(f"vectors must be (N, D) with N >= 1, got {tuple(vectors.shape)}")
         self.vectors = vectors.to(torch.float32)  # (N, D)
         self.chunk = chunk
+        self.precision = precision
 
     @property
     def n(self) -> int:
@@ -110,7 +112,7 @@ class InMemoryDataFactory:
             ids = check_subset_ids(ids, self.n)
             x = x[torch.from_numpy(ids).to(x.device)]  # (len(ids), D)
         fn = None if transform is None else transform.facts
-        return InMemoryData(x, self.chunk, transform=fn, groups=groups)
+        return InMemoryData(x, self.chunk, transform=fn, groups=groups, precision=self.precision)
 
 
 class FactorisedDataFactory:
@@ -118,11 +120,13 @@ class FactorisedDataFactory:
     from the entity / relation / fact tables chunk by chunk (:class:`~hmn.kmeans.FactorisedData`),
     so an FB2M-sized memory is clustered without its (N, D) matrix."""
 
-    def __init__(self, memory: FactorisedMemory, chunk: int = 65536) -> None:
+    def __init__(self, memory: FactorisedMemory, chunk: int = 65536,
+                 precision: str = "float32") -> None:
         if not isinstance(memory, FactorisedMemory):
             raise TypeError(f"memory must be a FactorisedMemory, got {type(memory).__name__}")
         self.memory = memory
         self.chunk = chunk
+        self.precision = precision
 
     @property
     def n(self) -> int:
@@ -134,7 +138,8 @@ class FactorisedDataFactory:
         if ids is not None:
             ids = check_subset_ids(ids, self.n)
         fn = None if transform is None else transform.facts
-        return FactorisedData(self.memory, ids, self.chunk, transform=fn, groups=groups)
+        return FactorisedData(self.memory, ids, self.chunk, transform=fn, groups=groups,
+                              precision=self.precision)
 
 
 def check_subset_ids(ids: np.ndarray, n: int) -> np.ndarray:
@@ -729,13 +734,15 @@ def build_index_from_vectors(
     batched_levels: bool = True,
     refine_leaves: int = 0,
     fit_sample: int = 0,
+    precision: str = "float32",
 ) -> ClusterIndex:
     """In-memory convenience: :func:`build_index` over :class:`InMemoryDataFactory` (or
-    :class:`FactorisedDataFactory` when ``vectors`` is a :class:`~hmn.memory.FactorisedMemory`)."""
+    :class:`FactorisedDataFactory` when ``vectors`` is a :class:`~hmn.memory.FactorisedMemory`).
+    ``precision``: the k-means assignment matmul's (:func:`hmn.kmeans.similarity_dtype`)."""
     if isinstance(vectors, FactorisedMemory):
-        factory = FactorisedDataFactory(vectors)
+        factory = FactorisedDataFactory(vectors, precision=precision)
     else:
-        factory = InMemoryDataFactory(vectors)
+        factory = InMemoryDataFactory(vectors, precision=precision)
     return build_index(
         factory,
         n=factory.n,

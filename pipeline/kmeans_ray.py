@@ -56,12 +56,14 @@ class ShardActor:
         relation_emb: np.ndarray | None = None,
         threads: int | None = None,
         cache_rows: bool | None = None,
+        precision: str = "float32",
     ) -> None:
         """Dense shard (``shard``), or factorised: ``factors`` holds this shard's slice of the
         fact table (subject_ids, relation_ids, object_offsets rebased to 0, object_values) and
         ``entity_emb`` / ``relation_emb`` the whole tables (pass object refs: zero-copy).
         ``threads``: torch intra-op threads (the actor's CPU share); ``cache_rows``: as
-        :class:`hmn.kmeans.InMemoryData` (None: dense views cache when <= 1 GiB)."""
+        :class:`hmn.kmeans.InMemoryData` (None: dense views cache when <= 1 GiB); ``precision``:
+        the assignment matmul's (:func:`hmn.kmeans.similarity_dtype`)."""
         if threads is not None:
             if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
                 raise ValueError(f"threads={threads!r}: must be an integer >= 1")
@@ -69,6 +71,7 @@ class ShardActor:
         self.start = int(start)
         self.chunk = int(chunk)
         self.cache_rows = cache_rows
+        self.precision = precision
         self._views: dict[int, InMemoryData] = {}
         self._mem: FactorisedMemory | None = None
         if factors is not None:
@@ -103,11 +106,13 @@ class ShardActor:
         grp = None if groups is None else np.array(groups, dtype=np.int64)
         if self._mem is not None:
             view = FactorisedData(
-                self._mem, ids, self.chunk, transform=fn, groups=grp, cache_rows=self.cache_rows
+                self._mem, ids, self.chunk, transform=fn, groups=grp, cache_rows=self.cache_rows,
+                precision=self.precision,
             )
         else:
             x = self._x if ids is None else self._x[torch.from_numpy(ids)]
-            view = InMemoryData(x, self.chunk, transform=fn, groups=grp, cache_rows=self.cache_rows)
+            view = InMemoryData(x, self.chunk, transform=fn, groups=grp, cache_rows=self.cache_rows,
+                                precision=self.precision)
         self._views[view_id] = view
         return int(view.n)
 
@@ -301,6 +306,7 @@ def build_index_on_ray(
     cache_rows: bool | None = None,
     refine_leaves: int = 0,
     fit_sample: int = 0,
+    precision: str = "float32",
 ) -> ClusterIndex:
     """``hmn.index.build_index`` with the memory split over ``num_shards`` Ray actors.
 
@@ -312,6 +318,8 @@ def build_index_on_ray(
             each actor runs torch with max(1, int(num_cpus)) threads.
         cache_rows: whether actors keep the unit rows of their views (see
             :class:`hmn.kmeans.InMemoryData`; None = dense shards when <= 1 GiB per view).
+        precision: the k-means assignment matmul's, in every actor
+            (:func:`hmn.kmeans.similarity_dtype`: "float32", "bfloat16" or "auto").
         Other arguments: as :func:`hmn.index.build_index`.
     """
     factorised = isinstance(vectors, FactorisedMemory)
@@ -354,13 +362,14 @@ def build_index_on_ray(
                 actors.append(
                     remote_cls.remote(
                         None, a, factors=factors, entity_emb=ent_ref, relation_emb=rel_ref,
-                        threads=threads, cache_rows=cache_rows,
+                        threads=threads, cache_rows=cache_rows, precision=precision,
                     )
                 )
             else:
                 shard_ref = ray.put(np.ascontiguousarray(vectors[a:b], dtype=np.float32))
                 actors.append(
-                    remote_cls.remote(shard_ref, a, threads=threads, cache_rows=cache_rows)
+                    remote_cls.remote(shard_ref, a, threads=threads, cache_rows=cache_rows,
+                                      precision=precision)
                 )
         ray.get([a.num_rows.remote() for a in actors])  # surface construction errors here
         factory = RayShardedDataFactory(actors, starts, n, d)
