@@ -125,10 +125,15 @@ class ShardActor:
     def rows(self, view_id: int, idx: np.ndarray) -> np.ndarray:
         return self._views[view_id].rows(np.array(idx, dtype=np.int64)).numpy()
 
+    # Sums travel as float32 (the driver adds the shards' sums in float64): half the bytes through
+    # the object store per iteration (1.2 -> 0.6 MB at C = 256, d = 603: ~3 ms of a 60 ms SQ-32k
+    # iteration; 157 -> 78 MB per shard for the 32k leaves of FB2M's second level).
+
     def partial_stats(
         self, view_id: int, centroids: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, float]:
-        return self._views[view_id].partial_stats(torch.tensor(centroids))
+        sums, counts, objective = self._views[view_id].partial_stats(torch.tensor(centroids))
+        return sums.astype(np.float32), counts, objective
 
     def assign(self, view_id: int, centroids: np.ndarray) -> np.ndarray:
         return self._views[view_id].assign(torch.tensor(centroids))
@@ -136,7 +141,9 @@ class ShardActor:
     def partial_stats_grouped(
         self, view_id: int, centroids: np.ndarray, offsets: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self._views[view_id].partial_stats_grouped(torch.tensor(centroids), offsets)
+        sums, counts, objectives = self._views[view_id].partial_stats_grouped(
+            torch.tensor(centroids), offsets)
+        return sums.astype(np.float32), counts, objectives
 
     def assign_grouped(self, view_id: int, centroids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         return self._views[view_id].assign_grouped(torch.tensor(centroids), offsets)
