@@ -94,6 +94,11 @@ class _Tables:
     def is_done(self, epoch: int) -> bool:
         return (self.epoch_dir(epoch) / "DONE").exists()
 
+    def latest_done(self) -> int | None:
+        """The newest complete epoch folder (None if there is none)."""
+        done = [int(f.name.split("-")[1]) for f in self.root.glob("epoch-*") if (f / "DONE").exists()]
+        return max(done) if done else None
+
     def size(self, part: int) -> int:
         return int(self.bounds[part + 1] - self.bounds[part])
 
@@ -229,6 +234,15 @@ def train_loop_per_worker(config: dict) -> dict:
             meta = json.loads(Path(d, "meta.json").read_text())
         start, history = int(meta["epoch"]), meta["history"]
         log.info("rank %d: resuming TransE at epoch %d", rank, start)
+    # A run killed between writing an epoch's folder (and removing the one before it) and Ray
+    # Train recording that epoch's checkpoint resumes from the newest complete folder instead:
+    # it holds everything an epoch starts from, and its history.json the history up to it.
+    latest = tables.latest_done()
+    if latest is not None and latest > start and (tables.epoch_dir(latest) / "history.json").exists():
+        history = json.loads((tables.epoch_dir(latest) / "history.json").read_text())
+        log.info("rank %d: epoch folder %d is newer than the checkpoint's %d: resuming there",
+                 rank, latest, start)
+        start = latest
     if rank == 0 and not tables.is_done(start):
         if start:
             raise RuntimeError(f"{tables.epoch_dir(start)}: checkpointed tables are missing")
@@ -318,6 +332,7 @@ def train_loop_per_worker(config: dict) -> dict:
                   "rank0_busy_fraction": float(busy) / max(seconds, 1e-9)}
         history.append(record)
         if rank == 0:
+            (nxt / "history.json").write_text(json.dumps(history))
             (nxt / "DONE").write_text(json.dumps(record))
             log.info("TransE epoch %d/%d loss %.4f (%.0f triples/s, %d workers)", epoch + 1,
                      cfg.epochs, record["loss"], record["triples_per_s"], world)

@@ -95,3 +95,29 @@ def test_embed_stage_trains_writes_vectors_and_removes_its_checkpoint(ray_local,
     assert read_vectors(out / "relations.parquet").shape == (2, 8)
     assert not (tmp_path / "ck").exists()
     assert json.dumps(stats)
+
+
+def test_resume_from_an_epoch_folder_newer_than_the_checkpoint(ray_local, tmp_path):
+    """Killed after an epoch's folder was written (and the one before removed) but before Ray
+    Train recorded that epoch's checkpoint: the run resumes from the newest complete folder."""
+    import dataclasses
+
+    triples = _planted(E=40, R=2)
+    ingest = _ingest(tmp_path, triples)
+    root = tmp_path / "shared"
+    probs = bernoulli_head_probs(triples, 2)
+    cfg = dataclasses.replace(CFG, epochs=3)
+    train_transe_on_ray(cfg, ingest, 40, 2, probs, root)
+    # roll every recorded checkpoint back one epoch: it now names a folder that was removed
+    rolled = 0
+    for m in root.rglob("meta.json"):
+        meta = json.loads(m.read_text())
+        if meta["epoch"] == 3:
+            meta["epoch"], meta["history"] = 2, meta["history"][:2]
+            m.write_text(json.dumps(meta))
+            rolled += 1
+    assert rolled >= 1  # the latest checkpoint now names epoch 2
+    assert not (root / "tables" / "epoch-00002").exists() and (root / "tables" / "epoch-00003" / "DONE").exists()
+    ent, rel, history = train_transe_on_ray(dataclasses.replace(CFG, epochs=5), ingest, 40, 2, probs, root)
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3, 4]  # epoch 2 not trained twice
+    assert ent.shape == (40, 16)
