@@ -93,6 +93,17 @@ def _codes_of_suffixes(sfx: pa.Array, length: np.ndarray) -> np.ndarray | None:
     return code
 
 
+def _single_prefix(keys: pa.Array) -> str | None:
+    """The one entry of :data:`MID_PREFIXES` that every key starts with; None for a column with
+    nulls, of another type, or mixing spellings."""
+    if keys.null_count or not pa.types.is_string(keys.type):
+        return None
+    for prefix in MID_PREFIXES:
+        if pc.all(pc.starts_with(keys, prefix)).as_py():
+            return prefix
+    return None
+
+
 def prefixed_mid_codes(keys: pa.Array) -> np.ndarray | None:
     """Codes of raw keys that all are one of :data:`MID_PREFIXES` + 1 to 12 machine-id
     characters (the canonical key is then ``/m/`` + those characters); None when any key is
@@ -102,12 +113,8 @@ def prefixed_mid_codes(keys: pa.Array) -> np.ndarray | None:
     n = len(keys)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    if keys.null_count or not pa.types.is_string(keys.type):
-        return None
-    for prefix in MID_PREFIXES:
-        if pc.all(pc.starts_with(keys, prefix)).as_py():
-            break
-    else:
+    prefix = _single_prefix(keys)
+    if prefix is None:
         return None
     p = len(prefix)
     length = pc.binary_length(keys).to_numpy(zero_copy_only=False) - p
@@ -131,12 +138,8 @@ def _windows(keys: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
     n = len(keys)
     if n == 0:
         return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int32)
-    if keys.null_count or not pa.types.is_string(keys.type):
-        return None
-    for prefix in MID_PREFIXES:
-        if pc.all(pc.starts_with(keys, prefix)).as_py():
-            break
-    else:
+    prefix = _single_prefix(keys)
+    if prefix is None:
         return None
     offsets = np.frombuffer(keys.buffers()[1], dtype=np.int32, count=n + 1, offset=4 * keys.offset)
     length = np.diff(offsets) - len(prefix)  # (n,) suffix lengths
