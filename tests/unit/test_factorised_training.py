@@ -98,3 +98,31 @@ def test_clustered_pair_path_equals_the_dense_union_path(rand_blocks, factorised
     assert torch.equal(dense.touched, pairs.touched)
     torch.testing.assert_close(pairs.scores, dense.scores, rtol=1e-5, atol=1e-5)
     assert torch.equal(torch.sort(pairs.ids, 1).values, torch.sort(dense.ids, 1).values)
+
+
+def test_clustered_reader_picks_the_path_by_cost_and_union_size():
+    from hmn.index import build_index_from_vectors
+
+    tables = _tables(seed=7, n=600)
+    fm = FactorisedMemory(*tables)
+    index = build_index_from_vectors(fm, branching=[6, 4], iters=3, seed=0)
+    q = torch.randn(9, fm.d, generator=torch.Generator().manual_seed(2))
+    calls = []
+
+    class Spy(FactMemory):
+        def scores(self, queries, ids=None):
+            calls.append("dense")
+            return super().scores(queries, ids)
+
+        def grouped_scores(self, *a, **kw):
+            calls.append("pairs")
+            return super().grouped_scores(*a, **kw)
+
+    mem = Spy(torch.from_numpy(build_fact_vectors(*tables)))
+    r = make_reader("clustered", mem, index, top_clusters=3)
+    r.search(q, 5)  # 9 queries reading 3 of 24 leaves each: B |U| / P well under 32
+    assert calls == ["dense"]
+    calls.clear()
+    r.dense_union_bytes = 1024  # the union's rows would not fit: pairs whatever the ratio
+    r.search(q, 5)
+    assert calls == ["pairs"]
