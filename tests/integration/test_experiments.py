@@ -20,6 +20,9 @@ def test_variant_lists_follow_the_paper():
     cfg = load_config()
     names = [v.name for v in table1(cfg, 29423)]
     assert names[:6] == ["full", "exact-k10", "exact-k50", "exact-k100", "exact-k1000", "clustered"]
+    sq = load_config(ROOT / "configs/sq32k.yaml")
+    pca = next(v for v in table1(sq, 29423) if v.name == "pca-tree")
+    assert pca.overrides["reader.pca_probes"] == 12  # 100 of 2048 leaves -> 12 of 256 PCA-tree leaves
     t2 = table2(cfg, 29423)
     assert {v.overrides["memory.branching"][0] for v in t2} == {294, 588}  # ~100 and ~50 facts per cluster
     assert all(v.overrides["train.reader"] == "clustered" for v in t2)
