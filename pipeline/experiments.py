@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,11 @@ def _reader(name: str, k: int | None = None, **reader: Any) -> dict[str, Any]:
     return out
 
 
+def _clustered_share(cfg: RunConfig) -> float:
+    """Share of its leaves the base config's clustered reader reads (top_clusters / leaves)."""
+    return min(1.0, cfg.reader.top_clusters / math.prod(cfg.memory.branching))
+
+
 def table1(cfg: RunConfig, num_facts: int) -> list[Variant]:
     variants = [Variant("full", "Full softmax", {"train.loss": "full", "train.infer_reader": "exact"})]
     for k in (10, 50, 100, 1000):
@@ -57,10 +63,7 @@ def table1(cfg: RunConfig, num_facts: int) -> list[Variant]:
     # PCA-Tree reads as many of its 2^depth leaves as the clustered reader's share of its leaves,
     # so the two approximations read about the same part of the memory (one leaf alone is 0.4%
     # at depth 8; the clustered reader reads ~5% on SQ-32k)
-    leaves = 1
-    for b in cfg.memory.branching:
-        leaves *= b
-    share = min(1.0, cfg.reader.top_clusters / leaves)
+    share = _clustered_share(cfg)
     pca_leaves = 2 ** cfg.reader.pca_depth
     extra = {"pca-tree": {"pca_probes": max(1, min(pca_leaves, round(pca_leaves * share)))}}
     for name, label in (("pca-tree", "Approximate K-MIPS: PCA-Tree"), ("wta-hash", "Approximate K-MIPS: WTA-Hash")):
@@ -78,10 +81,7 @@ def table2(cfg: RunConfig, num_facts: int) -> list[Variant]:
     (reader.top_clusters out of its leaves), split between the reducers.
     """
     variants = []
-    leaves = 1
-    for b in cfg.memory.branching:
-        leaves *= b
-    share = min(1.0, cfg.reader.top_clusters / leaves)
+    share = _clustered_share(cfg)
     for per_cluster in (100, 50):
         c = max(2, round(num_facts / per_cluster))
         budget = max(2, round(c * share))
