@@ -14,6 +14,7 @@ same command resumes a killed run and a repeated run does nothing.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import sys
@@ -64,12 +65,48 @@ def init_ray(cfg: RunConfig) -> None:
     dctx.enable_progress_bars = sys.stderr.isatty()
 
 
-def _input_signature(paths: tuple[str, ...]) -> list:
-    """Name, size and mtime of each input file: a changed input file re-runs ingest."""
-    sig = []
+def _digest(path: str, chunk: int = 8 << 20) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _input_signature(paths: tuple[str, ...], cache: Path | None = None) -> list:
+    """Name, size and content digest of each input file: a changed input file re-runs ingest.
+
+    The digest (not the mtime) decides, so a copy of the same data made later (a fresh checkout of
+    shared data, a restored backup) reuses the finished stages. Digests are cached in ``cache``
+    under (path, size, mtime), so an unchanged file is read once (about 1 s per GB).
+    """
+    import json
+
+    known = {}
+    if cache is not None and cache.exists():
+        try:
+            known = json.loads(cache.read_text())
+        except ValueError:
+            known = {}
+    sig, changed = [], False
     for p in paths:
-        st = Path(p).stat() if Path(p).exists() else None
-        sig.append([os.path.realpath(p), st.st_size if st else None, int(st.st_mtime) if st else None])
+        real = os.path.realpath(p)
+        if not os.path.exists(real):
+            sig.append([real, None, None])
+            continue
+        st = os.stat(real)
+        entry = known.get(real)
+        if not entry or entry["size"] != st.st_size or entry["mtime_ns"] != st.st_mtime_ns:
+            if st.st_size > (1 << 30):
+                log.info("hashing %s (%.1f GB) for the stage fingerprints", p, st.st_size / 2**30)
+            entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "digest": _digest(real)}
+            known[real], changed = entry, True
+        sig.append([real, st.st_size, entry["digest"]])
+    if cache is not None and changed:
+        from pipeline.rundir import write_json_atomic
+
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cache, known)
     return sig
 
 
@@ -138,8 +175,9 @@ class Pipeline:
         else:
             d = cfg.data
             extra = (d.rdf_relations_file,) if d.rdf_relations_file else ()
-            upstream = fingerprint("files", _input_signature(d.facts + d.names + d.questions_train
-                                                             + d.questions_dev + d.questions_test + extra))
+            upstream = fingerprint("files", _input_signature(
+                d.facts + d.names + d.questions_train + d.questions_dev + d.questions_test + extra,
+                run.root / ".input-digests.json"))
 
         # ingest (Ray Data)
         from pipeline.stages.ingest import run_ingest
@@ -154,7 +192,8 @@ class Pipeline:
         # embed (TransE in a Ray task, or user embeddings)
         from pipeline.stages.embed import run_embed
 
-        embed_inputs = _input_signature(tuple(p for p in (cfg.embed.entities_file, cfg.embed.relations_file) if p))
+        embed_inputs = _input_signature(tuple(p for p in (cfg.embed.entities_file, cfg.embed.relations_file) if p),
+                                        run.root / ".input-digests.json")
         fp_embed = fingerprint("embed", cfg.embed, fp_ingest, embed_inputs)
         self._stage("embed", fp_embed, lambda out: run_embed(
             cfg.embed, run.stage_dir("ingest"), out, run.root / ".embed-checkpoint" / fp_embed))
