@@ -65,7 +65,15 @@ def table1(cfg: RunConfig, num_facts: int) -> list[Variant]:
     # at depth 8; the clustered reader reads ~5% on SQ-32k)
     share = _clustered_share(cfg)
     pca_leaves = 2 ** cfg.reader.pca_depth
-    extra = {"pca-tree": {"pca_probes": max(1, min(pca_leaves, round(pca_leaves * share)))}}
+    # WTA-Hash reads about the same share too: with window 4 and 4 permutations a band collides
+    # with a given fact with probability p ~ 0.004 (measured on SQ-32k with a trained encoder:
+    # 16 / 32 / 64 bands read 6.2 / 11.9 / 22.8% = 1 - (1 - p)^bands), so the band count that
+    # reads `share` is log(1 - share) / log(1 - p) (12 for SQ-32k's 4.9%; the defaults, 16 bands
+    # of window 8, read 0.5%)
+    wta_p = 0.004
+    wta_bands = max(1, round(math.log1p(-min(share, 0.99)) / math.log1p(-wta_p)))
+    extra = {"pca-tree": {"pca_probes": max(1, min(pca_leaves, round(pca_leaves * share)))},
+             "wta-hash": {"wta_bands": wta_bands, "wta_perms": 4, "wta_window": 4}}
     for name, label in (("pca-tree", "Approximate K-MIPS: PCA-Tree"), ("wta-hash", "Approximate K-MIPS: WTA-Hash")):
         if name in READER_NAMES:
             variants.append(Variant(name, label, _reader(name, 10, **extra.get(name, {}))))

@@ -23,6 +23,9 @@ def test_variant_lists_follow_the_paper():
     sq = load_config(ROOT / "configs/sq32k.yaml")
     pca = next(v for v in table1(sq, 29423) if v.name == "pca-tree")
     assert pca.overrides["reader.pca_probes"] == 12  # 100 of 2048 leaves -> 12 of 256 PCA-tree leaves
+    wta = next(v for v in table1(sq, 29423) if v.name == "wta-hash")
+    # 1 - (1 - 0.004)^12 = 4.7%, the clustered reader's 4.9%
+    assert (wta.overrides["reader.wta_bands"], wta.overrides["reader.wta_window"]) == (12, 4)
     t2 = table2(cfg, 29423)
     assert {v.overrides["memory.branching"][0] for v in t2} == {294, 588}  # ~100 and ~50 facts per cluster
     assert all(v.overrides["train.reader"] == "clustered" for v in t2)
