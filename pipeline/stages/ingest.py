@@ -63,7 +63,7 @@ import logging
 import os
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -646,13 +646,16 @@ def _assign_ids(parts: list[tuple[pa.Array, np.ndarray]]) -> tuple[pa.Array, np.
     return distinct_sorted, np.concatenate(out)
 
 
-def _entity_ids(chunks: list[formats.CodedFacts]) -> tuple[pa.Array, list[np.ndarray]]:
+def _entity_ids(chunks: list[formats.CodedFacts], pool: ThreadPoolExecutor | None = None):
     """Sorted distinct entity keys of all chunks and, per chunk, the global id of each of its
     local ids. Machine-id codes only: one sort of the chunks' distinct codes and a binary search
-    per chunk (sorted queries), no string is hashed or compared."""
+    per chunk (sorted queries), no string is hashed or compared. With a ``pool``, the keys are
+    a ``Future`` (machine-id codes are decoded to strings by the pool while the caller goes on)."""
     if all(isinstance(c.entities, np.ndarray) for c in chunks):
         union, maps = ids.sorted_union([c.entities for c in chunks])
-        return ids.mid_strings(union), maps
+        if pool is not None:
+            return pool.submit(ids.mid_strings, union), len(union), maps
+        return ids.mid_strings(union), len(union), maps
     parts = [
         pa.array(c.entities) if isinstance(c.entities, np.ndarray) else c.entities for c in chunks
     ]
@@ -661,21 +664,69 @@ def _entity_ids(chunks: list[formats.CodedFacts]) -> tuple[pa.Array, list[np.nda
     for p in parts:
         maps.append(gid[offset : offset + len(p)])
         offset += len(p)
-    return distinct, maps
+    if pool is not None:
+        done = Future()
+        done.set_result(distinct)
+        return done, len(distinct), maps
+    return distinct, len(distinct), maps
+
+
+def _merge_runs(key: np.ndarray, runs: list[tuple[int, int]], pool) -> np.ndarray:
+    """``key`` sorted, where ``key[a:b]`` is sorted for every ``(a, b)`` of ``runs`` (which
+    tile it). One stable sort (timsort: a merge of the runs), or with a ``pool`` two: the runs
+    are cut at a pivot value (near the median) and the lower and upper parts merged at once."""
+    runs = [(a, b) for a, b in runs if b > a]
+    if pool is None or len(runs) < 2 or len(key) < _PARALLEL_MIN:
+        key.sort(kind="stable")
+        return key
+    pivot = int(np.median([key[(a + b) // 2] for a, b in runs]))
+    cuts = [a + int(np.searchsorted(key[a:b], pivot)) for a, b in runs]
+    lower = np.concatenate([key[a:c] for (a, _), c in zip(runs, cuts)])
+    upper = np.concatenate([key[c:b] for (_, b), c in zip(runs, cuts)])
+    del key
+    merged = pool.submit(lower.sort, kind="stable")
+    upper.sort(kind="stable")
+    merged.result()
+    return np.concatenate([lower, upper])
+
+
+def _halves(n: int, pool) -> list[tuple[int, int]]:
+    """``[0, n)`` cut in one piece per thread of ``pool`` (one piece when small or no pool)."""
+    parts = pool._max_workers if pool is not None and n >= _PARALLEL_MIN else 1
+    bounds = np.linspace(0, n, parts + 1).astype(np.int64).tolist()
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _run_all(pool, fn, pieces) -> None:
+    """``fn(*piece)`` for every piece, on ``pool``'s threads when there is one."""
+    if pool is None or len(pieces) < 2:
+        for piece in pieces:
+            fn(*piece)
+        return
+    for f in [pool.submit(fn, *piece) for piece in pieces]:
+        f.result()
+
+
+# the driver-side assembly splits its array passes over its threads from this many rows (numpy
+# releases the GIL in take, sort and elementwise kernels)
+_PARALLEL_MIN = 1 << 16
 
 
 def _bits(n: int) -> int:
     return max(1, int(n - 1).bit_length())
 
 
-def _build_kb(chunks: list[formats.CodedFacts], chunk_source: list[int], n_sources: int):
+def _build_kb(
+    chunks: list[formats.CodedFacts], chunk_source: list[int], n_sources: int, pool=None
+):
     """Dense ids for entities, relations and merged facts.
 
     ``chunks`` are the parsed chunks (source order, then line order) with chunk-local ids;
     ``chunk_source`` gives each chunk's index among the ``n_sources`` fact sources. Entity and
     relation ids are positions in the sorted distinct keys; facts are sorted by (subject id,
     relation id): a merge of the chunks' sorted runs of packed ``subject | relation | row``
-    integers."""
+    integers. With a thread ``pool`` the array passes are split over its threads and the entity
+    keys are returned as a ``Future`` (decoded to strings while the facts are written)."""
     steps: dict[str, float] = {}
     tick = time.perf_counter()
 
@@ -685,11 +736,11 @@ def _build_kb(chunks: list[formats.CodedFacts], chunk_source: list[int], n_sourc
         steps[name] = round(now - tick, 3)
         tick = now
 
-    entity_keys, maps = _entity_ids(chunks)
+    entity_keys, E, maps = _entity_ids(chunks, pool)
     rel_all = pa.concat_arrays([c.relations for c in chunks]) if chunks else pa.array([], pa.string())
     relation_keys = _sorted_unique(rel_all)
     rmaps = [_ids(c.relations, relation_keys) for c in chunks]
-    E, R = len(entity_keys), len(relation_keys)
+    R = len(relation_keys)
     n_rows = sum(c.rows for c in chunks)
     step("dictionaries")
 
@@ -704,27 +755,32 @@ def _build_kb(chunks: list[formats.CodedFacts], chunk_source: list[int], n_sourc
     obj_id = np.empty(n_objects, dtype=np.int64)
     row_start = np.empty(n_rows + 1, dtype=odt)  # first object of each row
     row_start[n_rows:] = n_objects
-    base = obj_base = 0
-    for c, m, rm in zip(chunks, maps, rmaps):
-        k = key[base : base + c.rows]
-        np.take(m, c.subject, out=k)  # (rows,) global subject ids
+    row_base = np.cumsum([0] + [c.rows for c in chunks]).tolist()
+    obj_base = np.cumsum([0] + [len(c.objects) for c in chunks]).tolist()
+
+    def global_ids(i: int, lo: int, hi: int) -> None:  # rows [lo, hi) of chunk i
+        c, m, rm, base = chunks[i], maps[i], rmaps[i], row_base[i]
+        k = key[base + lo : base + hi]
+        np.take(m, c.subject[lo:hi], out=k)  # (rows,) global subject ids
         if packed:
             k <<= rb + nb
-            k |= rm[c.relation] << nb
-            k |= np.arange(base, base + c.rows, dtype=np.int64)
+            k |= rm[c.relation[lo:hi]] << nb
+            k |= np.arange(base + lo, base + hi, dtype=np.int64)
         else:
             k *= R
-            k += rm[c.relation]
-        np.take(m, c.objects, out=obj_id[obj_base : obj_base + len(c.objects)])
-        np.add(c.offsets[:-1], obj_base, out=row_start[base : base + c.rows], dtype=odt,
+            k += rm[c.relation[lo:hi]]
+        a, b = int(c.offsets[lo]), int(c.offsets[hi])
+        np.take(m, c.objects[a:b], out=obj_id[obj_base[i] + a : obj_base[i] + b])
+        np.add(c.offsets[lo:hi], obj_base[i], out=row_start[base + lo : base + hi], dtype=odt,
                casting="unsafe")  # fmt: skip
-        base += c.rows
-        obj_base += len(c.objects)
+
+    _run_all(pool, global_ids, [(i, lo, hi) for i, c in enumerate(chunks)
+                                for lo, hi in _halves(c.rows, pool)])  # fmt: skip
     del maps, rmaps
     row_len = np.diff(row_start)
     step("ids")
-    if packed:
-        key.sort(kind="stable")  # distinct values; rows ascend within a pair
+    if packed:  # distinct values; rows ascend within a pair
+        key = _merge_runs(key, list(zip(row_base[:-1], row_base[1:])), pool)
         row_order = key & ((1 << nb) - 1)
         key >>= nb
         pair_sorted = (key >> rb) * R + (key & ((1 << rb) - 1))
@@ -752,10 +808,17 @@ def _build_kb(chunks: list[formats.CodedFacts], chunk_source: list[int], n_sourc
         lens = row_len[first_row]
         offsets = np.zeros(F + 1, dtype=odt)
         np.cumsum(lens, out=offsets[1:])
-        gather = np.repeat(row_start[first_row].astype(np.int64) - offsets[:-1], lens)
-        gather += np.arange(n_objects, dtype=np.int64)
-        kept_obj = obj_id[gather]
-        del gather, lens
+        kept_obj = np.empty(n_objects, dtype=np.int64)
+
+        def gather_objects(lo: int, hi: int) -> None:  # the objects of facts [lo, hi)
+            a, b = int(offsets[lo]), int(offsets[hi])
+            gather = np.repeat(row_start[first_row[lo:hi]].astype(np.int64) - offsets[lo:hi],
+                               lens[lo:hi])  # fmt: skip
+            gather += np.arange(a, b, dtype=np.int64)
+            np.take(obj_id, gather, out=kept_obj[a:b])
+
+        _run_all(pool, gather_objects, _halves(F, pool))
+        del lens
     if kept_obj is None:
         row_fact = np.empty(n_rows, dtype=np.int64)
         row_fact[row_order] = np.cumsum(new) - 1
@@ -1010,15 +1073,24 @@ def run_ingest(
         fact_tables += parsed[i].chunks
         table_source += [j] * len(parsed[i].chunks)
         parsed[i].chunks = parsed[i].table = None  # the driver keeps only the ids
-    entity_keys, relation_keys, facts, uniq_pair, answers, merged, kb_info = _build_kb(
-        fact_tables, table_source, len(fact_idx)
-    )
-    # the largest file is written by a thread (pyarrow releases the GIL) while the driver
-    # resolves names and questions and gathers the rejects
-    facts_writer = ThreadPoolExecutor(max_workers=1)
-    facts_written = facts_writer.submit(
-        _write, facts, out / "kb" / "facts.parquet", **_FACTS_WRITE
-    )
+    # the array passes of the assembly run on this machine's cores (numpy releases the GIL)
+    cpus = _local_cpus()
+    pool = ThreadPoolExecutor(max_workers=cpus, thread_name_prefix="ingest-kb") if cpus > 1 else None
+    try:
+        entity_keys, relation_keys, facts, uniq_pair, answers, merged, kb_info = _build_kb(
+            fact_tables, table_source, len(fact_idx), pool
+        )
+        # the largest file is written by a thread (pyarrow releases the GIL) while the driver
+        # decodes the entity keys, resolves names and questions and gathers the rejects
+        facts_writer = ThreadPoolExecutor(max_workers=1)
+        facts_written = facts_writer.submit(
+            _write, facts, out / "kb" / "facts.parquet", **_FACTS_WRITE
+        )
+        if isinstance(entity_keys, Future):
+            entity_keys = entity_keys.result()
+    finally:
+        if pool is not None:
+            pool.shutdown()
     has_questions = any(src[0] == "questions" for src in listed)
     answer_codes = _answer_codes(answers, len(entity_keys)) if has_questions else None
     del answers
