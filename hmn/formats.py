@@ -796,7 +796,12 @@ class CodedFacts:
     those), ``offsets`` (int32, rows + 1) into ``objects`` (int32 positions in ``entities``, in
     file order within a row). Rows are sorted by (subject, relation, line), i.e. in the order of
     the facts they make (:meth:`sorted`), so that the ingest stage merges the chunks' sorted runs
-    instead of sorting all rows; ``repeats`` is True when a row lists one object twice."""
+    instead of sorting all rows; ``repeats`` is True when a row lists one object twice.
+
+    ``starts`` (int64, one per row), when set, says that the rows were sorted without moving
+    their objects: row i's objects are ``objects[starts[i] : starts[i] + offsets[i+1] -
+    offsets[i]]`` (the ingest stage gathers them once, in fact order);
+    :meth:`with_objects_moved` gives the plain layout."""
 
     entities: np.ndarray | pa.Array
     relations: pa.Array
@@ -805,22 +810,31 @@ class CodedFacts:
     offsets: np.ndarray
     objects: np.ndarray
     repeats: bool = False
+    starts: np.ndarray | None = None
 
-    def sorted(self, by_subject: np.ndarray | None = None) -> CodedFacts:
-        """The rows in (subject, relation, line) order, objects moved along; ``repeats`` set.
+    def sorted(self, by_subject: np.ndarray | None = None, *, move_objects: bool = True) -> CodedFacts:
+        """The rows in (subject, relation, line) order, objects moved along (or, without
+        ``move_objects``, left in place and located by ``starts``); ``repeats`` set.
         One sort of packed ``subject | relation | row`` integers; ``by_subject`` (the rows
         in subject order, lines ascending within a subject) makes that a cheap merge sort of
         nearly sorted keys."""
+        if self.starts is not None:
+            return self.with_objects_moved().sorted(by_subject, move_objects=move_objects)
         n = len(self.subject)
         lens = np.diff(self.offsets).astype(np.int64)
         repeats = _row_repeats(lens, self.offsets, self.objects, len(self.entities))
         sb, rb, nb = (max(1, int(x - 1).bit_length()) for x in
                       (len(self.entities), len(self.relations), n))  # fmt: skip
         if sb + rb + nb <= 63:
-            rows = np.arange(n, dtype=np.int64) if by_subject is None else by_subject
-            key = (self.subject[rows].astype(np.int64) << (rb + nb)) | (
-                self.relation[rows].astype(np.int64) << nb)  # fmt: skip
-            key |= rows
+            if by_subject is None:
+                key = self.subject.astype(np.int64)
+                key <<= rb + nb
+                key |= self.relation.astype(np.int64) << nb
+                key |= np.arange(n, dtype=np.int64)
+            else:
+                key = (self.subject[by_subject].astype(np.int64) << (rb + nb)) | (
+                    self.relation[by_subject].astype(np.int64) << nb)  # fmt: skip
+                key |= by_subject
             key.sort(kind="stable" if by_subject is not None else "quicksort")
             order = key & ((1 << nb) - 1)
             subject = (key >> (rb + nb)).astype(np.int32)
@@ -834,17 +848,34 @@ class CodedFacts:
         lens = lens[order]
         offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lens, out=offsets[1:])
+        if not move_objects:
+            return CodedFacts(self.entities, self.relations, subject, relation,
+                              offsets.astype(np.int32), self.objects, repeats,
+                              starts=self.offsets[:-1][order].astype(np.int64))  # fmt: skip
         gather = np.repeat(self.offsets[:-1][order].astype(np.int64) - offsets[:-1], lens)
         gather += np.arange(offsets[-1], dtype=np.int64)
         return CodedFacts(self.entities, self.relations, subject, relation,
                           offsets.astype(np.int32), self.objects[gather], repeats)  # fmt: skip
+
+    def with_objects_moved(self) -> CodedFacts:
+        """The same rows with ``objects`` in row order (``starts`` None)."""
+        if self.starts is None:
+            return self
+        lens = np.diff(self.offsets).astype(np.int64)
+        gather = np.repeat(self.starts - self.offsets[:-1].astype(np.int64), lens)
+        gather += np.arange(int(self.offsets[-1]), dtype=np.int64)
+        return CodedFacts(self.entities, self.relations, self.subject, self.relation,
+                          self.offsets, self.objects[gather], self.repeats)  # fmt: skip
 
     @property
     def rows(self) -> int:
         return len(self.subject)
 
     def to_table(self) -> pa.Table:
-        """One row of list columns (zero-copy views of the arrays), for transport."""
+        """One row of list columns (zero-copy views of the arrays, objects in row order), for
+        transport."""
+        if self.starts is not None:
+            return self.with_objects_moved().to_table()
 
         def one(values) -> pa.Array:
             values = values if isinstance(values, pa.Array) else pa.array(values)
@@ -1041,8 +1072,9 @@ def parse_grouped_coded(
         offsets = np.frombuffer(obj_lists.buffers()[1], dtype=np.int32)
         offsets = offsets[obj_lists.offset : obj_lists.offset + n + 1]
         offsets = (offsets - offsets[0]).astype(np.int32)
+    # the objects stay in line order: the ingest stage gathers them once, in fact order
     coded = CodedFacts(entities, relations, subject, relation.astype(np.int32), offsets,
-                       objects).sorted(by_subject)  # fmt: skip
+                       objects).sorted(by_subject, move_objects=False)  # fmt: skip
     empty = pa.table(
         {
             "line": pa.array([], pa.int64()),

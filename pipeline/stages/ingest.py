@@ -753,8 +753,8 @@ def _build_kb(
     odt = np.int32 if n_objects < 2**31 else np.int64  # int32 cumsum is several times faster
     key = np.empty(n_rows, dtype=np.int64)
     obj_id = np.empty(n_objects, dtype=np.int64)
-    row_start = np.empty(n_rows + 1, dtype=odt)  # first object of each row
-    row_start[n_rows:] = n_objects
+    row_start = np.empty(n_rows, dtype=odt)  # first object of each row in obj_id
+    row_len = np.empty(n_rows, dtype=odt)  # objects of each row
     row_base = np.cumsum([0] + [c.rows for c in chunks]).tolist()
     obj_base = np.cumsum([0] + [len(c.objects) for c in chunks]).tolist()
 
@@ -771,13 +771,16 @@ def _build_kb(
             k += rm[c.relation[lo:hi]]
         a, b = int(c.offsets[lo]), int(c.offsets[hi])
         np.take(m, c.objects[a:b], out=obj_id[obj_base[i] + a : obj_base[i] + b])
-        np.add(c.offsets[lo:hi], obj_base[i], out=row_start[base + lo : base + hi], dtype=odt,
+        # a chunk's rows may locate their objects by `starts` (rows sorted, objects in place)
+        starts = c.offsets[lo:hi] if c.starts is None else c.starts[lo:hi]
+        np.add(starts, obj_base[i], out=row_start[base + lo : base + hi], dtype=odt,
                casting="unsafe")  # fmt: skip
+        np.subtract(c.offsets[lo + 1 : hi + 1], c.offsets[lo:hi],
+                    out=row_len[base + lo : base + hi], dtype=odt, casting="unsafe")  # fmt: skip
 
     _run_all(pool, global_ids, [(i, lo, hi) for i, c in enumerate(chunks)
                                 for lo, hi in _halves(c.rows, pool)])  # fmt: skip
     del maps, rmaps
-    row_len = np.diff(row_start)
     step("ids")
     if packed:  # distinct values; rows ascend within a pair
         key = _merge_runs(key, list(zip(row_base[:-1], row_base[1:])), pool)
@@ -820,6 +823,12 @@ def _build_kb(
         _run_all(pool, gather_objects, _halves(F, pool))
         del lens
     if kept_obj is None:
+        if any(c.starts is not None for c in chunks):  # objects into row order first
+            row_end = np.cumsum(row_len, dtype=np.int64)
+            gather = np.repeat(row_start.astype(np.int64) - (row_end - row_len), row_len)
+            gather += np.arange(n_objects, dtype=np.int64)
+            obj_id = obj_id[gather]
+            del gather, row_end
         row_fact = np.empty(n_rows, dtype=np.int64)
         row_fact[row_order] = np.cumsum(new) - 1
         obj_row = np.repeat(np.arange(n_rows, dtype=np.int64), row_len)
