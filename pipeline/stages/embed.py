@@ -55,6 +55,7 @@ from hmn.transe import (
     partition_bounds,
 )
 from pipeline.artifacts import KnowledgeBase, write_vectors
+from pipeline.stages import ray_train_env
 
 log = logging.getLogger(__name__)
 
@@ -380,6 +381,7 @@ def train_transe_on_ray(cfg: EmbedConfig, ingest_dir: Path, num_entities: int, n
     triples = facts.map_batches(_explode_facts, batch_format="pyarrow", batch_size=1 << 18).materialize()
     job = EmbedJob(cfg=cfg, num_entities=num_entities, num_relations=num_relations,
                    p_head=np.asarray(p_head, np.float32), root=str(root), fail_at_epoch=fail_at_epoch)
+    ray_train_env()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},

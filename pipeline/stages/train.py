@@ -34,6 +34,7 @@ from hmn.readers import make_reader
 from hmn.text import Vocabulary, artificial_questions
 from hmn.training import EarlyStopping, make_batch, predict, train_epoch
 from pipeline.artifacts import KnowledgeBase, load_index, load_memory, memory_dim, read_questions
+from pipeline.stages import ray_train_env
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +270,7 @@ def run_train(train_cfg: TrainConfig, reader_cfg: ReaderConfig, ingest_dir: Path
 
     if force:
         shutil.rmtree(storage_dir / run_name, ignore_errors=True)
+    ray_train_env()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
