@@ -1033,15 +1033,20 @@ def parse_grouped_coded(
                 column_types={"s": pa.string(), "p": pa.dictionary(pa.int32(), pa.string()),
                               "o": pa.string()},
                 strings_can_be_null=False, quoted_strings_can_be_null=False,
+                # UTF-8 is checked below: every byte of a key is a prefix byte or a machine-id
+                # character (hmn.ids), and the distinct relation spellings are validated
+                check_utf8=False,
             ),
         )  # fmt: skip
-    except pa.ArrowInvalid:  # invalid UTF-8, among others
+    except pa.ArrowInvalid:
         return None
     if invalid or (n_lines >= 0 and table.num_rows != n_lines):
         return None
     n_lines = table.num_rows
     del view
     s, p, o = (_one_chunk(table.column(c)) for c in "spo")
+    if not _valid_utf8(p.dictionary):
+        return None
     # relations: each distinct spelling once
     rel_keys = normalize_keys(p.dictionary)
     if rel_keys.null_count or not _all_canonical_relations(p.dictionary, rel_keys):
@@ -1056,7 +1061,9 @@ def parse_grouped_coded(
     hashed = ids.window_ids([s, o_keys])  # keys of up to 8 characters: hashed, not sorted
     if hashed is not None:
         entities, (subject, objects) = hashed
-    else:
+    else:  # longer keys are coded by utf8 kernels: their bytes must be valid UTF-8 first
+        if not (_valid_utf8(s) and _valid_utf8(o_keys)):
+            return None
         s_codes = ids.prefixed_mid_codes(s)
         o_codes = None if s_codes is None else ids.prefixed_mid_codes(o_keys)
         if o_codes is None:
@@ -1085,6 +1092,16 @@ def parse_grouped_coded(
         schema=FACTS_SCHEMA,
     )
     return coded, Parsed(empty, REJECT_SCHEMA.empty_table(), n_lines)
+
+
+def _valid_utf8(arr: pa.Array) -> bool:
+    """True when every string of ``arr`` (read without the CSV reader's UTF-8 check) is valid
+    UTF-8."""
+    try:
+        arr.validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
 
 
 def _all_canonical_relations(raw: pa.Array, keys: pa.Array) -> bool:

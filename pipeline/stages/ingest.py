@@ -21,16 +21,20 @@ Fact chunks come back as :class:`hmn.formats.CodedFacts`: chunk-local dense ids,
 (subject, relation, line). A clean chunk of machine-id keys takes the fast path
 (:func:`hmn.formats.parse_grouped_coded`: pyarrow's CSV reader over the memory-mapped range,
 relations dictionary-encoded and normalised once per distinct spelling, keys of up to 8
-characters hashed as one 8-byte integer each (:func:`hmn.ids.window_ids`: only the distinct
-ones are decoded and sorted), longer ones as order-preserving int64 codes of :mod:`hmn.ids`);
-any other chunk goes through the careful line parser, with the same result plus its rejects.
-The driver then never hashes or compares key strings: one merge of the chunks' sorted distinct
-codes gives the entity ids (ids = sorted key order, hence deterministic), numpy gathers map
-local to global ids, and one merge of the chunks' sorted runs of packed
-``subject | relation | row`` integers orders the facts and finds repeated (subject, relation)
-pairs, which it merges into one fact. It resolves names and questions against the KB and writes
-with ``pyarrow.parquet`` (the facts by a thread, overlapped with the rest). At FB2M scale (10.8M
-lines) the whole process tree stays under 3 GB (``benchmarks/ingest.py``).
+characters hashed as one 8-byte integer each (:func:`hmn.ids.window_ids`: in cache-sized
+partitions; only the distinct ones are decoded and sorted), longer ones as order-preserving
+int64 codes of :mod:`hmn.ids`; rows sorted without moving their objects,
+``CodedFacts.starts``); any other chunk goes through the careful line parser, with the same
+result plus its rejects. The driver then never hashes or compares key strings: one merge of
+the chunks' sorted distinct codes gives the entity ids (ids = sorted key order, hence
+deterministic), numpy gathers map local to global ids, and a merge of the chunks' sorted runs
+of packed ``subject | relation | row`` integers orders the facts and finds repeated (subject,
+relation) pairs, which it merges into one fact; the objects are gathered once, in fact order.
+These array passes run on a pool of one thread per CPU of this machine (the gathers split in
+halves, the merge cut at a pivot value into two merges), and the entity keys are decoded to
+strings by the pool meanwhile. It resolves names and questions against the KB and writes with
+``pyarrow.parquet`` (the facts by a thread, overlapped with the rest). At FB2M scale (10.8M
+lines) the whole process tree stays under 3.5 GB (``benchmarks/ingest.py``).
 
 ``out_dir/``
     ``kb/entities.parquet``   entity_id int64, key string, name string (nullable)

@@ -712,3 +712,20 @@ def test_code_facts_with_string_keys():
     again = formats.code_facts(parse_grouped_facts(pa.array(["/m/01\t/a/b\t/m/02 /m/03 /m/02"]),
                                                    1, "kb").table)  # fmt: skip
     assert again.repeats
+
+
+@pytest.mark.parametrize("data", [
+    b"/m/0\xff1\t/a/b\t/m/02\n",  # subject (short key)
+    b"/m/01\t/a/b\t/m/02 /m/0\xc3\n",  # object, truncated multi-byte sequence
+    b"/m/01\t/a/\xff\t/m/02\n/m/03\t/a/b\t/m/02\n",  # relation
+    b"/m/01\t/a/b\xc3\x28\t/m/02\n",  # relation, invalid continuation byte
+    b"/m/0123456789\xff\t/a/b\t/m/02\n",  # subject of more than 8 characters
+    b"/m/01\t/a/b\t/m/0123456789a \xe2\x82\n",  # long keys, truncated sequence in an object
+])  # fmt: skip
+def test_parse_grouped_coded_refuses_invalid_utf8(data):
+    """The CSV reader of the fast path skips its UTF-8 check: invalid bytes anywhere still send
+    the chunk to the careful path, which rejects the line as invalid UTF-8."""
+    assert formats.parse_grouped_coded(data, "kb") is None
+    careful = formats.parse_grouped_bytes(data, 1, formats.count_lines(data), "kb",
+                                          dictionary=True)  # fmt: skip
+    assert "invalid UTF-8" in careful.rejects.column("reason").to_pylist()
