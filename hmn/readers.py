@@ -322,10 +322,11 @@ class ClusteredReader(Reader):
             scores = torch.full((b, k), float("-inf"), device=dev)
             return Candidates(ids=ids, scores=scores, touched=touched)
         # |U| without sorting: leaves are disjoint, so the facts of the leaves any query reads
-        # (plus at most the blocks' facts)
+        # (plus at most the blocks' facts, and never more than the memory: with Rand-block the
+        # bound B R block_size alone can exceed N, which sent SQ-32k batches down the pair path)
         any_leaf = sel.any(0)
-        union_size = int(self._leaf_sizes[any_leaf].sum()) + (
-            b * self.rand_blocks * self.block_size if self.rand_blocks else 0)
+        union_size = min(self.memory.n, int(self._leaf_sizes[any_leaf].sum()) + (
+            b * self.rand_blocks * self.block_size if self.rand_blocks else 0))
         if (b * union_size <= self.dense_factor * facts.numel()
                 and union_size * self.memory.d * 4 <= self.dense_union_bytes):
             union = torch.unique(facts)  # (|U|,) sorted fact ids read by some query

@@ -126,3 +126,29 @@ def test_clustered_reader_picks_the_path_by_cost_and_union_size():
     r.dense_union_bytes = 1024  # the union's rows would not fit: pairs whatever the ratio
     r.search(q, 5)
     assert calls == ["pairs"]
+
+
+def test_rand_block_union_bound_is_capped_by_the_memory():
+    """B R block_size can exceed N; the union cannot: small memories keep the dense product."""
+    from hmn.index import build_index_from_vectors
+
+    tables = _tables(seed=7, n=600)
+    fm = FactorisedMemory(*tables)
+    index = build_index_from_vectors(fm, branching=[6, 4], iters=3, seed=0)
+    q = torch.randn(64, fm.d, generator=torch.Generator().manual_seed(2))
+    calls = []
+
+    class Spy(FactMemory):
+        def scores(self, queries, ids=None):
+            calls.append("dense")
+            return super().scores(queries, ids)
+
+        def grouped_scores(self, *a, **kw):
+            calls.append("pairs")
+            return super().grouped_scores(*a, **kw)
+
+    mem = Spy(torch.from_numpy(build_fact_vectors(*tables)))
+    # 64 queries x 4 blocks x 25 facts = 6,400 > 600 facts; pairs read ~ 64 x (3 leaves + 100)
+    r = make_reader("clustered", mem, index, top_clusters=3, rand_blocks=4, block_size=25)
+    r.search(q, 5, generator=torch.Generator().manual_seed(0))
+    assert calls == ["dense"]
