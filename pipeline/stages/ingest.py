@@ -702,12 +702,15 @@ def _halves(n: int, pool) -> list[tuple[int, int]]:
 
 
 def _run_all(pool, fn, pieces) -> None:
-    """``fn(*piece)`` for every piece, on ``pool``'s threads when there is one."""
+    """``fn(*piece)`` for every piece, on ``pool``'s threads when there is one (the last piece
+    in the calling thread, which would otherwise wait idle)."""
     if pool is None or len(pieces) < 2:
         for piece in pieces:
             fn(*piece)
         return
-    for f in [pool.submit(fn, *piece) for piece in pieces]:
+    futures = [pool.submit(fn, *piece) for piece in pieces[:-1]]
+    fn(*pieces[-1])
+    for f in futures:
         f.result()
 
 
