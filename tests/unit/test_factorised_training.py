@@ -100,14 +100,17 @@ def test_clustered_pair_path_equals_the_dense_union_path(rand_blocks, factorised
     assert torch.equal(torch.sort(pairs.ids, 1).values, torch.sort(dense.ids, 1).values)
 
 
-def test_clustered_reader_picks_the_path_by_cost_and_union_size():
+
+def _path_spy(batch: int):
+    """A dense 600-fact memory that records which scoring path the clustered reader takes, its
+    [6, 4] index, `batch` queries and the list of calls."""
     from hmn.index import build_index_from_vectors
 
     tables = _tables(seed=7, n=600)
     fm = FactorisedMemory(*tables)
     index = build_index_from_vectors(fm, branching=[6, 4], iters=3, seed=0)
-    q = torch.randn(9, fm.d, generator=torch.Generator().manual_seed(2))
-    calls = []
+    q = torch.randn(batch, fm.d, generator=torch.Generator().manual_seed(2))
+    calls: list[str] = []
 
     class Spy(FactMemory):
         def scores(self, queries, ids=None):
@@ -118,7 +121,11 @@ def test_clustered_reader_picks_the_path_by_cost_and_union_size():
             calls.append("pairs")
             return super().grouped_scores(*a, **kw)
 
-    mem = Spy(torch.from_numpy(build_fact_vectors(*tables)))
+    return Spy(torch.from_numpy(build_fact_vectors(*tables))), index, q, calls
+
+
+def test_clustered_reader_picks_the_path_by_cost_and_union_size():
+    mem, index, q, calls = _path_spy(9)
     r = make_reader("clustered", mem, index, top_clusters=3)
     r.search(q, 5)  # 9 queries reading 3 of 24 leaves each: B |U| / P well under 32
     assert calls == ["dense"]
@@ -130,24 +137,7 @@ def test_clustered_reader_picks_the_path_by_cost_and_union_size():
 
 def test_rand_block_union_bound_is_capped_by_the_memory():
     """B R block_size can exceed N; the union cannot: small memories keep the dense product."""
-    from hmn.index import build_index_from_vectors
-
-    tables = _tables(seed=7, n=600)
-    fm = FactorisedMemory(*tables)
-    index = build_index_from_vectors(fm, branching=[6, 4], iters=3, seed=0)
-    q = torch.randn(64, fm.d, generator=torch.Generator().manual_seed(2))
-    calls = []
-
-    class Spy(FactMemory):
-        def scores(self, queries, ids=None):
-            calls.append("dense")
-            return super().scores(queries, ids)
-
-        def grouped_scores(self, *a, **kw):
-            calls.append("pairs")
-            return super().grouped_scores(*a, **kw)
-
-    mem = Spy(torch.from_numpy(build_fact_vectors(*tables)))
+    mem, index, q, calls = _path_spy(64)
     # 64 queries x 4 blocks x 25 facts = 6,400 > 600 facts; pairs read ~ 64 x (3 leaves + 100)
     r = make_reader("clustered", mem, index, top_clusters=3, rand_blocks=4, block_size=25)
     r.search(q, 5, generator=torch.Generator().manual_seed(0))
