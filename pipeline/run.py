@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch  # noqa: F401  isort: skip
 
 from hmn.config import ConfigError, RunConfig, describe, dump_config, fingerprint, load_config
-from pipeline.rundir import RunDir, StageResult, write_text_atomic
+from pipeline.rundir import RunDir, StageResult, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("pipeline.run")
 
@@ -65,12 +66,9 @@ def init_ray(cfg: RunConfig) -> None:
     dctx.enable_progress_bars = sys.stderr.isatty()
 
 
-def _digest(path: str, chunk: int = 8 << 20) -> str:
-    h = hashlib.blake2b(digest_size=16)
+def _digest(path: str) -> str:
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
 
 
 def _input_signature(paths: tuple[str, ...], cache: Path | None = None) -> list:
@@ -80,8 +78,6 @@ def _input_signature(paths: tuple[str, ...], cache: Path | None = None) -> list:
     shared data, a restored backup) reuses the finished stages. Digests are cached in ``cache``
     under (path, size, mtime), so an unchanged file is read once (about 1 s per GB).
     """
-    import json
-
     known = {}
     if cache is not None and cache.exists():
         try:
@@ -103,8 +99,6 @@ def _input_signature(paths: tuple[str, ...], cache: Path | None = None) -> list:
             known[real], changed = entry, True
         sig.append([real, st.st_size, entry["digest"]])
     if cache is not None and changed:
-        from pipeline.rundir import write_json_atomic
-
         cache.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(cache, known)
     return sig
@@ -229,15 +223,11 @@ class Pipeline:
         return self.results
 
     def _embeddings_fingerprint(self) -> str:
-        import json
-
         stats = json.loads((self.run.stage_dir("embed") / "stats.json").read_text())
         return stats["fingerprint"]
 
 
 def write_report(run: RunDir, results: dict[str, StageResult]) -> str:
-    import json
-
     from pipeline.stages.evaluate import results_table
 
     report = json.loads((run.stage_dir("evaluate") / "report.json").read_text())
