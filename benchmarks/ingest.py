@@ -169,6 +169,9 @@ def _loadavg() -> list[float]:
 
 
 def main() -> int:
+    from hmn.alloc import single_arena_exec, tuned
+
+    single_arena_exec()  # as `python -m pipeline.run` does (hmn.alloc); HMN_ALLOCATOR=default: off
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--facts-file", help="grouped-facts file (default: generate one)")
     parser.add_argument("--facts", type=int, default=10_800_000, help="facts to generate")
@@ -260,6 +263,7 @@ def main() -> int:
         "parse_in": args.parse_in,
         "parsed_in": stats.get("parsed_in"),
         "ray_num_cpus": args.num_cpus,
+        "single_arena": tuned(),
         "cores": os.cpu_count(),
         "loadavg_raw": load_raw,
         "loadavg_ingest_start": load_before,

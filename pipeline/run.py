@@ -23,6 +23,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+if __name__ == "__main__":  # before any import that starts threads: see hmn.alloc
+    from hmn.alloc import single_arena_exec
+
+    single_arena_exec()
+
 # torch must be loaded before Ray connects: inside a Jobs-API driver, importing torch after
 # ray.init() intermittently fails with "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"
 # (reproduced on a two-node local cluster with `import ray; ray.init(); import torch`).

@@ -77,6 +77,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hmn import formats, ids
+from hmn.alloc import reuse_memory
 
 logger = logging.getLogger(__name__)
 
@@ -1026,8 +1027,16 @@ def run_ingest(
     the stats, also written to ``out_dir/stats.json``. Raises ``ValueError`` when a source's
     malformed-line rate exceeds ``max_reject_rate`` (``rejects.parquet`` is written first, for
     inspection). ``parse_in``: where the chunks are parsed, "auto", "driver" (this process's
-    threads) or "ray" (Ray Data tasks); see the module docstring.
+    threads) or "ray" (Ray Data tasks); see the module docstring. The allocators keep freed
+    memory for reuse meanwhile (:func:`hmn.alloc.reuse_memory`).
     """
+    with reuse_memory():
+        return _run_ingest(sources, out_dir, max_reject_rate, chunk_lines, parse_in)
+
+
+def _run_ingest(
+    sources: IngestSources, out_dir: str, max_reject_rate: float, chunk_lines: int, parse_in: str
+) -> dict:
     t0 = time.perf_counter()
     if not 0.0 <= max_reject_rate <= 1.0:
         raise ValueError(f"ingest.max_reject_rate={max_reject_rate}: must be in [0, 1]")
