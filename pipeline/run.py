@@ -157,9 +157,13 @@ class Pipeline:
                              rdf_names=d.rdf_names, rdf_language=d.rdf_language)
 
     def execute(self, until: str | None = None) -> dict[str, StageResult]:
-        """Run the stages in order; `until` stops after that stage."""
+        """Run the stages in order; `until` stops after that stage (default: the last stage of
+        `only`, so that `--stages ingest` does not ask for the stages after it)."""
         if until is not None and until not in STAGES:
             raise ValueError(f"until={until!r}: unknown stage; known: {', '.join(STAGES)}")
+        if self.only:
+            last = max(self.only, key=STAGES.index)
+            until = last if until is None else min(until, last, key=STAGES.index)
         cfg, run = self.cfg, self.run
         write_text_atomic(run.root / "config.resolved.yaml", dump_config(cfg))
 
@@ -177,6 +181,8 @@ class Pipeline:
             upstream = fingerprint("files", _input_signature(
                 d.facts + d.names + d.questions_train + d.questions_dev + d.questions_test + extra,
                 run.root / ".input-digests.json"))
+        if until == "generate":  # (no generate stage for data.source=files)
+            return self.results
 
         # ingest (Ray Data)
         from pipeline.stages.ingest import run_ingest

@@ -82,6 +82,24 @@ def test_rerun_skips_finished_stages(smoke_run):
     assert all(r.skipped for r in again.values())
 
 
+def test_stages_subset_stops_after_its_last_stage(smoke_run, tmp_path):
+    cfg, run, _ = smoke_run
+    # a fresh run directory: --stages generate,ingest runs those two and asks nothing of embed
+    fresh = RunDir(tmp_path / "subset")
+    results = Pipeline(cfg, fresh, only=("ingest", "generate")).execute()
+    assert list(results) == ["generate", "ingest"]
+    assert not any(r.skipped for r in results.values())
+    assert fresh.is_done("ingest", fresh.manifest()["stages"]["ingest"]["fingerprint"])
+    assert not fresh.stage_dir("embed").exists()
+    # a stage whose upstream is missing still says which one
+    with pytest.raises(RuntimeError, match="stage 'generate' is needed"):
+        Pipeline(cfg, RunDir(tmp_path / "other"), only=("memory",)).execute()
+    # on the finished run, --stages memory skips memory and stops there
+    again = Pipeline(cfg, run, only=("memory",)).execute()
+    assert list(again) == ["generate", "ingest", "embed", "memory"]
+    assert all(r.skipped for r in again.values())
+
+
 def test_batch_evaluation_counts_unknowns(smoke_run, tmp_path, capsys):
     from pipeline import evaluate
 
