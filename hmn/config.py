@@ -202,6 +202,9 @@ class MemoryConfig:
                                           "(2.3x faster on CPUs with AVX512-BF16, tensor cores on "
                                           "GPU; sums and objective stay exact) or 'auto' (bfloat16 "
                                           "where the hardware has it)")
+    max_leaf_size: int = _f(0, "split every leaf of more facts than this by a k-means of its facts "
+                               "(leaves under the same parent), so no query reads an oversized "
+                               "leaf; 0 = keep k-means' leaves", stable=True)
     seed: int = _f(0, "seed")
 
     def validate(self) -> None:
@@ -216,6 +219,7 @@ class MemoryConfig:
                "must be 'kmeans++' or 'sample'")
         _check(self.num_shards > 0, s, "num_shards", self.num_shards, "must be > 0")
         _check(self.fit_sample >= 0, s, "fit_sample", self.fit_sample, "must be >= 0")
+        _check(self.max_leaf_size >= 0, s, "max_leaf_size", self.max_leaf_size, "must be >= 0")
         _check(self.layout in ("auto", "dense", "factorised"), s, "layout", self.layout,
                "must be 'auto', 'dense' or 'factorised'")
         _check(self.dense_limit_gb > 0, s, "dense_limit_gb", self.dense_limit_gb, "must be > 0")
@@ -527,9 +531,29 @@ def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
+def _fingerprinted(cfg: Any) -> dict[str, Any]:
+    """``config_to_dict`` less the fields marked ``stable`` that hold their default: a field
+    added to a section with a default that keeps the old behaviour leaves the fingerprints of
+    existing runs (and so their finished stages) as they were."""
+    plain = config_to_dict(cfg)
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out[f.name] = _fingerprinted(v)
+        elif not (f.metadata.get("stable") and v == _default(f)):
+            out[f.name] = plain[f.name]
+    return out
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
 def fingerprint(*parts: Any) -> str:
-    """Short stable hash of JSON-able parts (config sections, upstream fingerprints)."""
-    blob = json.dumps([config_to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts],
+    """Short stable hash of JSON-able parts (config sections, upstream fingerprints); config
+    fields marked ``stable`` count only when they differ from their default."""
+    blob = json.dumps([_fingerprinted(p) if dataclasses.is_dataclass(p) else p for p in parts],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -314,6 +314,7 @@ def build_index_on_ray(
     refine_leaves: int = 0,
     fit_sample: int = 0,
     precision: str = "float32",
+    max_leaf_size: int = 0,
 ) -> ClusterIndex:
     """``hmn.index.build_index`` with the memory split over ``num_shards`` Ray actors.
 
@@ -395,6 +396,7 @@ def build_index_on_ray(
             batched_levels=batched_levels,
             refine_leaves=refine_leaves,
             fit_sample=fit_sample,
+            max_leaf_size=max_leaf_size,
         )
     finally:
         for a in actors:

@@ -91,3 +91,17 @@ def test_shard_actor_threads_follow_its_cpus_and_refined_build_matches(ray_local
     for a, b in zip(got.centroids, ref.centroids):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert (got.fact_leaf == ref.fact_leaf).mean() > 0.999
+
+
+def test_ray_build_with_split_leaves_matches_in_memory(ray_local):
+    rng = np.random.default_rng(5)
+    blob = rng.standard_normal((900, 8)) * 0.2 + 3 * np.eye(8)[0]  # one oversized leaf
+    x = np.concatenate([blob, rng.standard_normal((600, 8))]).astype(np.float32)
+    ref = build_index_from_vectors(x, branching=[3, 2], seed=0, iters=6, max_leaf_size=150)
+    got = build_index_on_ray(x, num_shards=2, branching=[3, 2], seed=0, iters=6, max_leaf_size=150)
+    assert got.stats["levels"][-1]["level"] == "split"
+    assert got.num_leaves == ref.num_leaves > 6
+    assert (got.parents[-1] == ref.parents[-1]).all()
+    for a, b in zip(got.centroids, ref.centroids):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert (got.fact_leaf == ref.fact_leaf).mean() > 0.999

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from hmn.config import (
@@ -102,3 +104,21 @@ def test_inference_spends_the_training_read_budget_on_top_clusters():
     assert cfg.reader.params("clustered", training=True)["top_clusters"] == 3
     infer = cfg.reader.params("clustered", training=False)
     assert infer["top_clusters"] == 6 and infer["sample_clusters"] == 0 and infer["rand_blocks"] == 0
+
+
+def test_stable_fields_count_in_the_fingerprint_only_off_their_default():
+    from hmn.config import MemoryConfig, config_to_dict, fingerprint
+
+    cfg = MemoryConfig()
+    plain = config_to_dict(cfg)
+    assert plain["max_leaf_size"] == 0
+    without = {k: v for k, v in plain.items() if k != "max_leaf_size"}
+    # a run made before the field existed keeps its fingerprint (and its finished stages)
+    assert fingerprint("memory", cfg, "up") == fingerprint("memory", without, "up")
+    changed = dataclasses.replace(cfg, max_leaf_size=1000)
+    assert fingerprint("memory", changed, "up") != fingerprint("memory", cfg, "up")
+    assert fingerprint("memory", changed, "up") == fingerprint(
+        "memory", {**without, "max_leaf_size": 1000}, "up")
+    # fields not marked stable always count
+    assert fingerprint("memory", dataclasses.replace(cfg, seed=0), "up") != fingerprint(
+        "memory", {k: v for k, v in plain.items() if k != "seed"}, "up")
