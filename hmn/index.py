@@ -53,6 +53,7 @@ __all__ = [
     "FactorisedDataFactory",
     "InMemoryDataFactory",
     "build_index",
+    "split_leaves",
     "check_branching",
     "check_subset_ids",
     "build_index_from_vectors",
@@ -862,6 +863,44 @@ def build_index(    data_factory: DataFactory,
         fact_leaf=fact_cluster,
         stats=stats,
     )
+
+
+def split_leaves(
+    index: ClusterIndex,
+    data_factory: DataFactory,
+    max_leaf_size: int,
+    *,
+    iters: int = 20,
+    tol: float = 1e-4,
+    seed: int = 0,
+    init: str = "kmeans++",
+    progress: Callable[[dict], None] | None = None,
+) -> ClusterIndex:
+    """A copy of ``index`` whose leaves of more than ``max_leaf_size`` facts are split (what
+    ``build_index(max_leaf_size=...)`` does as its last step, see :func:`_split_leaves`), for an
+    index that is already built. ``data_factory`` must serve the facts the index was built on."""
+    if isinstance(max_leaf_size, bool) or not isinstance(max_leaf_size, numbers.Integral) or (
+        max_leaf_size < 1
+    ):
+        raise ValueError(f"max_leaf_size={max_leaf_size!r}: must be an integer >= 1")
+    n = getattr(data_factory, "n", None)
+    if n is not None and n != index.n:
+        raise ValueError(f"data_factory gives {n} facts, the index has {index.n}")
+    t0 = time.perf_counter()
+    before = _sizes(index.leaf_sizes())
+    fact_leaf, centroids, parents, rounds = _split_leaves(
+        data_factory, index.transform, index.centroids, index.parents, index.fact_leaf,
+        int(max_leaf_size), iters=iters, tol=tol, seed=seed, init=init, progress=progress,
+    )  # fmt: skip
+    sizes = _sizes(np.bincount(fact_leaf, minlength=centroids[-1].shape[0]))
+    stats = dict(index.stats)
+    stats["levels"] = [*stats.get("levels", []), {
+        "level": "split", "max_leaf_size": int(max_leaf_size),
+        "num_clusters": int(centroids[-1].shape[0]), "sizes_before": before, "sizes": sizes,
+        "rounds": rounds, "seconds": time.perf_counter() - t0}]  # fmt: skip
+    stats["max_leaf_size"] = int(max_leaf_size)
+    stats["leaf_sizes"] = sizes
+    return ClusterIndex(index.transform, centroids, parents, fact_leaf, stats)
 
 
 def build_index_from_vectors(
