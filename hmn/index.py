@@ -447,9 +447,9 @@ def _split_leaves(
     and with k-means' uneven leaves (FB2M: mean 331 facts, largest 12,809) the queries that land
     in big leaves read many times the mean. All big leaves of a round are clustered in one
     grouped k-means (:func:`~hmn.kmeans.grouped_spherical_kmeans`: ``iters`` passes over their
-    facts only). The final assignment may leave a few leaves slightly over the cap (reported);
-    a leaf whose k-means keeps at least 90% of its facts together (identical facts) is not split
-    further. A split leaf's first piece keeps its number, the others are new leaves; the leaves
+    facts only). The final assignment may leave some leaves over the cap (reported), as may
+    the rounds' limit for very concentrated leaves (FB2M: many facts of one subject); a leaf
+    whose k-means separates no fact at all (identical facts) is not split again. A split leaf's first piece keeps its number, the others are new leaves; the leaves
     are then renumbered so that each parent's children stay contiguous. Upper levels are
     unchanged (a parent's subtree holds the same facts).
 
@@ -496,7 +496,7 @@ def _split_leaves(
         origin = np.concatenate([origin, origin[owner]])
         fact_leaf[ids] = new_leaf[res.assignments]
         largest = np.maximum.reduceat(np.bincount(res.assignments, minlength=new_leaf.size), first)
-        whole = largest >= 0.9 * sizes[big]
+        whole = largest == sizes[big]  # k-means could not separate any fact
         stuck = np.concatenate([stuck, np.zeros(n_new, dtype=bool)])
         stuck[big[whole]] = True
         stats.append({"round": r, "split": int(big.size), "facts": int(ids.size),
