@@ -828,7 +828,8 @@ def build_index(    data_factory: DataFactory,
         )
         logger.info(
             "index: leaves over %d facts split in %d rounds: %d leaves, sizes %s",
-            max_leaf_size, len(split_stats), centroids[-1].shape[0], level_stats[-1]["sizes"],
+            max_leaf_size, sum(r["round"] != "assign" for r in split_stats), centroids[-1].shape[0],
+            level_stats[-1]["sizes"],
         )  # fmt: skip
 
     stats = {
