@@ -354,6 +354,24 @@ def _sizes(counts: np.ndarray) -> dict[str, Any]:
     }
 
 
+def _grouped_kmeans(
+    data_factory: DataFactory,
+    transform: MipsTransform,
+    ids: np.ndarray | None,
+    groups: np.ndarray,
+    ks: np.ndarray,
+    seeds: np.ndarray,
+    **kw: Any,
+):
+    """:func:`~hmn.kmeans.grouped_spherical_kmeans` over the facts ``ids`` (None: all), grouped
+    by ``groups``, ``ks[g]`` clusters and seed ``seeds[g]`` per group; the view is closed after."""
+    data = data_factory(transform, ids, groups=groups)
+    try:
+        return grouped_spherical_kmeans(data, ks, group_seeds=seeds, **kw)
+    finally:
+        _close(data)
+
+
 def _grouped_level(
     data_factory: DataFactory,
     transform: MipsTransform,
@@ -381,13 +399,8 @@ def _grouped_level(
     sizes = np.bincount(fit_cluster, minlength=c_prev)  # (C_prev,)
     ks = np.minimum(branching, sizes)  # 0 for empty parents
     seeds = np.array([_child_seed(seed, level, p) for p in range(c_prev)], dtype=np.uint64)
-    data = data_factory(transform, fit_ids, groups=fit_cluster)
-    try:
-        res = grouped_spherical_kmeans(
-            data, ks, iters=iters, tol=tol, init=init, progress=progress, group_seeds=seeds
-        )
-    finally:
-        _close(data)
+    res = _grouped_kmeans(data_factory, transform, fit_ids, fit_cluster, ks, seeds, iters=iters,
+                          tol=tol, init=init, progress=progress)  # fmt: skip
     # Insert one child (a copy of the parent's centroid) for every empty parent.
     kk = np.maximum(ks, 1)  # children per parent in the output
     out_off = np.concatenate([[0], np.cumsum(kk)])
@@ -474,13 +487,8 @@ def _split_leaves(
         groups = np.searchsorted(big, fact_leaf[ids])  # (n_big,) position of the leaf in `big`
         ks = np.minimum(-(-sizes[big] // max_leaf_size), sizes[big])  # (G,) >= 2
         seeds = np.array([_child_seed(seed, 1000 + r, int(leaf)) for leaf in big], dtype=np.uint64)
-        data = data_factory(transform, ids, groups=groups)
-        try:
-            res = grouped_spherical_kmeans(
-                data, ks, iters=iters, tol=tol, init=init, progress=progress, group_seeds=seeds
-            )
-        finally:
-            _close(data)
+        res = _grouped_kmeans(data_factory, transform, ids, groups, ks, seeds, iters=iters,
+                              tol=tol, init=init, progress=progress)  # fmt: skip
         offsets = np.concatenate([[0], np.cumsum(ks)])
         first = offsets[:-1]
         rest = np.ones(int(offsets[-1]), dtype=bool)
