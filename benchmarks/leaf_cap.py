@@ -39,6 +39,7 @@ from hmn.index import (  # noqa: E402
     InMemoryDataFactory,
     split_leaves,
 )
+from hmn.kmeans import imbalance_factor  # noqa: E402
 from hmn.memory import FactorisedMemory  # noqa: E402
 from hmn.readers import make_reader, recall_at_k  # noqa: E402
 from hmn.training import iterate_batches  # noqa: E402
@@ -79,7 +80,7 @@ def leaf_stats(index: ClusterIndex) -> dict:
         "max": int(sizes.max()),
         # the size of the leaf a random fact sits in (what a query landing near it pays)
         "fact_weighted_mean": float((sizes.astype(np.float64) ** 2).sum() / n),
-        "imbalance": float(index.num_leaves * (sizes.astype(np.float64) ** 2).sum() / n**2),
+        "imbalance": imbalance_factor(sizes),
     }
 
 

@@ -508,7 +508,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
-def config_to_dict(cfg: Any) -> dict[str, Any]:
+def config_to_dict(cfg: Any, *, omit_stable_defaults: bool = False) -> dict[str, Any]:
+    """The config as plain data (tuples as lists). With ``omit_stable_defaults`` (what
+    :func:`fingerprint` hashes) the fields marked ``stable`` that hold their default are left
+    out: a field added to a section with a default that keeps the old behaviour leaves the
+    fingerprints of existing runs (and so their finished stages) as they were."""
+
     def plain(v: Any) -> Any:
         if isinstance(v, tuple):
             return [plain(x) for x in v]
@@ -517,8 +522,15 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in fields(cfg):
         v = getattr(cfg, f.name)
-        out[f.name] = config_to_dict(v) if dataclasses.is_dataclass(v) else plain(v)
+        if dataclasses.is_dataclass(v):
+            out[f.name] = config_to_dict(v, omit_stable_defaults=omit_stable_defaults)
+        elif not (omit_stable_defaults and f.metadata.get("stable") and v == _default(f)):
+            out[f.name] = plain(v)
     return out
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def config_from_dict(tree: dict[str, Any]) -> RunConfig:
@@ -531,29 +543,11 @@ def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
-def _fingerprinted(cfg: Any) -> dict[str, Any]:
-    """``config_to_dict`` less the fields marked ``stable`` that hold their default: a field
-    added to a section with a default that keeps the old behaviour leaves the fingerprints of
-    existing runs (and so their finished stages) as they were."""
-    plain = config_to_dict(cfg)
-    out: dict[str, Any] = {}
-    for f in fields(cfg):
-        v = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(v):
-            out[f.name] = _fingerprinted(v)
-        elif not (f.metadata.get("stable") and v == _default(f)):
-            out[f.name] = plain[f.name]
-    return out
-
-
-def _default(f: dataclasses.Field) -> Any:
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
-
-
 def fingerprint(*parts: Any) -> str:
     """Short stable hash of JSON-able parts (config sections, upstream fingerprints); config
     fields marked ``stable`` count only when they differ from their default."""
-    blob = json.dumps([_fingerprinted(p) if dataclasses.is_dataclass(p) else p for p in parts],
+    blob = json.dumps([config_to_dict(p, omit_stable_defaults=True)
+                       if dataclasses.is_dataclass(p) else p for p in parts],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -462,9 +462,10 @@ def _split_leaves(
     grouped k-means (:func:`~hmn.kmeans.grouped_spherical_kmeans`: ``iters`` passes over their
     facts only). The final assignment may leave some leaves over the cap (reported), as may
     the rounds' limit for very concentrated leaves (FB2M: many facts of one subject); a leaf
-    whose k-means separates no fact at all (identical facts) is not split again. A split leaf's first piece keeps its number, the others are new leaves; the leaves
-    are then renumbered so that each parent's children stay contiguous. Upper levels are
-    unchanged (a parent's subtree holds the same facts).
+    whose k-means separates no fact at all (identical facts) is not split again. A split leaf's
+    first piece keeps its number, the others are new leaves; the leaves are then renumbered so
+    that each parent's children stay contiguous. Upper levels are unchanged (a parent's subtree
+    holds the same facts).
 
     Returns (fact -> leaf, centroids per level, parents per level, per-round stats).
     """
@@ -540,6 +541,39 @@ def _split_leaves(
     out_centroids = [*centroids[:-1], leaves[torch.from_numpy(perm)]]
     out_parents = [*parents[:-1], leaf_parent[perm]] if parents else []
     return inverse[fact_leaf], out_centroids, out_parents, stats
+
+
+def _split_level(
+    data_factory: DataFactory,
+    transform: MipsTransform,
+    centroids: list[torch.Tensor],
+    parents: list[np.ndarray],
+    fact_leaf: np.ndarray,
+    max_leaf_size: int,
+    **kw: Any,
+) -> tuple[np.ndarray, list[torch.Tensor], list[np.ndarray], dict]:
+    """:func:`_split_leaves` plus its entry in the index's ``levels`` stats (sizes before and
+    after, rounds, seconds)."""
+    t0 = time.perf_counter()
+    before = _sizes(np.bincount(fact_leaf, minlength=centroids[-1].shape[0]))
+    fact_leaf, centroids, parents, rounds = _split_leaves(
+        data_factory, transform, centroids, parents, fact_leaf, int(max_leaf_size), **kw
+    )
+    level = {
+        "level": "split",
+        "max_leaf_size": int(max_leaf_size),
+        "num_clusters": int(centroids[-1].shape[0]),
+        "sizes_before": before,
+        "sizes": _sizes(np.bincount(fact_leaf, minlength=centroids[-1].shape[0])),
+        "rounds": rounds,
+        "seconds": time.perf_counter() - t0,
+    }
+    logger.info(
+        "index: leaves over %d facts split in %d rounds: %d leaves, sizes %s",
+        max_leaf_size, sum(r["round"] != "assign" for r in rounds), level["num_clusters"],
+        level["sizes"],
+    )  # fmt: skip
+    return fact_leaf, centroids, parents, level
 
 
 def _refine_leaves(
@@ -817,28 +851,11 @@ def build_index(    data_factory: DataFactory,
         )
 
     if max_leaf_size > 0:
-        t0 = time.perf_counter()
-        before = _sizes(np.bincount(fact_cluster, minlength=centroids[-1].shape[0]))
-        fact_cluster, centroids, parents, split_stats = _split_leaves(
-            data_factory, transform, centroids, parents, fact_cluster, int(max_leaf_size),
+        fact_cluster, centroids, parents, split_level = _split_level(
+            data_factory, transform, centroids, parents, fact_cluster, max_leaf_size,
             iters=iters, tol=tol, seed=seed, init=init, progress=reporter(len(centroids), -1),
         )  # fmt: skip
-        level_stats.append(
-            {
-                "level": "split",
-                "max_leaf_size": int(max_leaf_size),
-                "num_clusters": int(centroids[-1].shape[0]),
-                "sizes_before": before,
-                "sizes": _sizes(np.bincount(fact_cluster, minlength=centroids[-1].shape[0])),
-                "rounds": split_stats,
-                "seconds": time.perf_counter() - t0,
-            }
-        )
-        logger.info(
-            "index: leaves over %d facts split in %d rounds: %d leaves, sizes %s",
-            max_leaf_size, sum(r["round"] != "assign" for r in split_stats), centroids[-1].shape[0],
-            level_stats[-1]["sizes"],
-        )  # fmt: skip
+        level_stats.append(split_level)
 
     stats = {
         "n": int(n),
@@ -895,20 +912,14 @@ def split_leaves(
     n = getattr(data_factory, "n", None)
     if n is not None and n != index.n:
         raise ValueError(f"data_factory gives {n} facts, the index has {index.n}")
-    t0 = time.perf_counter()
-    before = _sizes(index.leaf_sizes())
-    fact_leaf, centroids, parents, rounds = _split_leaves(
+    fact_leaf, centroids, parents, split_level = _split_level(
         data_factory, index.transform, index.centroids, index.parents, index.fact_leaf,
-        int(max_leaf_size), iters=iters, tol=tol, seed=seed, init=init, progress=progress,
+        max_leaf_size, iters=iters, tol=tol, seed=seed, init=init, progress=progress,
     )  # fmt: skip
-    sizes = _sizes(np.bincount(fact_leaf, minlength=centroids[-1].shape[0]))
     stats = dict(index.stats)
-    stats["levels"] = [*stats.get("levels", []), {
-        "level": "split", "max_leaf_size": int(max_leaf_size),
-        "num_clusters": int(centroids[-1].shape[0]), "sizes_before": before, "sizes": sizes,
-        "rounds": rounds, "seconds": time.perf_counter() - t0}]  # fmt: skip
+    stats["levels"] = [*stats.get("levels", []), split_level]
     stats["max_leaf_size"] = int(max_leaf_size)
-    stats["leaf_sizes"] = sizes
+    stats["leaf_sizes"] = split_level["sizes"]
     return ClusterIndex(index.transform, centroids, parents, fact_leaf, stats)
 
 
