@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -190,8 +190,6 @@ class MemoryConfig:
     tol: float = _f(1e-4, "stop when the relative objective change is below this")
     init: str = _f("kmeans++", "centroid initialisation: 'kmeans++' or 'sample'")
     num_shards: int = _f(2, "Ray actors holding a shard of the memory during k-means")
-    batched_levels: bool = _f(True, "cluster all parents of a hierarchical level in one grouped "
-                                    "k-means (iters passes per level, not one k-means per parent)")
     fit_sample: int = _f(0, "fit every level's k-means on a seeded sample of this many facts, then "
                             "assign all facts in one pass (0 = iterate over all facts)")
     layout: str = _f("auto", "'dense' (memory/facts.npy, N x D float32), 'factorised' (entity, "
@@ -206,6 +204,9 @@ class MemoryConfig:
                                "(leaves under the same parent), so no query reads an oversized "
                                "leaf; 0 = keep k-means' leaves", stable=True)
     seed: int = _f(0, "seed")
+
+    # removed settings: every hierarchical level is one grouped k-means over all its parents
+    RETIRED: ClassVar[dict[str, Any]] = {"batched_levels": True}
 
     def validate(self) -> None:
         s = "memory"
@@ -458,12 +459,23 @@ def _convert(path: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{path}: unsupported field type {tp!r}")
 
 
+def _retired(cls: type) -> dict[str, Any]:
+    """A section's removed fields and the one value each still stands for (``RETIRED``)."""
+    return getattr(cls, "RETIRED", {})
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     hints = _section_types(cls)
     known = [f.name for f in fields(cls)]
     kwargs = {}
     for key, value in values.items():
         path = f"{prefix}.{key}" if prefix else key
+        if key in _retired(cls) and key not in hints:
+            kept = _retired(cls)[key]
+            if value != kept:
+                raise ConfigError(f"{path}={value!r}: this setting was removed; the pipeline "
+                                  f"always behaves as {path}={kept!r} now")
+            continue
         if key not in hints:
             raise ConfigError(f"unknown key {path!r}; known keys here: {', '.join(known)}")
         kwargs[key] = _convert(path, value, hints[key])
@@ -512,7 +524,9 @@ def config_to_dict(cfg: Any, *, omit_stable_defaults: bool = False) -> dict[str,
     """The config as plain data (tuples as lists). With ``omit_stable_defaults`` (what
     :func:`fingerprint` hashes) the fields marked ``stable`` that hold their default are left
     out: a field added to a section with a default that keeps the old behaviour leaves the
-    fingerprints of existing runs (and so their finished stages) as they were."""
+    fingerprints of existing runs (and so their finished stages) as they were. For the same
+    reason a section's ``RETIRED`` fields (removed settings, each with the one value the code
+    still implements) are hashed as if present."""
 
     def plain(v: Any) -> Any:
         if isinstance(v, tuple):
@@ -526,6 +540,9 @@ def config_to_dict(cfg: Any, *, omit_stable_defaults: bool = False) -> dict[str,
             out[f.name] = config_to_dict(v, omit_stable_defaults=omit_stable_defaults)
         elif not (omit_stable_defaults and f.metadata.get("stable") and v == _default(f)):
             out[f.name] = plain(v)
+    if omit_stable_defaults:
+        # a removed field is hashed at the value it stood for, so existing runs stay valid
+        out.update({k: plain(v) for k, v in _retired(type(cfg)).items()})
     return out
 
 

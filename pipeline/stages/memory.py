@@ -73,7 +73,7 @@ def run_memory(cfg: MemoryConfig, ingest_dir: Path, embed_dir: Path, embed_finge
 
     index = build_index_on_ray(data, num_shards=cfg.num_shards, branching=list(cfg.branching), U=cfg.U,
                                m=cfg.m, iters=cfg.iters, tol=cfg.tol, seed=cfg.seed, init=cfg.init,
-                               progress=progress, batched_levels=cfg.batched_levels,
+                               progress=progress, batched_levels=True,
                                fit_sample=cfg.fit_sample, precision=cfg.kmeans_precision,
                                max_leaf_size=cfg.max_leaf_size)
     index.stats["embeddings_fingerprint"] = embed_fingerprint

@@ -115,7 +115,7 @@ def test_stable_fields_count_in_the_fingerprint_only_off_their_default():
     from hmn.config import MemoryConfig, config_to_dict, fingerprint
 
     cfg = MemoryConfig()
-    plain = config_to_dict(cfg)
+    plain = {**config_to_dict(cfg), **MemoryConfig.RETIRED}
     assert plain["max_leaf_size"] == 0
     without = {k: v for k, v in plain.items() if k != "max_leaf_size"}
     # a run made before the field existed keeps its fingerprint (and its finished stages)
@@ -127,3 +127,14 @@ def test_stable_fields_count_in_the_fingerprint_only_off_their_default():
     # fields not marked stable always count
     assert fingerprint("memory", dataclasses.replace(cfg, seed=0), "up") != fingerprint(
         "memory", {k: v for k, v in plain.items() if k != "seed"}, "up")
+
+
+def test_retired_field_accepts_its_value_rejects_others_and_keeps_fingerprints():
+    from hmn.config import MemoryConfig, config_to_dict, fingerprint
+
+    assert load_config(overrides=["memory.batched_levels=true"]) == load_config()
+    with pytest.raises(ConfigError, match="memory.batched_levels=False: this setting was removed"):
+        load_config(overrides=["memory.batched_levels=false"])
+    assert "batched_levels" not in config_to_dict(MemoryConfig())
+    assert config_to_dict(MemoryConfig(), omit_stable_defaults=True)["batched_levels"] is True
+    assert fingerprint(MemoryConfig()) != fingerprint(MemoryConfig(seed=1))
