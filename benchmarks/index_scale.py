@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hmn.index import FactorisedDataFactory, build_index  # noqa: E402
+from hmn.index import FactorisedDataFactory, IndexSpec, build_index  # noqa: E402
 from hmn.memory import FactorisedMemory  # noqa: E402
 
 
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  level {s['level']} parent {s['parent']} iter {s['iteration']}: "
                 f"{s['seconds']:.1f}s obj {s['objective']:.1f} (load {os.getloadavg()[0]:.1f})")
 
+    spec = IndexSpec(branching=tuple(args.branching), iters=args.iters)
     t0 = time.perf_counter()
     if args.ray:
         import ray
@@ -83,13 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
         try:
-            index = build_index_on_ray(mem, num_shards=2, branching=args.branching,
-                                       iters=args.iters, progress=progress)
+            index = build_index_on_ray(mem, spec, num_shards=2, progress=progress)
         finally:
             ray.shutdown()
     else:
-        index = build_index(FactorisedDataFactory(mem, chunk=args.chunk), n=mem.n,
-                            branching=args.branching, iters=args.iters, progress=progress)
+        index = build_index(FactorisedDataFactory(mem, chunk=args.chunk), spec, progress)
     out["index_seconds"] = time.perf_counter() - t0
     loads.append(os.getloadavg())
     out["level_seconds"] = [lv["seconds"] for lv in index.stats["levels"]]

@@ -1,7 +1,7 @@
 """Ingest throughput and memory at FB2M scale, against the raw upper bound.
 
     python benchmarks/ingest.py [--facts-file FILE | --facts 10800000] [--work DIR]
-        [--parse-in auto|driver|ray] [--out benchmarks/out/ingest.json]
+        [--out benchmarks/out/ingest.json]
 
 Without ``--facts-file`` a synthetic FB2M-like ``kb.txt`` (``python -m hmn.synthetic --facts N``)
 is generated into ``--work`` (reused when present). Then, in the same run:
@@ -12,9 +12,8 @@ is generated into ``--work`` (reused when present). Then, in the same run:
    faster run is the bound (on a shared machine a single short run swings with the load);
 2. the ingest stage (``pipeline.stages.ingest.run_ingest``) with a local Ray started as in a
    pipeline run (one logical CPU per core), the file alone as the facts source, into a fresh
-   folder (``ray.init`` and a warm-up job that starts the workers are not timed). ``--parse-in``
-   is passed to the stage: "auto" (the default) parses in the driver's threads on this single
-   node, "ray" forces Ray Data tasks (the multi-node path).
+   folder (``ray.init`` and a warm-up job that starts the workers are not timed). On this single
+   node the stage parses in the driver's threads (``parsed_in`` in the result).
 
 Peak memory: a sampler thread reads, every 0.2 s, ``/proc/<pid>/smaps_rollup`` of this process
 and of every descendant (Ray's GCS, raylet and workers are children of this driver) and keeps
@@ -178,8 +177,6 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/hmn-bench-ingest", help="work folder")
     parser.add_argument("--chunk-lines", type=int, default=1_000_000, help="lines per parse task")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2, help="Ray CPUs")
-    parser.add_argument("--parse-in", default="auto", choices=["auto", "driver", "ray"],
-                        help="where the stage parses (run_ingest's parse_in)")
     parser.add_argument("--out", help="also write the result JSON to this file")
     args = parser.parse_args()
     work = Path(args.work)
@@ -226,7 +223,7 @@ def main() -> int:
     cpu0 = _tree_cpu_seconds()
     t0 = time.perf_counter()
     stats = run_ingest(IngestSources(facts=[str(kb)], facts_format="grouped"), str(out_dir),
-                       chunk_lines=args.chunk_lines, parse_in=args.parse_in)  # fmt: skip
+                       chunk_lines=args.chunk_lines)  # fmt: skip
     seconds = time.perf_counter() - t0
     cpu_seconds = _tree_cpu_seconds() - cpu0
     load_after = _loadavg()
@@ -260,7 +257,6 @@ def main() -> int:
         "relations": stats["totals"]["relations"],
         "facts": stats["totals"]["facts"],
         "chunk_lines": args.chunk_lines,
-        "parse_in": args.parse_in,
         "parsed_in": stats.get("parsed_in"),
         "ray_num_cpus": args.num_cpus,
         "single_arena": tuned(),

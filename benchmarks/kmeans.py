@@ -124,13 +124,14 @@ def run_ray(x: np.ndarray, k: int, iters: int, seed: int, actors: int, cpus: int
     t_setup = time.perf_counter()
     for s in range(actors):
         ref = ray.put(x[bounds[s] : bounds[s + 1]])
-        handles.append(remote.remote(ref, int(bounds[s]), threads=cpus, precision=precision))
+        handles.append(remote.remote(ref, int(bounds[s]), threads=cpus))
         del ref  # the actor copies its shard into its heap; the object store copy is released
     threads = ray.get([a.num_threads.remote() for a in handles])
     setup = time.perf_counter() - t_setup
     try:
         factory = RayShardedDataFactory(handles, bounds[:-1], x.shape[0], x.shape[1])
-        data = factory(None, None)  # rows as given (already unit: used in place by the actors)
+        # rows as given (already unit: used in place by the actors)
+        data = factory(None, None, precision=precision)
         t0 = time.perf_counter()
         res = spherical_kmeans(data, k, iters=iters, tol=0.0, seed=seed)
         total = time.perf_counter() - t0

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from hmn.index import (  # noqa: E402
     ClusterIndex,
     FactorisedDataFactory,
+    IndexSpec,
     InMemoryDataFactory,
     split_leaves,
 )
@@ -130,7 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
             factory = InMemoryDataFactory(memory.vectors)
         for cap in args.max_leaf_size:
             t = time.perf_counter()
-            capped = split_leaves(index, factory, cap, iters=args.iters, seed=0)
+            spec = IndexSpec(branching=tuple(index.stats["branching"]), iters=args.iters, seed=0,
+                             max_leaf_size=cap)
+            capped = split_leaves(index, factory, spec)
             seconds = time.perf_counter() - t
             split = capped.stats["levels"][-1]
             log.info("cap %d: %d -> %d leaves in %.1f s", cap, index.num_leaves,

@@ -15,8 +15,7 @@ Readers (each at several settings, all with k = 10):
 * clustered, flat index of C leaves (U = 0.9, m = 3; C = 128 ... 1024), Top-K = 1 ... 32 leaves;
   leaf balance and recall for other (U, m) of the eq. 6-7 transform; Sample-K / Rand-block;
 * clustered, hierarchical index [32, 16] with the default beam, with beam = top_clusters (the
-  old default) and with the full beam (every parent); and the same tree with its leaves refined
-  globally (``build_index(refine_leaves=3)``);
+  old default) and with the full beam (every parent);
 * pca-tree (depth 6 ... 10, probes), wta-hash (K = 3, 4; bands), and faiss IndexIVFFlat with
   inner product (nlist = 128 ... 1024, nprobe = 1 ... 32).
 
@@ -183,16 +182,16 @@ def main(argv: list[str] | None = None) -> int:
             f"({100 * touched / n:.2f}%)")
         return r
 
-    def index(branching: list[int], U: float = 0.9, m: int = 3, refine: int = 0):
+    def index(branching: list[int], U: float = 0.9, m: int = 3):
         t0 = time.perf_counter()
         idx = build_index_from_vectors(mem.vectors, branching=branching, U=U, m=m, seed=0,
-                                       iters=args.iters, refine_leaves=refine)
+                                       iters=args.iters)
         sizes = idx.leaf_sizes()
-        info = {"branching": branching, "U": U, "m": m, "refine_leaves": refine,
+        info = {"branching": branching, "U": U, "m": m,
                 "leaves": idx.num_leaves,
                 "max_leaf": int(sizes.max()), "max_leaf_frac": float(sizes.max() / n),
                 "imbalance": imbalance_factor(sizes), "build_seconds": time.perf_counter() - t0}
-        log(f"index {branching} U={U} m={m} refine={refine}: max leaf {sizes.max()} "
+        log(f"index {branching} U={U} m={m}: max leaf {sizes.max()} "
             f"({100 * sizes.max() / n:.1f}%), imbalance {info['imbalance']:.2f}, "
             f"{info['build_seconds']:.1f}s")
         return idx, info
@@ -230,17 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     for label, kw in ([] if small and not quick else bias):
         run(f"clustered-flat{cb}-bias", label, make_reader("clustered", mem, flat[cb], **kw), 0)
 
-    # Hierarchical [32, 16]: nested leaves (default beam, beam = top as the old default, every
-    # parent) and leaves refined globally (build_index(refine_leaves=3)).
+    # Hierarchical [32, 16]: default beam, beam = top as the old default, every parent.
     hier, info = index([32, 16])
-    indexes.append(info)
-    hier_r, info = index([32, 16], refine=3)
     indexes.append(info)
     for t in ((2, 8) if quick else (2, 4, 8, 16, 32) if small else (1, 2, 4, 8, 12, 16, 24, 32)):
         fams = [("clustered-hier32x16", hier, None), ("clustered-hier32x16-beam=top", hier, t),
-                ("clustered-hier32x16-beam=all", hier, 32),
-                ("clustered-hier32x16-refined", hier_r, None),
-                ("clustered-hier32x16-refined-beam=all", hier_r, 32)]
+                ("clustered-hier32x16-beam=all", hier, 32)]
         for fam, idx, beam in fams:
             reader = make_reader("clustered", mem, idx, top_clusters=t, beam=beam)
             r = run(fam, f"top={t}", reader, beam=reader.beam)
@@ -302,8 +296,6 @@ def main(argv: list[str] | None = None) -> int:
         "faiss_ivf_recall10_at_2pct": f2, "faiss_family": ffam,
         "clustered_minus_faiss_at_2pct": None if c2 is None or f2 is None else c2 - f2,
         "clustered_hier_recall10_at_2pct": h2, "clustered_hier_family": h2fam,
-        "hier_refined_default_beam_at_2pct": curves.get("clustered-hier32x16-refined", {}).get(
-            "recall10_at_2pct"),
         "hier_default_beam_at_2pct": curves.get("clustered-hier32x16", {}).get("recall10_at_2pct"),
         "hier_beam_eq_top_at_2pct": curves.get("clustered-hier32x16-beam=top", {}).get(
             "recall10_at_2pct"),

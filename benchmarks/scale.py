@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hmn.index import ClusterIndex, build_index_from_vectors  # noqa: E402
+from hmn.index import build_index_from_vectors  # noqa: E402
 from hmn.memory import FactorisedMemory  # noqa: E402
 from hmn.model import BowEncoder, make_optimizer  # noqa: E402
 from hmn.readers import make_reader, recall_at_k  # noqa: E402

@@ -48,12 +48,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hmn.transe import (  # noqa: E402
-    TransEParams,
     TransEResult,
     embeddings_fingerprint,
+    head_corruption_probs,
     link_prediction,
     train_transe,
 )
+from hmn.transe_params import TransEParams  # noqa: E402
 
 logger = logging.getLogger("transe_fb15k237")
 SPLITS = ("train", "valid", "test")
@@ -75,6 +76,8 @@ CHOSEN = {
     "lr_decay": 0.1,
     "epochs": 40,
     "negatives": "bern",
+    "num_negatives": 1,
+    "seed": 0,
 }
 
 
@@ -212,23 +215,17 @@ def train_on_ray(
     import ray
 
     from hmn.config import EmbedConfig
-    from hmn.transe import bernoulli_head_probs
     from pipeline.stages.embed import train_transe_on_ray
 
-    fields = {f.name for f in dataclasses.fields(EmbedConfig)}
     cfg = EmbedConfig(
-        **{k: v for k, v in dataclasses.asdict(params).items() if k in fields},
+        **dataclasses.asdict(params),
         num_workers=args.ray_workers,
         num_partitions=args.partitions,
         num_cpus=args.threads,
         max_failures=0,
     )
     cfg.validate()
-    p_head = (
-        bernoulli_head_probs(train, num_relations)
-        if params.negatives == "bern"
-        else np.full(num_relations, 0.5)
-    )
+    p_head = head_corruption_probs(train, num_relations, params.negatives)
     with tempfile.TemporaryDirectory() as tmp:
         kb = Path(tmp, "ingest", "kb")
         kb.mkdir(parents=True)

@@ -61,7 +61,7 @@ def main() -> None:
     import ray
 
     from hmn.config import load_config
-    from hmn.transe import bernoulli_head_probs
+    from hmn.transe import head_corruption_probs
     from pipeline.artifacts import KnowledgeBase
     from pipeline.stages.embed import train_transe_on_ray
     from pipeline.stages.ingest import IngestSources, run_ingest
@@ -88,7 +88,7 @@ def main() -> None:
     kb = KnowledgeBase.load(ingest_dir)
     E, R = len(kb.entity_keys), len(kb.relation_keys)
     triples = kb.triples()
-    p_head = bernoulli_head_probs(triples, R) if cfg.negatives == "bern" else np.full(R, 0.5)
+    p_head = head_corruption_probs(triples, R, cfg.negatives)
     T = len(triples)
     del triples, kb
     logger.info("E=%d R=%d T=%d %s", E, R, T, cfg)

@@ -20,23 +20,27 @@
   k-means on at most 256 nlist facts (``niter`` 10 by default) plus one assignment pass over N.
 
 Every reader builds its structure from the memory in its constructor, deterministically for a given
-``seed``; ``touched`` counts the facts whose inner product was computed for each query.
+``seed``; ``touched`` counts the facts whose inner product was computed for each query.  Their
+tunable parameters, with their defaults, are declared in :mod:`hmn.reader_registry`.
 
 Short names: N facts, D fact dimension, B queries, L leaves (2^depth), q queries (B, D).
 """
 
 from __future__ import annotations
 
+import abc
 import logging
 import numbers
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from hmn.memory import FactMemory
 from hmn.reader_base import Candidates, Memory, Reader, _check_k, score_candidate_sets
+from hmn.reader_registry import FaissIVFParams, PCATreeParams, ReaderParams, WTAHashParams
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +75,65 @@ def _csr(labels: np.ndarray, num: int) -> tuple[torch.Tensor, torch.Tensor]:
     offsets = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=num))])
     return torch.from_numpy(order), torch.from_numpy(offsets)
 
+def _median_splits(p: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Split every node at the lower median of its facts' projection, level by level.
 
-class PCATreeReader(Reader):
+    Args:
+        p: (N, depth) projections; column l splits the nodes of level l.
+    Returns:
+        the leaf of each fact (N,) and, per level l, the 2^l node thresholds.
+    """
+    node = np.zeros(p.shape[0], dtype=np.int64)
+    thresholds: list[np.ndarray] = []
+    for level in range(p.shape[1]):
+        width = 1 << level
+        order = np.lexsort((p[:, level], node))  # by node, then projection
+        counts = np.bincount(node, minlength=width)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        thr = np.zeros(width, dtype=np.float64)
+        has = counts > 0
+        thr[has] = p[order[starts[has] + (counts[has] - 1) // 2], level]  # lower median
+        thresholds.append(thr)
+        node = 2 * node + (p[:, level] > thr[node])
+    return node, thresholds
+
+
+
+class _BuiltReader(Reader):
+    """A reader whose structure is built from the memory in its constructor.
+
+    Its tunable parameters are the fields of ``Params`` (declared, with their defaults, in
+    :mod:`hmn.reader_registry`), passed as keyword arguments; ``chunk`` facts are read at a time
+    during the build.  ``build_seconds`` records the build time.
+    """
+
+    Params: type[ReaderParams] = ReaderParams
+
+    def __init__(self, memory: Memory, *, chunk: int = 65536, **params: Any) -> None:
+        super().__init__(memory)
+        self.params = self.Params(**params)
+        t0 = time.perf_counter()
+        summary = self._build(self.params, chunk)
+        self.build_seconds = time.perf_counter() - t0
+        logger.info("%s %s built in %.2fs", self.name, summary, self.build_seconds)
+
+    @abc.abstractmethod
+    def _build(self, params: Any, chunk: int) -> str:
+        """Check ``params`` against the memory and build the structure; a summary for the log."""
+
+    @torch.no_grad()
+    def search(
+        self, queries: torch.Tensor, k: int, generator: torch.Generator | None = None
+    ) -> Candidates:
+        k = _check_k(k)
+        return self._search(self.memory.check_queries(queries), k)
+
+    @abc.abstractmethod
+    def _search(self, q: torch.Tensor, k: int) -> Candidates:
+        """Top-k facts of the checked (B, D) queries ``q`` (no random draws)."""
+
+
+class PCATreeReader(_BuiltReader):
     """PCA-Tree K-MIPS (Bachrach et al. 2014); see the module docstring.
 
     Args:
@@ -84,14 +145,33 @@ class PCATreeReader(Reader):
     """
 
     name = "pca-tree"
+    Params = PCATreeParams
 
-    def __init__(
-        self, memory: Memory, *, depth: int = 8, probes: int = 1, seed: int = 0, chunk: int = 65536
-    ) -> None:
-        super().__init__(memory)
-        self.depth = _check_int("depth", depth, 1, min(20, memory.d + 1))
-        self.probes = _check_int("probes", probes, 1, 1 << self.depth)
-        t0 = time.perf_counter()
+    def _build(self, params: PCATreeParams, chunk: int) -> str:
+        self.depth = _check_int("depth", params.depth, 1, min(20, self.memory.d + 1))
+        self.probes = _check_int("probes", params.probes, 1, 1 << self.depth)
+        proj = self._principal_projections(chunk)  # (N, depth)
+        node, thresholds = _median_splits(proj.numpy())
+        self.leaf_of_fact = node  # (N,)
+        self.num_leaves = 1 << self.depth
+        facts, offsets = _csr(node, self.num_leaves)
+        dev = self.memory.device
+        self._leaf_facts, self._leaf_offsets = facts.to(dev), offsets.to(dev)
+        # per level, the threshold of each leaf's ancestor: (depth, L)
+        leaves = np.arange(self.num_leaves)
+        self._leaf_thr = torch.from_numpy(
+            np.stack([thresholds[lv][leaves >> (self.depth - lv)] for lv in range(self.depth)])
+        ).to(torch.float32)
+        self._leaf_bits = torch.from_numpy(
+            np.stack([(leaves >> (self.depth - 1 - lv)) & 1 for lv in range(self.depth)])
+        ).bool()  # (depth, L)
+        sizes = np.diff(offsets.numpy())
+        return f"depth {self.depth}: {self.num_leaves} leaves, sizes {sizes.min()}..{sizes.max()}"
+
+    def _principal_projections(self, chunk: int) -> torch.Tensor:
+        """(N, depth) float64 projections of the lifted, centred facts on their ``depth`` first
+        principal directions; keeps the mean and the directions for the queries."""
+        memory = self.memory
         n, d = memory.n, memory.d
         norms2 = torch.empty(n, dtype=torch.float64)
         total = torch.zeros(d + 1, dtype=torch.float64)
@@ -122,40 +202,7 @@ class PCATreeReader(Reader):
         self._mean = mean[:d].to(torch.float32)  # query's extra coordinate is 0
         self._mean_extra = float(mean[d])
         self._dirs = top.to(torch.float32)  # (D + 1, depth)
-
-        p = proj.numpy()
-        node = np.zeros(n, dtype=np.int64)
-        thresholds: list[np.ndarray] = []
-        for level in range(self.depth):
-            width = 1 << level
-            order = np.lexsort((p[:, level], node))  # by node, then projection
-            counts = np.bincount(node, minlength=width)
-            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-            thr = np.zeros(width, dtype=np.float64)
-            has = counts > 0
-            thr[has] = p[order[starts[has] + (counts[has] - 1) // 2], level]  # lower median
-            thresholds.append(thr)
-            node = 2 * node + (p[:, level] > thr[node])
-        self._thresholds = thresholds
-        self.leaf_of_fact = node  # (N,)
-        self.num_leaves = 1 << self.depth
-        dev = memory.device
-        facts, offsets = _csr(node, self.num_leaves)
-        self._leaf_facts, self._leaf_offsets = facts.to(dev), offsets.to(dev)
-        # per level, the threshold of each leaf's ancestor: (depth, L)
-        leaves = np.arange(self.num_leaves)
-        self._leaf_thr = torch.from_numpy(
-            np.stack([thresholds[lv][leaves >> (self.depth - lv)] for lv in range(self.depth)])
-        ).to(torch.float32)
-        self._leaf_bits = torch.from_numpy(
-            np.stack([(leaves >> (self.depth - 1 - lv)) & 1 for lv in range(self.depth)])
-        ).bool()  # (depth, L)
-        self.build_seconds = time.perf_counter() - t0
-        sizes = np.diff(offsets.numpy())
-        logger.info(
-            "PCA-tree depth %d: %d leaves, sizes %d..%d, built in %.2fs",
-            self.depth, self.num_leaves, sizes.min(), sizes.max(), self.build_seconds,
-        )
+        return proj
 
     def leaf_costs(self, q: torch.Tensor) -> torch.Tensor:
         """(B, L) cost of reaching each leaf: sum of |margin| over the splits it flips."""
@@ -167,12 +214,7 @@ class PCATreeReader(Reader):
             cost += torch.where(flipped, margin.abs(), torch.zeros(()))
         return cost
 
-    @torch.no_grad()
-    def search(
-        self, queries: torch.Tensor, k: int, generator: torch.Generator | None = None
-    ) -> Candidates:
-        k = _check_k(k)
-        q = self.memory.check_queries(queries)
+    def _search(self, q: torch.Tensor, k: int) -> Candidates:
         leaves = self.leaf_costs(q).topk(self.probes, dim=1, largest=False).indices  # (B, P)
         leaves = leaves.to(q.device)
         cand = []
@@ -184,7 +226,7 @@ class PCATreeReader(Reader):
         return score_candidate_sets(self.memory, q, cand, k)
 
 
-class WTAHashReader(Reader):
+class WTAHashReader(_BuiltReader):
     """WTA-hash K-MIPS (Vijayanarasimhan et al. 2014); see the module docstring.
 
     Args:
@@ -193,28 +235,22 @@ class WTAHashReader(Reader):
         perms: K, permutations per band; more -> fewer collisions per band.
         window: coordinates each permutation compares (2 <= window <= D).
         seed: seeds the permutations.
+        chunk: facts per chunk during the build.
     """
 
     name = "wta-hash"
+    Params = WTAHashParams
 
-    def __init__(
-        self,
-        memory: Memory,
-        *,
-        bands: int = 16,
-        perms: int = 4,
-        window: int = 8,
-        seed: int = 0,
-        chunk: int = 65536,
-    ) -> None:
-        super().__init__(memory)
-        self.bands = _check_int("bands", bands, 1)
-        self.perms = _check_int("perms", perms, 1)
-        self.window = _check_int("window", window, 2, memory.d)
+    def _build(self, params: WTAHashParams, chunk: int) -> str:
+        memory = self.memory
+        self.bands = _check_int("bands", params.bands, 1)
+        self.perms = _check_int("perms", params.perms, 1)
+        self.window = _check_int("window", params.window, 2, memory.d)
         if self.window**self.perms >= 2**62:
-            raise ValueError(f"window**perms = {window}**{perms} does not fit a 64-bit hash")
-        t0 = time.perf_counter()
-        rng = np.random.default_rng(seed)
+            raise ValueError(
+                f"window**perms = {params.window}**{params.perms} does not fit a 64-bit hash"
+            )
+        rng = np.random.default_rng(params.seed)
         coords = np.stack(
             [rng.permutation(memory.d)[: self.window] for _ in range(self.bands * self.perms)]
         )  # (L K, w): the first w coordinates of each permutation
@@ -225,9 +261,7 @@ class WTAHashReader(Reader):
             codes[s : s + x.shape[0]] = self._hash(x.cpu())
         self._order = torch.argsort(codes, dim=0, stable=True)  # (N, L) facts by hash per band
         self._sorted = torch.gather(codes, 0, self._order)  # (N, L)
-        self.build_seconds = time.perf_counter() - t0
-        logger.info("WTA-hash L=%d K=%d w=%d built in %.2fs", bands, perms, window,
-                    self.build_seconds)
+        return f"L={self.bands} K={self.perms} w={self.window}"
 
     def _hash(self, x: torch.Tensor) -> torch.Tensor:
         """(b, L) int64 band hashes of rows x (b, D)."""
@@ -235,12 +269,7 @@ class WTAHashReader(Reader):
         code = win.argmax(dim=2).reshape(x.shape[0], self.bands, self.perms)  # (b, L, K)
         return (code * self._radix).sum(dim=2)  # (b, L)
 
-    @torch.no_grad()
-    def search(
-        self, queries: torch.Tensor, k: int, generator: torch.Generator | None = None
-    ) -> Candidates:
-        k = _check_k(k)
-        q = self.memory.check_queries(queries)
+    def _search(self, q: torch.Tensor, k: int) -> Candidates:
         qh = self._hash(q.cpu())  # (B, L)
         cand: list[list[torch.Tensor]] = [[] for _ in range(q.shape[0])]
         for band in range(self.bands):
@@ -262,7 +291,7 @@ def _faiss():
     return faiss
 
 
-class FaissIVFReader(Reader):
+class FaissIVFReader(_BuiltReader):
     """``faiss.IndexIVFFlat`` with inner product (the reference tool); see the module docstring.
 
     Args:
@@ -270,35 +299,52 @@ class FaissIVFReader(Reader):
         nlist: inverted lists (k-means clusters), 1 <= nlist <= N.
         nprobe: lists scanned per query.
         seed: seed of faiss's k-means.
+        niter: faiss's k-means iterations.
         use_gpu: None = on the GPU when faiss-gpu and CUDA are available; False = CPU.
+        chunk: facts per chunk added to the index.
     """
 
     name = "faiss-ivf"
+    Params = FaissIVFParams
 
     def __init__(
         self,
         memory: Memory,
         *,
-        nlist: int = 128,
-        nprobe: int = 8,
-        seed: int = 0,
         niter: int = 10,
         use_gpu: bool | None = None,
         chunk: int = 65536,
+        **params: Any,
     ) -> None:
-        super().__init__(memory)
+        self._niter, self._use_gpu = niter, use_gpu
+        super().__init__(memory, chunk=chunk, **params)
+
+    def _build(self, params: FaissIVFParams, chunk: int) -> str:
         faiss = _faiss()
-        self.nlist = _check_int("nlist", nlist, 1, memory.n)
-        self.nprobe = _check_int("nprobe", nprobe, 1, self.nlist)
-        t0 = time.perf_counter()
-        d = memory.d
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quantizer, d, self.nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = int(seed)
-        index.cp.niter = _check_int("niter", niter, 1)
+        memory = self.memory
+        self.nlist = _check_int("nlist", params.nlist, 1, memory.n)
+        self.nprobe = _check_int("nprobe", params.nprobe, 1, self.nlist)
+        quantizer = faiss.IndexFlatIP(memory.d)
+        index = faiss.IndexIVFFlat(quantizer, memory.d, self.nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = int(params.seed)
+        index.cp.niter = _check_int("niter", self._niter, 1)
         # faiss trains on at most max_points_per_centroid * nlist points: pick them ourselves,
         # reproducibly, so a factorised memory needs only that sample gathered.
-        limit = index.cp.max_points_per_centroid * self.nlist
+        index.train(self._training_sample(index.cp.max_points_per_centroid * self.nlist,
+                                           params.seed))
+        for _, x in iter_fact_rows(memory, chunk):
+            index.add(np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32))
+        invlists = index.invlists
+        self.list_sizes = np.array([invlists.list_size(i) for i in range(self.nlist)], np.int64)
+        index = self._to_device(faiss, index)
+        index.nprobe = self.nprobe
+        self._index = index
+        self._quantizer = quantizer if not self.on_gpu else None
+        return f"nlist={self.nlist} (gpu={self.on_gpu})"
+
+    def _training_sample(self, limit: int, seed: int) -> np.ndarray:
+        """(min(N, limit), D) float32 facts, a seeded sample in fact order."""
+        memory = self.memory
         rng = np.random.default_rng(seed)
         if memory.n > limit:
             sample = np.sort(rng.choice(memory.n, size=limit, replace=False))
@@ -308,37 +354,26 @@ class FaissIVFReader(Reader):
             train = memory.vectors[torch.from_numpy(sample).to(memory.device)]
         else:
             train = memory.gather(torch.from_numpy(sample))
-        index.train(np.ascontiguousarray(train.cpu().numpy(), dtype=np.float32))
-        for _, x in iter_fact_rows(memory, chunk):
-            index.add(np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32))
-        invlists = index.invlists
-        self.list_sizes = np.array([invlists.list_size(i) for i in range(self.nlist)], np.int64)
+        return np.ascontiguousarray(train.cpu().numpy(), dtype=np.float32)
+
+    def _to_device(self, faiss: Any, index: Any) -> Any:
+        """The index on the GPU when asked (or by default, when faiss-gpu and CUDA are there)."""
         self.on_gpu = False
-        want_gpu = use_gpu if use_gpu is not None else torch.cuda.is_available()
+        want_gpu = self._use_gpu if self._use_gpu is not None else torch.cuda.is_available()
         if want_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
             self._res = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(self._res, 0, index)
             self.on_gpu = True
-        elif use_gpu:
+            return faiss.index_cpu_to_gpu(self._res, 0, index)
+        if self._use_gpu:
             logger.warning("faiss-ivf: use_gpu=True but faiss has no GPU support here; on CPU")
-        index.nprobe = self.nprobe
-        self._index = index
-        self._quantizer = quantizer if not self.on_gpu else None
-        self.build_seconds = time.perf_counter() - t0
-        logger.info("faiss IVF nlist=%d built in %.2fs (gpu=%s)", nlist, self.build_seconds,
-                    self.on_gpu)
+        return index
 
     def set_nprobe(self, nprobe: int) -> None:
         """Probe ``nprobe`` lists per query from now on (no rebuild)."""
         self.nprobe = _check_int("nprobe", nprobe, 1, self.nlist)
         self._index.nprobe = self.nprobe
 
-    @torch.no_grad()
-    def search(
-        self, queries: torch.Tensor, k: int, generator: torch.Generator | None = None
-    ) -> Candidates:
-        k = _check_k(k)
-        q = self.memory.check_queries(queries)
+    def _search(self, q: torch.Tensor, k: int) -> Candidates:
         xq = np.ascontiguousarray(q.cpu().numpy(), dtype=np.float32)
         if self.on_gpu:
             faiss = _faiss()

@@ -4,6 +4,10 @@ Every field has a type, a default and help text (the ``help`` metadata). `load_c
 preset, applies ``section.field=value`` overrides converted by the field's own type, rejects unknown
 keys and validates every section, raising `ConfigError` messages that name the field and the value,
 e.g. ``train.k=0: must be > 0``. `dump_config` writes the resolved config back as YAML.
+
+Two sections are made from declarations that live next to the code they configure: the fields of
+the ``reader`` section come from every reader's params in `hmn.reader_registry`
+(`dataclasses.make_dataclass`), and `hmn.synthetic.SyntheticSpec` extends `SyntheticConfig`.
 """
 
 from __future__ import annotations
@@ -13,11 +17,16 @@ import hashlib
 import json
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
+
+from hmn.reader_registry import READER_NAMES, READERS, reader_entry
+from hmn.reader_registry import config_fields as reader_config_fields
+from hmn.transe_params import TransEParams
 
 
 class ConfigError(ValueError):
@@ -64,9 +73,10 @@ class DataConfig:
         s = "data"
         _check(self.source in ("synthetic", "files"), s, "source", self.source,
                "must be 'synthetic' or 'files'")
-        for name, allowed in (("facts_format", ("auto", "grouped", "triples", "rdf")),
-                              ("names_format", ("auto", "names", "rdf")),
-                              ("questions_format", ("auto", "simplequestions"))):
+        from hmn.formats.choices import FACT_FORMATS, NAME_FORMATS, QUESTION_FORMATS  # no imports
+
+        for name, allowed in (("facts_format", FACT_FORMATS), ("names_format", NAME_FORMATS),
+                              ("questions_format", QUESTION_FORMATS)):
             _check(getattr(self, name) in allowed, s, name, getattr(self, name),
                    f"must be one of {', '.join(allowed)}")
         _check(bool(self.rdf_language) and self.rdf_language.replace("-", "").isalpha(), s,
@@ -87,6 +97,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class SyntheticConfig:
+    """The synthetic knowledge base of the generate stage; `hmn.synthetic.SyntheticSpec` extends
+    it with the generator's own knobs."""
+
     entities: int = _f(3000, "entities of the generated knowledge base")
     relations: int = _f(40, "relations")
     facts: int = _f(4000, "grouped facts (unique subject, relation pairs)")
@@ -100,15 +113,23 @@ class SyntheticConfig:
     seed: int = _f(0, "generator seed")
 
     def validate(self) -> None:
-        s = "synthetic"
-        for name in ("entities", "relations", "facts", "train_questions", "dev_questions",
-                     "max_objects"):
-            _check(getattr(self, name) > 0, s, name, getattr(self, name), "must be > 0")
-        _check(self.test_questions >= 0, s, "test_questions", self.test_questions, "must be >= 0")
-        _check(0.0 <= self.name_ambiguity < 1.0, s, "name_ambiguity", self.name_ambiguity,
-               "must be in [0, 1)")
-        _check(0.0 <= self.objects_decay < 1.0, s, "objects_decay", self.objects_decay,
-               "must be in [0, 1)")
+        for name, why in self.problems():
+            _check(False, "synthetic", name, getattr(self, name), why)
+
+    def problems(self, questions_needed: bool = True) -> Iterator[tuple[str, str]]:
+        """(field, why) of each value out of range, in a fixed order; the pipeline needs
+        training and dev questions (``questions_needed``), the generator alone does not."""
+        needed = ("train_questions", "dev_questions") if questions_needed else ()
+        for name in ("entities", "relations", "facts", *needed, "max_objects"):
+            if getattr(self, name) <= 0:
+                yield name, "must be > 0"
+        for name in ("train_questions", "dev_questions", "test_questions"):
+            if name not in needed and getattr(self, name) < 0:
+                yield name, "must be >= 0"
+        if not 0.0 <= self.name_ambiguity < 1.0:
+            yield "name_ambiguity", "must be in [0, 1)"
+        if not 0.0 <= self.objects_decay < 1.0:
+            yield "objects_decay", "must be in [0, 1)"
 
 
 @dataclass(frozen=True)
@@ -123,7 +144,10 @@ class IngestConfig:
 
 
 @dataclass(frozen=True)
-class EmbedConfig:
+class EmbedConfig(TransEParams):
+    """The embed stage: embedding files to read, or TransE to train on Ray Train. The TransE
+    settings (dim, norm, margin, lr, epochs, ..., seed) are `TransEParams`' fields, inherited."""
+
     entities_file: str = _f("", "pretrained entity embeddings (key<TAB>v1 ... vd); empty = train TransE")
     relations_file: str = _f("", "pretrained relation embeddings, same format")
     format: str = _f("auto", "embedding file format: 'text' (key v1 ... vd, optional word2vec "
@@ -134,48 +158,21 @@ class EmbedConfig:
     relations_keys: str = _f("", "key list of the relation file, as entities_keys")
     missing: str = _f("fail", "knowledge-base keys without an embedding: 'fail', or 'init' "
                               "(TransE's uniform initialisation, seeded, counted in the stats)")
-    dim: int = _f(200, "TransE dimension (the paper: 200, so facts are 600-d)")
-    norm: int = _f(1, "TransE distance: 1 (L1) or 2 (L2)")
-    margin: float = _f(1.0, "margin of the ranking loss")
-    lr: float = _f(0.01, "learning rate")
-    epochs: int = _f(30, "TransE epochs")
-    batch_size: int = _f(1024, "triples per step")
-    negatives: str = _f("bern", "negative sampling: 'unif' or 'bern'")
-    num_negatives: int = _f(1, "negative triples per positive")
-    shared_negatives: int = _f(0, "if > 0: random entities shared by a batch's positives as their "
-                                  "negatives (one matmul for L2); 0 = num_negatives per triple")
-    loss: str = _f("margin", "'margin' (Bordes 2013) or 'self_adversarial' (RotatE, Sun 2019; "
-                             "margin = gamma)")
-    adversarial_temperature: float = _f(1.0, "alpha of the self-adversarial negative weights")
-    normalize_entities: bool = _f(True, "project entity rows to unit norm before use (Bordes 2013)")
-    lr_decay: float = _f(1.0, "ratio of the last epoch's learning rate to lr (geometric per epoch)")
     num_workers: int = _f(1, "Ray Train workers training TransE (0 = local mode in the driver)")
     num_partitions: int = _f(1, "entity partitions (PyTorch-BigGraph buckets); a worker holds two "
                                 "at a time; use >= 2 * num_workers")
     max_failures: int = _f(1, "worker-group restarts from the last epoch checkpoint")
     num_cpus: int = _f(2, "CPUs (torch threads) of each TransE worker")
-    seed: int = _f(0, "seed")
 
     def validate(self) -> None:
         s = "embed"
         _check(bool(self.entities_file) == bool(self.relations_file), s, "relations_file",
                self.relations_file, "entities_file and relations_file go together")
-        for name in ("dim", "epochs", "batch_size", "num_cpus", "num_negatives", "num_partitions"):
+        self.check_settings(s, ConfigError)
+        for name in ("num_cpus", "num_partitions"):
             _check(getattr(self, name) > 0, s, name, getattr(self, name), "must be > 0")
-        for name in ("shared_negatives", "num_workers", "max_failures"):
+        for name in ("num_workers", "max_failures"):
             _check(getattr(self, name) >= 0, s, name, getattr(self, name), "must be >= 0")
-        _check(self.shared_negatives == 0 or self.num_negatives == 1, s, "num_negatives",
-               self.num_negatives, "must be 1 when shared_negatives > 0")
-        _check(self.loss in ("margin", "self_adversarial"), s, "loss", self.loss,
-               "must be 'margin' or 'self_adversarial'")
-        _check(self.adversarial_temperature >= 0, s, "adversarial_temperature",
-               self.adversarial_temperature, "must be >= 0")
-        _check(0 < self.lr_decay <= 1, s, "lr_decay", self.lr_decay, "must be in (0, 1]")
-        _check(self.norm in (1, 2), s, "norm", self.norm, "must be 1 or 2")
-        _check(self.margin > 0, s, "margin", self.margin, "must be > 0")
-        _check(self.lr > 0, s, "lr", self.lr, "must be > 0")
-        _check(self.negatives in ("unif", "bern"), s, "negatives", self.negatives,
-               "must be 'unif' or 'bern'")
         _check(self.format in ("auto", "text", "npy", "openke"), s, "format", self.format,
                "must be one of auto, text, npy, openke")
         _check(self.missing in ("fail", "init"), s, "missing", self.missing, "must be 'fail' or 'init'")
@@ -228,69 +225,37 @@ class MemoryConfig:
                self.kmeans_precision, "must be 'float32', 'bfloat16' or 'auto'")
 
 
-READER_NAMES = ("exact", "exact-factorised", "clustered", "pca-tree", "wta-hash", "faiss-ivf")
-
-
 @dataclass(frozen=True)
-class ReaderConfig:
+class _ReaderSection:
+    """The ``reader`` fields no single reader owns; `ReaderConfig` adds every reader's own."""
+
     k: int = _f(10, "K of the K-softmax (eq. 3-4): candidates per question")
-    top_clusters: int = _f(4, "clustered reader: leaf clusters read per question (Top-K)")
-    sample_clusters: int = _f(0, "clustered reader: extra clusters sampled without replacement (Sample-K)")
-    rand_blocks: int = _f(0, "clustered reader: random blocks of facts added (Rand-block)")
-    temperature: float = _f(1.0, "Sample-K: log-probability = centroid score / temperature")
-    pca_depth: int = _f(8, "pca-tree reader: tree depth (2^depth leaves, Bachrach et al. 2014)")
-    pca_probes: int = _f(1, "pca-tree reader: leaves read per question (1 = own leaf; more = the "
-                            "leaves behind the narrowest splits)")
-    wta_bands: int = _f(16, "wta-hash reader: hash bands L (candidates collide in any band)")
-    wta_perms: int = _f(4, "wta-hash reader: permutations K per band")
-    wta_window: int = _f(8, "wta-hash reader: coordinates compared per permutation (>= 2)")
-    ivf_nlist: int = _f(128, "faiss-ivf reader: inverted lists of faiss.IndexIVFFlat (inner product)")
-    ivf_nprobe: int = _f(8, "faiss-ivf reader: lists scanned per question (<= ivf_nlist)")
-    baseline_seed: int = _f(0, "seed of the pca-tree / wta-hash / faiss-ivf structures")
 
     def validate(self) -> None:
-        s = "reader"
-        _check(self.k > 0, s, "k", self.k, "must be > 0")
-        _check(self.top_clusters > 0, s, "top_clusters", self.top_clusters, "must be > 0")
-        _check(self.sample_clusters >= 0, s, "sample_clusters", self.sample_clusters, "must be >= 0")
-        _check(self.rand_blocks >= 0, s, "rand_blocks", self.rand_blocks, "must be >= 0")
-        _check(self.temperature > 0, s, "temperature", self.temperature, "must be > 0")
-        _check(1 <= self.pca_depth <= 20, s, "pca_depth", self.pca_depth, "must be in [1, 20]")
-        _check(1 <= self.pca_probes <= 2 ** self.pca_depth, s, "pca_probes", self.pca_probes,
-               f"must be in [1, 2^pca_depth = {2 ** self.pca_depth}]")
-        for name in ("wta_bands", "wta_perms", "ivf_nlist", "ivf_nprobe"):
-            _check(getattr(self, name) > 0, s, name, getattr(self, name), "must be > 0")
-        _check(self.wta_window >= 2, s, "wta_window", self.wta_window, "must be >= 2")
-        _check(self.wta_window ** self.wta_perms < 2 ** 62, s, "wta_perms", self.wta_perms,
-               f"wta_window ** wta_perms must fit 62 bits (wta_window={self.wta_window})")
-        _check(self.ivf_nprobe <= self.ivf_nlist, s, "ivf_nprobe", self.ivf_nprobe,
-               f"must be <= reader.ivf_nlist ({self.ivf_nlist})")
+        _check(self.k > 0, "reader", "k", self.k, "must be > 0")
+        for entry in READERS.values():
+            for param, why in entry.from_config(self).problems():
+                name = entry.config_name(param)
+                _check(False, "reader", name, getattr(self, name), why)
 
     def params(self, name: str, training: bool) -> dict[str, Any]:
-        """Keyword arguments of `hmn.readers.make_reader` for reader `name`.
+        """Keyword arguments of `hmn.readers.make_reader` for reader `name`: its registered
+        params read from this section (see `hmn.reader_registry`; the clustered reader spends
+        its training-time bias reducers on Top-K clusters at inference)."""
+        return reader_entry(name).from_config(self).kwargs(training)
 
-        The bias reducers (Sample-K, Rand-block) only matter while training; at inference the
-        clustered reader spends the same read budget (top + sampled clusters + random blocks of
-        about a leaf each) on its best clusters.
-        """
-        if name == "pca-tree":
-            return {"depth": self.pca_depth, "probes": self.pca_probes, "seed": self.baseline_seed}
-        if name == "wta-hash":
-            return {"bands": self.wta_bands, "perms": self.wta_perms, "window": self.wta_window,
-                    "seed": self.baseline_seed}
-        if name == "faiss-ivf":
-            return {"nlist": self.ivf_nlist, "nprobe": self.ivf_nprobe, "seed": self.baseline_seed}
-        if name != "clustered":
-            return {}
-        if not training:
-            return {"top_clusters": self.top_clusters + self.sample_clusters + self.rand_blocks,
-                    "sample_clusters": 0, "rand_blocks": 0, "temperature": self.temperature}
-        return {
-            "top_clusters": self.top_clusters,
-            "sample_clusters": self.sample_clusters,
-            "rand_blocks": self.rand_blocks,
-            "temperature": self.temperature,
-        }
+
+ReaderConfig = dataclasses.make_dataclass(
+    "ReaderConfig",
+    [(c.name, c.type, _f(c.default, c.help)) for c in reader_config_fields()],
+    bases=(_ReaderSection,),
+    namespace={
+        "__module__": __name__,
+        "__doc__": "The ``reader`` section: ``k`` plus the parameters each reader declares in "
+                   "`hmn.reader_registry` (flat names such as ``pca_depth``).",
+    },
+    frozen=True,
+)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Formats (``fmt``):
 
 * ``"text"``: ``key v1 ... vD`` per line, TAB or space after the key, optionally a word2vec header
-  line ``count D`` (:func:`hmn.formats.read_embedding_text`; plain or compressed);
+  line ``count D`` (:func:`hmn.formats.embedding_text.read_embedding_text`; plain or compressed);
 * ``"npy"``: an ``(n, D)`` ``.npy`` matrix plus ``keys_path``, one key per line (row i = line i+1);
 * ``"openke"``: OpenKE's binary dump ``entity2vec.bin`` / ``relation2vec.bin`` (raw little-endian
   float32 rows, no header) plus ``keys_path`` = ``entity2id.txt`` / ``relation2id.txt`` (first line
@@ -14,7 +14,7 @@ Formats (``fmt``):
 
 Every reader returns ``(keys, vectors)``: normalised Freebase keys and an ``(n, D)`` float32
 matrix. A wrong dimension, a NaN/Inf, an invalid or duplicate key raises
-:class:`hmn.formats.FormatError` naming the file and the line (or the matrix row).
+:class:`hmn.formats.parsed.FormatError` naming the file and the line (or the matrix row).
 :func:`align_embeddings` then orders the rows by knowledge-base id.
 """
 
@@ -28,7 +28,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hmn.formats import FormatError, iter_line_chunks, normalize_keys, read_embedding_text
+from hmn.formats.embedding_text import read_embedding_text
+from hmn.formats.keys import normalize_keys
+from hmn.formats.lines import iter_line_chunks
+from hmn.formats.parsed import FormatError
 
 logger = logging.getLogger(__name__)
 

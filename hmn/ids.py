@@ -8,7 +8,7 @@ sorted distinct keys, so sorting codes gives the same ids as sorting the strings
 * :func:`mid_codes` codes canonical keys (``/m/0abc``), -1 for any other key;
 * :func:`prefixed_mid_codes` codes raw keys that all share one spelling (``www.freebase.com/m/``,
   ``/m/`` or ``m.``): the fast path of the ingest parsers, None when some key needs the general
-  normaliser (:func:`hmn.formats.normalize_keys`);
+  normaliser (:func:`hmn.formats.keys.normalize_keys`);
 * :func:`window_ids` gives such raw keys (suffixes of up to 8 characters) chunk-local dense ids
   without coding every key: each key's last 8 bytes, loaded as one integer, are hashed
   (``pyarrow.compute.dictionary_encode``) and only the distinct ones are decoded, validated,
@@ -51,7 +51,7 @@ _POW_HEAD = (_BASE ** np.arange(_SHORT - 1, -1, -1)).astype(np.float64)  # exact
 _TAIL = int(_BASE ** (_LEN - _SHORT))
 _PACK_BITS = 22  # local_unique packs (code // 38^4) << 22 | position into one uint64
 
-# spellings whose canonical form is "/m/" + the rest (hmn.formats.normalize_keys)
+# spellings whose canonical form is "/m/" + the rest (hmn.formats.keys.normalize_keys)
 MID_PREFIXES = ("www.freebase.com/m/", "/m/", "m.")
 
 

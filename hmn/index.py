@@ -3,11 +3,17 @@
 Build: fit the MIPS transform P (eq. 6-7) on the facts' largest norm, then cluster the unit-norm
 transformed facts P(x)/||P(x)|| with spherical k-means, flat or hierarchical:
 
-* ``branching=[C]``: one k-means with C clusters; the clusters are the leaves.
-* ``branching=[C1, C2, ...]``: k-means with C1 clusters on all facts, then inside every cluster of
-  level l-1 a k-means with min(C_l, size) clusters, and so on.  Leaves (last level) are numbered
-  globally, children of parent 0 first.  An empty cluster gets a single empty child whose centroid
-  is its own, so every cluster has at least one child.
+* ``branching=(C,)``: one k-means with C clusters; the clusters are the leaves.
+* ``branching=(C1, C2, ...)``: k-means with C1 clusters on all facts, then inside every cluster
+  of level l-1 a k-means with min(C_l, size) clusters (all parents of a level in one grouped
+  k-means), and so on.  Leaves (last level) are numbered globally, children of parent 0 first.
+  An empty cluster gets a single empty child whose centroid is its own, so every cluster has at
+  least one child.
+* ``max_leaf_size``: a last step splits every leaf of more facts (:func:`split_leaves`).
+
+What is built is one frozen :class:`IndexSpec` (made from the ``memory`` config section by
+:meth:`IndexSpec.from_config`).  :func:`build_index` runs its steps: fit the transform, fit level
+0, fit each deeper level, assign all facts (when fitted on a sample), split the leaves.
 
 The build never touches the data matrix: it goes through a *data factory* (see
 :class:`DataFactory`), so the same code runs in memory (:class:`InMemoryDataFactory`) or on Ray
@@ -19,6 +25,7 @@ C_l clusters at level l, L levels.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import numbers
@@ -29,21 +36,27 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
 from hmn.kmeans import (
+    INITS,
+    PRECISIONS,
     DataAccess,
     FactorisedData,
     InMemoryData,
+    KMeansResult,
     grouped_spherical_kmeans,
     imbalance_factor,
     spherical_kmeans,
 )
 from hmn.memory import FactorisedMemory
-from hmn.mips import MipsTransform, fit_transform
+from hmn.mips import MipsTransform, check_params, fit_transform
+
+if TYPE_CHECKING:
+    from hmn.config import MemoryConfig
 
 logger = logging.getLogger(__name__)
 
@@ -52,45 +65,151 @@ __all__ = [
     "DataFactory",
     "FactorisedDataFactory",
     "InMemoryDataFactory",
+    "IndexSpec",
     "build_index",
-    "split_leaves",
+    "build_index_from_vectors",
     "check_branching",
     "check_subset_ids",
-    "build_index_from_vectors",
+    "split_leaves",
 ]
 
 FORMAT_VERSION = 1
 _ARRAYS = "arrays.npz"
 _META = "index.json"
 
+Progress = Callable[[dict], None] | None
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name}={value!r}: must be an integer >= {low}")
+
+
+def check_branching(branching: tuple[int, ...] | list[int], n: int | None = None) -> list[int]:
+    """Validate ``branching`` (and, given N = n facts, ``branching[0] <= n``); returns a list."""
+    if not isinstance(branching, (list, tuple)) or len(branching) == 0:
+        raise ValueError(f"branching={branching!r}: must be a non-empty list of cluster counts")
+    for i, b in enumerate(branching):
+        _check_int(f"branching[{i}]", b, 1)
+    if n is not None and branching[0] > n:
+        raise ValueError(f"branching[0]={branching[0]}: must be <= n={n} (k <= n)")
+    return [int(b) for b in branching]
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """Everything that decides the cluster index of given facts, validated on construction.
+
+    Attributes:
+        branching: clusters per level, top first: (C,) flat, (C1, C2, ...) hierarchical.
+        U, m: MIPS transform parameters (eq. 6-7).
+        iters, tol, init: spherical k-means parameters of every level.
+        seed: seeds level 0; child k-means get seeds derived from (seed, level, parent).
+        fit_sample: when 0 < fit_sample < N, every level's k-means iterates over the same seeded
+            random sample of ``fit_sample`` facts, and one assignment pass then places all N facts
+            (the usual large-scale practice, as faiss's ``max_points_per_centroid``): ``iters + 1``
+            passes over a sample and one over all facts per level instead of ``iters`` over all.
+        max_leaf_size: when > 0, last step: every leaf of more facts than this is split by a
+            k-means of its facts into leaves under the same parent (:func:`split_leaves`), so
+            that a query reading its top leaves is not charged the few oversized ones.
+        precision: the k-means assignment matmul's, "float32", "bfloat16" or "auto"
+            (:func:`hmn.kmeans.similarity_dtype`).
+    """
+
+    branching: tuple[int, ...]
+    U: float = 0.75
+    m: int = 3
+    iters: int = 20
+    tol: float = 1e-4
+    seed: int = 0
+    init: str = "kmeans++"
+    fit_sample: int = 0
+    max_leaf_size: int = 0
+    precision: str = "float32"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "branching", tuple(check_branching(self.branching)))
+        check_params(self.U, self.m)
+        _check_int("iters", self.iters, 1)
+        if not (isinstance(self.tol, numbers.Real) and self.tol >= 0):
+            raise ValueError(f"tol={self.tol!r}: must be >= 0")
+        _check_int("seed", self.seed, 0)
+        if self.init not in INITS:
+            raise ValueError(f"init={self.init!r}: unknown, known: {sorted(INITS)}")
+        _check_int("fit_sample", self.fit_sample, 0)
+        _check_int("max_leaf_size", self.max_leaf_size, 0)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}: must be one of {PRECISIONS}")
+
+    @classmethod
+    def from_config(cls, cfg: MemoryConfig) -> IndexSpec:
+        """The spec of the ``memory`` config section (its other fields say where and how the
+        index is built: layout, dense_limit_gb, num_shards)."""
+        return cls(
+            branching=tuple(cfg.branching), U=cfg.U, m=cfg.m, iters=cfg.iters, tol=cfg.tol,
+            seed=cfg.seed, init=cfg.init, fit_sample=cfg.fit_sample,
+            max_leaf_size=cfg.max_leaf_size, precision=cfg.kmeans_precision,
+        )  # fmt: skip
+
 
 class DataFactory(Protocol):
     """Makes the :class:`~hmn.kmeans.DataAccess` views that :func:`build_index` clusters.
 
-    ``factory(transform, ids)`` returns an adapter over the facts ``ids`` (all N facts when
-    ``ids`` is None; otherwise a sorted, duplicate-free int64 array of global fact ids, and the
-    adapter's row i is fact ``ids[i]``):
+    ``factory(transform, ids, groups, precision)`` returns an adapter over the facts ``ids`` (all
+    N facts when ``ids`` is None; otherwise a sorted, duplicate-free int64 array of global fact
+    ids, and the adapter's row i is fact ``ids[i]``):
 
     * ``transform=None``: raw facts; build_index only calls ``max_norm()`` on it (to fit eq. 6).
     * ``transform=t``: rows are ``t.facts(x)`` (eq. 6-7), unit-normalised by the adapter.
+    * ``groups``: (n,) int64 group label per row of the view (None: one group).
+    * ``precision``: the view's assignment matmul (:func:`hmn.kmeans.similarity_dtype`).
 
-    A factory that accepts ``groups=`` (an (n,) int64 group label per row of the view) returns a
-    grouped adapter (``partial_stats_grouped`` / ``assign_grouped``); :func:`build_index` then
-    clusters all parents of a level in one pass (``batched_levels=True``).
+    build_index calls the view's ``close()`` when done with it.
 
-    If the adapter has a ``close()`` method, build_index calls it when done with that view.
+    Attributes:
+        n: number of facts N.
     """
 
+    n: int
+
     def __call__(
-        self, transform: MipsTransform | None, ids: np.ndarray | None, groups: np.ndarray | None = None
+        self,
+        transform: MipsTransform | None,
+        ids: np.ndarray | None,
+        groups: np.ndarray | None = None,
+        precision: str = "float32",
     ) -> DataAccess: ...
 
 
-class InMemoryDataFactory:
+class _ViewFactory:
+    """A :class:`DataFactory` whose views are made in this process by ``_view``."""
+
+    chunk: int
+
+    @property
+    def n(self) -> int:
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        transform: MipsTransform | None,
+        ids: np.ndarray | None,
+        groups: np.ndarray | None = None,
+        precision: str = "float32",
+    ) -> InMemoryData:
+        ids = None if ids is None else check_subset_ids(ids, self.n)
+        options = {"transform": None if transform is None else transform.facts,
+                   "groups": groups, "precision": precision}
+        return self._view(ids, options)
+
+    def _view(self, ids: np.ndarray | None, options: dict[str, Any]) -> InMemoryData:
+        raise NotImplementedError
+
+
+class InMemoryDataFactory(_ViewFactory):
     """:class:`DataFactory` over an (N, D) tensor in this process (CPU or CUDA)."""
 
-    def __init__(self, vectors: torch.Tensor | np.ndarray, chunk: int = 65536,
-                 precision: str = "float32") -> None:
+    def __init__(self, vectors: torch.Tensor | np.ndarray, chunk: int = 65536) -> None:
         if isinstance(vectors, np.ndarray):
             vectors = torch.from_numpy(vectors)
         if not isinstance(vectors, torch.Tensor):
@@ -99,48 +218,35 @@ class InMemoryDataFactory:
             raise ValueError(f"vectors must be (N, D) with N >= 1, got {tuple(vectors.shape)}")
         self.vectors = vectors.to(torch.float32)  # (N, D)
         self.chunk = chunk
-        self.precision = precision
 
     @property
     def n(self) -> int:
         return int(self.vectors.shape[0])
 
-    def __call__(
-        self, transform: MipsTransform | None, ids: np.ndarray | None, groups: np.ndarray | None = None
-    ) -> InMemoryData:
+    def _view(self, ids: np.ndarray | None, options: dict[str, Any]) -> InMemoryData:
         x = self.vectors
         if ids is not None:
-            ids = check_subset_ids(ids, self.n)
             x = x[torch.from_numpy(ids).to(x.device)]  # (len(ids), D)
-        fn = None if transform is None else transform.facts
-        return InMemoryData(x, self.chunk, transform=fn, groups=groups, precision=self.precision)
+        return InMemoryData(x, self.chunk, **options)
 
 
-class FactorisedDataFactory:
+class FactorisedDataFactory(_ViewFactory):
     """:class:`DataFactory` over a :class:`~hmn.memory.FactorisedMemory`: views gather fact rows
     from the entity / relation / fact tables chunk by chunk (:class:`~hmn.kmeans.FactorisedData`),
     so an FB2M-sized memory is clustered without its (N, D) matrix."""
 
-    def __init__(self, memory: FactorisedMemory, chunk: int = 65536,
-                 precision: str = "float32") -> None:
+    def __init__(self, memory: FactorisedMemory, chunk: int = 65536) -> None:
         if not isinstance(memory, FactorisedMemory):
             raise TypeError(f"memory must be a FactorisedMemory, got {type(memory).__name__}")
         self.memory = memory
         self.chunk = chunk
-        self.precision = precision
 
     @property
     def n(self) -> int:
         return self.memory.n
 
-    def __call__(
-        self, transform: MipsTransform | None, ids: np.ndarray | None, groups: np.ndarray | None = None
-    ) -> FactorisedData:
-        if ids is not None:
-            ids = check_subset_ids(ids, self.n)
-        fn = None if transform is None else transform.facts
-        return FactorisedData(self.memory, ids, self.chunk, transform=fn, groups=groups,
-                              precision=self.precision)
+    def _view(self, ids: np.ndarray | None, options: dict[str, Any]) -> FactorisedData:
+        return FactorisedData(self.memory, ids, self.chunk, **options)
 
 
 def check_subset_ids(ids: np.ndarray, n: int) -> np.ndarray:
@@ -321,27 +427,9 @@ class ClusterIndex:
         )
 
 
-def _close(data: object) -> None:
-    close = getattr(data, "close", None)
-    if callable(close):
-        close()
-
-
 def _child_seed(seed: int, level: int, parent: int) -> int:
     """Independent, reproducible seed for the k-means of ``parent``'s children."""
     return int(np.random.SeedSequence([int(seed), level, parent]).generate_state(1)[0])
-
-
-def check_branching(branching: list[int], n: int) -> list[int]:
-    """Validate ``branching`` for N = n facts; returns it as a list of ints."""
-    if not isinstance(branching, (list, tuple)) or len(branching) == 0:
-        raise ValueError(f"branching={branching!r}: must be a non-empty list of cluster counts")
-    for i, b in enumerate(branching):
-        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1:
-            raise ValueError(f"branching[{i}]={b!r}: must be an integer >= 1")
-    if branching[0] > n:
-        raise ValueError(f"branching[0]={branching[0]}: must be <= n={n} (k <= n)")
-    return [int(b) for b in branching]
 
 
 def _sizes(counts: np.ndarray) -> dict[str, Any]:
@@ -354,53 +442,119 @@ def _sizes(counts: np.ndarray) -> dict[str, Any]:
     }
 
 
+def _reporter(progress: Progress, level: int) -> Progress:
+    """``progress`` with the level (and parent -1: all parents of the level at once) added."""
+    if progress is None:
+        return None
+    return lambda stat: progress({"level": level, "parent": -1, **stat})
+
+
 def _grouped_kmeans(
     data_factory: DataFactory,
     transform: MipsTransform,
+    spec: IndexSpec,
     ids: np.ndarray | None,
     groups: np.ndarray,
     ks: np.ndarray,
     seeds: np.ndarray,
-    **kw: Any,
-):
+    progress: Progress,
+) -> KMeansResult:
     """:func:`~hmn.kmeans.grouped_spherical_kmeans` over the facts ``ids`` (None: all), grouped
     by ``groups``, ``ks[g]`` clusters and seed ``seeds[g]`` per group; the view is closed after."""
-    data = data_factory(transform, ids, groups=groups)
+    data = data_factory(transform, ids, groups=groups, precision=spec.precision)
     try:
-        return grouped_spherical_kmeans(data, ks, group_seeds=seeds, **kw)
+        return grouped_spherical_kmeans(data, ks, iters=spec.iters, tol=spec.tol, init=spec.init,
+                                        progress=progress, group_seeds=seeds)
     finally:
-        _close(data)
+        data.close()
 
 
-def _grouped_level(
+def _assign(
     data_factory: DataFactory,
     transform: MipsTransform,
-    fact_cluster: np.ndarray,
-    parent_centroids: torch.Tensor,
-    branching: int,
-    *,
+    spec: IndexSpec,
+    ids: np.ndarray | None,
+    groups: np.ndarray | None,
+    centroids: torch.Tensor,
+    offsets: np.ndarray,
+) -> np.ndarray:
+    """Assign the facts ``ids`` (None: all) each to its most similar centroid of its group
+    (``groups``, None: one group); one pass over them."""
+    data = data_factory(transform, ids, groups=groups, precision=spec.precision)
+    try:
+        return data.assign_grouped(centroids, offsets)
+    finally:
+        data.close()
+
+
+def _max_norm(data_factory: DataFactory) -> float:
+    """The raw facts' largest norm, which the eq. 6 transform is fitted on (one pass)."""
+    raw = data_factory(None, None)
+    try:
+        if raw.n != data_factory.n:
+            raise ValueError(f"data_factory's full view has {raw.n} facts, its n={data_factory.n}")
+        return float(raw.max_norm())
+    finally:
+        raw.close()
+
+
+def _fit_top_level(
+    data_factory: DataFactory,
+    transform: MipsTransform,
+    spec: IndexSpec,
+    fit_ids: np.ndarray | None,
+    progress: Progress,
+) -> tuple[torch.Tensor, np.ndarray, dict]:
+    """Level 0: one k-means with ``branching[0]`` clusters over all facts (or over the facts
+    ``fit_ids``, then one assignment pass over all facts).
+
+    Returns (centroids (C0, D + m), fact -> cluster (N,), the level's stats).
+    """
+    t0 = time.perf_counter()
+    k = spec.branching[0]
+    data = data_factory(transform, fit_ids, precision=spec.precision)
+    try:
+        res = spherical_kmeans(data, k, iters=spec.iters, tol=spec.tol, seed=spec.seed,
+                               init=spec.init, progress=progress)
+    finally:
+        data.close()
+    fact_cluster = res.assignments  # (N,) cluster of each fact
+    if fit_ids is not None:
+        offsets = np.array([0, k], dtype=np.int64)
+        fact_cluster = _assign(data_factory, transform, spec, None, None, res.centroids, offsets)
+    stats = {
+        "level": 0,
+        "num_clusters": k,
+        "sizes": _sizes(np.bincount(fact_cluster, minlength=k)),
+        "kmeans": res.stats,
+        "seconds": time.perf_counter() - t0,
+    }
+    return res.centroids, fact_cluster, stats
+
+
+def _fit_child_level(
+    data_factory: DataFactory,
+    transform: MipsTransform,
+    spec: IndexSpec,
     level: int,
-    iters: int,
-    tol: float,
-    seed: int,
-    init: str,
-    progress: Callable[[dict], None] | None,
-    fit_ids: np.ndarray | None = None,
-) -> tuple[np.ndarray, torch.Tensor, np.ndarray, list[dict], int]:
+    parent_centroids: torch.Tensor,
+    fact_cluster: np.ndarray,
+    fit_ids: np.ndarray | None,
+    progress: Progress,
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray, dict]:
     """One level > 0 of a hierarchical index by a single grouped k-means over all facts (or over
     the facts ``fit_ids``, followed by one grouped assignment pass over all facts).
 
-    Returns (fact -> new cluster, centroids, parents, per-parent stats, number of clusters).
     Children of parent 0 come first; a parent without (fitted) facts gets one child with its
-    centroid.
+    centroid.  Returns (centroids, parents, fact -> new cluster, the level's stats).
     """
+    t0 = time.perf_counter()
     c_prev = parent_centroids.shape[0]
     fit_cluster = fact_cluster if fit_ids is None else fact_cluster[fit_ids]
     sizes = np.bincount(fit_cluster, minlength=c_prev)  # (C_prev,)
-    ks = np.minimum(branching, sizes)  # 0 for empty parents
-    seeds = np.array([_child_seed(seed, level, p) for p in range(c_prev)], dtype=np.uint64)
-    res = _grouped_kmeans(data_factory, transform, fit_ids, fit_cluster, ks, seeds, iters=iters,
-                          tol=tol, init=init, progress=progress)  # fmt: skip
+    ks = np.minimum(spec.branching[level], sizes)  # 0 for empty parents
+    seeds = np.array([_child_seed(spec.seed, level, p) for p in range(c_prev)], dtype=np.uint64)
+    res = _grouped_kmeans(data_factory, transform, spec, fit_ids, fit_cluster, ks, seeds, progress)
     # Insert one child (a copy of the parent's centroid) for every empty parent.
     kk = np.maximum(ks, 1)  # children per parent in the output
     out_off = np.concatenate([[0], np.cumsum(kk)])
@@ -412,16 +566,10 @@ def _grouped_level(
         else:
             out[out_off[p] : out_off[p + 1]] = res.centroids[in_off[p] : in_off[p + 1]]
     if fit_ids is None:
-        owner = np.repeat(np.arange(c_prev), ks)  # parent of each grouped centroid
-        new_cluster = res.assignments - in_off[owner[res.assignments]] + out_off[
-            owner[res.assignments]
-        ]
+        owner = np.repeat(np.arange(c_prev), ks)[res.assignments]  # parent of each fact
+        new_cluster = res.assignments - in_off[owner] + out_off[owner]
     else:  # every fact to its most similar child of its own parent
-        full = data_factory(transform, None, groups=fact_cluster)
-        try:
-            new_cluster = full.assign_grouped(out, out_off)
-        finally:
-            _close(full)
+        new_cluster = _assign(data_factory, transform, spec, None, fact_cluster, out, out_off)
     parents = np.repeat(np.arange(c_prev, dtype=np.int64), kk)
     runs = [
         {
@@ -433,25 +581,111 @@ def _grouped_level(
         }
         for p in np.flatnonzero(ks > 0)
     ]
-    return new_cluster, out, parents, runs, int(out_off[-1])
+    num = int(out_off[-1])
+    stats = {
+        "level": level,
+        "num_clusters": num,
+        "batched": True,
+        "sizes": _sizes(np.bincount(new_cluster, minlength=num)),
+        "kmeans": runs,
+        "seconds": time.perf_counter() - t0,
+    }
+    logger.info("index level %d: %d clusters, sizes %s", level, num, stats["sizes"])
+    return out, parents, new_cluster, stats
+
+
+@dataclass
+class _Leaves:
+    """Working state of :func:`_split_leaves` (C leaves so far, N facts)."""
+
+    centroids: torch.Tensor  # (C, D + m)
+    parent: np.ndarray  # (C,) parent of each leaf (0 for a flat index)
+    origin: np.ndarray  # (C,) the original leaf every leaf was cut from
+    fact_leaf: np.ndarray  # (N,)
+    stuck: np.ndarray  # (C,) leaves k-means could not split
+
+
+def _split_round(
+    data_factory: DataFactory,
+    transform: MipsTransform,
+    spec: IndexSpec,
+    st: _Leaves,
+    r: int,
+    progress: Progress,
+) -> dict | None:
+    """Round ``r``: one grouped k-means over the facts of every leaf over the cap (None if there
+    is none); its first piece keeps the leaf's number, the others become new leaves."""
+    t0 = time.perf_counter()
+    cap = spec.max_leaf_size
+    sizes = np.bincount(st.fact_leaf, minlength=st.centroids.shape[0])
+    big = np.flatnonzero((sizes > cap) & ~st.stuck)
+    if big.size == 0:
+        return None
+    is_big = np.zeros(sizes.size, dtype=bool)
+    is_big[big] = True
+    ids = np.flatnonzero(is_big[st.fact_leaf])  # (n_big,) sorted fact ids in big leaves
+    groups = np.searchsorted(big, st.fact_leaf[ids])  # (n_big,) position of the leaf in `big`
+    ks = np.minimum(-(-sizes[big] // cap), sizes[big])  # (G,) >= 2
+    seeds = np.array([_child_seed(spec.seed, 1000 + r, int(leaf)) for leaf in big], dtype=np.uint64)
+    res = _grouped_kmeans(data_factory, transform, spec, ids, groups, ks, seeds, progress)
+    offsets = np.concatenate([[0], np.cumsum(ks)])
+    first = offsets[:-1]
+    rest = np.ones(int(offsets[-1]), dtype=bool)
+    rest[first] = False
+    n_new = int(rest.sum())
+    new_leaf = np.empty(int(offsets[-1]), dtype=np.int64)  # leaf number of each centroid
+    new_leaf[first] = big
+    new_leaf[rest] = st.centroids.shape[0] + np.arange(n_new)
+    owner = big[np.repeat(np.arange(big.size), ks)[rest]]  # (n_new,) leaf each was cut from
+    st.centroids[torch.from_numpy(big)] = res.centroids[torch.from_numpy(first)]
+    st.centroids = torch.cat([st.centroids, res.centroids[torch.from_numpy(rest)]], dim=0)
+    st.parent = np.concatenate([st.parent, st.parent[owner]])
+    st.origin = np.concatenate([st.origin, st.origin[owner]])
+    st.fact_leaf[ids] = new_leaf[res.assignments]
+    largest = np.maximum.reduceat(np.bincount(res.assignments, minlength=new_leaf.size), first)
+    whole = largest == sizes[big]  # k-means could not separate any fact
+    st.stuck = np.concatenate([st.stuck, np.zeros(n_new, dtype=bool)])
+    st.stuck[big[whole]] = True
+    return {"round": r, "split": int(big.size), "facts": int(ids.size), "new_leaves": n_new,
+            "unsplittable": int(whole.sum()), "iterations": len(res.stats),
+            "seconds": time.perf_counter() - t0}  # fmt: skip
+
+
+def _assign_to_pieces(
+    data_factory: DataFactory, transform: MipsTransform, spec: IndexSpec, st: _Leaves, c0: int
+) -> dict:
+    """Every fact of a split leaf to the most similar piece of that leaf (one grouped pass)."""
+    t0 = time.perf_counter()
+    pieces_of = np.bincount(st.origin, minlength=c0)  # (C0,) pieces per original leaf
+    split_orig = np.flatnonzero(pieces_of > 1)
+    is_split = np.zeros(c0, dtype=bool)
+    is_split[split_orig] = True
+    pieces = np.flatnonzero(is_split[st.origin])  # leaves cut from a split leaf
+    pieces = pieces[np.argsort(st.origin[pieces], kind="stable")]  # grouped by original leaf
+    piece_off = np.concatenate([[0], np.cumsum(pieces_of[split_orig])])
+    ids = np.flatnonzero(is_split[st.origin[st.fact_leaf]])
+    groups = np.searchsorted(split_orig, st.origin[st.fact_leaf[ids]])
+    centroids = st.centroids[torch.from_numpy(pieces)]
+    st.fact_leaf[ids] = pieces[
+        _assign(data_factory, transform, spec, ids, groups, centroids, piece_off)
+    ]
+    after = np.bincount(st.fact_leaf, minlength=st.centroids.shape[0])
+    return {"round": "assign", "facts": int(ids.size),
+            "over_cap": int((after > spec.max_leaf_size).sum()),
+            "seconds": time.perf_counter() - t0}  # fmt: skip
 
 
 def _split_leaves(
     data_factory: DataFactory,
     transform: MipsTransform,
+    spec: IndexSpec,
     centroids: list[torch.Tensor],
     parents: list[np.ndarray],
     fact_leaf: np.ndarray,
-    max_leaf_size: int,
-    *,
-    iters: int,
-    tol: float,
-    seed: int,
-    init: str,
-    progress: Callable[[dict], None] | None = None,
+    progress: Progress = None,
     rounds: int = 8,
-) -> tuple[np.ndarray, list[torch.Tensor], list[np.ndarray], list[dict]]:
-    """Split every leaf of more than ``max_leaf_size`` facts into ``ceil(size / max_leaf_size)``
+) -> tuple[np.ndarray, list[torch.Tensor], list[np.ndarray], dict]:
+    """Split every leaf of more than ``spec.max_leaf_size`` facts into ``ceil(size / cap)``
     leaves under the same parent by a spherical k-means of its own facts; pieces still too big
     are split again (up to ``rounds`` rounds); then every fact of a split leaf moves to the most
     similar of that leaf's pieces (one grouped assignment pass), as a query would pick them.
@@ -467,499 +701,168 @@ def _split_leaves(
     that each parent's children stay contiguous. Upper levels are unchanged (a parent's subtree
     holds the same facts).
 
-    Returns (fact -> leaf, centroids per level, parents per level, per-round stats).
+    Returns (fact -> leaf, centroids per level, parents per level, the split's entry in the
+    index's ``levels`` stats: sizes before and after, per-round stats, seconds).
     """
-    leaves = centroids[-1].clone()
-    c0 = leaves.shape[0]
-    leaf_parent = parents[-1].copy() if parents else np.zeros(c0, dtype=np.int64)
-    origin = np.arange(c0, dtype=np.int64)  # the original leaf every leaf was cut from
-    fact_leaf = np.asarray(fact_leaf, dtype=np.int64).copy()
-    stuck = np.zeros(c0, dtype=bool)  # leaves k-means could not split
+    t0 = time.perf_counter()
+    c0 = centroids[-1].shape[0]
+    before = _sizes(np.bincount(fact_leaf, minlength=c0))
+    st = _Leaves(
+        centroids=centroids[-1].clone(),
+        parent=parents[-1].copy() if parents else np.zeros(c0, dtype=np.int64),
+        origin=np.arange(c0, dtype=np.int64),
+        fact_leaf=np.asarray(fact_leaf, dtype=np.int64).copy(),
+        stuck=np.zeros(c0, dtype=bool),
+    )
     stats: list[dict] = []
     for r in range(rounds):
-        t0 = time.perf_counter()
-        sizes = np.bincount(fact_leaf, minlength=leaves.shape[0])
-        big = np.flatnonzero((sizes > max_leaf_size) & ~stuck)
-        if big.size == 0:
+        done = _split_round(data_factory, transform, spec, st, r, progress)
+        if done is None:
             break
-        is_big = np.zeros(sizes.size, dtype=bool)
-        is_big[big] = True
-        ids = np.flatnonzero(is_big[fact_leaf])  # (n_big,) sorted fact ids in big leaves
-        groups = np.searchsorted(big, fact_leaf[ids])  # (n_big,) position of the leaf in `big`
-        ks = np.minimum(-(-sizes[big] // max_leaf_size), sizes[big])  # (G,) >= 2
-        seeds = np.array([_child_seed(seed, 1000 + r, int(leaf)) for leaf in big], dtype=np.uint64)
-        res = _grouped_kmeans(data_factory, transform, ids, groups, ks, seeds, iters=iters,
-                              tol=tol, init=init, progress=progress)  # fmt: skip
-        offsets = np.concatenate([[0], np.cumsum(ks)])
-        first = offsets[:-1]
-        rest = np.ones(int(offsets[-1]), dtype=bool)
-        rest[first] = False
-        n_new = int(rest.sum())
-        new_leaf = np.empty(int(offsets[-1]), dtype=np.int64)  # leaf number of each centroid
-        new_leaf[first] = big
-        new_leaf[rest] = leaves.shape[0] + np.arange(n_new)
-        owner = big[np.repeat(np.arange(big.size), ks)[rest]]  # (n_new,) leaf each was cut from
-        leaves[torch.from_numpy(big)] = res.centroids[torch.from_numpy(first)]
-        leaves = torch.cat([leaves, res.centroids[torch.from_numpy(rest)]], dim=0)
-        leaf_parent = np.concatenate([leaf_parent, leaf_parent[owner]])
-        origin = np.concatenate([origin, origin[owner]])
-        fact_leaf[ids] = new_leaf[res.assignments]
-        largest = np.maximum.reduceat(np.bincount(res.assignments, minlength=new_leaf.size), first)
-        whole = largest == sizes[big]  # k-means could not separate any fact
-        stuck = np.concatenate([stuck, np.zeros(n_new, dtype=bool)])
-        stuck[big[whole]] = True
-        stats.append({"round": r, "split": int(big.size), "facts": int(ids.size),
-                      "new_leaves": n_new, "unsplittable": int(whole.sum()),
-                      "iterations": len(res.stats), "seconds": time.perf_counter() - t0})  # fmt: skip
+        stats.append(done)
         if progress is not None:
-            progress({"split_round": r, **stats[-1]})
+            progress({"split_round": r, **done})
     if stats:
-        # every fact of a split leaf to the most similar piece of that leaf
-        t0 = time.perf_counter()
-        pieces_of = np.bincount(origin, minlength=c0)  # (C0,) pieces per original leaf
-        split_orig = np.flatnonzero(pieces_of > 1)
-        is_split = np.zeros(c0, dtype=bool)
-        is_split[split_orig] = True
-        pieces = np.flatnonzero(is_split[origin])  # leaves cut from a split leaf
-        pieces = pieces[np.argsort(origin[pieces], kind="stable")]  # grouped by original leaf
-        piece_off = np.concatenate([[0], np.cumsum(pieces_of[split_orig])])
-        ids = np.flatnonzero(is_split[origin[fact_leaf]])
-        groups = np.searchsorted(split_orig, origin[fact_leaf[ids]])
-        data = data_factory(transform, ids, groups=groups)
-        try:
-            fact_leaf[ids] = pieces[data.assign_grouped(leaves[torch.from_numpy(pieces)], piece_off)]
-        finally:
-            _close(data)
-        after = np.bincount(fact_leaf, minlength=leaves.shape[0])
-        stats.append({"round": "assign", "facts": int(ids.size),
-                      "over_cap": int((after > max_leaf_size).sum()),
-                      "seconds": time.perf_counter() - t0})  # fmt: skip
+        stats.append(_assign_to_pieces(data_factory, transform, spec, st, c0))
     # children of each parent contiguous again (the documented numbering)
-    perm = np.argsort(leaf_parent, kind="stable")  # new position -> old leaf
+    perm = np.argsort(st.parent, kind="stable")  # new position -> old leaf
     inverse = np.empty_like(perm)
     inverse[perm] = np.arange(perm.size)
-    out_centroids = [*centroids[:-1], leaves[torch.from_numpy(perm)]]
-    out_parents = [*parents[:-1], leaf_parent[perm]] if parents else []
-    return inverse[fact_leaf], out_centroids, out_parents, stats
-
-
-def _split_level(
-    data_factory: DataFactory,
-    transform: MipsTransform,
-    centroids: list[torch.Tensor],
-    parents: list[np.ndarray],
-    fact_leaf: np.ndarray,
-    max_leaf_size: int,
-    **kw: Any,
-) -> tuple[np.ndarray, list[torch.Tensor], list[np.ndarray], dict]:
-    """:func:`_split_leaves` plus its entry in the index's ``levels`` stats (sizes before and
-    after, rounds, seconds)."""
-    t0 = time.perf_counter()
-    before = _sizes(np.bincount(fact_leaf, minlength=centroids[-1].shape[0]))
-    fact_leaf, centroids, parents, rounds = _split_leaves(
-        data_factory, transform, centroids, parents, fact_leaf, int(max_leaf_size), **kw
-    )
+    out_centroids = [*centroids[:-1], st.centroids[torch.from_numpy(perm)]]
+    out_parents = [*parents[:-1], st.parent[perm]] if parents else []
+    out_leaf = inverse[st.fact_leaf]
     level = {
         "level": "split",
-        "max_leaf_size": int(max_leaf_size),
-        "num_clusters": int(centroids[-1].shape[0]),
+        "max_leaf_size": int(spec.max_leaf_size),
+        "num_clusters": int(perm.size),
         "sizes_before": before,
-        "sizes": _sizes(np.bincount(fact_leaf, minlength=centroids[-1].shape[0])),
-        "rounds": rounds,
+        "sizes": _sizes(np.bincount(out_leaf, minlength=perm.size)),
+        "rounds": stats,
         "seconds": time.perf_counter() - t0,
     }
     logger.info(
         "index: leaves over %d facts split in %d rounds: %d leaves, sizes %s",
-        max_leaf_size, sum(r["round"] != "assign" for r in rounds), level["num_clusters"],
+        spec.max_leaf_size, sum(r["round"] != "assign" for r in stats), level["num_clusters"],
         level["sizes"],
     )  # fmt: skip
-    return fact_leaf, centroids, parents, level
+    return out_leaf, out_centroids, out_parents, level
 
 
-def _refine_leaves(
-    data: DataAccess,
-    centroids: list[torch.Tensor],
-    parents: list[np.ndarray],
-    iters: int,
-    progress: Callable[[dict], None] | None = None,
-) -> tuple[np.ndarray, list[torch.Tensor], list[dict]]:
-    """Global Lloyd iterations over the leaves of a hierarchical index.
-
-    A nested clustering assigns a fact only among the children of its parent, but a query picks
-    leaves by their centroids over the whole level (ClusteredReader), so facts near a parent
-    boundary sit in a leaf whose centroid is not their most similar one and are missed.  Here
-    every fact may join any leaf: ``iters`` spherical k-means iterations over all leaves, starting
-    from the nested leaves (the objective cannot decrease), then a final global assignment.  The
-    tree is kept: upper-level centroids become the normalised sums of their children's rows, so
-    a beam over them still routes to the leaves of similar facts.  Empty leaves keep their
-    centroid (the reader skips them).
-
-    Returns (fact -> leaf, centroids per level, per-iteration stats).
-    """
-    leaves = centroids[-1].to(torch.float32).clone()  # (C, d)
-    k, d = leaves.shape
-    stats: list[dict] = []
-    sums = np.zeros((k, d))
-    for it in range(iters):
-        t0 = time.perf_counter()
-        sums, counts, objective = data.partial_stats(leaves)
-        sums = np.asarray(sums, dtype=np.float64)  # (C, d)
-        counts = np.asarray(counts, dtype=np.int64)
-        norms = np.linalg.norm(sums, axis=1)
-        ok = (counts > 0) & (norms > 0)
-        new = leaves.to(torch.float64).numpy().copy()
-        new[ok] = sums[ok] / norms[ok, None]
-        leaves = torch.from_numpy(new.astype(np.float32))
-        stat = {"iteration": it, "objective": float(objective),
-                "imbalance": imbalance_factor(counts), "empty": int((counts == 0).sum()),
-                "seconds": time.perf_counter() - t0}
-        stats.append(stat)
-        if progress is not None:
-            progress(dict(stat))
-    fact_leaf = np.asarray(data.assign(leaves), dtype=np.int64)
-    out = [*centroids[:-1], leaves]
-    # Upper levels, bottom-up: normalised sum of the children's row sums.
-    child_sums = sums
-    for level in range(len(out) - 2, -1, -1):
-        par = parents[level]  # (C_{level+1},) parent of every cluster of the next level
-        up = np.zeros((out[level].shape[0], d))
-        np.add.at(up, par, child_sums)
-        norms = np.linalg.norm(up, axis=1)
-        cur = out[level].to(torch.float64).numpy().copy()
-        ok = norms > 0
-        cur[ok] = up[ok] / norms[ok, None]
-        out[level] = torch.from_numpy(cur.astype(np.float32))
-        child_sums = up
-    return fact_leaf, out, stats
+def _fit_ids(spec: IndexSpec, n: int) -> np.ndarray | None:
+    """The sorted, seeded sample of ``spec.fit_sample`` fact ids every level is fitted on (None:
+    fit on all facts, also when fit_sample >= n)."""
+    if not 0 < spec.fit_sample < n:
+        return None
+    if spec.fit_sample < spec.branching[0]:
+        raise ValueError(
+            f"fit_sample={spec.fit_sample} is smaller than branching[0]={spec.branching[0]}"
+        )
+    rng = np.random.default_rng([spec.seed, 0xF17])
+    return np.sort(rng.choice(n, size=spec.fit_sample, replace=False)).astype(np.int64)
 
 
-def build_index(    data_factory: DataFactory,
-    *,
-    n: int,
-    branching: list[int],
-    U: float = 0.75,
-    m: int = 3,
-    iters: int = 20,
-    tol: float = 1e-4,
-    seed: int = 0,
-    init: str = "kmeans++",
-    progress: Callable[[dict], None] | None = None,
-    batched_levels: bool = True,
-    refine_leaves: int = 0,
-    fit_sample: int = 0,
-    max_leaf_size: int = 0,
+def build_index(
+    data_factory: DataFactory, spec: IndexSpec, progress: Progress = None
 ) -> ClusterIndex:
-    """Build a flat (``[C]``) or hierarchical (``[C1, C2, ...]``) cluster index.
+    """Build the flat (``(C,)``) or hierarchical (``(C1, C2, ...)``) cluster index of ``spec``
+    over the facts of ``data_factory`` (see :class:`DataFactory`).
+
+    Steps: fit the transform (eq. 6) on the largest norm, fit level 0, fit each deeper level
+    (one grouped k-means per level), each fitted on the ``fit_sample`` facts and followed by one
+    assignment pass over all facts when fit_sample is set, and split the leaves over
+    ``max_leaf_size``.
 
     Args:
-        data_factory: ``(transform | None, ids | None) -> DataAccess``, see :class:`DataFactory`.
-        n: number of facts N (checked against the factory's full view).
-        branching: clusters per level, top first.
-        U, m: MIPS transform parameters (eq. 6-7).
-        iters, tol, init: spherical k-means parameters.
-        seed: seeds level 0; child k-means get seeds derived from (seed, level, parent).
-        progress: called with every k-means iteration's stats plus "level" and "parent"
-            (parent -1 for a batched level).
-        batched_levels: cluster all parents of a level > 0 in one grouped k-means
-            (:func:`~hmn.kmeans.grouped_spherical_kmeans`: ``iters`` passes over the data per
-            level instead of one k-means per parent); False runs one k-means per parent.
-        refine_leaves: hierarchical index only: after the last level, this many Lloyd iterations
-            over *all* leaves (every fact may move to any leaf, not only to the children of its
-            parent), then every fact goes to its most similar leaf and the upper levels'
-            centroids become the normalised means of their subtrees (see :func:`_refine_leaves`).
-            0 (default) keeps the strictly nested clustering.
-        fit_sample: when 0 < fit_sample < n, every level's k-means iterates over the same seeded
-            random sample of ``fit_sample`` facts, and one assignment pass then places all n facts
-            (the usual large-scale practice, as faiss's ``max_points_per_centroid``): ``iters + 1``
-            passes over a sample and one over all facts per level instead of ``iters`` over all.
-            Needs ``batched_levels`` for hierarchical indexes.
-        max_leaf_size: when > 0, last step: every leaf of more facts than this is split by a
-            k-means of its facts into leaves under the same parent (:func:`_split_leaves`), so
-            that a query reading its top leaves is not charged the few oversized ones. 0
-            (default) keeps k-means' leaves.
+        data_factory: makes the views of the facts, see :class:`DataFactory`.
+        spec: what to build, see :class:`IndexSpec`.
+        progress: called with every k-means iteration's stats plus "level" and "parent" (-1:
+            every parent of the level at once), and with every split round's stats.
     """
-    if isinstance(max_leaf_size, bool) or not isinstance(max_leaf_size, numbers.Integral) or (
-        max_leaf_size < 0
-    ):
-        raise ValueError(f"max_leaf_size={max_leaf_size!r}: must be an integer >= 0")
-    if isinstance(fit_sample, bool) or not isinstance(fit_sample, numbers.Integral) or fit_sample < 0:
-        raise ValueError(f"fit_sample={fit_sample!r}: must be an integer >= 0")
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"n={n!r}: must be an integer >= 1")
-    if isinstance(refine_leaves, bool) or not isinstance(refine_leaves, numbers.Integral) or (
-        refine_leaves < 0
-    ):
-        raise ValueError(f"refine_leaves={refine_leaves!r}: must be an integer >= 0")
-    branching = check_branching(branching, int(n))
+    if not isinstance(spec, IndexSpec):
+        raise TypeError(f"spec must be an IndexSpec, got {type(spec).__name__}")
     t_start = time.perf_counter()
-    fit_ids: np.ndarray | None = None
-    if 0 < fit_sample < n:
-        if len(branching) > 1 and not batched_levels:
-            raise ValueError("fit_sample needs batched_levels=True for a hierarchical index")
-        if fit_sample < int(np.prod(branching[:1])):
-            raise ValueError(f"fit_sample={fit_sample} is smaller than branching[0]={branching[0]}")
-        rng = np.random.default_rng([seed, 0xF17])
-        fit_ids = np.sort(rng.choice(int(n), size=int(fit_sample), replace=False)).astype(np.int64)
-
-    raw = data_factory(None, None)
-    if raw.n != n:
-        raise ValueError(f"data_factory gives {raw.n} facts, but n={n}")
-    max_norm = float(raw.max_norm())
-    _close(raw)
-    transform = fit_transform(max_norm, U=U, m=m)  # eq. 6
-
-    def reporter(level: int, parent: int) -> Callable[[dict], None] | None:
-        if progress is None:
-            return None
-        return lambda stat: progress({"level": level, "parent": parent, **stat})
-
-    # Level 0: all facts.
-    t0 = time.perf_counter()
-    data = data_factory(transform, fit_ids)
-    try:
-        res = spherical_kmeans(
-            data, branching[0], iters=iters, tol=tol, seed=seed, init=init, progress=reporter(0, -1)
-        )
-    finally:
-        _close(data)
-    centroids = [res.centroids]
-    parents: list[np.ndarray] = []
-    if fit_ids is None:
-        fact_cluster = res.assignments  # (N,) cluster of each fact at the current level
-    else:
-        data = data_factory(transform, None)
-        try:
-            fact_cluster = data.assign(res.centroids)
-        finally:
-            _close(data)
-    counts = np.bincount(fact_cluster, minlength=branching[0])
-    level_stats = [
-        {
-            "level": 0,
-            "num_clusters": branching[0],
-            "sizes": _sizes(counts),
-            "kmeans": res.stats,
-            "seconds": time.perf_counter() - t0,
-        }
-    ]
-
+    n = int(data_factory.n)
+    branching = check_branching(spec.branching, n)
+    fit_ids = _fit_ids(spec, n)
+    max_norm = _max_norm(data_factory)
+    transform = fit_transform(max_norm, U=spec.U, m=spec.m)  # eq. 6
+    top, fact_cluster, top_stats = _fit_top_level(
+        data_factory, transform, spec, fit_ids, _reporter(progress, 0)
+    )
+    centroids, parents, level_stats = [top], [], [top_stats]
     for level in range(1, len(branching)):
-        t0 = time.perf_counter()
-        c_prev = centroids[-1].shape[0]
-        if batched_levels:
-            new_cluster, lc, lp, runs, offset = _grouped_level(
-                data_factory, transform, fact_cluster, centroids[-1], branching[level],
-                level=level, iters=iters, tol=tol, seed=seed, init=init,
-                progress=reporter(level, -1), fit_ids=fit_ids,
-            )
-            centroids.append(lc)
-            parents.append(lp)
-            fact_cluster = new_cluster
-            counts = np.bincount(fact_cluster, minlength=offset)
-            level_stats.append(
-                {
-                    "level": level,
-                    "num_clusters": offset,
-                    "batched": True,
-                    "sizes": _sizes(counts),
-                    "kmeans": runs,
-                    "seconds": time.perf_counter() - t0,
-                }
-            )
-            logger.info(
-                "index level %d (batched): %d clusters, sizes %s", level, offset,
-                level_stats[-1]["sizes"],
-            )
-            continue
-        order = np.argsort(fact_cluster, kind="stable")  # facts grouped by cluster, ids ascending
-        bounds = np.concatenate([[0], np.cumsum(np.bincount(fact_cluster, minlength=c_prev))])
-        new_cluster = np.empty(n, dtype=np.int64)
-        level_centroids: list[torch.Tensor] = []
-        level_parents: list[np.ndarray] = []
-        runs: list[dict] = []
-        offset = 0
-        for p in range(c_prev):
-            ids = order[bounds[p] : bounds[p + 1]]  # (size,) sorted fact ids of cluster p
-            if ids.size == 0:  # empty cluster: one empty child that copies its centroid
-                level_centroids.append(centroids[-1][p : p + 1].clone())
-                level_parents.append(np.array([p], dtype=np.int64))
-                offset += 1
-                continue
-            k = min(branching[level], int(ids.size))
-            sub = data_factory(transform, ids)
-            try:
-                r = spherical_kmeans(
-                    sub,
-                    k,
-                    iters=iters,
-                    tol=tol,
-                    seed=_child_seed(seed, level, p),
-                    init=init,
-                    progress=reporter(level, p),
-                )
-            finally:
-                _close(sub)
-            new_cluster[ids] = offset + r.assignments
-            level_centroids.append(r.centroids)
-            level_parents.append(np.full(k, p, dtype=np.int64))
-            runs.append(
-                {
-                    "parent": p,
-                    "n": int(ids.size),
-                    "k": k,
-                    "iterations": len(r.stats),
-                    "objective": r.objective,
-                    "empty_splits": int(sum(s["empty_splits"] for s in r.stats)),
-                    "seconds": float(sum(s["seconds"] for s in r.stats)),
-                }
-            )
-            offset += k
-        centroids.append(torch.cat(level_centroids, dim=0))
-        parents.append(np.concatenate(level_parents))
-        fact_cluster = new_cluster
-        counts = np.bincount(fact_cluster, minlength=offset)
-        level_stats.append(
-            {
-                "level": level,
-                "num_clusters": offset,
-                "sizes": _sizes(counts),
-                "kmeans": runs,
-                "seconds": time.perf_counter() - t0,
-            }
-        )
-        logger.info(
-            "index level %d: %d clusters, sizes %s", level, offset, level_stats[-1]["sizes"]
-        )
-
-    if refine_leaves > 0 and len(centroids) > 1:
-        t0 = time.perf_counter()
-        data = data_factory(transform, None)
-        try:
-            fact_cluster, centroids, refine_stats = _refine_leaves(
-                data, centroids, parents, int(refine_leaves), progress=reporter(len(centroids), -1)
-            )
-        finally:
-            _close(data)
-        level_stats.append(
-            {
-                "level": "refine",
-                "num_clusters": int(centroids[-1].shape[0]),
-                "sizes": _sizes(np.bincount(fact_cluster, minlength=centroids[-1].shape[0])),
-                "kmeans": refine_stats,
-                "seconds": time.perf_counter() - t0,
-            }
-        )
-
-    if max_leaf_size > 0:
-        fact_cluster, centroids, parents, split_level = _split_level(
-            data_factory, transform, centroids, parents, fact_cluster, max_leaf_size,
-            iters=iters, tol=tol, seed=seed, init=init, progress=reporter(len(centroids), -1),
+        c, p, fact_cluster, stats = _fit_child_level(
+            data_factory, transform, spec, level, centroids[-1], fact_cluster, fit_ids,
+            _reporter(progress, level),
         )  # fmt: skip
-        level_stats.append(split_level)
-
+        centroids.append(c)
+        parents.append(p)
+        level_stats.append(stats)
+    if spec.max_leaf_size > 0:
+        fact_cluster, centroids, parents, split = _split_leaves(
+            data_factory, transform, spec, centroids, parents, fact_cluster,
+            _reporter(progress, len(centroids)),
+        )  # fmt: skip
+        level_stats.append(split)
     stats = {
-        "n": int(n),
+        "n": n,
         "dim": int(centroids[0].shape[1]),
         "max_norm": max_norm,
         "transform": transform.to_dict(),
         "branching": branching,
-        "iters": iters,
-        "tol": tol,
-        "seed": seed,
-        "init": init,
-        "batched_levels": bool(batched_levels),
-        "refine_leaves": int(refine_leaves),
+        "iters": spec.iters,
+        "tol": spec.tol,
+        "seed": spec.seed,
+        "init": spec.init,
         "fit_sample": int(fit_ids.size) if fit_ids is not None else 0,
-        "max_leaf_size": int(max_leaf_size),
+        "max_leaf_size": int(spec.max_leaf_size),
         "levels": level_stats,
         "leaf_sizes": _sizes(np.bincount(fact_cluster, minlength=centroids[-1].shape[0])),
         "seconds": time.perf_counter() - t_start,
     }
-    logger.info(
-        "built cluster index: N=%d, branching=%s, %d leaves in %.2fs",
-        n,
-        branching,
-        centroids[-1].shape[0],
-        stats["seconds"],
-    )
-    return ClusterIndex(
-        transform=transform,
-        centroids=centroids,
-        parents=parents,
-        fact_leaf=fact_cluster,
-        stats=stats,
-    )
+    logger.info("built cluster index: N=%d, branching=%s, %d leaves in %.2fs",
+                n, branching, centroids[-1].shape[0], stats["seconds"])  # fmt: skip
+    return ClusterIndex(transform, centroids, parents, fact_cluster, stats)
 
 
 def split_leaves(
-    index: ClusterIndex,
-    data_factory: DataFactory,
-    max_leaf_size: int,
-    *,
-    iters: int = 20,
-    tol: float = 1e-4,
-    seed: int = 0,
-    init: str = "kmeans++",
-    progress: Callable[[dict], None] | None = None,
+    index: ClusterIndex, data_factory: DataFactory, spec: IndexSpec, progress: Progress = None
 ) -> ClusterIndex:
-    """A copy of ``index`` whose leaves of more than ``max_leaf_size`` facts are split (what
-    ``build_index(max_leaf_size=...)`` does as its last step, see :func:`_split_leaves`), for an
-    index that is already built. ``data_factory`` must serve the facts the index was built on."""
-    if isinstance(max_leaf_size, bool) or not isinstance(max_leaf_size, numbers.Integral) or (
-        max_leaf_size < 1
-    ):
-        raise ValueError(f"max_leaf_size={max_leaf_size!r}: must be an integer >= 1")
-    n = getattr(data_factory, "n", None)
-    if n is not None and n != index.n:
-        raise ValueError(f"data_factory gives {n} facts, the index has {index.n}")
-    fact_leaf, centroids, parents, split_level = _split_level(
-        data_factory, index.transform, index.centroids, index.parents, index.fact_leaf,
-        max_leaf_size, iters=iters, tol=tol, seed=seed, init=init, progress=progress,
+    """A copy of ``index`` whose leaves of more than ``spec.max_leaf_size`` facts are split (the
+    last step of :func:`build_index`, see :func:`_split_leaves`), for an index that is already
+    built; ``spec`` gives the cap and the k-means settings (iters, tol, seed, init, precision).
+    ``data_factory`` must serve the facts the index was built on."""
+    if spec.max_leaf_size < 1:
+        raise ValueError(f"max_leaf_size={spec.max_leaf_size!r}: must be an integer >= 1")
+    if data_factory.n != index.n:
+        raise ValueError(f"data_factory gives {data_factory.n} facts, the index has {index.n}")
+    fact_leaf, centroids, parents, split_level = _split_leaves(
+        data_factory, index.transform, spec, index.centroids, index.parents, index.fact_leaf,
+        progress,
     )  # fmt: skip
     stats = dict(index.stats)
     stats["levels"] = [*stats.get("levels", []), split_level]
-    stats["max_leaf_size"] = int(max_leaf_size)
+    stats["max_leaf_size"] = int(spec.max_leaf_size)
     stats["leaf_sizes"] = split_level["sizes"]
     return ClusterIndex(index.transform, centroids, parents, fact_leaf, stats)
 
 
 def build_index_from_vectors(
-    vectors: torch.Tensor | np.ndarray,
+    vectors: torch.Tensor | np.ndarray | FactorisedMemory,
+    spec: IndexSpec | None = None,
     *,
-    branching: list[int],
-    U: float = 0.75,
-    m: int = 3,
-    iters: int = 20,
-    tol: float = 1e-4,
-    seed: int = 0,
-    init: str = "kmeans++",
-    progress: Callable[[dict], None] | None = None,
-    batched_levels: bool = True,
-    refine_leaves: int = 0,
-    fit_sample: int = 0,
-    precision: str = "float32",
-    max_leaf_size: int = 0,
+    progress: Progress = None,
+    **fields: Any,
 ) -> ClusterIndex:
     """In-memory convenience: :func:`build_index` over :class:`InMemoryDataFactory` (or
     :class:`FactorisedDataFactory` when ``vectors`` is a :class:`~hmn.memory.FactorisedMemory`).
-    ``precision``: the k-means assignment matmul's (:func:`hmn.kmeans.similarity_dtype`)."""
+
+    ``fields``: :class:`IndexSpec` fields, replacing those of ``spec`` (or making the spec when
+    ``spec`` is None), e.g. ``build_index_from_vectors(x, branching=[16], seed=1)``.
+    """
+    spec = IndexSpec(**fields) if spec is None else dataclasses.replace(spec, **fields)
     if isinstance(vectors, FactorisedMemory):
-        factory = FactorisedDataFactory(vectors, precision=precision)
+        factory = FactorisedDataFactory(vectors)
     else:
-        factory = InMemoryDataFactory(vectors, precision=precision)
-    return build_index(
-        factory,
-        n=factory.n,
-        branching=branching,
-        U=U,
-        m=m,
-        iters=iters,
-        tol=tol,
-        seed=seed,
-        init=init,
-        progress=progress,
-        batched_levels=batched_levels,
-        refine_leaves=refine_leaves,
-        fit_sample=fit_sample,
-        max_leaf_size=max_leaf_size,
-    )
+        factory = InMemoryDataFactory(vectors)
+    return build_index(factory, spec, progress)

@@ -12,6 +12,10 @@ Spherical k-means maximises the objective
 by Lloyd iterations: assign each row to its most similar centroid, then set each centroid to the
 normalised mean of its rows.  Both steps can only increase J, so J never decreases.
 
+One loop serves both entries: rows come in groups and a row only joins its own group's
+centroids (:func:`grouped_spherical_kmeans`, all parents of an index level in one pass); the flat
+:func:`spherical_kmeans` is the same loop over a view with one group.
+
 Short names used inside kernels: x rows (n, d), c centroids (C, d), lab assignment (n,),
 sim similarities (b, C), b rows in a chunk.
 """
@@ -23,7 +27,7 @@ import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -58,28 +62,38 @@ _SPLIT_EPS = 1.0 / 1024.0
 class DataAccess(Protocol):
     """What the k-means loop needs from the data (rows are the *transformed* facts).
 
+    Rows are split into groups, and a row may only join the centroids of its own group: group g
+    owns centroids ``offsets[g]:offsets[g + 1]`` of the (C, d) centroids handed to the grouped
+    methods.  A view without groups (``groups is None``) is one group: offsets ``[0, C]``.  This
+    is how one pass over the data runs the k-means of every parent of an index level (grouped)
+    or a single k-means (one group).
+
     Attributes:
         n: number of rows.
         d: dimension of the rows seen by k-means.
+        groups: (n,) int64 group of every row, or None (all rows in group 0).
     """
 
     n: int
     d: int
+    groups: np.ndarray | None
 
     def rows(self, idx: np.ndarray) -> torch.Tensor:
         """(len(idx), d) float32 unit-norm rows, in the order of ``idx`` (init and re-seeding)."""
         ...
 
-    def partial_stats(self, centroids: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float]:
-        """Assign every row to its most similar centroid (C, d) and return
+    def partial_stats_grouped(
+        self, centroids: torch.Tensor, offsets: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Assign every row to its most similar centroid of its group and return
 
-        sums (C, d) float64 of unit-norm rows per centroid, counts (C,) int64, and the objective
-        sum_i max_j cos(x_i, c_j).
+        sums (C, d) float64 of unit-norm rows per centroid, counts (C,) int64, and objectives
+        (G,) float64, per group sum_i max_j cos(x_i, c_j) over its rows.
         """
         ...
 
-    def assign(self, centroids: torch.Tensor) -> np.ndarray:
-        """(n,) int64 index of the most similar centroid of every row."""
+    def assign_grouped(self, centroids: torch.Tensor, offsets: np.ndarray) -> np.ndarray:
+        """(n,) int64 global index of the most similar centroid of every row's group."""
         ...
 
     def max_norm(self) -> float:
@@ -87,6 +101,10 @@ class DataAccess(Protocol):
 
         Used by ``hmn.index.build_index`` to fit the MIPS transform (eq. 6) through the adapter.
         """
+        ...
+
+    def close(self) -> None:
+        """Release what the view holds elsewhere (``hmn.index`` calls it when done with a view)."""
         ...
 
 
@@ -174,10 +192,10 @@ class InMemoryData:
     Unless ``cache_rows=False``, untransformed rows that are already unit-norm (within 1e-6) are
     used as they are, whatever their size: no copy at all.
 
-    Grouped views (``groups`` given) also serve :meth:`partial_stats_grouped` and
-    :meth:`assign_grouped`, where a row may only join the centroids of its own group: this runs
-    the k-means of all children of one level of a hierarchical index in one pass
-    (:func:`grouped_spherical_kmeans`).
+    :meth:`partial_stats_grouped` and :meth:`assign_grouped` (the :class:`DataAccess` methods)
+    restrict a row to the centroids of its group (``groups``); on a view without groups they are
+    :meth:`partial_stats` and :meth:`assign` (one group).  A grouped view runs the k-means of all
+    children of one level of a hierarchical index in one pass (:func:`grouped_spherical_kmeans`).
 
     Subclasses that produce raw rows another way (e.g. :class:`FactorisedData`, which gathers
     them from the factorised tables) override ``_raw_between`` and ``_raw_rows``.
@@ -215,14 +233,16 @@ class InMemoryData:
         if not x.is_floating_point():
             raise TypeError(f"x must be floating point, got {x.dtype}")
         self._x = x if x.dtype == torch.float32 else x.to(torch.float32)  # (n, d_in)
-        self._setup(int(x.shape[0]), chunk, transform, groups, cache_rows, precision)
+        self._setup(int(x.shape[0]), chunk, transform=transform, groups=groups,
+                    cache_rows=cache_rows, precision=precision)
 
     def _setup(
         self,
         n: int,
         chunk: int,
-        transform: Callable[[torch.Tensor], torch.Tensor] | None,
-        groups: np.ndarray | None,
+        *,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        groups: np.ndarray | None = None,
         cache_rows: bool | None = None,
         precision: str = "float32",
     ) -> None:
@@ -332,6 +352,9 @@ class InMemoryData:
             self._max_norm = best
         return self._max_norm
 
+    def close(self) -> None:
+        """Nothing to release: the view's tensors go with the view."""
+
     def _centroids(self, centroids: torch.Tensor) -> torch.Tensor:
         if not isinstance(centroids, torch.Tensor):
             centroids = torch.as_tensor(np.asarray(centroids))
@@ -375,7 +398,7 @@ class InMemoryData:
                 objective += best.sum(dtype=torch.float64)
             counts += torch.bincount(lab, minlength=k)
             _add_segment_sums(sums, xc, lab)
-        if not exact:  # sum_i x_i . c_lab(i) = sum_c c . (sum of its rows): exact for this assignment
+        if not exact:  # exact for this assignment: sum_i x_i . c_lab(i) = sum_c c . (its rows sum)
             objective = (sums * c.to(torch.float64)).sum()
         return sums.cpu().numpy(), counts.cpu().numpy(), float(objective)
 
@@ -386,10 +409,16 @@ class InMemoryData:
             out[s : s + xc.shape[0]] = lab.cpu().numpy()
         return out
 
+    def _one_group(self, centroid_offsets: np.ndarray, k: int) -> None:
+        """Check that the offsets of a view without groups are [0, C]."""
+        offs = np.asarray(centroid_offsets, dtype=np.int64)
+        if offs.tolist() != [0, k]:
+            raise ValueError(
+                f"a view without groups is one group: offsets must be [0, {k}], got {offs.tolist()}"
+            )
+
     def _grouped_chunks(self, centroid_offsets: np.ndarray):
         """Yield (row positions, unit rows, group, first centroid, end centroid) per chunk."""
-        if self.groups is None:
-            raise ValueError("this view has no groups: open it with groups=...")
         offs = np.asarray(centroid_offsets, dtype=np.int64)
         if not self._unit_done:
             self._build_unit_cache()
@@ -412,6 +441,10 @@ class InMemoryData:
 
         Returns sums (C, d) float64, counts (C,) int64 and objectives (G,) float64 per group.
         """
+        if self.groups is None:
+            self._one_group(centroid_offsets, int(centroids.shape[0]))
+            sums, counts, objective = self.partial_stats(centroids)
+            return sums, counts, np.array([objective], dtype=np.float64)
         c = self._centroids(centroids)  # (C, d)
         k = c.shape[0]
         ng = len(centroid_offsets) - 1
@@ -436,6 +469,9 @@ class InMemoryData:
 
     def assign_grouped(self, centroids: torch.Tensor, centroid_offsets: np.ndarray) -> np.ndarray:
         """(n,) int64 most similar centroid of every row among its group's centroids."""
+        if self.groups is None:
+            self._one_group(centroid_offsets, int(centroids.shape[0]))
+            return self.assign(centroids)
         c = self._centroids(centroids)
         out = np.empty(self.n, dtype=np.int64)
         for pos, xc, _, a, b in self._grouped_chunks(centroid_offsets):
@@ -457,17 +493,9 @@ class FactorisedData(InMemoryData):
 
     _auto_cache = False
 
-    def __init__(
-        self,
-        memory,
-        ids: np.ndarray | None = None,
-        chunk: int = 65536,
-        *,
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        groups: np.ndarray | None = None,
-        cache_rows: bool | None = None,
-        precision: str = "float32",
-    ) -> None:
+    def __init__(self, memory, ids: np.ndarray | None = None, chunk: int = 65536,
+                 **options: Any) -> None:
+        """``options``: the keyword-only arguments of :class:`InMemoryData`."""
         if not hasattr(memory, "gather"):
             raise TypeError(f"memory must be a FactorisedMemory, got {type(memory).__name__}")
         self._memory = memory
@@ -475,7 +503,7 @@ class FactorisedData(InMemoryData):
         n = memory.n if self._ids is None else int(self._ids.size)
         if n == 0:
             raise ValueError("a FactorisedData view needs at least one row")
-        self._setup(n, chunk, transform, groups, cache_rows, precision)
+        self._setup(n, chunk, **options)
 
     @property
     def device(self) -> torch.device:
@@ -494,7 +522,7 @@ class FactorisedData(InMemoryData):
 
 @dataclass
 class KMeansResult:
-    """Result of :func:`spherical_kmeans`.
+    """Result of :func:`spherical_kmeans` and :func:`grouped_spherical_kmeans`.
 
     Attributes:
         centroids: (C, d) float32 unit-norm centroids on CPU.
@@ -502,6 +530,7 @@ class KMeansResult:
         stats: one dict per iteration: iteration, objective (J of the centroids that entered the
             iteration), imbalance (faiss imbalance factor C * sum(count^2) / n^2, 1 = balanced),
             empty_splits, seconds.
+        group_objectives: (G,) float64 final objective of each group (one group: (1,)).
     """
 
     centroids: torch.Tensor
@@ -601,6 +630,86 @@ def _split_empty(centroids: np.ndarray, counts: np.ndarray) -> int:
     return int(empty.size)
 
 
+def _check_loop_args(iters: int, tol: float, init: str) -> None:
+    if isinstance(iters, bool) or not isinstance(iters, numbers.Integral) or iters < 1:
+        raise ValueError(f"iters={iters!r}: must be an integer >= 1")
+    if not (isinstance(tol, numbers.Real) and tol >= 0):
+        raise ValueError(f"tol={tol!r}: must be >= 0")
+    if init not in INITS:
+        raise ValueError(f"init={init!r}: unknown, known: {sorted(INITS)}")
+
+
+def _lloyd(
+    data: DataAccess,
+    centroids: torch.Tensor,
+    offsets: np.ndarray,
+    *,
+    iters: int,
+    tol: float,
+    progress: Callable[[dict], None] | None,
+) -> KMeansResult:
+    """Lloyd iterations from ``centroids`` (C, d), group g owning ``offsets[g]:offsets[g + 1]``.
+
+    Every iteration is one ``partial_stats_grouped`` pass; the update sets each centroid to the
+    normalised mean of its rows (a centroid whose mean vanishes keeps its value), empty centroids
+    are re-seeded inside their group (:func:`_split_empty`), and the loop stops when the relative
+    change of the total objective is < tol with no split.  Each group's objective can only
+    increase.
+    """
+    t_start = time.perf_counter()
+    n, d, k, ng = int(data.n), int(data.d), int(centroids.shape[0]), int(offsets.size - 1)
+    stats: list[dict] = []
+    prev: float | None = None
+    group_obj = np.zeros(ng)
+    for it in range(int(iters)):
+        t0 = time.perf_counter()
+        sums, counts, group_obj = data.partial_stats_grouped(centroids, offsets)
+        sums = np.asarray(sums, dtype=np.float64)  # (C, d)
+        counts = np.asarray(counts, dtype=np.int64)  # (C,)
+        group_obj = np.asarray(group_obj, dtype=np.float64)  # (G,)
+        if sums.shape != (k, d) or counts.shape != (k,) or group_obj.shape != (ng,):
+            raise ValueError(
+                f"partial_stats_grouped returned sums {sums.shape}, counts {counts.shape} and "
+                f"objectives {group_obj.shape}, expected {(k, d)}, {(k,)} and {(ng,)}"
+            )
+        if int(counts.sum()) != n:
+            raise ValueError(f"partial_stats_grouped counted {int(counts.sum())} rows, n={n}")
+        new = centroids.to(torch.float64).numpy().copy()  # (C, d)
+        norms = np.linalg.norm(sums, axis=1)  # (C,) the mean's norm times count
+        ok = (counts > 0) & (norms > 0)
+        new[ok] = sums[ok] / norms[ok, None]
+        splits = 0
+        if (counts == 0).any():
+            for g in np.unique(np.searchsorted(offsets, np.flatnonzero(counts == 0), "right") - 1):
+                a, b = int(offsets[g]), int(offsets[g + 1])
+                splits += _split_empty(new[a:b], counts[a:b])  # views: split inside group g
+        centroids = torch.from_numpy(new.astype(np.float32))  # (C, d)
+        objective = float(group_obj.sum())
+        stat = {
+            "iteration": it,
+            "objective": objective,
+            "imbalance": imbalance_factor(counts),
+            "empty_splits": splits,
+            "seconds": time.perf_counter() - t0,
+        }
+        stats.append(stat)
+        logger.debug("k-means C=%d iter %d: %s", k, it, stat)
+        if progress is not None:
+            progress(dict(stat))
+        if prev is not None and splits == 0 and abs(objective - prev) < tol * max(abs(prev), 1e-30):
+            break
+        prev = objective
+
+    assignments = np.asarray(data.assign_grouped(centroids, offsets), dtype=np.int64)
+    if assignments.shape != (n,):
+        raise ValueError(f"assign_grouped returned shape {assignments.shape}, expected {(n,)}")
+    logger.info(
+        "spherical k-means: %d groups, C=%d, n=%d, %d iterations, objective %.6g, %.2fs",
+        ng, k, n, len(stats), stats[-1]["objective"], time.perf_counter() - t_start,
+    )  # fmt: skip
+    return KMeansResult(centroids, assignments, stats, group_objectives=group_obj)
+
+
 def spherical_kmeans(
     data: DataAccess,
     k: int,
@@ -612,10 +721,11 @@ def spherical_kmeans(
     progress: Callable[[dict], None] | None = None,
     init_sample: int | None = None,
 ) -> KMeansResult:
-    """Spherical k-means (Lloyd iterations) over a :class:`DataAccess`.
+    """Spherical k-means (Lloyd iterations) over a :class:`DataAccess` without groups: the
+    grouped loop with one group, seeded from the whole view.
 
     Args:
-        data: the data adapter (its rows are normalised by the adapter).
+        data: the data adapter (its rows are normalised by the adapter); ``data.groups`` None.
         k: number of clusters C, 1 <= k <= data.n.
         iters: maximum number of Lloyd iterations.
         tol: stop when the relative objective change between iterations is < tol.
@@ -629,90 +739,78 @@ def spherical_kmeans(
     """
     if not isinstance(data, DataAccess):
         raise TypeError(f"data must implement DataAccess, got {type(data).__name__}")
+    if data.groups is not None:
+        raise ValueError("data has groups: use grouped_spherical_kmeans")
     n, d = int(data.n), int(data.d)
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be an integer, got {type(k).__name__}")
     if not 1 <= k <= n:
         raise ValueError(f"k={k}: must satisfy 1 <= k <= n={n}")
-    if isinstance(iters, bool) or not isinstance(iters, numbers.Integral) or iters < 1:
-        raise ValueError(f"iters={iters!r}: must be an integer >= 1")
-    if not (isinstance(tol, numbers.Real) and tol >= 0):
-        raise ValueError(f"tol={tol!r}: must be >= 0")
-    if init not in INITS:
-        raise ValueError(f"init={init!r}: unknown, known: {sorted(INITS)}")
+    _check_loop_args(iters, tol, init)
     sample = max(16 * int(k), 1024) if init_sample is None else int(init_sample)
     if sample < 1:
         raise ValueError(f"init_sample={init_sample!r}: must be >= 1")
     k = int(k)
 
     t_start = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    centroids = INITS[init](data, k, rng, sample)  # (C, d) unit rows
+    centroids = INITS[init](data, k, np.random.default_rng(seed), sample)  # (C, d) unit rows
     if tuple(centroids.shape) != (k, d):
         raise ValueError(f"init returned shape {tuple(centroids.shape)}, expected {(k, d)}")
     logger.debug(
         "k-means init %s: C=%d, n=%d, d=%d in %.3fs", init, k, n, d, time.perf_counter() - t_start
     )
+    offsets = np.array([0, k], dtype=np.int64)
+    return _lloyd(data, centroids, offsets, iters=iters, tol=tol, progress=progress)
 
-    stats: list[dict] = []
-    prev_objective: float | None = None
-    for it in range(int(iters)):
-        t0 = time.perf_counter()
-        sums, counts, objective = data.partial_stats(centroids)
-        sums = np.asarray(sums, dtype=np.float64)  # (C, d)
-        counts = np.asarray(counts, dtype=np.int64)  # (C,)
-        if sums.shape != (k, d) or counts.shape != (k,):
-            raise ValueError(
-                f"partial_stats returned sums {sums.shape} and counts {counts.shape}, "
-                f"expected {(k, d)} and {(k,)}"
-            )
-        if int(counts.sum()) != n:
-            raise ValueError(f"partial_stats counted {int(counts.sum())} rows, expected n={n}")
 
-        # Update step: centroid = normalised mean of its rows; a cluster whose mean vanishes or
-        # that is empty keeps its previous centroid (empty ones are re-seeded just below).
-        new = centroids.to(torch.float64).numpy().copy()  # (C, d)
-        norms = np.linalg.norm(sums, axis=1)  # (C,) the mean's norm times count
-        ok = (counts > 0) & (norms > 0)
-        new[ok] = sums[ok] / norms[ok, None]
-        splits = _split_empty(new, counts)
-        centroids = torch.from_numpy(new.astype(np.float32))  # (C, d)
+def _init_grouped(
+    data: DataAccess,
+    groups: np.ndarray,
+    ks: np.ndarray,
+    seeds: np.ndarray,
+    init: str,
+    init_sample: int | None,
+) -> torch.Tensor:
+    """(sum(ks), d) initial centroids: per group g, ``INITS[init]`` on a sample of its rows
+    (default max(16 ks[g], 256)) drawn with seed ``seeds[g]``; rows of many groups are fetched
+    from the adapter at once."""
+    offsets = np.concatenate([[0], np.cumsum(ks)])  # (G + 1,)
+    sizes = np.bincount(groups, minlength=ks.size)
+    order = np.argsort(groups, kind="stable")
+    gstart = np.concatenate([[0], np.cumsum(sizes)])
+    centroids = torch.empty((int(offsets[-1]), int(data.d)), dtype=torch.float32)
+    batch: list[tuple[int, np.ndarray, np.random.Generator, int]] = []
 
-        stat = {
-            "iteration": it,
-            "objective": float(objective),
-            "imbalance": imbalance_factor(counts),
-            "empty_splits": splits,
-            "seconds": time.perf_counter() - t0,
-        }
-        stats.append(stat)
-        logger.debug("k-means C=%d iter %d: %s", k, it, stat)
-        if progress is not None:
-            progress(dict(stat))
-        if (
-            prev_objective is not None
-            and splits == 0
-            and abs(objective - prev_objective) < tol * max(abs(prev_objective), 1e-30)
-        ):
-            break
-        prev_objective = objective
+    def flush() -> None:
+        if not batch:
+            return
+        allidx = np.concatenate([idx for _, idx, _, _ in batch])
+        fetched = data.rows(allidx).to("cpu", torch.float32)
+        at = 0
+        for g, idx, rng, k in batch:
+            sub = InMemoryData(fetched[at : at + idx.size])  # already unit rows
+            at += idx.size
+            centroids[offsets[g] : offsets[g + 1]] = INITS[init](sub, k, rng, sub.n)
+        batch.clear()
 
-    assignments = np.asarray(data.assign(centroids), dtype=np.int64)
-    if assignments.shape != (n,):
-        raise ValueError(f"assign returned shape {assignments.shape}, expected {(n,)}")
-    logger.info(
-        "spherical k-means C=%d on n=%d: %d iterations, objective %.6g, %.2fs",
-        k,
-        n,
-        len(stats),
-        stats[-1]["objective"],
-        time.perf_counter() - t_start,
-    )
-    return KMeansResult(centroids=centroids, assignments=assignments, stats=stats)
+    pending = 0
+    for g in np.flatnonzero(ks > 0):
+        k = int(ks[g])
+        rng = np.random.default_rng(int(seeds[g]))
+        members = order[gstart[g] : gstart[g + 1]]  # row indices of group g (ascending)
+        s = min(members.size, max(16 * k, 256) if init_sample is None else int(init_sample))
+        idx = np.sort(rng.choice(members, size=max(s, k), replace=False))
+        batch.append((int(g), idx, rng, k))
+        pending += idx.size
+        if pending >= 65536:
+            flush()
+            pending = 0
+    flush()
+    return centroids
 
 
 def grouped_spherical_kmeans(
-    data,
+    data: DataAccess,
     ks: np.ndarray,
     *,
     iters: int = 20,
@@ -733,10 +831,10 @@ def grouped_spherical_kmeans(
     the relative change of the total objective is < tol.
 
     Args:
-        data: a grouped adapter: ``groups`` (n,) attribute, ``rows``, ``partial_stats_grouped``
-            and ``assign_grouped`` (see :class:`InMemoryData`).
+        data: the data adapter; its ``groups`` label the rows (None: one group).
         ks: (G,) clusters per group, 1 <= ks[g] <= size of group g; 0 for an empty group.
         group_seeds: optional (G,) seed of each group's initialisation (default from ``seed``).
+        init_sample: rows sampled per group for the initialisation (default max(16 k, 256)).
         Other arguments: as :func:`spherical_kmeans`.
 
     Returns:
@@ -744,10 +842,10 @@ def grouped_spherical_kmeans(
         ``offsets = [0, cumsum(ks)]``; assignments are global centroid indices;
         ``group_objectives`` (G,) the final objective of each group.
     """
-    groups = getattr(data, "groups", None)
-    if groups is None:
-        raise TypeError(f"data must be a grouped adapter (with .groups), got {type(data).__name__}")
-    groups = np.asarray(groups, dtype=np.int64)
+    if not isinstance(data, DataAccess):
+        raise TypeError(f"data must implement DataAccess, got {type(data).__name__}")
+    n = int(data.n)
+    groups = np.zeros(n, np.int64) if data.groups is None else np.asarray(data.groups, np.int64)
     ks = np.asarray(ks, dtype=np.int64)
     if ks.ndim != 1:
         raise ValueError(f"ks must be 1-D, got shape {ks.shape}")
@@ -758,93 +856,12 @@ def grouped_spherical_kmeans(
     if bad.size:
         g = int(bad[0])
         raise ValueError(f"ks[{g}]={int(ks[g])}: must satisfy 1 <= k <= group size {sizes[g]}")
-    if isinstance(iters, bool) or not isinstance(iters, numbers.Integral) or iters < 1:
-        raise ValueError(f"iters={iters!r}: must be an integer >= 1")
-    if init not in INITS:
-        raise ValueError(f"init={init!r}: unknown, known: {sorted(INITS)}")
-    offsets = np.concatenate([[0], np.cumsum(ks)])  # (G + 1,)
-    d = int(data.d)
-    t_start = time.perf_counter()
-
-    # Initialisation: per group, on a sample of its rows; rows fetched for many groups at once.
-    order = np.argsort(groups, kind="stable")
-    gstart = np.concatenate([[0], np.cumsum(sizes)])
-    centroids = torch.empty((int(offsets[-1]), d), dtype=torch.float32)
-    nonempty = np.flatnonzero(ks > 0)
+    _check_loop_args(iters, tol, init)
     seeds = (
         np.asarray(group_seeds)
         if group_seeds is not None
         else np.random.SeedSequence(int(seed)).generate_state(ks.size)
     )
-    batch: list[tuple[int, np.ndarray, np.random.Generator, int]] = []
-
-    def flush() -> None:
-        if not batch:
-            return
-        allidx = np.concatenate([idx for _, idx, _, _ in batch])
-        fetched = data.rows(allidx).to("cpu", torch.float32)
-        at = 0
-        for g, idx, rng, k in batch:
-            sub = InMemoryData(fetched[at : at + idx.size])  # already unit rows
-            at += idx.size
-            centroids[offsets[g] : offsets[g + 1]] = INITS[init](sub, k, rng, sub.n)
-        batch.clear()
-
-    pending = 0
-    for g in nonempty:
-        k = int(ks[g])
-        rng = np.random.default_rng(int(seeds[g]))
-        members = order[gstart[g] : gstart[g + 1]]  # row indices of group g (ascending)
-        s = min(members.size, max(16 * k, 256) if init_sample is None else int(init_sample))
-        idx = np.sort(rng.choice(members, size=max(s, k), replace=False))
-        batch.append((int(g), idx, rng, k))
-        pending += idx.size
-        if pending >= 65536:
-            flush()
-            pending = 0
-    flush()
-
-    stats: list[dict] = []
-    prev: float | None = None
-    group_obj = np.zeros(ks.size)
-    for it in range(int(iters)):
-        t0 = time.perf_counter()
-        sums, counts, group_obj = data.partial_stats_grouped(centroids, offsets)
-        sums = np.asarray(sums, dtype=np.float64)
-        counts = np.asarray(counts, dtype=np.int64)
-        group_obj = np.asarray(group_obj, dtype=np.float64)
-        if int(counts.sum()) != int(data.n):
-            raise ValueError(f"partial_stats_grouped counted {int(counts.sum())} rows, n={data.n}")
-        new = centroids.to(torch.float64).numpy().copy()
-        norms = np.linalg.norm(sums, axis=1)
-        ok = (counts > 0) & (norms > 0)
-        new[ok] = sums[ok] / norms[ok, None]
-        splits = 0
-        if (counts == 0).any():
-            for g in np.unique(np.searchsorted(offsets, np.flatnonzero(counts == 0), "right") - 1):
-                a, b = int(offsets[g]), int(offsets[g + 1])
-                splits += _split_empty(new[a:b], counts[a:b])  # views: split inside group g
-        centroids = torch.from_numpy(new.astype(np.float32))
-        objective = float(group_obj.sum())
-        stat = {
-            "iteration": it,
-            "objective": objective,
-            "imbalance": imbalance_factor(counts),
-            "empty_splits": splits,
-            "seconds": time.perf_counter() - t0,
-        }
-        stats.append(stat)
-        if progress is not None:
-            progress(dict(stat))
-        if prev is not None and splits == 0 and abs(objective - prev) < tol * max(abs(prev), 1e-30):
-            break
-        prev = objective
-
-    assignments = np.asarray(data.assign_grouped(centroids, offsets), dtype=np.int64)
-    logger.info(
-        "grouped spherical k-means: %d groups, C=%d, n=%d, %d iterations, %.2fs",
-        nonempty.size, int(offsets[-1]), data.n, len(stats), time.perf_counter() - t_start,
-    )
-    res = KMeansResult(centroids=centroids, assignments=assignments, stats=stats)
-    res.group_objectives = group_obj
-    return res
+    centroids = _init_grouped(data, groups, ks, seeds, init, init_sample)
+    offsets = np.concatenate([[0], np.cumsum(ks)])  # (G + 1,)
+    return _lloyd(data, centroids, offsets, iters=iters, tol=tol, progress=progress)

@@ -156,6 +156,17 @@ def build_fact_vectors(
     return out
 
 
+def _fact_ids(ids: torch.Tensor | np.ndarray, n: int, device: torch.device) -> torch.Tensor:
+    """Validated 1-D int64 fact ids in [0, n), on ``device``."""
+    ids = torch.as_tensor(ids)
+    if ids.ndim != 1:
+        raise ValueError(f"ids must be 1-D, got shape {tuple(ids.shape)}")
+    ids = ids.to(device=device, dtype=torch.int64)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+        raise ValueError(f"ids must lie in [0, {n}), got {int(ids.min())}..{int(ids.max())}")
+    return ids
+
+
 def _grouped(q: torch.Tensor, facts: torch.Tensor, counts: torch.Tensor, max_rows: int,
              parts) -> torch.Tensor:
     """Scores of each query with its own run of ``facts`` (see ``grouped_scores``).
@@ -232,16 +243,7 @@ class FactMemory:
         q = self.check_queries(queries)  # (B, D)
         if ids is None:
             return q @ self.vectors.T  # (B, N)
-        if not isinstance(ids, torch.Tensor):
-            ids = torch.as_tensor(ids)
-        if ids.ndim != 1:
-            raise ValueError(f"ids must be 1-D, got shape {tuple(ids.shape)}")
-        ids = ids.to(device=self.device, dtype=torch.int64)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n):
-            raise ValueError(
-                f"ids must lie in [0, {self.n}), got {int(ids.min())}..{int(ids.max())}"
-            )
-        return q @ self.vectors[ids].T  # (B, len(ids))
+        return q @ self.vectors[_fact_ids(ids, self.n, self.device)].T  # (B, len(ids))
 
     def gather(self, ids: torch.Tensor | np.ndarray) -> torch.Tensor:
         """(len(ids), D) rows M[ids] (the interface shared with :class:`FactorisedMemory`)."""
@@ -352,17 +354,6 @@ class FactorisedMemory:
 
     check_queries = FactMemory.check_queries
 
-    def _check_ids(self, ids: torch.Tensor | np.ndarray) -> torch.Tensor:
-        ids = torch.as_tensor(ids)
-        if ids.ndim != 1:
-            raise ValueError(f"ids must be 1-D, got shape {tuple(ids.shape)}")
-        ids = ids.to(device=self.device, dtype=torch.int64)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n):
-            raise ValueError(
-                f"ids must lie in [0, {self.n}), got {int(ids.min())}..{int(ids.max())}"
-            )
-        return ids
-
     def _object_means(self, ids: torch.Tensor) -> torch.Tensor:
         """(len(ids), d) float32 mean object embedding of the facts ``ids`` (sums in float64)."""
         counts = self.object_counts[ids]  # (b,)
@@ -380,7 +371,7 @@ class FactorisedMemory:
 
     def gather(self, ids: torch.Tensor | np.ndarray) -> torch.Tensor:
         """(len(ids), D) float32 rows M[ids], equal to :func:`build_fact_vectors`'s rows."""
-        ids = self._check_ids(ids)
+        ids = _fact_ids(ids, self.n, self.device)
         return torch.cat(
             [
                 self.entity_emb[self.subject_ids[ids]],
@@ -450,7 +441,7 @@ class FactorisedMemory:
         q = self.check_queries(queries)  # (B, D)
         if ids is None:
             return self.scores_from_parts(self.partial_scores(q), 0, self.n)
-        ids = self._check_ids(ids)
+        ids = _fact_ids(ids, self.n, self.device)
         return q @ self.gather(ids).T  # (B, len(ids))
 
     def to(self, device: torch.device | str) -> FactorisedMemory:

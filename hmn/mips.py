@@ -28,10 +28,15 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MipsTransform", "fit_transform"]
+__all__ = ["MipsTransform", "check_params", "fit_transform"]
 
 # Slack for norms that exceed U by float rounding after scaling.
 _NORM_SLACK = 1e-4
+
+
+def check_params(U: float, m: int) -> None:
+    """Raise ValueError unless 0 < U < 1 and m is an integer >= 0 (eq. 6-7)."""
+    _validate(U, m)
 
 
 def _validate(U: float, m: int, scale: float | None = None) -> None:
@@ -119,7 +124,8 @@ class MipsTransform:
         missing = {"U", "m", "scale"} - set(d)
         if unknown or missing:
             raise ValueError(
-                f"MipsTransform dict: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}"
+                f"MipsTransform dict: missing keys {sorted(missing)}, "
+                f"unknown keys {sorted(unknown)}"
             )
         return cls(U=float(d["U"]), m=int(d["m"]), scale=float(d["scale"]))
 

@@ -4,8 +4,7 @@ A reader returns, for each query h(q), the K facts with the largest inner produc
 among the facts it reads, with their exact inner products.
 
 * :class:`ExactReader`: brute force over all N facts (chunked); on a factorised memory it scores
-  factorised.  :class:`FactorisedExactReader` ("exact-factorised") insists on the factorised
-  memory (one pass over E and R, then gathers: ~7x fewer flops at FB2M scale).
+  factorised (one pass over E and R, then gathers: ~7x fewer flops at FB2M scale).
 * :class:`ClusteredReader`: clustering-based approximate K-MIPS (eq. 6-8).  The query is mapped by
   Q (eq. 8) and normalised; leaf centroids are scored by cosine; the facts of the selected leaves
   (and of random blocks) are scored exactly.  Bias reducers of the paper:
@@ -15,10 +14,11 @@ among the facts it reads, with their exact inner products.
       G_c ~ Gumbel(0, 1);
     - Rand-block: ``rand_blocks`` random contiguous blocks of ``block_size`` facts.
 
-Baselines of the paper's comparison live in :mod:`hmn.baselines` and are registered here:
-"pca-tree" (Bachrach et al. 2014), "wta-hash" (Vijayanarasimhan et al. 2014), "faiss-ivf"
-(faiss IndexIVFFlat, inner product).  Every reader reports ``touched``, the facts whose inner
-product it computed per query.
+Baselines of the paper's comparison live in :mod:`hmn.baselines`: "pca-tree" (Bachrach et al.
+2014), "wta-hash" (Vijayanarasimhan et al. 2014), "faiss-ivf" (faiss IndexIVFFlat, inner product).
+Every reader is registered, with its tunable parameters and their defaults, in
+:mod:`hmn.reader_registry`; :func:`make_reader` builds one by name.  Every reader reports
+``touched``, the facts whose inner product it computed per query.
 
 Short names inside kernels: q queries (B, D), S leaf scores (B, C), sel selected leaves (B, C),
 U union of facts read by the batch, mask (B, |U|) facts read by each query.
@@ -36,15 +36,14 @@ from hmn.baselines import FaissIVFReader, PCATreeReader, WTAHashReader
 from hmn.index import ClusterIndex
 from hmn.memory import FactorisedMemory
 from hmn.reader_base import Candidates, Memory, Reader, _check_count, _check_k, _pad
+from hmn.reader_registry import ClusteredParams, reader_class
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "READERS",
     "Candidates",
     "ClusteredReader",
     "ExactReader",
-    "FactorisedExactReader",
     "FaissIVFReader",
     "PCATreeReader",
     "Reader",
@@ -57,8 +56,11 @@ __all__ = [
 class ExactReader(Reader):
     """Exact K-MIPS: inner products with all N facts, ``chunk`` facts at a time; touched = N.
 
-    On a :class:`~hmn.memory.FactorisedMemory` it scores factorised (see
-    :class:`FactorisedExactReader`).
+    On a :class:`~hmn.memory.FactorisedMemory` it scores factorised (DESIGN "Factorized
+    memory"): ``q . M[i] = (q_s . E)[s_i] + (q_r . R)[r_i] + mean_o (q_o . E)[o]``, one pass over
+    the entity table (subject and object halves of the query together, (2B, d) x (d, Ne)) and
+    over the relation table, then per chunk of facts gathers and an object mean.  Multiply-adds
+    per query: 2 Ne d + Nr d + nnz instead of 3 N d (FB2M: 0.87 G instead of 6.5 G, 7.5x fewer).
     """
 
     name = "exact"
@@ -98,27 +100,6 @@ class ExactReader(Reader):
         return Candidates(ids=ids, scores=scores, touched=touched)
 
 
-class FactorisedExactReader(ExactReader):
-    """Exact K-MIPS on the factorised memory (DESIGN "Factorized memory").
-
-    ``q . M[i] = (q_s . E)[s_i] + (q_r . R)[r_i] + mean_o (q_o . E)[o]``: one pass over the entity
-    table (subject and object halves of the query together, (2B, d) x (d, Ne)) and over the
-    relation table, then per chunk of facts gathers and an object mean.  Multiply-adds per query:
-    2 Ne d + Nr d + nnz instead of 3 N d (FB2M: 0.87 G instead of 6.5 G, 7.5x fewer).
-    Needs a :class:`~hmn.memory.FactorisedMemory`; touched = N.
-    """
-
-    name = "exact-factorised"
-
-    def __init__(self, memory: Memory, chunk: int = 1 << 20) -> None:
-        if not isinstance(memory, FactorisedMemory):
-            raise TypeError(
-                f"reader 'exact-factorised' needs a FactorisedMemory (the entity, relation and "
-                f"fact tables), got {type(memory).__name__}; use 'exact' on a dense memory"
-            )
-        super().__init__(memory, chunk=chunk)
-
-
 class ClusteredReader(Reader):
     """Approximate K-MIPS by clustering (eq. 6-8) with Top-K / Sample-K / Rand-block readers.
 
@@ -155,11 +136,11 @@ class ClusteredReader(Reader):
         memory: Memory,
         index: ClusterIndex,
         *,
-        top_clusters: int = 8,
-        sample_clusters: int = 0,
-        rand_blocks: int = 0,
+        top_clusters: int = ClusteredParams.top_clusters,
+        sample_clusters: int = ClusteredParams.sample_clusters,
+        rand_blocks: int = ClusteredParams.rand_blocks,
         block_size: int | None = None,
-        temperature: float = 1.0,
+        temperature: float = ClusteredParams.temperature,
         beam: int | None = None,
     ) -> None:
         super().__init__(memory)
@@ -360,23 +341,11 @@ class ClusteredReader(Reader):
     pair_chunk: int = 1 << 16
 
 
-READERS: dict[str, type[Reader]] = {
-    "exact": ExactReader,
-    "exact-factorised": FactorisedExactReader,
-    "clustered": ClusteredReader,
-    "pca-tree": PCATreeReader,
-    "wta-hash": WTAHashReader,
-    "faiss-ivf": FaissIVFReader,
-}
-
-
 def make_reader(
     name: str, memory: Memory, index: ClusterIndex | None = None, **params: Any
 ) -> Reader:
-    """Build the reader registered as ``name`` (see :data:`READERS`)."""
-    if name not in READERS:
-        raise ValueError(f"unknown reader {name!r}; known readers: {sorted(READERS)}")
-    cls = READERS[name]
+    """Build the reader registered as ``name`` (see :data:`hmn.reader_registry.READERS`)."""
+    cls = reader_class(name)
     if cls.needs_index:
         if index is None:
             raise ValueError(f"reader {name!r} needs a ClusterIndex (index=None given)")

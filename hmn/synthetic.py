@@ -31,16 +31,21 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from hmn.config import SyntheticConfig
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["SyntheticSpec", "generate", "FILE_NAMES", "PRESETS", "scaled_fb2m", "main"]
+__all__ = ["SyntheticSpec", "generate", "FILE_NAMES", "preset", "preset_names", "scaled_fb2m",
+           "main"]
 
 FILE_NAMES = {
     "kb": "kb.txt",
@@ -355,62 +360,66 @@ _NUCLEI = "a e i o u a e i o ai ea ou ie".split()
 _CODAS = ["", "", "", "", "n", "r", "s", "l", "m", "t", "k", "nd"]
 
 
+def _knob(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
-class SyntheticSpec:
-    """Sizes and knobs of a synthetic knowledge base (see module docstring)."""
+class SyntheticSpec(SyntheticConfig):
+    """The generator's settings: the ``synthetic`` config section (`hmn.config.SyntheticConfig`:
+    sizes, objects per fact, name ambiguity, seed, with their defaults) plus knobs that only the
+    generator has (not in the run config, so not in its fingerprint)."""
 
-    entities: int = 2000
-    relations: int = 40
-    facts: int = 4000
-    train_questions: int = 2000
-    dev_questions: int = 400
-    test_questions: int = 400
-    max_objects: int = 3
-    name_ambiguity: float = 0.02
-    seed: int = 0
-    # fraction of the other KB entities (besides question subjects and answers) that get a name
-    name_coverage: float = 0.9
-    # Zipf exponent of subject / object / relation popularity
-    zipf_exponent: float = 1.0
-    # lines per write chunk (bounds memory of the string building)
-    chunk_rows: int = 100_000
-    # P(k objects) ~ objects_decay^(k-1) for k in 1..max_objects: 0.18 with max 3 gives about
-    # 1.2 objects per fact; 0.23 with max 20 gives about 1.3 (FB2M: 14M atomic / 10.8M grouped)
-    objects_decay: float = 0.18
+    name_coverage: float = _knob(0.9, "fraction of the other KB entities (besides question "
+                                 "subjects and answers) that get a name")
+    zipf_exponent: float = _knob(1.0, "Zipf exponent of subject / object / relation popularity")
+    chunk_rows: int = _knob(100_000, "lines per write chunk (bounds the memory of the string "
+                            "building; the bytes do not depend on it)")
 
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the offending field."""
-        positive = ("entities", "relations", "facts", "max_objects", "chunk_rows")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"synthetic.{name}={getattr(self, name)}: must be >= 1")
-        for name in ("train_questions", "dev_questions", "test_questions"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"synthetic.{name}={getattr(self, name)}: must be >= 0")
-        if not 0.0 <= self.name_ambiguity < 1.0:
-            raise ValueError(f"synthetic.name_ambiguity={self.name_ambiguity}: must be in [0, 1)")
+    @classmethod
+    def from_config(cls, config: SyntheticConfig, **knobs: Any) -> SyntheticSpec:
+        """The spec of a ``synthetic`` config section, with the generator's knobs (defaults
+        unless given)."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(config)}, **knobs)
+
+    def problems(self, questions_needed: bool = False) -> Iterator[tuple[str, str]]:
+        """As the config section's, except that a split may have no question."""
+        yield from super().problems(questions_needed)
+        if self.chunk_rows <= 0:
+            yield "chunk_rows", "must be > 0"
         if not 0.0 <= self.name_coverage <= 1.0:
-            raise ValueError(f"synthetic.name_coverage={self.name_coverage}: must be in [0, 1]")
+            yield "name_coverage", "must be in [0, 1]"
         if self.zipf_exponent < 0:
-            raise ValueError(f"synthetic.zipf_exponent={self.zipf_exponent}: must be >= 0")
-        if not 0.0 <= self.objects_decay < 1.0:
-            raise ValueError(f"synthetic.objects_decay={self.objects_decay}: must be in [0, 1)")
+            yield "zipf_exponent", "must be >= 0"
 
 
-# Named parameter sets. "fb2m"/"fb5m" follow the published FB2M/FB5M statistics (Bordes et al.
-# 2015: FB2M 2.15M entities, 6.7k relations, 10.8M grouped facts, 14M atomic facts; FB5M 4.9M
-# entities, 7.5k relations, 12M grouped facts) and SimpleQuestions' split sizes.
-PRESETS: dict[str, SyntheticSpec] = {
-    "smoke": SyntheticSpec(entities=3000, relations=40, facts=4000),
-    "fb2m": SyntheticSpec(
-        entities=2_150_000, relations=6_700, facts=10_800_000, train_questions=75_910,
-        dev_questions=10_845, test_questions=21_687, max_objects=20, objects_decay=0.23,
-    ),
-    "fb5m": SyntheticSpec(
-        entities=4_900_000, relations=7_500, facts=12_000_000, train_questions=75_910,
-        dev_questions=10_845, test_questions=21_687, max_objects=20, objects_decay=0.23,
-    ),
-}  # fmt: skip
+#: the presets of ``python -m hmn.synthetic --preset``: the ``synthetic`` sections of the run
+#: configs in this folder ("fb2m" and "fb5m" name "fb2m-synthetic" and "fb5m-synthetic")
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def preset_names() -> list[str]:
+    """Names of the run configs in `CONFIG_DIR` that have a ``synthetic`` section, with the
+    short names of the ``-synthetic`` ones."""
+    import yaml
+
+    names = []
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        if "synthetic" in (yaml.safe_load(path.read_text()) or {}):
+            names += [path.stem, path.stem.removesuffix("-synthetic")]
+    return sorted(set(names))
+
+
+def preset(name: str) -> SyntheticSpec:
+    """The spec of run config ``configs/<name>.yaml`` (or ``configs/<name>-synthetic.yaml``)."""
+    from hmn.config import load_config
+
+    if name not in preset_names():
+        raise ValueError(f"unknown synthetic preset {name!r}; known: {preset_names()}")
+    path = CONFIG_DIR / f"{name}-synthetic.yaml"
+    if not path.is_file():
+        path = CONFIG_DIR / f"{name}.yaml"
+    return SyntheticSpec.from_config(load_config(path).synthetic)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -557,6 +566,41 @@ def _relations(rng: np.random.Generator, n: int, type_words: dict[str, str]):
 # ---------------------------------------------------------------------------------------------
 
 
+class _Streams(NamedTuple):
+    """One independent random stream per part of the generator (spawned from the seed), so that
+    each part's draws do not depend on the others'."""
+
+    relations: np.random.Generator
+    entities: np.random.Generator
+    facts: np.random.Generator
+    objects: np.random.Generator
+    questions: np.random.Generator
+    names: np.random.Generator
+    text: np.random.Generator
+    mids: np.random.Generator
+
+
+@dataclass
+class _KB:
+    """The generated knowledge base, as arrays: F facts, E entities, R relations."""
+
+    rel_keys: list[str]  # (R,) relation keys without the prefix
+    rel_templates: list[list[str]]  # (R,) question templates with a {name} slot
+    fact_subj: np.ndarray  # (F,) subject entity of each fact
+    fact_rel: np.ndarray  # (F,) relation of each fact
+    objs: np.ndarray  # (total objects,) object entities, grouped by fact
+    obj_offsets: np.ndarray  # (F + 1,) objects of fact i: objs[obj_offsets[i]:obj_offsets[i+1]]
+
+
+@dataclass
+class _Questions:
+    """Per split (train, dev, test): the asked fact and the answer of each question."""
+
+    facts: dict[str, np.ndarray]
+    answers: dict[str, np.ndarray]
+    has_train: np.ndarray  # (F,) bool: the fact has a training question
+
+
 def generate(spec: SyntheticSpec, out_dir: str) -> dict:
     """Write a synthetic KB and questions into ``out_dir`` (see module docstring).
 
@@ -565,14 +609,54 @@ def generate(spec: SyntheticSpec, out_dir: str) -> dict:
     "questions_test": ...}, "stats": {...}, "spec": {...}}``.
     """
     spec.validate()
-    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(spec.seed).spawn(8)]
-    rng_rel, rng_ent, rng_fact, rng_obj, rng_q, rng_name, rng_text, rng_mid = rngs
-    E, a = spec.entities, spec.zipf_exponent
+    rng = _Streams(*(np.random.default_rng(s) for s in np.random.SeedSequence(spec.seed).spawn(8)))
+    kb = _knowledge_base(spec, rng)
+    E = spec.entities
+    in_kb = np.zeros(E, dtype=bool)
+    in_kb[kb.fact_subj] = True
+    in_kb[kb.objs] = True
+    questions = _questions(rng.questions, spec, kb)
+    named = in_kb & (rng.names.random(E) < spec.name_coverage)
+    for split, facts in questions.facts.items():  # every question's subject and answer
+        named[kb.fact_subj[facts]] = True
+        named[questions.answers[split]] = True
+    name_words, n_shared = _entity_names(rng.names, E, named, spec.name_ambiguity)
+    files = _write_files(spec, rng, kb, questions, named, name_words, out_dir)
+    stats = _stats(spec, kb, questions, in_kb, named, n_shared)
+    logger.info("synthetic KB written to %s: %s", out_dir, stats)
+    return {"files": files, "stats": stats, "spec": asdict(spec)}
 
-    # --- relations and entity types --------------------------------------------------------
+
+def _knowledge_base(spec: SyntheticSpec, rng: _Streams) -> _KB:
+    """Relations, entity types, facts (unique subject, relation pairs) and their objects."""
+    E = spec.entities
     type_words = {t: t.split("/")[-1].replace("_", " ") for t, _ in _TYPES}
-    rel_keys, rel_subj_t, rel_obj_t, rel_templates = _relations(rng_rel, spec.relations, type_words)
-    R = len(rel_keys)
+    rel_keys, rel_subj_t, rel_obj_t, rel_templates = _relations(
+        rng.relations, spec.relations, type_words
+    )
+    type_start, type_end, type_count = _entity_types(rng.entities, E, rel_subj_t, rel_obj_t)
+    sampler = _TypedSampler(type_start, type_end, _zipf_weights(rng.entities, E, spec.zipf_exponent))
+    rel_p = _zipf_weights(rng.relations, len(rel_keys), spec.zipf_exponent)
+    uniform = _TypedSampler(type_start, type_end, np.ones(E))
+    capacity = int(type_count[rel_subj_t].sum())  # distinct (subject, relation) pairs possible
+    if spec.facts > 0.7 * capacity:
+        raise ValueError(
+            f"synthetic.facts={spec.facts}: at most {int(0.7 * capacity)} distinct (subject, "
+            f"relation) pairs fit {E} entities and {len(rel_keys)} relations; raise entities or "
+            f"relations"
+        )
+    fact_subj, fact_rel = _fact_pairs(rng.facts, spec.facts, rel_subj_t, rel_p / rel_p.sum(),
+                                      sampler, uniform)
+    objs, obj_offsets = _objects(rng.objects, spec, fact_subj, rel_obj_t[fact_rel], sampler)
+    return _KB(rel_keys, rel_templates, fact_subj, fact_rel, objs, obj_offsets)
+
+
+def _entity_types(
+    rng: np.random.Generator, E: int, rel_subj_t: np.ndarray, rel_obj_t: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Entities are contiguous per type: (start, end, count) of each type, plus the pseudo type
+    ``_ANY_TYPE`` spanning all E. Every type a relation uses gets at least 2 entities, the rest
+    in proportion to the type's share."""
     used_types = np.unique(np.concatenate([rel_subj_t, rel_obj_t]))
     used_types = used_types[used_types != _ANY_TYPE]
     if E < 2 * len(used_types):
@@ -581,35 +665,35 @@ def generate(spec: SyntheticSpec, out_dir: str) -> dict:
             f"{len(used_types)} entity types"
         )
     share = np.array([_TYPES[t][1] for t in used_types])
-    counts_used = 2 + rng_ent.multinomial(E - 2 * len(used_types), share / share.sum())
+    counts_used = 2 + rng.multinomial(E - 2 * len(used_types), share / share.sum())
     type_count = np.zeros(len(_TYPES) + 1, dtype=np.int64)
     type_count[used_types] = counts_used
     type_end = np.cumsum(type_count)
     type_start = type_end - type_count
     type_start[_ANY_TYPE], type_end[_ANY_TYPE], type_count[_ANY_TYPE] = 0, E, E
-    sampler = _TypedSampler(type_start, type_end, _zipf_weights(rng_ent, E, a))
-    uniform = _TypedSampler(type_start, type_end, np.ones(E))
+    return type_start, type_end, type_count
 
-    capacity = int(type_count[rel_subj_t].sum())  # distinct (subject, relation) pairs possible
-    if spec.facts > 0.7 * capacity:
-        raise ValueError(
-            f"synthetic.facts={spec.facts}: at most {int(0.7 * capacity)} distinct (subject, "
-            f"relation) pairs fit {E} entities and {R} relations; raise entities or relations"
-        )
 
-    # --- facts: unique (subject, relation) pairs, Zipf subjects and relations ----------------
-    rel_p = _zipf_weights(rng_rel, R, a)
-    rel_p /= rel_p.sum()
-    F = spec.facts
+def _fact_pairs(
+    rng: np.random.Generator,
+    F: int,
+    rel_subj_t: np.ndarray,
+    rel_p: np.ndarray,
+    sampler: _TypedSampler,
+    uniform: _TypedSampler,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(subject, relation) of F distinct facts: relations drawn with probabilities ``rel_p``,
+    subjects of the relation's subject type by popularity; near saturation, uniform draws fill
+    the remaining pairs."""
+    R = len(rel_subj_t)
     pair_codes = np.empty(0, dtype=np.int64)
     for round_ in range(200):
         need = F - len(pair_codes)
         if need <= 0:
             break
         m = int(need * 1.3) + 16
-        # Zipf draws first; near saturation, uniform draws fill the remaining pairs
-        rel = rng_fact.choice(R, size=m, p=rel_p if round_ < 20 else None)
-        subj = (sampler if round_ < 20 else uniform).sample(rng_fact, rel_subj_t[rel])
+        rel = rng.choice(R, size=m, p=rel_p if round_ < 20 else None)
+        subj = (sampler if round_ < 20 else uniform).sample(rng, rel_subj_t[rel])
         cand = np.concatenate([pair_codes, subj * R + rel])
         _, first = np.unique(cand, return_index=True)
         pair_codes = cand[np.sort(first)]
@@ -619,37 +703,49 @@ def generate(spec: SyntheticSpec, out_dir: str) -> dict:
             f"zipf_exponent or raise entities/relations"
         )
     pair_codes = pair_codes[:F]
-    fact_subj, fact_rel = pair_codes // R, pair_codes % R  # (F,), (F,)
+    return pair_codes // R, pair_codes % R
 
-    # --- objects: 1..max_objects per fact, P(k) ~ decay^(k-1), mean about 1.2 (decay 0.18) ----
+
+def _objects(
+    rng: np.random.Generator,
+    spec: SyntheticSpec,
+    fact_subj: np.ndarray,
+    fact_obj_type: np.ndarray,
+    sampler: _TypedSampler,
+) -> tuple[np.ndarray, np.ndarray]:
+    """1..max_objects objects per fact, P(k) ~ objects_decay^(k-1), of the relation's object
+    type, none equal to the subject or repeated within the fact (as far as re-draws manage;
+    never leaving a fact without an object). Returns (objects grouped by fact, offsets (F + 1,))."""
+    F = len(fact_subj)
     k_p = spec.objects_decay ** np.arange(spec.max_objects)
-    n_obj = rng_obj.choice(spec.max_objects, size=F, p=k_p / k_p.sum()) + 1
+    n_obj = rng.choice(spec.max_objects, size=F, p=k_p / k_p.sum()) + 1
     obj_fact = np.repeat(np.arange(F), n_obj)  # (total,)
-    obj_types = rel_obj_t[fact_rel][obj_fact]
-    objs = sampler.sample(rng_obj, obj_types)
+    obj_types = fact_obj_type[obj_fact]
+    objs = sampler.sample(rng, obj_types)
     for _ in range(5):  # re-draw objects equal to the subject or repeated within their fact
         bad = _bad_objects(obj_fact, objs, fact_subj, spec.max_objects)
         if not bad.any():
             break
-        objs[bad] = sampler.sample(rng_obj, obj_types[bad])
+        objs[bad] = sampler.sample(rng, obj_types[bad])
     bad = _bad_objects(obj_fact, objs, fact_subj, spec.max_objects)
     first_slot = np.r_[True, obj_fact[1:] != obj_fact[:-1]]
     keep = ~bad | first_slot  # never leave a fact without an object
     obj_fact, objs = obj_fact[keep], objs[keep]
-    n_obj = np.bincount(obj_fact, minlength=F)
     obj_offsets = np.zeros(F + 1, dtype=np.int64)
-    np.cumsum(n_obj, out=obj_offsets[1:])
+    np.cumsum(np.bincount(obj_fact, minlength=F), out=obj_offsets[1:])
+    return objs, obj_offsets
 
-    in_kb = np.zeros(E, dtype=bool)
-    in_kb[fact_subj] = True
-    in_kb[objs] = True
 
-    # --- questions ---------------------------------------------------------------------------
-    Qt, Qd, Qs = spec.train_questions, spec.dev_questions, spec.test_questions
+def _questions(rng: np.random.Generator, spec: SyntheticSpec, kb: _KB) -> _Questions:
+    """The fact each question asks and its answer (one of the fact's objects). Training
+    questions ask distinct facts while there are enough; a dev/test question asks, with
+    probability 1/2, a fact that has a training question."""
+    F = len(kb.fact_subj)
+    Qt = spec.train_questions
     if Qt <= F:
-        train_facts = rng_q.choice(F, size=Qt, replace=False)
+        train_facts = rng.choice(F, size=Qt, replace=False)
     else:
-        train_facts = rng_q.integers(0, F, Qt)
+        train_facts = rng.integers(0, F, Qt)
     has_train = np.zeros(F, dtype=bool)
     has_train[train_facts] = True
     with_train, without_train = np.flatnonzero(has_train), np.flatnonzero(~has_train)
@@ -658,7 +754,7 @@ def generate(spec: SyntheticSpec, out_dir: str) -> dict:
         """Half from facts with a training question, half from the others (when both exist)."""
         if n == 0:
             return np.empty(0, dtype=np.int64)
-        use_seen = rng_q.random(n) < 0.5
+        use_seen = rng.random(n) < 0.5
         if not len(with_train):
             use_seen[:] = False
         if not len(without_train):
@@ -666,39 +762,42 @@ def generate(spec: SyntheticSpec, out_dir: str) -> dict:
         out = np.empty(n, dtype=np.int64)
         n_seen = int(use_seen.sum())
         if n_seen:
-            out[use_seen] = with_train[rng_q.integers(0, len(with_train), n_seen)]
+            out[use_seen] = with_train[rng.integers(0, len(with_train), n_seen)]
         if n - n_seen:
-            out[~use_seen] = without_train[rng_q.integers(0, len(without_train), n - n_seen)]
+            out[~use_seen] = without_train[rng.integers(0, len(without_train), n - n_seen)]
         return out
 
-    split_facts = {"train": train_facts, "dev": eval_facts(Qd), "test": eval_facts(Qs)}
-    split_answers = {}
-    for split, facts in split_facts.items():
-        slot = (rng_q.random(len(facts)) * n_obj[facts]).astype(np.int64)
-        split_answers[split] = objs[obj_offsets[facts] + slot]
+    facts = {"train": train_facts, "dev": eval_facts(spec.dev_questions),
+             "test": eval_facts(spec.test_questions)}  # fmt: skip
+    answers = {}
+    n_obj = np.diff(kb.obj_offsets)
+    for split, f in facts.items():
+        slot = (rng.random(len(f)) * n_obj[f]).astype(np.int64)
+        answers[split] = kb.objs[kb.obj_offsets[f] + slot]
+    return _Questions(facts, answers, has_train)
 
-    # --- names ---------------------------------------------------------------------------------
-    named = in_kb & (rng_name.random(E) < spec.name_coverage)
-    for split, facts in split_facts.items():
-        named[fact_subj[facts]] = True
-        named[split_answers[split]] = True
-    name_words, n_shared = _entity_names(rng_name, E, named, spec.name_ambiguity)
-    word_pool = name_words.pop("pool")
 
-    # --- templates -----------------------------------------------------------------------------
-    tmpl_count = np.array([len(t) for t in rel_templates])
-    tmpl_offset = np.concatenate([[0], np.cumsum(tmpl_count)[:-1]])
-    flat_tmpl = [t for ts in rel_templates for t in ts]
-    tmpl_prefix = pa.array([t.split("{name}")[0] for t in flat_tmpl], pa.string())
-    tmpl_suffix = pa.array([t.split("{name}")[1] for t in flat_tmpl], pa.string())
-
-    # --- write -----------------------------------------------------------------------------------
-    mid_codes = _mid_codes(rng_mid, E)
-    rel_key_arr = pa.array([_PREFIX + k for k in rel_keys], pa.string())
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {k: str(out / v) for k, v in FILE_NAMES.items()}
-    step = spec.chunk_rows
+def _write_files(
+    spec: SyntheticSpec,
+    rng: _Streams,
+    kb: _KB,
+    questions: _Questions,
+    named: np.ndarray,
+    name_words: dict[str, Any],
+    out_dir: str,
+) -> dict[str, str]:
+    """Write kb.txt, names.tsv and the question files, ``spec.chunk_rows`` lines at a time.
+    Every random draw of the text happens before the first chunk, so the bytes do not depend on
+    ``chunk_rows``."""
+    E, F, step = spec.entities, len(kb.fact_subj), spec.chunk_rows
+    mid_codes = _mid_codes(rng.mids, E)
+    rel_key_arr = pa.array([_PREFIX + k for k in kb.rel_keys], pa.string())
+    word_pool = name_words["pool"]
+    names_order = np.flatnonzero(named)
+    names_order = names_order[rng.text.permutation(len(names_order))]
+    # per question: template choice, lower-case, first-letter upper-case, punctuation
+    split_u = {split: rng.text.random((len(f), 4)) for split, f in questions.facts.items()}
+    templates = _TemplateTable(kb.rel_templates)
 
     def entity_names(ids: np.ndarray) -> pa.Array:
         cols = [
@@ -708,84 +807,99 @@ def generate(spec: SyntheticSpec, out_dir: str) -> dict:
         return pc.binary_join_element_wise(*cols, " ", null_handling="skip")
 
     def kb_chunks():
+        off = kb.obj_offsets
         for lo in range(0, F, step):
             hi = min(lo + step, F)
-            o_lo, o_hi = obj_offsets[lo], obj_offsets[hi]
             obj_lists = pa.ListArray.from_arrays(
-                pa.array((obj_offsets[lo : hi + 1] - o_lo).astype(np.int32)),
-                _mid_keys(mid_codes[objs[o_lo:o_hi]]),
+                pa.array((off[lo : hi + 1] - off[lo]).astype(np.int32)),
+                _mid_keys(mid_codes[kb.objs[off[lo] : off[hi]]]),
             )
             yield pc.binary_join_element_wise(
-                _mid_keys(mid_codes[fact_subj[lo:hi]]),
-                rel_key_arr.take(pa.array(fact_rel[lo:hi])),
+                _mid_keys(mid_codes[kb.fact_subj[lo:hi]]),
+                rel_key_arr.take(pa.array(kb.fact_rel[lo:hi])),
                 pc.binary_join(obj_lists, " "),
                 "\t",
             )
 
-    # all random draws for the text happen here, so the output does not depend on chunk_rows
-    names_order = np.flatnonzero(named)
-    names_order = names_order[rng_text.permutation(len(names_order))]
-    # per question: template choice, lower-case, first-letter upper-case, punctuation
-    split_u = {split: rng_text.random((len(f), 4)) for split, f in split_facts.items()}
-
     def names_chunks():
-        order = names_order
-        for lo in range(0, len(order), step):
-            ids = order[lo : lo + step]
+        for lo in range(0, len(names_order), step):
+            ids = names_order[lo : lo + step]
             yield pc.binary_join_element_wise(_mid_keys(mid_codes[ids]), entity_names(ids), "\t")
 
     def question_chunks(facts: np.ndarray, answers: np.ndarray, u_all: np.ndarray):
         for lo in range(0, len(facts), step):
             f, ans, u = facts[lo : lo + step], answers[lo : lo + step], u_all[lo : lo + step]
-            rel = fact_rel[f]
-            tmpl = tmpl_offset[rel] + (u[:, 0] * tmpl_count[rel]).astype(np.int64)
-            q = pc.binary_join_element_wise(
-                tmpl_prefix.take(pa.array(tmpl)),
-                entity_names(fact_subj[f]),
-                tmpl_suffix.take(pa.array(tmpl)),
-                "",
-            )
-            q = _vary_surface(q, u[:, 1:])
+            rel = kb.fact_rel[f]
+            q = templates.fill(rel, u[:, 0], entity_names(kb.fact_subj[f]))
             yield pc.binary_join_element_wise(
-                _mid_keys(mid_codes[fact_subj[f]]),
+                _mid_keys(mid_codes[kb.fact_subj[f]]),
                 rel_key_arr.take(pa.array(rel)),
                 _mid_keys(mid_codes[ans]),
-                q,
+                _vary_surface(q, u[:, 1:]),
                 "\t",
             )
 
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {k: str(out / v) for k, v in FILE_NAMES.items()}
     _write_atomic(files["kb"], kb_chunks())
     _write_atomic(files["names"], names_chunks())
     for split in ("train", "dev", "test"):
-        _write_atomic(
-            files[f"questions_{split}"],
-            question_chunks(split_facts[split], split_answers[split], split_u[split]),
-        )
+        chunks = question_chunks(questions.facts[split], questions.answers[split], split_u[split])
+        _write_atomic(files[f"questions_{split}"], chunks)
+    return files
 
+
+class _TemplateTable:
+    """Every relation's question templates, cut at their ``{name}`` slot."""
+
+    def __init__(self, rel_templates: list[list[str]]) -> None:
+        self.count = np.array([len(t) for t in rel_templates])  # (R,)
+        self.offset = np.concatenate([[0], np.cumsum(self.count)[:-1]])  # (R,)
+        flat = [t for ts in rel_templates for t in ts]
+        self.prefix = pa.array([t.split("{name}")[0] for t in flat], pa.string())
+        self.suffix = pa.array([t.split("{name}")[1] for t in flat], pa.string())
+
+    def fill(self, rel: np.ndarray, u: np.ndarray, names: pa.Array) -> pa.Array:
+        """Questions about ``names`` through a template of relation ``rel`` each, picked by the
+        uniform draws ``u``."""
+        tmpl = pa.array(self.offset[rel] + (u * self.count[rel]).astype(np.int64))
+        return pc.binary_join_element_wise(self.prefix.take(tmpl), names, self.suffix.take(tmpl), "")
+
+
+def _stats(
+    spec: SyntheticSpec,
+    kb: _KB,
+    questions: _Questions,
+    in_kb: np.ndarray,
+    named: np.ndarray,
+    n_shared: int,
+) -> dict[str, Any]:
+    """Counts describing the generated data (logged and returned by :func:`generate`)."""
+    E, F = spec.entities, len(kb.fact_subj)
     any_question = np.zeros(F, dtype=bool)
-    for facts in split_facts.values():
+    for facts in questions.facts.values():
         any_question[facts] = True
-    degree = np.bincount(fact_subj, minlength=E)
-    stats = {
+    degree = np.bincount(kb.fact_subj, minlength=E)
+    has_train = questions.has_train
+    return {
         "entities": int(E),
         "entities_in_kb": int(in_kb.sum()),
-        "relations": int(R),
+        "relations": len(kb.rel_keys),
         "facts": int(F),
-        "objects": int(len(objs)),
-        "objects_per_fact": float(len(objs) / F),
+        "objects": int(len(kb.objs)),
+        "objects_per_fact": float(len(kb.objs) / F),
         "max_subject_degree": int(degree.max()),
         "named_entities": int(named.sum()),
         "entities_with_shared_name": int(n_shared),
-        "templates": len(flat_tmpl),
-        "questions": {s: int(len(f)) for s, f in split_facts.items()},
+        "templates": sum(len(t) for t in kb.rel_templates),
+        "questions": {s: int(len(f)) for s, f in questions.facts.items()},
         "facts_with_train_question": int(has_train.sum()),
         "facts_without_question": int((~any_question).sum()),
         "eval_questions_with_train_fact": int(
-            has_train[split_facts["dev"]].sum() + has_train[split_facts["test"]].sum()
+            has_train[questions.facts["dev"]].sum() + has_train[questions.facts["test"]].sum()
         ),
     }
-    logger.info("synthetic KB written to %s: %s", out_dir, stats)
-    return {"files": files, "stats": stats, "spec": asdict(spec)}
 
 
 def _bad_objects(
@@ -877,7 +991,7 @@ def scaled_fb2m(facts: int) -> SyntheticSpec:
     fact), relations with the square root of the scale (at least 40), questions in proportion."""
     from dataclasses import replace
 
-    base = PRESETS["fb2m"]
+    base = preset("fb2m")
     scale = facts / base.facts
     return replace(
         base,
@@ -895,7 +1009,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
     import time
-    from dataclasses import fields, replace
+    from dataclasses import replace
 
     parser = argparse.ArgumentParser(
         prog="python -m hmn.synthetic",
@@ -904,20 +1018,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
-        "--preset", default=None, choices=sorted(PRESETS),
-        help="starting parameters (default: fb2m scaled to --facts, or smoke without --facts)",
+        "--preset", default=None, choices=preset_names(),
+        help="starting parameters: the synthetic section of configs/<preset>.yaml (default: "
+        "fb2m scaled to --facts, or smoke without --facts)",
     )  # fmt: skip
     for f in fields(SyntheticSpec):
         parser.add_argument(
             f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=None,
-            help=f"override {f.name} (preset value if unset)",
+            help=f"{f.metadata['help']} (preset value if unset)",
         )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.preset is None and args.facts is not None:
         spec = scaled_fb2m(args.facts)
     else:
-        spec = PRESETS[args.preset or "smoke"]
+        spec = preset(args.preset or "smoke")
     overrides = {f.name: getattr(args, f.name) for f in fields(SyntheticSpec)}
     spec = replace(spec, **{k: v for k, v in overrides.items() if v is not None})
     t0 = time.perf_counter()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hmn.model import MemoryLike, num_facts, full_softmax_loss, ksoftmax_loss
+from hmn.model import MemoryLike, full_softmax_loss, ksoftmax_loss, num_facts
 from hmn.readers import Candidates, Reader, recall_at_k
 from hmn.text import pack
 
@@ -140,14 +140,21 @@ def predict(
     return Predictions(torch.cat(ids).numpy(), torch.cat(touched).numpy(), torch.cat(cands).numpy())
 
 
-def accuracy(pred: np.ndarray, gold: np.ndarray, fact_subject: np.ndarray, fact_relation: np.ndarray) -> float:
-    """SimpleQuestions metric: the predicted fact has the gold subject and relation."""
+def correct(pred: np.ndarray, gold: np.ndarray, fact_subject: np.ndarray,
+            fact_relation: np.ndarray) -> np.ndarray:
+    """(Q,) bool, the SimpleQuestions criterion: the predicted fact has the gold fact's subject
+    and relation. No prediction (pred < 0) or no gold fact in the memory (gold < 0) is wrong."""
+    ok = (pred >= 0) & (gold >= 0)
+    p, g = np.where(ok, pred, 0), np.where(ok, gold, 0)
+    return ok & (fact_subject[p] == fact_subject[g]) & (fact_relation[p] == fact_relation[g])
+
+
+def accuracy(pred: np.ndarray, gold: np.ndarray, fact_subject: np.ndarray,
+             fact_relation: np.ndarray) -> float:
+    """Share of questions answered `correct`-ly (0.0 for no questions)."""
     if len(gold) == 0:
         return 0.0
-    ok = pred >= 0
-    safe = np.where(ok, pred, 0)
-    hit = ok & (fact_subject[safe] == fact_subject[gold]) & (fact_relation[safe] == fact_relation[gold])
-    return float(hit.mean())
+    return float(correct(pred, gold, fact_subject, fact_relation).mean())
 
 
 def candidate_recall(approx: Predictions, exact: Predictions, k: int) -> float:

@@ -1,7 +1,8 @@
 """TransE knowledge-graph embeddings (Bordes et al. 2013) and filtered link prediction.
 
 The HMN memory is built from fixed 200-d TransE vectors of Freebase entities and relations; this
-module trains them and measures their quality. Plain torch and numpy, no I/O, no Ray.
+module trains them and measures their quality. Plain torch and numpy, no I/O, no Ray. The
+hyperparameters, `TransEParams`, are declared in `hmn.transe_params`.
 
 Notation (shapes in comments):
     T  training triples        E  entities          R  relations
@@ -34,135 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from hmn.transe_params import NORMS, TransEParams
+
 logger = logging.getLogger(__name__)
-
-NORMS = (1, 2)
-NEGATIVE_SAMPLERS = ("unif", "bern")
-OPTIMIZERS = ("adam", "sgd")
-LOSSES = ("margin", "self_adversarial")
-
-
-@dataclass(frozen=True)
-class TransEParams:
-    """Hyperparameters of one TransE training run.
-
-    The defaults were chosen on FB15k-237 under a 2-core CPU budget: filtered test MRR 0.243,
-    Hits@10 0.401 after 100 epochs (about 1.5-2 s an epoch on one idle core). Published TransE
-    reaches MRR ~0.29-0.33 with many more negatives and epochs; ``num_negatives`` and ``epochs``
-    buy quality at a linear cost.
-
-    Attributes:
-        dim: embedding dimension d.
-        norm: distance of the score ``d(h + r, t)``: 1 = L1, 2 = L2.
-        margin: margin of the ranking loss (Bordes 2013, eq. 1). Its scale follows the norm:
-            L1 distances between unit vectors in 200-d reach ~28 and margins 4-8 work best on
-            FB15k-237 (1 leaves almost no active pairs); for L2 (distances <= ~3) use ~1.
-        lr: learning rate. The loss is a mean over the batch's (positive, negative) pairs, so an
-            SGD learning rate must be larger than an Adam one (order 1 versus 1e-3).
-        epochs: total epochs; a resumed run trains epochs ``start_epoch .. epochs - 1``.
-        batch_size: positive triples per batch.
-        negatives: "unif" (corrupt head or tail with probability 1/2) or "bern" (Wang et al.
-            2014: corrupt the head with probability tph / (tph + hpt) of the triple's relation).
-        num_negatives: corrupted triples per positive triple (k), each with its own random
-            entity. Must stay 1 when ``shared_negatives`` is used.
-        shared_negatives: if > 0, the number N of random entities drawn once per batch and
-            shared by all its positives: each positive (h, r, t) is compared with the N
-            corrupted triples that replace its head (or its tail, by unif / bern) with each of
-            them. The B x N distances are one matrix product (L2) or one ``cdist`` (L1). On
-            FB15k-237 (1 loaded core) N = 256 cost ~2x one per-triple negative an epoch with
-            L2 and ~7x with L1 (``cdist`` backward); on 5-10 epochs it did not yet beat one
-            negative per epoch of wall time. A shared entity equal to the replaced true
-            entity is skipped. 0 keeps the per-triple sampling of ``num_negatives``.
-        lr_decay: ratio of the last epoch's learning rate to ``lr``; the rate decays
-            geometrically per epoch, ``lr * lr_decay ** (epoch / (epochs - 1))``. 1 = constant.
-        optimizer: "adam" or "sgd".
-        loss: "margin" (Bordes 2013, eq. 1) or "self_adversarial" (Sun et al. 2019, RotatE,
-            eq. 5): ``-log sigmoid(margin - d_pos) - sum_j w_j log sigmoid(d_neg_j - margin)``,
-            the two halves averaged, with ``w = softmax(adversarial_temperature * (margin -
-            d_neg))`` over a positive's negatives, held constant in the gradient. ``margin``
-            is then RotatE's gamma.
-        adversarial_temperature: alpha of the self-adversarial weights; 0 weighs all the
-            negatives of a positive equally (their mean).
-        normalize_entities: project entity rows to unit L2 norm before they are used in a batch,
-            and all rows at the end of training (Bordes 2013).
-        seed: seeds the initialisation, shuffles and negative samples.
-    """
-
-    dim: int = 200
-    norm: int = 1
-    margin: float = 8.0
-    lr: float = 0.001
-    epochs: int = 100
-    batch_size: int = 4096
-    negatives: str = "bern"
-    num_negatives: int = 1
-    shared_negatives: int = 0
-    lr_decay: float = 1.0
-    optimizer: str = "adam"
-    loss: str = "margin"
-    adversarial_temperature: float = 1.0
-    normalize_entities: bool = True
-    seed: int = 0
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the first offending field and its value."""
-        positive = {
-            "dim": self.dim,
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "num_negatives": self.num_negatives,
-        }
-        for name, value in positive.items():
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise ValueError(f"transe.{name}={value!r}: must be an int")
-            if value <= 0:
-                raise ValueError(f"transe.{name}={value!r}: must be > 0")
-        if (
-            isinstance(self.shared_negatives, bool)
-            or not isinstance(self.shared_negatives, (int, np.integer))
-            or self.shared_negatives < 0
-        ):
-            raise ValueError(
-                f"transe.shared_negatives={self.shared_negatives!r}: must be an int >= 0"
-            )
-        if self.shared_negatives > 0 and self.num_negatives != 1:
-            raise ValueError(
-                f"transe.num_negatives={self.num_negatives!r}: must be 1 when "
-                f"transe.shared_negatives={self.shared_negatives} > 0"
-            )
-        if not (isinstance(self.lr_decay, (int, float)) and math.isfinite(self.lr_decay)) or not (
-            0 < self.lr_decay <= 1
-        ):
-            raise ValueError(f"transe.lr_decay={self.lr_decay!r}: must be in (0, 1]")
-        if self.norm not in NORMS:
-            raise ValueError(f"transe.norm={self.norm!r}: must be one of {NORMS}")
-        if not (isinstance(self.margin, (int, float)) and math.isfinite(self.margin)) or (
-            self.margin <= 0
-        ):
-            raise ValueError(f"transe.margin={self.margin!r}: must be a finite number > 0")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr)) or self.lr <= 0:
-            raise ValueError(f"transe.lr={self.lr!r}: must be a finite number > 0")
-        if self.negatives not in NEGATIVE_SAMPLERS:
-            raise ValueError(
-                f"transe.negatives={self.negatives!r}: must be one of {NEGATIVE_SAMPLERS}"
-            )
-        if self.loss not in LOSSES:
-            raise ValueError(f"transe.loss={self.loss!r}: must be one of {LOSSES}")
-        temp = self.adversarial_temperature
-        if not (isinstance(temp, (int, float)) and math.isfinite(temp)) or temp < 0:
-            raise ValueError(
-                f"transe.adversarial_temperature={temp!r}: must be a finite number >= 0"
-            )
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"transe.optimizer={self.optimizer!r}: must be one of {OPTIMIZERS}")
-        if not isinstance(self.normalize_entities, bool):
-            raise ValueError(
-                f"transe.normalize_entities={self.normalize_entities!r}: must be a bool"
-            )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
-            raise ValueError(f"transe.seed={self.seed!r}: must be an int")
-        if self.seed < 0:
-            raise ValueError(f"transe.seed={self.seed!r}: must be >= 0")
 
 
 @dataclass
@@ -173,8 +48,8 @@ class TransEResult:
         entities: (E, d) float32 entity embeddings.
         relations: (R, d) float32 relation embeddings.
         history: one dict per epoch trained in this call: ``epoch``, ``loss`` (mean loss over
-            the epoch's pairs), ``active`` (fraction of pairs whose negative is within the margin), ``seconds``,
-            ``triples_per_s`` (positive triples per second).
+            the epoch's pairs), ``active`` (fraction of pairs whose negative is within the
+            margin), ``seconds``, ``triples_per_s`` (positive triples per second).
         optimizer_state: the optimiser's ``state_dict()`` at the end, to pass back as
             ``train_transe(optimizer_state=...)`` when resuming (None if no epoch ran).
     """
@@ -243,9 +118,18 @@ def bernoulli_head_probs(triples: np.ndarray, num_relations: int) -> np.ndarray:
     return np.where(per_rel > 0, prob, 0.5)
 
 
-def _epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
-    """A generator that depends only on (seed, epoch), so resumed runs replay the same draws."""
-    state = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint32)
+def head_corruption_probs(triples: np.ndarray, num_relations: int, negatives: str) -> np.ndarray:
+    """(R,) float64 probability of corrupting the head rather than the tail, per relation:
+    `bernoulli_head_probs` for ``negatives="bern"``, 1/2 for "unif"."""
+    if negatives == "bern":
+        return bernoulli_head_probs(triples, num_relations)
+    return np.full(num_relations, 0.5)
+
+
+def _seeded_generator(key: tuple[int, ...], device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator that depends only on ``key``, e.g. (seed, epoch), so that a resumed run
+    replays the draws of the uninterrupted one."""
+    state = np.random.SeedSequence(list(key)).generate_state(2, dtype=np.uint32)
     gen = torch.Generator(device=device)
     gen.manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
     return gen
@@ -269,10 +153,10 @@ ADAM_EPS = 1e-8
 
 
 class RowOptimizer:
-    """Adam or SGD applied to the rows of a table that a batch touched.
+    """Adam applied to the rows of a table that a batch touched.
 
-    Adam here is "lazy" Adam (the semantics of ``torch.optim.SparseAdam``): a row's moments
-    are updated only when the row is in a batch, with one global step count for the bias
+    This is "lazy" Adam (the semantics of ``torch.optim.SparseAdam``): a row's moments are
+    updated only when the row is in a batch, with one global step count for the bias
     correction. Gathering the touched rows, updating them densely and scattering them back is
     several times faster on CPU than sparse-gradient tensors, and the cost of a step does not
     grow with the table (Freebase has millions of entities).
@@ -284,33 +168,26 @@ class RowOptimizer:
         tables: dict[str, torch.Tensor],
         moments: dict[str, torch.Tensor] | None = None,
     ):
-        """``moments`` (Adam only): existing ``<name>_m`` / ``<name>_v`` tables to update in
-        place, e.g. slices of a partition loaded from disk; default zeros."""
-        self.kind = params.optimizer
+        """``moments``: existing ``<name>_m`` / ``<name>_v`` tables to update in place, e.g.
+        slices of a partition loaded from disk; default zeros."""
         self.lr = params.lr
         self.step_count = 0
         self.moments: dict[str, torch.Tensor] = {}
-        if self.kind == "adam":
-            for name, table in tables.items():
-                for key in (f"{name}_m", f"{name}_v"):
-                    given = None if moments is None else moments.get(key)
-                    if given is not None and given.shape != table.shape:
-                        raise ValueError(
-                            f"moments[{key!r}]: shape {tuple(given.shape)}, "
-                            f"expected {tuple(table.shape)}"
-                        )
-                    self.moments[key] = torch.zeros_like(table) if given is None else given
+        for name, table in tables.items():
+            for key in (f"{name}_m", f"{name}_v"):
+                given = None if moments is None else moments.get(key)
+                if given is not None and given.shape != table.shape:
+                    raise ValueError(
+                        f"moments[{key!r}]: shape {tuple(given.shape)}, "
+                        f"expected {tuple(table.shape)}"
+                    )
+                self.moments[key] = torch.zeros_like(table) if given is None else given
 
     def state_dict(self) -> dict:
-        """Live state (no copies): step count and, for Adam, first and second moment tables."""
-        return {"optimizer": self.kind, "step": self.step_count, **self.moments}
+        """Live state (no copies): the step count and the first and second moment tables."""
+        return {"step": self.step_count, **self.moments}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("optimizer") != self.kind:
-            raise ValueError(
-                f"optimizer_state: saved for optimizer={state.get('optimizer')!r}, "
-                f"params say {self.kind!r}"
-            )
         missing = sorted({"step", *self.moments} - set(state))
         if missing:
             raise ValueError(f"optimizer_state: missing {missing}")
@@ -337,9 +214,6 @@ class RowOptimizer:
         grad: torch.Tensor,
     ) -> None:
         """Write ``rows - step(grad)`` to ``table[ids]``; ``rows`` (U, d) are the batch's values."""
-        if self.kind == "sgd":
-            table.index_copy_(0, ids, rows - self.lr * grad)
-            return
         beta1, beta2 = ADAM_BETAS
         m = self.moments[f"{name}_m"].index_select(0, ids)  # (U, d)
         v = self.moments[f"{name}_v"].index_select(0, ids)  # (U, d)
@@ -351,6 +225,31 @@ class RowOptimizer:
         bias2 = 1.0 - beta2**self.step_count
         denom = v.sqrt_().div_(math.sqrt(bias2)).add_(ADAM_EPS)  # v is stored; reuse its buffer
         table.index_copy_(0, ids, torch.addcdiv(rows, m, denom, value=-self.lr / bias1))
+
+
+@dataclass
+class _Pass:
+    """What every batch of one pass over a set of triples reads and updates."""
+
+    params: TransEParams
+    entities: torch.Tensor  # (E, d), updated in place; negatives are drawn among its rows
+    relations: torch.Tensor  # (R, d), updated in place
+    optimizer: RowOptimizer
+    p_head: torch.Tensor  # (R,) probability of corrupting the head
+    gen: torch.Generator  # the pass's shuffle and negatives
+
+
+@dataclass
+class _BatchRows:
+    """Leaf tensors for the U distinct entity rows and U_r relation rows a batch reads;
+    ``ent_pos`` / ``rel_pos`` map each id the batch asked for to its row."""
+
+    ent_ids: torch.Tensor  # (U,)
+    ent_pos: torch.Tensor
+    ent_rows: torch.Tensor  # (U, d)
+    rel_ids: torch.Tensor  # (U_r,)
+    rel_pos: torch.Tensor
+    rel_rows: torch.Tensor  # (U_r, d)
 
 
 def _unit_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -370,26 +269,16 @@ def _pairwise_distance(queries: torch.Tensor, rows: torch.Tensor, norm: int) -> 
     return squared.clamp_min(1e-12).sqrt()
 
 
-def _gather_rows(
-    ent_w: torch.Tensor,
-    rel_w: torch.Tensor,
-    entity_ids: torch.Tensor,
-    relation_ids: torch.Tensor,
-    normalize: bool,
-) -> tuple[torch.Tensor, ...]:
-    """Leaf tensors for the U distinct entity rows and U_r relation rows a batch reads.
-
-    Returns (ent_ids (U,), ent_pos, ent_rows (U, d), rel_ids (U_r,), rel_pos, rel_rows (U_r, d));
-    ``ent_pos`` / ``rel_pos`` map each input id to its row.
-    """
+def _gather_rows(run: _Pass, entity_ids: torch.Tensor, relation_ids: torch.Tensor) -> _BatchRows:
+    """The rows of ``entity_ids`` and ``relation_ids`` as leaf tensors that collect gradients."""
     ent_ids, ent_pos = torch.unique(entity_ids, return_inverse=True)
     rel_ids, rel_pos = torch.unique(relation_ids, return_inverse=True)
-    ent_rows = ent_w.index_select(0, ent_ids)  # (U, d)
-    if normalize:
+    ent_rows = run.entities.index_select(0, ent_ids)  # (U, d)
+    if run.params.normalize_entities:
         ent_rows = _unit_rows(ent_rows)  # Algorithm 1 line 5, on the rows in use
     ent_rows.requires_grad_(True)
-    rel_rows = rel_w.index_select(0, rel_ids).requires_grad_(True)  # (U_r, d)
-    return ent_ids, ent_pos, ent_rows, rel_ids, rel_pos, rel_rows
+    rel_rows = run.relations.index_select(0, rel_ids).requires_grad_(True)  # (U_r, d)
+    return _BatchRows(ent_ids, ent_pos, ent_rows, rel_ids, rel_pos, rel_rows)
 
 
 def _pair_loss(
@@ -424,90 +313,63 @@ def _pair_loss(
     return loss, loss.detach() * pairs, active
 
 
-def _apply_step(
-    optimizer: RowOptimizer,
-    loss: torch.Tensor,
-    ent_w: torch.Tensor,
-    rel_w: torch.Tensor,
-    ent_ids: torch.Tensor,
-    ent_rows: torch.Tensor,
-    rel_ids: torch.Tensor,
-    rel_rows: torch.Tensor,
-) -> None:
+def _apply_step(run: _Pass, loss: torch.Tensor, rows: _BatchRows) -> None:
     loss.backward()
-    optimizer.begin_step()
-    optimizer.update_rows("entity", ent_w, ent_ids, ent_rows.detach(), ent_rows.grad)
-    optimizer.update_rows("relation", rel_w, rel_ids, rel_rows.detach(), rel_rows.grad)
+    run.optimizer.begin_step()
+    run.optimizer.update_rows(
+        "entity", run.entities, rows.ent_ids, rows.ent_rows.detach(), rows.ent_rows.grad
+    )
+    run.optimizer.update_rows(
+        "relation", run.relations, rows.rel_ids, rows.rel_rows.detach(), rows.rel_rows.grad
+    )
 
 
-def _per_triple_step(
-    batch: torch.Tensor,
-    ent_w: torch.Tensor,
-    rel_w: torch.Tensor,
-    p_head: torch.Tensor,
-    num_entities: int,
-    params: TransEParams,
-    gen: torch.Generator,
-    optimizer: RowOptimizer,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step with ``num_negatives`` independent corruptions per positive.
+def _per_triple_step(batch: torch.Tensor, run: _Pass) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step on ``batch`` (B, 3) with ``num_negatives`` independent corruptions per positive.
 
     Returns (summed pair loss, active pairs (B, k)).
     """
-    device = batch.device
+    params, device = run.params, batch.device
     h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
     size, k = batch.shape[0], params.num_negatives
     # Corrupt the head or the tail of each positive k times (unif or bern).
-    corrupt_head = torch.rand(size, k, generator=gen, device=device) < p_head[r, None]
-    random_ids = torch.randint(num_entities, (size, k), generator=gen, device=device)
+    corrupt_head = torch.rand(size, k, generator=run.gen, device=device) < run.p_head[r, None]
+    random_ids = torch.randint(
+        run.entities.shape[0], (size, k), generator=run.gen, device=device
+    )  # (B, k)
     neg_h = torch.where(corrupt_head, random_ids, h[:, None])  # (B, k)
     neg_t = torch.where(corrupt_head, t[:, None], random_ids)  # (B, k)
 
-    ent_ids, ent_pos, ent_rows, rel_ids, rel_pos, rel_rows = _gather_rows(
-        ent_w,
-        rel_w,
-        torch.cat([h, t, neg_h.view(-1), neg_t.view(-1)]),
-        r,
-        params.normalize_entities,
-    )  # positions: (2B + 2Bk,), (B,)
+    rows = _gather_rows(run, torch.cat([h, t, neg_h.view(-1), neg_t.view(-1)]), r)
+    ent_rows, ent_pos = rows.ent_rows, rows.ent_pos  # positions: (2B + 2Bk,)
     h_pos, t_pos = ent_pos[:size], ent_pos[size : 2 * size]  # (B,)
     nh_pos = ent_pos[2 * size : 2 * size + size * k].view(size, k)  # (B, k)
     nt_pos = ent_pos[2 * size + size * k :].view(size, k)  # (B, k)
-    r_e = rel_rows[rel_pos]  # (B, d)
+    r_e = rows.rel_rows[rows.rel_pos]  # (B, d)
     pos = _distance(ent_rows[h_pos] + r_e - ent_rows[t_pos], params.norm)  # (B,)
     neg = _distance(ent_rows[nh_pos] + r_e[:, None, :] - ent_rows[nt_pos], params.norm)  # (B, k)
     loss, loss_sum, active = _pair_loss(params, pos, neg, None)  # (B, k) pairs
-    _apply_step(optimizer, loss, ent_w, rel_w, ent_ids, ent_rows, rel_ids, rel_rows)
+    _apply_step(run, loss, rows)
     return loss_sum, active
 
 
-def _shared_negatives_step(
-    batch: torch.Tensor,
-    ent_w: torch.Tensor,
-    rel_w: torch.Tensor,
-    p_head: torch.Tensor,
-    num_entities: int,
-    params: TransEParams,
-    gen: torch.Generator,
-    optimizer: RowOptimizer,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step in which all B positives share N corrupting entities.
+def _shared_negatives_step(batch: torch.Tensor, run: _Pass) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step on ``batch`` (B, 3) in which all B positives share N corrupting entities.
 
     Returns (summed pair loss, active pairs (B, N)).
     """
-    device = batch.device
+    params, device = run.params, batch.device
     h, r, t = batch[:, 0], batch[:, 1], batch[:, 2]
     size = batch.shape[0]
-    corrupt_head = torch.rand(size, generator=gen, device=device) < p_head[r]  # (B,)
+    corrupt_head = torch.rand(size, generator=run.gen, device=device) < run.p_head[r]  # (B,)
     shared = torch.randint(
-        num_entities, (params.shared_negatives,), generator=gen, device=device
+        run.entities.shape[0], (params.shared_negatives,), generator=run.gen, device=device
     )  # (N,)
 
-    ent_ids, ent_pos, ent_rows, rel_ids, rel_pos, rel_rows = _gather_rows(
-        ent_w, rel_w, torch.cat([h, t, shared]), r, params.normalize_entities
-    )  # positions: (2B + N,), (B,)
+    rows = _gather_rows(run, torch.cat([h, t, shared]), r)  # positions: (2B + N,), (B,)
+    ent_rows, ent_pos = rows.ent_rows, rows.ent_pos
     h_e, t_e = ent_rows[ent_pos[:size]], ent_rows[ent_pos[size : 2 * size]]  # (B, d)
-    r_e = rel_rows[rel_pos]  # (B, d)
+    r_e = rows.rel_rows[rows.rel_pos]  # (B, d)
     pos = _distance(h_e + r_e - t_e, params.norm)  # (B,)
     # A corrupted head e scores d(e + r, t) = d(e, t - r); a corrupted tail, d(h + r, e).
     queries = torch.where(corrupt_head[:, None], t_e - r_e, h_e + r_e)  # (B, d)
@@ -515,31 +377,88 @@ def _shared_negatives_step(
     replaced = torch.where(corrupt_head, h, t)  # (B,)
     is_negative = replaced[:, None] != shared[None, :]  # (B, N) skip "corruptions" to itself
     loss, loss_sum, active = _pair_loss(params, pos, neg, is_negative)
-    _apply_step(optimizer, loss, ent_w, rel_w, ent_ids, ent_rows, rel_ids, rel_rows)
+    _apply_step(run, loss, rows)
     return loss_sum, active
 
 
-def _run_batches(
-    triples: torch.Tensor,
-    order: torch.Tensor,
-    ent_w: torch.Tensor,
-    rel_w: torch.Tensor,
-    p_head: torch.Tensor,
-    params: TransEParams,
-    gen: torch.Generator,
-    optimizer: RowOptimizer,
-    loss_sum: torch.Tensor,
-    active_sum: torch.Tensor,
-) -> None:
-    """One pass over ``triples[order]`` in batches; adds the pair loss and active pairs."""
+def _run_batches(triples: torch.Tensor, run: _Pass) -> tuple[float, float]:
+    """One pass over ``triples`` (T, 3) in an order shuffled by ``run.gen``, in batches.
+
+    Returns (pair loss, active pairs), each summed over the pass.
+    """
+    params = run.params
+    order = torch.randperm(triples.shape[0], generator=run.gen, device=triples.device)  # (T,)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=triples.device)
+    active_sum = torch.zeros((), dtype=torch.float64, device=triples.device)
     step = _shared_negatives_step if params.shared_negatives else _per_triple_step
     for begin in range(0, order.shape[0], params.batch_size):
         batch = triples[order[begin : begin + params.batch_size]]  # (B, 3)
-        batch_loss, active = step(
-            batch, ent_w, rel_w, p_head, ent_w.shape[0], params, gen, optimizer
-        )  # active: (B, N) or (B, k)
+        batch_loss, active = step(batch, run)  # active: (B, N) or (B, k)
         loss_sum += batch_loss.double()
         active_sum += active.sum().double()
+    return float(loss_sum), float(active_sum)
+
+
+def _check_run(params: TransEParams, num_entities: int, num_relations: int, start_epoch: int):
+    """Raise ``ValueError`` for bad params, counts or start epoch of `train_transe`."""
+    params.validate()
+    for name, value in (("num_entities", num_entities), ("num_relations", num_relations)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"{name}={value!r}: must be an int > 0")
+    if isinstance(start_epoch, bool) or not isinstance(start_epoch, (int, np.integer)):
+        raise ValueError(f"start_epoch={start_epoch!r}: must be an int")
+    if not 0 <= start_epoch <= params.epochs:
+        raise ValueError(f"start_epoch={start_epoch}: must be in [0, epochs={params.epochs}]")
+
+
+def _initial_tables(
+    params: TransEParams,
+    num_entities: int,
+    num_relations: int,
+    init: tuple[np.ndarray, np.ndarray] | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E, d) entity and (R, d) relation float32 tables on ``device``: copies of ``init``, or
+    Bordes 2013, Algorithm 1 lines 1-3: uniform(-6/sqrt(d), 6/sqrt(d)), relations normalised
+    once (entities are normalised before use in each batch)."""
+    dim = params.dim
+    if init is None:
+        bound = 6.0 / math.sqrt(dim)
+        gen = torch.Generator().manual_seed(params.seed)
+        ent0 = torch.empty(num_entities, dim).uniform_(-bound, bound, generator=gen)
+        rel0 = torch.empty(num_relations, dim).uniform_(-bound, bound, generator=gen)
+        _normalize_rows_(rel0)
+    else:
+        if not (isinstance(init, (tuple, list)) and len(init) == 2):
+            raise ValueError("init: expected a pair (entities, relations)")
+        ent0 = torch.from_numpy(_check_table(init[0], num_entities, dim, "init[0] (entities)"))
+        rel0 = torch.from_numpy(_check_table(init[1], num_relations, dim, "init[1] (relations)"))
+    return (
+        ent0.to(device=device, dtype=torch.float32, copy=True),
+        rel0.to(device=device, dtype=torch.float32, copy=True),
+    )
+
+
+def _train_epoch(triples: torch.Tensor, run: _Pass, epoch: int) -> dict:
+    """One epoch of `train_transe` over ``triples`` (T, 3); returns its history record."""
+    params = run.params
+    started = time.perf_counter()
+    run.optimizer.lr = epoch_lr(params, epoch)
+    loss_sum, active_sum = _run_batches(triples, run)
+    if params.normalize_entities and epoch == params.epochs - 1:
+        _normalize_rows_(run.entities)
+    seconds = time.perf_counter() - started
+    num_triples = triples.shape[0]
+    pairs = num_triples * (params.shared_negatives or params.num_negatives)
+    record = {
+        "epoch": epoch,
+        "loss": loss_sum / pairs,
+        "active": active_sum / pairs,
+        "seconds": seconds,
+        "triples_per_s": num_triples / max(seconds, 1e-9),
+    }
+    logger.debug("transe epoch %d: %s", epoch, record)
+    return record
 
 
 def train_transe(
@@ -581,80 +500,30 @@ def train_transe(
         ValueError: bad params, counts, triples (the first offending row is named), init or
             optimizer_state.
     """
-    params.validate()
-    for name, value in (("num_entities", num_entities), ("num_relations", num_relations)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"{name}={value!r}: must be an int > 0")
-    if isinstance(start_epoch, bool) or not isinstance(start_epoch, (int, np.integer)):
-        raise ValueError(f"start_epoch={start_epoch!r}: must be an int")
-    if not 0 <= start_epoch <= params.epochs:
-        raise ValueError(f"start_epoch={start_epoch}: must be in [0, epochs={params.epochs}]")
+    _check_run(params, num_entities, num_relations, start_epoch)
     data = _check_triples(triples, num_entities, num_relations, "triples")
     device = torch.device(device)
-    dim = params.dim
-
-    if init is None:
-        # Bordes 2013, Algorithm 1 lines 1-3: uniform(-6/sqrt(d), 6/sqrt(d)), relations
-        # normalised once; entities are normalised before use in each batch.
-        bound = 6.0 / math.sqrt(dim)
-        gen = torch.Generator().manual_seed(params.seed)
-        ent0 = torch.empty(num_entities, dim).uniform_(-bound, bound, generator=gen)
-        rel0 = torch.empty(num_relations, dim).uniform_(-bound, bound, generator=gen)
-        _normalize_rows_(rel0)
-    else:
-        if not (isinstance(init, (tuple, list)) and len(init) == 2):
-            raise ValueError("init: expected a pair (entities, relations)")
-        ent0 = torch.from_numpy(_check_table(init[0], num_entities, dim, "init[0] (entities)"))
-        rel0 = torch.from_numpy(_check_table(init[1], num_relations, dim, "init[1] (relations)"))
-    ent_w = ent0.to(device=device, dtype=torch.float32, copy=True)  # (E, d)
-    rel_w = rel0.to(device=device, dtype=torch.float32, copy=True)  # (R, d)
+    ent_w, rel_w = _initial_tables(params, num_entities, num_relations, init, device)
     optimizer = RowOptimizer(params, {"entity": ent_w, "relation": rel_w})
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-
     all_triples = torch.from_numpy(data).to(device)  # (T, 3)
-    if params.negatives == "bern":
-        p_head = torch.from_numpy(bernoulli_head_probs(data, num_relations)).float().to(device)
-    else:
-        p_head = torch.full((num_relations,), 0.5, device=device)
-    num_triples = data.shape[0]
-    n_shared = params.shared_negatives
-    k = n_shared or params.num_negatives
+    probs = head_corruption_probs(data, num_relations, params.negatives)
+    p_head = torch.from_numpy(probs).float().to(device)  # (R,)
     history: list[dict] = []
-
     for epoch in range(start_epoch, params.epochs):
-        started = time.perf_counter()
-        gen = _epoch_generator(params.seed, epoch, device)
-        order = torch.randperm(num_triples, generator=gen, device=device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        active_sum = torch.zeros((), dtype=torch.float64, device=device)
-        optimizer.lr = epoch_lr(params, epoch)
-        _run_batches(all_triples, order, ent_w, rel_w, p_head, params, gen, optimizer,
-                     loss_sum, active_sum)
-
-        if params.normalize_entities and epoch == params.epochs - 1:
-            _normalize_rows_(ent_w)
-        seconds = time.perf_counter() - started
-        pairs = num_triples * k
-        record = {
-            "epoch": epoch,
-            "loss": float(loss_sum) / pairs,
-            "active": float(active_sum) / pairs,
-            "seconds": seconds,
-            "triples_per_s": num_triples / max(seconds, 1e-9),
-        }
-        history.append(record)
-        logger.debug("transe epoch %d: %s", epoch, record)
+        gen = _seeded_generator((params.seed, epoch), device)
+        run = _Pass(params, ent_w, rel_w, optimizer, p_head, gen)
+        history.append(_train_epoch(all_triples, run, epoch))
         if progress is not None:
             progress(
                 {
-                    **record,
+                    **history[-1],
                     "entities": ent_w.cpu().numpy(),
                     "relations": rel_w.cpu().numpy(),
                     "optimizer_state": optimizer.state_dict(),
                 }
             )
-
     if history:
         logger.info(
             "transe: epochs %d-%d, final loss %.4f, %.0f triples/s",
@@ -787,21 +656,16 @@ def train_bucket(
         {"loss_sum", "active_sum", "pairs", "triples", "seconds"}.
     """
     started = time.perf_counter()
-    data = torch.from_numpy(np.ascontiguousarray(triples, dtype=np.int64))
+    data = torch.from_numpy(np.ascontiguousarray(triples, dtype=np.int64))  # (T, 3)
     num = data.shape[0]
-    k = params.shared_negatives or params.num_negatives
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    active_sum = torch.zeros((), dtype=torch.float64)
+    loss_sum = active_sum = 0.0
     if num:
-        state = np.random.SeedSequence(list(seed_key)).generate_state(2, dtype=np.uint32)
-        gen = torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
-        order = torch.randperm(num, generator=gen)
-        _run_batches(data, order, entities, relations, p_head, params, gen, optimizer,
-                     loss_sum, active_sum)
+        run = _Pass(params, entities, relations, optimizer, p_head, _seeded_generator(seed_key))
+        loss_sum, active_sum = _run_batches(data, run)
     return {
-        "loss_sum": float(loss_sum),
-        "active_sum": float(active_sum),
-        "pairs": num * k,
+        "loss_sum": loss_sum,
+        "active_sum": active_sum,
+        "pairs": num * (params.shared_negatives or params.num_negatives),
         "triples": num,
         "seconds": time.perf_counter() - started,
     }

@@ -85,10 +85,6 @@ class KnowledgeBase:
         rels = np.repeat(self.fact_relation, counts)
         return np.stack([heads, rels, self.object_values], axis=1).astype(np.int64)
 
-    def fact_lookup(self) -> dict[tuple[int, int], int]:
-        return {(int(s), int(r)): i for i, (s, r) in enumerate(zip(self.fact_subject, self.fact_relation))}
-
-
 def read_questions(ingest_dir: Path, split: str) -> pa.Table | None:
     path = Path(ingest_dir) / "questions" / f"{split}.parquet"
     return pq.read_table(path) if path.exists() else None

@@ -1,4 +1,5 @@
-"""Batch evaluation job: ``python -m pipeline.evaluate --run-dir DIR --questions FILE [--reader NAME]``
+"""Batch evaluation job:
+``python -m pipeline.evaluate --run-dir DIR --questions FILE [--reader NAME]``
 
 Scores a trained run on any SimpleQuestions-format file (plain, .gz or .bz2) and prints one JSON
 object. Nothing is dropped silently: malformed lines, questions whose subject, relation or fact is
@@ -20,26 +21,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hmn.config import READER_NAMES, config_from_dict
-from hmn.formats import iter_line_chunks, parse_questions
+from hmn.formats.lines import iter_line_chunks
+from hmn.formats.questions import parse_questions
+from hmn.kb import KeyTables, match_questions
 from hmn.text import Vocabulary
+from hmn.training import correct
 from pipeline.artifacts import KnowledgeBase
+from pipeline.driver import init_ray
+from pipeline.stages.score import metrics, score
 
 log = logging.getLogger("pipeline.evaluate")
 
 
-def evaluate_file(run_dir: Path, questions: str, readers: tuple[str, ...], output: Path | None = None) -> dict:
-    import yaml
-
-    from pipeline.run import init_ray
-    from pipeline.scoring import metrics, score
-
-    cfg = config_from_dict(yaml.safe_load((run_dir / "config.resolved.yaml").read_text()))
-    for stage in ("ingest", "memory", "train"):
-        if not (run_dir / stage).is_dir():
-            raise FileNotFoundError(f"{run_dir}: stage {stage!r} has no output; is this a finished run?")
-    kb = KnowledgeBase.load(run_dir / "ingest")
-    vocab = Vocabulary.load(run_dir / "train" / "vocab.json")
-
+def read_question_file(questions: str) -> tuple[pa.Table | None, int, int]:
+    """The parsed questions of a SimpleQuestions-format file (None when it has no lines), its
+    line count and its malformed line count."""
     tables, rejects, lines = [], [], 0
     for first, chunk in iter_line_chunks(questions):
         parsed = parse_questions(chunk, first, questions)
@@ -47,26 +43,44 @@ def evaluate_file(run_dir: Path, questions: str, readers: tuple[str, ...], outpu
         rejects.append(parsed.rejects)
         lines += parsed.lines
     table = pa.concat_tables(tables) if tables else None
-    n_rejects = sum(r.num_rows for r in rejects)
-    entity_id = {k: i for i, k in enumerate(kb.entity_keys)}
-    relation_id = {k: i for i, k in enumerate(kb.relation_keys)}
-    facts = kb.fact_lookup()
-    counts = {"unknown_subject": 0, "unknown_relation": 0, "unknown_fact": 0}
-    gold = []
-    texts = []
-    for s, r, q in zip(*(table[c].to_pylist() for c in ("subject", "relation", "question"))) if table else []:
-        si, ri = entity_id.get(s), relation_id.get(r)
-        if si is None:
-            counts["unknown_subject"] += 1
-        if ri is None:
-            counts["unknown_relation"] += 1
-        fid = facts.get((si, ri), -1) if si is not None and ri is not None else -1
-        if fid < 0 and si is not None and ri is not None:
-            counts["unknown_fact"] += 1
-        gold.append(fid)
-        texts.append(q)
-    gold_arr = np.asarray(gold, dtype=np.int64)
-    known = gold_arr >= 0
+    return table, lines, sum(r.num_rows for r in rejects)
+
+
+def gold_facts(kb: KnowledgeBase, table: pa.Table | None) -> tuple[np.ndarray, list[str], dict]:
+    """Gold fact id of each parsed question (-1 when its subject, relation or (subject, relation)
+    fact is not in the run's knowledge base), the question texts, and how many were unknown.
+    The ingest stage's own resolution (:func:`hmn.kb.match_questions`)."""
+    if table is None or table.num_rows == 0:
+        counts = {"unknown_subject": 0, "unknown_relation": 0, "unknown_fact": 0}
+        return np.zeros(0, dtype=np.int64), [], counts
+    keys = KeyTables.from_facts(kb.entity_keys, kb.relation_keys, kb.fact_subject, kb.fact_relation)
+    match = match_questions(table["subject"], table["relation"], keys)
+    counts = {"unknown_subject": int((match.subject_id < 0).sum()),
+              "unknown_relation": int((match.relation_id < 0).sum()),
+              "unknown_fact": int(match.no_fact.sum())}
+    return match.fact_id.astype(np.int64), table["question"].to_pylist(), counts
+
+
+def _run_config(run_dir: Path):
+    import yaml
+
+    cfg = config_from_dict(yaml.safe_load((run_dir / "config.resolved.yaml").read_text()))
+    for stage in ("ingest", "memory", "train"):
+        if not (run_dir / stage).is_dir():
+            raise FileNotFoundError(f"{run_dir}: stage {stage!r} has no output; "
+                                    f"is this a finished run?")
+    return cfg
+
+
+def evaluate_file(run_dir: Path, questions: str, readers: tuple[str, ...],
+                  output: Path | None = None) -> dict:
+    """Score a finished run on a question file with `readers`; the first gives `accuracy`."""
+    cfg = _run_config(run_dir)
+    kb = KnowledgeBase.load(run_dir / "ingest")
+    vocab = Vocabulary.load(run_dir / "train" / "vocab.json")
+    table, lines, n_rejects = read_question_file(questions)
+    gold, texts, counts = gold_facts(kb, table)
+    known = gold >= 0
     tokens, unknown_tokens = vocab.encode_many(texts)
     result: dict = {
         "questions": len(texts), "lines": lines, "malformed_lines": n_rejects,
@@ -79,14 +93,10 @@ def evaluate_file(run_dir: Path, questions: str, readers: tuple[str, ...], outpu
     init_ray(cfg)
     pred = score(run_dir, tokens, readers, cfg.reader, k=k, batch_size=cfg.eval.batch_size,
                  num_actors=cfg.eval.num_actors)
-    safe_gold = np.where(known, gold_arr, 0)
-    per_reader = metrics(pred, safe_gold, readers, kb.fact_subject, kb.fact_relation, cfg.eval.recall_k)
+    # `accuracy` counts a question whose fact is not in the memory as wrong
+    per_reader = metrics(pred, gold, readers, kb.fact_subject, kb.fact_relation, cfg.eval.recall_k)
     for name, m in per_reader.items():
-        correct = (pred[f"pred_{name}"].to_numpy() >= 0) & known
-        p = np.where(correct, pred[f"pred_{name}"].to_numpy(), 0)
-        hit = correct & (kb.fact_subject[p] == kb.fact_subject[safe_gold]) & (
-            kb.fact_relation[p] == kb.fact_relation[safe_gold])
-        m["accuracy"] = float(hit.sum() / max(len(texts), 1))
+        hit = correct(pred[f"pred_{name}"].to_numpy(), gold, kb.fact_subject, kb.fact_relation)
         m["accuracy_known_facts"] = float(hit.sum() / max(int(known.sum()), 1))
     primary = readers[0]
     result.update({"reader": primary, "accuracy": per_reader[primary]["accuracy"],
@@ -95,7 +105,7 @@ def evaluate_file(run_dir: Path, questions: str, readers: tuple[str, ...], outpu
                    "questions_file": str(questions), "run_dir": str(run_dir)})
     if output is not None:
         pq.write_table(pred.drop_columns([c for c in pred.column_names if c.startswith("cands_")])
-                       .append_column("gold", pa.array(gold_arr)), output)
+                       .append_column("gold", pa.array(gold)), output)
     return result
 
 
@@ -105,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", required=True, help="a finished run directory")
     parser.add_argument("--questions", required=True, help="SimpleQuestions-format file")
     parser.add_argument("--reader", action="append", choices=READER_NAMES,
-                        help="reader(s) to score with; the first gives `accuracy` (default: the run's "
-                             "training infer_reader)")
+                        help="reader(s) to score with; the first gives `accuracy` (default: the "
+                             "run's training infer_reader)")
     parser.add_argument("--output", help="write per-question predictions to this Parquet file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -123,10 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         import yaml
 
-        readers = (yaml.safe_load((run_dir / "config.resolved.yaml").read_text())["train"]["infer_reader"],)
+        resolved = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
+        readers = (resolved["train"]["infer_reader"],)
     if "exact" not in readers:
-        readers = readers + ("exact",)  # for recall against exact; `accuracy` stays the first reader's
-    result = evaluate_file(run_dir, args.questions, readers, Path(args.output) if args.output else None)
+        readers = readers + ("exact",)  # for recall against exact; `accuracy` stays the first's
+    output = Path(args.output) if args.output else None
+    result = evaluate_file(run_dir, args.questions, readers, output)
     print(json.dumps(result))
     return 0
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from hmn.config import READER_NAMES, RunConfig, config_from_dict, config_to_dict
+from pipeline.driver import Pipeline
 from pipeline.rundir import RunDir, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -151,8 +152,6 @@ def link_shared(base: RunDir, target: RunDir, base_cfg: RunConfig, cfg: RunConfi
 
 def run_experiment(name: str, base_cfg: RunConfig, base: RunDir, *, force: bool = False,
                    only: tuple[str, ...] = ()) -> dict:
-    from pipeline.run import Pipeline
-
     if name not in EXPERIMENTS:
         raise ValueError(f"--experiment {name!r}: unknown; known: {', '.join(EXPERIMENTS)}")
     Pipeline(base_cfg, base, force=force).execute(until="memory")

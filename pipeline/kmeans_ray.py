@@ -1,21 +1,22 @@
 """Cluster-index build on Ray: a DataAccess adapter over long-lived shard actors.
 
-The k-means loop and the index build are those of ``hmn`` (``hmn.kmeans.spherical_kmeans``,
-``hmn.index.build_index``); this module only supplies a :class:`hmn.index.DataFactory` whose views
-fan each call out to ``num_shards`` actors and sum their partial results (RAY_NOTES section 3:
+The k-means loop and the index build are those of ``hmn`` (``hmn.kmeans``, ``hmn.index.build_index``
+with an ``hmn.index.IndexSpec``); this module only supplies a :class:`hmn.index.DataFactory` whose
+views fan each call out to ``num_shards`` actors and sum their partial results (RAY_NOTES section 3:
 actors holding numpy shards were the cheapest per iteration).
 
 * Each actor receives its contiguous shard of the memory once (``ray.put``) and keeps it in its
-  heap; for every view (transform, subset of fact ids) it wraps the rows in an
+  heap; for every view (transform, subset of fact ids, groups, precision) it wraps the rows in an
   ``hmn.kmeans.InMemoryData`` that applies the transform and normalisation itself.
 * Factorised shards (``build_index_on_ray(FactorisedMemory, ...)``): every actor gets the entity
   and relation tables by reference (one ``ray.put``; numpy arrays from the object store are
   zero-copy, so actors on one node share one copy) plus its slice of the fact table, and gathers
   rows chunk by chunk (``hmn.kmeans.FactorisedData``): the (N, D) matrix never exists.
-* Levels > 0 of a hierarchical index open one *grouped* view (a parent label per fact) and run
-  all parents' k-means together: ``iters`` round trips per level instead of C1 x iters.
+* A view serves the grouped ``DataAccess`` methods (a view without groups is one group): levels
+  > 0 of a hierarchical index run all parents' k-means together, ``iters`` round trips per level
+  instead of C1 x iters.
 * Per k-means iteration the centroids are ``ray.put`` once and every actor returns
-  (sums, counts, objective) for its rows; the driver adds them in float64 in shard order, so the
+  (sums, counts, objectives) for its rows; the driver adds them in float64 in shard order, so the
   result is deterministic and matches the in-memory build up to float32 rounding inside blocks.
 * Speed: an actor sets ``torch.set_num_threads`` to its CPU share (``num_cpus``; Ray itself only
   sets OMP_NUM_THREADS), keeps the unit rows of a view once computed (``InMemoryData`` with
@@ -27,16 +28,22 @@ actors holding numpy shards were the cheapest per iteration).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import numpy as np
 import ray
 import torch
 
-from hmn.index import ClusterIndex, build_index, check_branching, check_subset_ids
+from hmn.index import (
+    ClusterIndex,
+    IndexSpec,
+    Progress,
+    build_index,
+    check_branching,
+    check_subset_ids,
+)
 from hmn.kmeans import FactorisedData, InMemoryData
 from hmn.memory import FactorisedMemory
-from hmn.mips import MipsTransform, fit_transform
+from hmn.mips import MipsTransform
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +63,12 @@ class ShardActor:
         relation_emb: np.ndarray | None = None,
         threads: int | None = None,
         cache_rows: bool | None = None,
-        precision: str = "float32",
     ) -> None:
         """Dense shard (``shard``), or factorised: ``factors`` holds this shard's slice of the
         fact table (subject_ids, relation_ids, object_offsets rebased to 0, object_values) and
         ``entity_emb`` / ``relation_emb`` the whole tables (pass object refs: zero-copy).
         ``threads``: torch intra-op threads (the actor's CPU share); ``cache_rows``: as
-        :class:`hmn.kmeans.InMemoryData` (None: dense views cache when <= 1 GiB); ``precision``:
-        the assignment matmul's (:func:`hmn.kmeans.similarity_dtype`)."""
+        :class:`hmn.kmeans.InMemoryData` (None: dense views cache when <= 1 GiB)."""
         if threads is not None:
             if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
                 raise ValueError(f"threads={threads!r}: must be an integer >= 1")
@@ -71,7 +76,6 @@ class ShardActor:
         self.start = int(start)
         self.chunk = int(chunk)
         self.cache_rows = cache_rows
-        self.precision = precision
         self._views: dict[int, InMemoryData] = {}
         self._mem: FactorisedMemory | None = None
         if factors is not None:
@@ -97,6 +101,7 @@ class ShardActor:
         transform: dict | None,
         local_ids: np.ndarray | None,
         groups: np.ndarray | None = None,
+        precision: str = "float32",
     ) -> int:
         """Create view ``view_id`` over the local rows ``local_ids`` (all if None); returns n."""
         fn = None if transform is None else MipsTransform.from_dict(transform).facts
@@ -104,15 +109,13 @@ class ShardActor:
         if ids is not None and ids.size == 0:
             return 0
         grp = None if groups is None else np.array(groups, dtype=np.int64)
+        options = {"transform": fn, "groups": grp, "cache_rows": self.cache_rows,
+                   "precision": precision}
         if self._mem is not None:
-            view = FactorisedData(
-                self._mem, ids, self.chunk, transform=fn, groups=grp, cache_rows=self.cache_rows,
-                precision=self.precision,
-            )
+            view = FactorisedData(self._mem, ids, self.chunk, **options)
         else:
             x = self._x if ids is None else self._x[torch.from_numpy(ids)]
-            view = InMemoryData(x, self.chunk, transform=fn, groups=grp, cache_rows=self.cache_rows,
-                                precision=self.precision)
+            view = InMemoryData(x, self.chunk, **options)
         self._views[view_id] = view
         return int(view.n)
 
@@ -129,15 +132,6 @@ class ShardActor:
     # the object store per iteration (1.2 -> 0.6 MB at C = 256, d = 603: ~3 ms of a 60 ms SQ-32k
     # iteration; 157 -> 78 MB per shard for the 32k leaves of FB2M's second level).
 
-    def partial_stats(
-        self, view_id: int, centroids: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, float]:
-        sums, counts, objective = self._views[view_id].partial_stats(torch.tensor(centroids))
-        return sums.astype(np.float32), counts, objective
-
-    def assign(self, view_id: int, centroids: np.ndarray) -> np.ndarray:
-        return self._views[view_id].assign(torch.tensor(centroids))
-
     def partial_stats_grouped(
         self, view_id: int, centroids: np.ndarray, offsets: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -145,7 +139,9 @@ class ShardActor:
             torch.tensor(centroids), offsets)
         return sums.astype(np.float32), counts, objectives
 
-    def assign_grouped(self, view_id: int, centroids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    def assign_grouped(
+        self, view_id: int, centroids: np.ndarray, offsets: np.ndarray
+    ) -> np.ndarray:
         return self._views[view_id].assign_grouped(torch.tensor(centroids), offsets)
 
 
@@ -160,7 +156,7 @@ class RayShardedData:
         d: int,
         groups: np.ndarray | None = None,
     ) -> None:
-        self.groups = groups  # (n,) group label per row for grouped views, else None
+        self.groups = groups  # (n,) group label per row, or None (one group)
         self._actors = actors
         self._view_id = view_id
         self._shard_rows = np.asarray(shard_rows, dtype=np.int64)  # rows of this view per shard
@@ -194,56 +190,30 @@ class RayShardedData:
             out[pos] = rows
         return torch.from_numpy(out)
 
-    def partial_stats(self, centroids: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float]:
+    def _on_shards(self, method: str, centroids: torch.Tensor, offsets: np.ndarray) -> list:
+        """``method(view, centroids, offsets)`` on every shard with rows, in shard order."""
         self._check_open()
         ref = ray.put(np.ascontiguousarray(centroids.detach().cpu().numpy(), dtype=np.float32))
-        parts = ray.get(
-            [self._actors[i].partial_stats.remote(self._view_id, ref) for i in self._live]
-        )
-        k = int(centroids.shape[0])
-        sums = np.zeros((k, self.d), dtype=np.float64)
-        counts = np.zeros(k, dtype=np.int64)
-        objective = 0.0
-        for s, c, o in parts:  # fixed shard order: deterministic float64 reduction
-            sums += s
-            counts += c
-            objective += o
-        return sums, counts, objective
-
-    def assign(self, centroids: torch.Tensor) -> np.ndarray:
-        self._check_open()
-        ref = ray.put(np.ascontiguousarray(centroids.detach().cpu().numpy(), dtype=np.float32))
-        parts = ray.get([self._actors[i].assign.remote(self._view_id, ref) for i in self._live])
-        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+        offsets = np.asarray(offsets, dtype=np.int64)
+        return ray.get([getattr(self._actors[i], method).remote(self._view_id, ref, offsets)
+                        for i in self._live])  # fmt: skip
 
     def partial_stats_grouped(
         self, centroids: torch.Tensor, offsets: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        self._check_open()
-        ref = ray.put(np.ascontiguousarray(centroids.detach().cpu().numpy(), dtype=np.float32))
-        offsets = np.asarray(offsets, dtype=np.int64)
-        parts = ray.get(
-            [
-                self._actors[i].partial_stats_grouped.remote(self._view_id, ref, offsets)
-                for i in self._live
-            ]
-        )
-        sums = np.zeros((int(centroids.shape[0]), self.d), dtype=np.float64)
-        counts = np.zeros(int(centroids.shape[0]), dtype=np.int64)
-        objectives = np.zeros(offsets.size - 1, dtype=np.float64)
-        for s, c, o in parts:  # fixed shard order: deterministic
+        parts = self._on_shards("partial_stats_grouped", centroids, offsets)
+        k = int(centroids.shape[0])
+        sums = np.zeros((k, self.d), dtype=np.float64)
+        counts = np.zeros(k, dtype=np.int64)
+        objectives = np.zeros(len(offsets) - 1, dtype=np.float64)
+        for s, c, o in parts:  # fixed shard order: deterministic float64 reduction
             sums += s
             counts += c
             objectives += o
         return sums, counts, objectives
 
     def assign_grouped(self, centroids: torch.Tensor, offsets: np.ndarray) -> np.ndarray:
-        self._check_open()
-        ref = ray.put(np.ascontiguousarray(centroids.detach().cpu().numpy(), dtype=np.float32))
-        offsets = np.asarray(offsets, dtype=np.int64)
-        parts = ray.get(
-            [self._actors[i].assign_grouped.remote(self._view_id, ref, offsets) for i in self._live]
-        )
+        parts = self._on_shards("assign_grouped", centroids, offsets)
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
     def close(self) -> None:
@@ -264,7 +234,11 @@ class RayShardedDataFactory:
         self._next_view = 0
 
     def __call__(
-        self, transform: MipsTransform | None, ids: np.ndarray | None, groups: np.ndarray | None = None
+        self,
+        transform: MipsTransform | None,
+        ids: np.ndarray | None,
+        groups: np.ndarray | None = None,
+        precision: str = "float32",
     ) -> RayShardedData:
         view_id = self._next_view
         self._next_view += 1
@@ -288,7 +262,7 @@ class RayShardedDataFactory:
             local_groups = [groups[cuts[s] : cuts[s + 1]] for s in range(len(self._actors))]
         shard_rows = ray.get(
             [
-                a.open_view.remote(view_id, tdict, li, gi)
+                a.open_view.remote(view_id, tdict, li, gi, precision)
                 for a, li, gi in zip(self._actors, local, local_groups)
             ]
         )
@@ -296,108 +270,87 @@ class RayShardedDataFactory:
         return RayShardedData(self._actors, view_id, shard_rows, d, groups=groups)
 
 
-def build_index_on_ray(
+def _start_actors(
     vectors: np.ndarray | FactorisedMemory,
-    *,
     num_shards: int,
-    branching: list[int],
-    U: float = 0.75,
-    m: int = 3,
-    iters: int = 20,
-    tol: float = 1e-4,
-    seed: int = 0,
-    init: str = "kmeans++",
-    progress: Callable[[dict], None] | None = None,
-    actor_options: dict | None = None,
-    batched_levels: bool = True,
-    cache_rows: bool | None = None,
-    refine_leaves: int = 0,
-    fit_sample: int = 0,
-    precision: str = "float32",
-    max_leaf_size: int = 0,
-) -> ClusterIndex:
-    """``hmn.index.build_index`` with the memory split over ``num_shards`` Ray actors.
-
-    Args:
-        vectors: (N, D) fact vectors, or a :class:`hmn.memory.FactorisedMemory` (the actors then
-            share its entity / relation tables and hold a slice of its fact table each).
-        num_shards: number of shard actors (1 <= num_shards <= N).
-        actor_options: passed to ``.options()`` of every actor (default ``{"num_cpus": 1}``);
-            each actor runs torch with max(1, int(num_cpus)) threads.
-        cache_rows: whether actors keep the unit rows of their views (see
-            :class:`hmn.kmeans.InMemoryData`; None = dense shards when <= 1 GiB per view).
-        precision: the k-means assignment matmul's, in every actor
-            (:func:`hmn.kmeans.similarity_dtype`: "float32", "bfloat16" or "auto").
-        Other arguments: as :func:`hmn.index.build_index`.
-    """
+    actor_options: dict | None,
+    cache_rows: bool | None,
+) -> tuple[list, np.ndarray]:
+    """Start ``num_shards`` shard actors over contiguous row ranges; returns (actors, (S,) first
+    row of each shard).  The caller kills the actors (also those started before an error: the
+    list is filled as they start)."""
     factorised = isinstance(vectors, FactorisedMemory)
-    if not factorised:
-        vectors = np.asarray(vectors)
-        if vectors.ndim != 2 or vectors.shape[0] == 0:
-            raise ValueError(f"vectors must be (N, D) with N >= 1, got shape {vectors.shape}")
-    n, d = (vectors.n, vectors.d) if factorised else vectors.shape
-    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or not 1 <= num_shards <= n:
-        raise ValueError(f"num_shards={num_shards!r}: must be an integer in [1, N={n}]")
-    check_branching(branching, n)  # fail before starting any actor
-    fit_transform(1.0, U=U, m=m)  # validates U and m
-    if not ray.is_initialized():
-        raise RuntimeError("build_index_on_ray needs ray.init() first")
-
+    n = vectors.n if factorised else vectors.shape[0]
     starts = np.array([len(a) for a in np.array_split(np.arange(n), num_shards)]).cumsum()
     starts = np.concatenate([[0], starts[:-1]])  # (S,) first row of each shard
     bounds = np.concatenate([starts, [n]])
     options = dict(actor_options or {"num_cpus": 1})
-    threads = max(1, int(options.get("num_cpus", 1)))
+    kw = {"threads": max(1, int(options.get("num_cpus", 1))), "cache_rows": cache_rows}
     remote_cls = ray.remote(ShardActor).options(**options)
-    actors = []
+    actors: list = []
+    if factorised:
+        kw["entity_emb"] = ray.put(vectors.entity_emb.cpu().numpy())
+        kw["relation_emb"] = ray.put(vectors.relation_emb.cpu().numpy())
+        subj, rels = vectors.subject_ids.cpu().numpy(), vectors.relation_ids.cpu().numpy()
+        offs, vals = vectors.object_offsets.cpu().numpy(), vectors.object_values.cpu().numpy()
     try:
-        if factorised:
-            ent_ref = ray.put(vectors.entity_emb.cpu().numpy())
-            rel_ref = ray.put(vectors.relation_emb.cpu().numpy())
-            subj = vectors.subject_ids.cpu().numpy()
-            rels = vectors.relation_ids.cpu().numpy()
-            offs = vectors.object_offsets.cpu().numpy()
-            vals = vectors.object_values.cpu().numpy()
         for s in range(num_shards):
             a, b = int(bounds[s]), int(bounds[s + 1])
             if factorised:
-                factors = {
-                    "subject_ids": subj[a:b],
-                    "relation_ids": rels[a:b],
-                    "object_offsets": offs[a : b + 1] - offs[a],
-                    "object_values": vals[offs[a] : offs[b]],
-                }
-                actors.append(
-                    remote_cls.remote(
-                        None, a, factors=factors, entity_emb=ent_ref, relation_emb=rel_ref,
-                        threads=threads, cache_rows=cache_rows, precision=precision,
-                    )
-                )
+                factors = {"subject_ids": subj[a:b], "relation_ids": rels[a:b],
+                           "object_offsets": offs[a : b + 1] - offs[a],
+                           "object_values": vals[offs[a] : offs[b]]}  # fmt: skip
+                actors.append(remote_cls.remote(None, a, factors=factors, **kw))
             else:
                 shard_ref = ray.put(np.ascontiguousarray(vectors[a:b], dtype=np.float32))
-                actors.append(
-                    remote_cls.remote(shard_ref, a, threads=threads, cache_rows=cache_rows,
-                                      precision=precision)
-                )
+                actors.append(remote_cls.remote(shard_ref, a, **kw))
         ray.get([a.num_rows.remote() for a in actors])  # surface construction errors here
-        factory = RayShardedDataFactory(actors, starts, n, d)
+    except BaseException:
+        for a in actors:
+            ray.kill(a)
+        raise
+    return actors, starts
+
+
+def build_index_on_ray(
+    vectors: np.ndarray | FactorisedMemory,
+    spec: IndexSpec,
+    *,
+    num_shards: int,
+    progress: Progress = None,
+    actor_options: dict | None = None,
+    cache_rows: bool | None = None,
+) -> ClusterIndex:
+    """``hmn.index.build_index(factory, spec)`` with the memory split over ``num_shards`` Ray
+    actors.
+
+    Args:
+        vectors: (N, D) fact vectors, or a :class:`hmn.memory.FactorisedMemory` (the actors then
+            share its entity / relation tables and hold a slice of its fact table each).
+        spec: what to build (:class:`hmn.index.IndexSpec`).
+        num_shards: number of shard actors (1 <= num_shards <= N).
+        progress: as :func:`hmn.index.build_index`.
+        actor_options: passed to ``.options()`` of every actor (default ``{"num_cpus": 1}``);
+            each actor runs torch with max(1, int(num_cpus)) threads.
+        cache_rows: whether actors keep the unit rows of their views (see
+            :class:`hmn.kmeans.InMemoryData`; None = dense shards when <= 1 GiB per view).
+    """
+    if not isinstance(spec, IndexSpec):
+        raise TypeError(f"spec must be an IndexSpec, got {type(spec).__name__}")
+    if not isinstance(vectors, FactorisedMemory):
+        vectors = np.asarray(vectors)
+        if vectors.ndim != 2 or vectors.shape[0] == 0:
+            raise ValueError(f"vectors must be (N, D) with N >= 1, got shape {vectors.shape}")
+    n, d = (vectors.n, vectors.d) if isinstance(vectors, FactorisedMemory) else vectors.shape
+    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or not 1 <= num_shards <= n:
+        raise ValueError(f"num_shards={num_shards!r}: must be an integer in [1, N={n}]")
+    check_branching(spec.branching, n)  # fail before starting any actor
+    if not ray.is_initialized():
+        raise RuntimeError("build_index_on_ray needs ray.init() first")
+    actors, starts = _start_actors(vectors, num_shards, actor_options, cache_rows)
+    try:
         logger.info("built %d shard actors over N=%d facts", num_shards, n)
-        return build_index(
-            factory,
-            n=n,
-            branching=branching,
-            U=U,
-            m=m,
-            iters=iters,
-            tol=tol,
-            seed=seed,
-            init=init,
-            progress=progress,
-            batched_levels=batched_levels,
-            refine_leaves=refine_leaves,
-            fit_sample=fit_sample,
-            max_leaf_size=max_leaf_size,
-        )
+        return build_index(RayShardedDataFactory(actors, starts, n, d), spec, progress)
     finally:
         for a in actors:
             ray.kill(a)

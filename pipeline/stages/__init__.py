@@ -1,4 +1,5 @@
-"""The pipeline's stages; shared Ray Train settings."""
+"""The pipeline's stages, one module each (ingest, embed, memory, train, and score: the evaluate
+stage); shared Ray Train settings. `pipeline.driver` runs them in order."""
 
 from __future__ import annotations
 

@@ -39,39 +39,35 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
+import torch.distributed as dist
 
 from hmn.config import EmbedConfig
 from hmn.embedding_files import align_embeddings, read_embeddings
 from hmn.transe import (
-    TransEParams,
-    bernoulli_head_probs,
+    RowOptimizer,
     bucket_schedule,
     embeddings_fingerprint,
     entity_partition,
     epoch_lr,
+    head_corruption_probs,
     init_entity_rows,
     init_relations,
     link_prediction,
     partition_bounds,
+    train_bucket,
 )
 from pipeline.artifacts import KnowledgeBase, write_vectors
 from pipeline.stages import ray_train_env
 
 log = logging.getLogger(__name__)
 
-def transe_params(cfg: EmbedConfig) -> TransEParams:
-    return TransEParams(dim=cfg.dim, norm=cfg.norm, margin=cfg.margin, lr=cfg.lr, epochs=cfg.epochs,
-                        batch_size=cfg.batch_size, negatives=cfg.negatives,
-                        num_negatives=cfg.num_negatives, shared_negatives=cfg.shared_negatives,
-                        loss=cfg.loss, adversarial_temperature=cfg.adversarial_temperature,
-                        normalize_entities=cfg.normalize_entities, lr_decay=cfg.lr_decay, seed=cfg.seed)
-
 
 @dataclass(frozen=True)
 class EmbedJob:
     """Everything a TransE worker needs; passed as the train loop's config."""
 
-    cfg: EmbedConfig
+    cfg: EmbedConfig  # also the worker's TransEParams (EmbedConfig extends it)
     num_entities: int
     num_relations: int
     p_head: np.ndarray  # (R,) probability of corrupting the head
@@ -82,12 +78,14 @@ class EmbedJob:
 # ---------------------------------------------------------------------------------------------
 # Partition storage (a folder per epoch in shared storage)
 
+_SLOTS = 3  # (S, n_p, d) partition file: entity rows, Adam m, Adam v
+
 
 class _Tables:
     """The partition files of one training run; every method is safe for disjoint partitions."""
 
-    def __init__(self, root: Path, bounds: np.ndarray, dim: int, slots: int):
-        self.root, self.bounds, self.dim, self.slots = root, bounds, dim, slots
+    def __init__(self, root: Path, bounds: np.ndarray, dim: int):
+        self.root, self.bounds, self.dim = root, bounds, dim
 
     def epoch_dir(self, epoch: int) -> Path:
         return self.root / f"epoch-{epoch:05d}"
@@ -97,7 +95,8 @@ class _Tables:
 
     def latest_done(self) -> int | None:
         """The newest complete epoch folder (None if there is none)."""
-        done = [int(f.name.split("-")[1]) for f in self.root.glob("epoch-*") if (f / "DONE").exists()]
+        done = [int(f.name.split("-")[1]) for f in self.root.glob("epoch-*")
+                if (f / "DONE").exists()]
         return max(done) if done else None
 
     def size(self, part: int) -> int:
@@ -124,7 +123,7 @@ class _Tables:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         for part in range(len(self.bounds) - 1):
-            state = np.zeros((self.slots, self.size(part), self.dim), np.float32)
+            state = np.zeros((_SLOTS, self.size(part), self.dim), np.float32)
             state[0] = init_entity_rows(self.size(part), self.dim, seed, part)
             self.write(folder, part, state, 0)
         np.save(folder / "relations.npy", init_relations(num_relations, self.dim, seed))
@@ -183,170 +182,230 @@ def _bucket_triples(edges: Path, i: int, j: int, offset: int) -> np.ndarray:
 
 def _barrier(world: int) -> None:
     if world > 1:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
-def _all_reduce_(tensor, world: int) -> None:
+def _all_reduce_(tensor: torch.Tensor, world: int) -> None:
     if world > 1:
-        import torch.distributed as dist
-
         dist.all_reduce(tensor)
 
 
-def train_loop_per_worker(config: dict) -> dict:
-    """One TransE worker: file the shard into buckets, then train the scheduled buckets."""
-    import ray.train
-    import torch
+class _Worker:
+    """One TransE worker of the Ray Train group: its rank, the partition tables, its edge
+    buckets and the replicated relation table (R, d) with its Adam moments."""
 
-    from hmn.transe import RowOptimizer, train_bucket
+    def __init__(self, job: EmbedJob, rank: int, world: int):
+        self.job, self.cfg, self.rank, self.world = job, job.cfg, rank, world
+        self.P = job.cfg.num_partitions
+        self.bounds = partition_bounds(job.num_entities, self.P)
+        self.tables = _Tables(Path(job.root) / "tables", self.bounds, job.cfg.dim)
+        self.edges = Path(job.root) / f"edges-w{world}"
+        self.p_head = torch.from_numpy(np.asarray(job.p_head, np.float32))  # (R,)
+        self.relations = torch.empty(0)  # (R, d) and its moments: set by load_relations
+        self.rel_m = self.rel_v = self.relations
 
-    job: EmbedJob = config["job"]
-    cfg = job.cfg
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.num_cpus)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    params = transe_params(cfg)
-    P = cfg.num_partitions
-    bounds = partition_bounds(job.num_entities, P)
-    adam = params.optimizer == "adam"
-    tables = _Tables(Path(job.root) / "tables", bounds, cfg.dim, 3 if adam else 1)
-    p_head = torch.from_numpy(np.asarray(job.p_head, np.float32))
+    def file_edges(self) -> None:
+        """This worker's shard of triples, filed by bucket once per world size."""
+        import ray.train
 
-    # 1. The shard of triples, filed by bucket once per world size.
-    edges = Path(job.root) / f"edges-w{world}"
-    if not (edges / "DONE").exists():
-        if rank == 0:  # files of an interrupted attempt may hold another split of the shards
-            shutil.rmtree(edges, ignore_errors=True)
-        _barrier(world)
-        count = _file_edges(ray.train.get_dataset_shard("train"), edges, bounds, rank)
-        log.info("rank %d: filed %d triples into %d x %d buckets", rank, count, P, P)
-        _barrier(world)
-        if rank == 0:
-            (edges / "DONE").write_text("")
+        if (self.edges / "DONE").exists():
+            return
+        if self.rank == 0:  # files of an interrupted attempt may hold another split of the shards
+            shutil.rmtree(self.edges, ignore_errors=True)
+        _barrier(self.world)
+        shard = ray.train.get_dataset_shard("train")
+        count = _file_edges(shard, self.edges, self.bounds, self.rank)
+        log.info("rank %d: filed %d triples into %d x %d buckets", self.rank, count, self.P, self.P)
+        _barrier(self.world)
+        if self.rank == 0:
+            (self.edges / "DONE").write_text("")
 
-    # 2. Start: the last complete epoch folder named by the Ray Train checkpoint, else epoch 0.
-    start, history = 0, []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            meta = json.loads(Path(d, "meta.json").read_text())
-        start, history = int(meta["epoch"]), meta["history"]
-        log.info("rank %d: resuming TransE at epoch %d", rank, start)
-    # A run killed between writing an epoch's folder (and removing the one before it) and Ray
-    # Train recording that epoch's checkpoint resumes from the newest complete folder instead:
-    # it holds everything an epoch starts from, and its history.json the history up to it.
-    latest = tables.latest_done()
-    if latest is not None and latest > start and (tables.epoch_dir(latest) / "history.json").exists():
-        history = json.loads((tables.epoch_dir(latest) / "history.json").read_text())
-        log.info("rank %d: epoch folder %d is newer than the checkpoint's %d: resuming there",
-                 rank, latest, start)
-        start = latest
-    if rank == 0 and not tables.is_done(start):
-        if start:
-            raise RuntimeError(f"{tables.epoch_dir(start)}: checkpointed tables are missing")
-        tables.initialise(job.num_relations, cfg.seed)
-    _barrier(world)
-    folder = tables.epoch_dir(start)
-    rel_w = torch.from_numpy(np.load(folder / "relations.npy"))  # (R, d), replicated
-    rel_m, rel_v = torch.zeros_like(rel_w), torch.zeros_like(rel_w)
-    rel_state = folder / f"relopt-rank{rank}.pt"
-    if adam and rel_state.exists():
-        saved = torch.load(rel_state)
-        rel_m.copy_(saved["m"])
-        rel_v.copy_(saved["v"])
+    def resume_point(self) -> tuple[int, list[dict]]:
+        """The epoch to start at and the history before it: the last complete epoch folder
+        named by the Ray Train checkpoint, else epoch 0 (whose tables rank 0 initialises)."""
+        import ray.train
 
-    for epoch in range(start, cfg.epochs):
-        failed_marker = Path(job.root) / "failed-once"
-        if epoch == job.fail_at_epoch and rank == world - 1 and not failed_marker.exists():
-            failed_marker.write_text("")
+        start, history = 0, []
+        ckpt = ray.train.get_checkpoint()
+        if ckpt:
+            with ckpt.as_directory() as d:
+                meta = json.loads(Path(d, "meta.json").read_text())
+            start, history = int(meta["epoch"]), meta["history"]
+            log.info("rank %d: resuming TransE at epoch %d", self.rank, start)
+        # A run killed between writing an epoch's folder (and removing the one before it) and Ray
+        # Train recording that epoch's checkpoint resumes from the newest complete folder instead:
+        # it holds everything an epoch starts from, and its history.json the history up to it.
+        tables = self.tables
+        latest = tables.latest_done()
+        newer = None if latest is None else tables.epoch_dir(latest) / "history.json"
+        if newer is not None and latest > start and newer.exists():
+            history = json.loads(newer.read_text())
+            log.info("rank %d: epoch folder %d is newer than the checkpoint's %d: resuming there",
+                     self.rank, latest, start)
+            start = latest
+        if self.rank == 0 and not tables.is_done(start):
+            if start:
+                raise RuntimeError(f"{tables.epoch_dir(start)}: checkpointed tables are missing")
+            tables.initialise(self.job.num_relations, self.cfg.seed)
+        _barrier(self.world)
+        return start, history
+
+    def load_relations(self, epoch: int) -> None:
+        """The relation table of epoch folder ``epoch`` and this rank's Adam moments of it."""
+        folder = self.tables.epoch_dir(epoch)
+        self.relations = torch.from_numpy(np.load(folder / "relations.npy"))  # (R, d), replicated
+        self.rel_m, self.rel_v = torch.zeros_like(self.relations), torch.zeros_like(self.relations)
+        moments = folder / f"relopt-rank{self.rank}.pt"
+        if moments.exists():
+            saved = torch.load(moments)
+            self.rel_m.copy_(saved["m"])
+            self.rel_v.copy_(saved["v"])
+
+    def fail_if_injected(self, epoch: int) -> None:
+        """Test hook: the last rank raises once at the start of ``job.fail_at_epoch``."""
+        marker = Path(self.job.root) / "failed-once"
+        if epoch == self.job.fail_at_epoch and self.rank == self.world - 1 and not marker.exists():
+            marker.write_text("")
             raise RuntimeError(f"fail_at_epoch={epoch}: injected failure")
+
+    def train_epoch(self, epoch: int) -> dict:
+        """Train this worker's buckets of every round of ``epoch`` (partitions read from epoch
+        folder ``epoch``, written to ``epoch + 1``), summing the relation updates of all workers
+        after each round; returns the epoch's history record."""
         started = time.perf_counter()
-        nxt = tables.epoch_dir(epoch + 1)
-        if rank == 0:
+        nxt = self.tables.epoch_dir(epoch + 1)
+        if self.rank == 0:
             shutil.rmtree(nxt, ignore_errors=True)  # a partial folder of an interrupted attempt
             nxt.mkdir(parents=True)
-        _barrier(world)
-        lr = epoch_lr(params, epoch)
+        _barrier(self.world)
         totals = torch.zeros(5, dtype=torch.float64)  # loss, active, pairs, triples, busy seconds
-        schedule = bucket_schedule(P, world, cfg.seed, epoch)
-        mine = [round_[rank] for round_ in schedule] + [None]  # this worker's bucket per round
+        schedule = bucket_schedule(self.P, self.world, self.cfg.seed, epoch)
+        mine = [round_[self.rank] for round_ in schedule] + [None]  # this worker's bucket per round
         held: dict[int, tuple[np.ndarray, int]] = {}  # partition kept in memory for the next round
         for r in range(len(schedule)):
-            rel_before = rel_w.clone()
+            rel_before = self.relations.clone()
             if mine[r] is not None:
-                i, j = mine[r]
-                parts = [i] if i == j else [i, j]
-                sizes = [tables.size(p) for p in parts]
-                starts = np.cumsum([0] + sizes[:-1])
-                state = np.empty((tables.slots, sum(sizes), cfg.dim), np.float32)  # (S, n, d)
-                steps = []
-                for p, a, n in zip(parts, starts, sizes):
-                    if p in held:  # trained by this worker in the previous round
-                        rows, step = held.pop(p)
-                        state[:, a:a + n] = rows
-                        steps.append(step)
-                    else:
-                        steps.append(tables.read_into(tables.source(epoch, p), p, state[:, a:a + n]))
-                assert not held, f"partitions {sorted(held)} held but not used"
-                tensor = torch.from_numpy(state)
-                moments = {"relation_m": rel_m, "relation_v": rel_v}
-                if adam:
-                    moments.update(entity_m=tensor[1], entity_v=tensor[2])
-                optimizer = RowOptimizer(params, {"entity": tensor[0], "relation": rel_w}, moments)
-                optimizer.lr = lr
-                optimizer.step_count = max(steps)
-                triples = _bucket_triples(edges, i, j, sizes[0] if i != j else 0)
-                stats = train_bucket(triples, tensor[0], rel_w, optimizer, p_head, params,
-                                     (cfg.seed, epoch, i * P + j))
-                totals += torch.tensor([stats["loss_sum"], stats["active_sum"], stats["pairs"],
-                                        stats["triples"], stats["seconds"]], dtype=torch.float64)
-                following = set(mine[r + 1] or ())
-                for p, a, n in zip(parts, starts, sizes):
-                    if p in following:  # no other worker can touch p before this one's next round
-                        held[p] = (state[:, a:a + n].copy(), optimizer.step_count)
-                    else:
-                        tables.write(nxt, p, state[:, a:a + n], optimizer.step_count)
-                del state, tensor, optimizer
+                totals += self._train_bucket(epoch, mine[r], set(mine[r + 1] or ()), held)
             # Relations: every worker's update of this round, summed (also the round's barrier).
-            delta = rel_w - rel_before
-            _all_reduce_(delta, world)
-            rel_w.copy_(rel_before + delta)
+            delta = self.relations - rel_before
+            _all_reduce_(delta, self.world)
+            self.relations.copy_(rel_before + delta)
         busy = totals[4].clone()
-        _all_reduce_(totals, world)
-        # Epoch complete: fill in partitions no bucket wrote (empty buckets), save relations.
-        if rank == 0:
-            for part in range(P):
-                if not (nxt / f"part-{part}.npy").exists():
-                    shutil.copy(tables.epoch_dir(epoch) / f"part-{part}.npy", nxt / f"part-{part}.npy")
-                    shutil.copy(tables.epoch_dir(epoch) / f"part-{part}.json", nxt / f"part-{part}.json")
-            np.save(nxt / "relations.npy", rel_w.numpy())
-        if adam:
-            torch.save({"m": rel_m, "v": rel_v}, nxt / f"relopt-rank{rank}.pt")
-        _barrier(world)
+        _all_reduce_(totals, self.world)
+        self._complete_epoch_folder(epoch)
         seconds = time.perf_counter() - started
-        record = {"epoch": epoch, "loss": float(totals[0] / max(totals[2], 1)),
-                  "active": float(totals[1] / max(totals[2], 1)), "seconds": seconds,
-                  "triples_per_s": float(totals[3]) / max(seconds, 1e-9),
-                  "rank0_busy_fraction": float(busy) / max(seconds, 1e-9)}
-        history.append(record)
-        if rank == 0:
+        return {"epoch": epoch, "loss": float(totals[0] / max(totals[2], 1)),
+                "active": float(totals[1] / max(totals[2], 1)), "seconds": seconds,
+                "triples_per_s": float(totals[3]) / max(seconds, 1e-9),
+                "rank0_busy_fraction": float(busy) / max(seconds, 1e-9)}
+
+    def _load_partitions(self, epoch: int, parts: list[int], held: dict
+                         ) -> tuple[np.ndarray, list[int], list[slice]]:
+        """(S, n, d) state of ``parts`` side by side (rows, Adam m, Adam v), their Adam step
+        counts and the slice of n each part fills. A part in ``held`` (trained by this worker
+        in the previous round) comes from memory, the others from storage."""
+        sizes = [self.tables.size(p) for p in parts]
+        starts = np.cumsum([0] + sizes[:-1])
+        slices = [slice(int(a), int(a) + n) for a, n in zip(starts, sizes)]
+        state = np.empty((_SLOTS, sum(sizes), self.cfg.dim), np.float32)  # (S, n, d)
+        steps = []
+        for p, rows in zip(parts, slices):
+            if p in held:
+                block, step = held.pop(p)
+                state[:, rows] = block
+            else:
+                step = self.tables.read_into(self.tables.source(epoch, p), p, state[:, rows])
+            steps.append(step)
+        if held:
+            raise RuntimeError(f"partitions {sorted(held)} held but not used")
+        return state, steps, slices
+
+    def _train_bucket(self, epoch: int, bucket: tuple[int, int], following: set[int],
+                      held: dict) -> torch.Tensor:
+        """Train bucket (i, j) on its one or two partitions, then keep in ``held`` those that
+        this worker's next bucket (``following``) uses, since no other worker can touch them
+        before that, and write the others to epoch folder ``epoch + 1``.
+
+        Returns the (5,) totals to add: loss, active pairs, pairs, triples, seconds.
+        """
+        i, j = bucket
+        parts = [i] if i == j else [i, j]
+        state, steps, slices = self._load_partitions(epoch, parts, held)
+        tensor = torch.from_numpy(state)
+        moments = {"relation_m": self.rel_m, "relation_v": self.rel_v,
+                   "entity_m": tensor[1], "entity_v": tensor[2]}
+        optimizer = RowOptimizer(self.cfg, {"entity": tensor[0], "relation": self.relations},
+                                 moments)
+        optimizer.lr = epoch_lr(self.cfg, epoch)
+        optimizer.step_count = max(steps)
+        triples = _bucket_triples(self.edges, i, j, slices[-1].start)  # tails: rows of j after i
+        stats = train_bucket(triples, tensor[0], self.relations, optimizer, self.p_head, self.cfg,
+                             (self.cfg.seed, epoch, i * self.P + j))
+        nxt = self.tables.epoch_dir(epoch + 1)
+        for p, rows in zip(parts, slices):
+            if p in following:
+                held[p] = (state[:, rows].copy(), optimizer.step_count)
+            else:
+                self.tables.write(nxt, p, state[:, rows], optimizer.step_count)
+        return torch.tensor([stats["loss_sum"], stats["active_sum"], stats["pairs"],
+                             stats["triples"], stats["seconds"]], dtype=torch.float64)
+
+    def _complete_epoch_folder(self, epoch: int) -> None:
+        """Epoch ``epoch`` trained: rank 0 copies the partitions no bucket wrote (empty buckets)
+        into folder ``epoch + 1`` and saves the relations there; every rank saves its relation
+        moments."""
+        done, nxt = self.tables.epoch_dir(epoch), self.tables.epoch_dir(epoch + 1)
+        if self.rank == 0:
+            for part in range(self.P):
+                if not (nxt / f"part-{part}.npy").exists():
+                    shutil.copy(done / f"part-{part}.npy", nxt / f"part-{part}.npy")
+                    shutil.copy(done / f"part-{part}.json", nxt / f"part-{part}.json")
+            np.save(nxt / "relations.npy", self.relations.numpy())
+        torch.save({"m": self.rel_m, "v": self.rel_v}, nxt / f"relopt-rank{self.rank}.pt")
+        _barrier(self.world)
+
+    def publish_epoch(self, epoch: int, history: list[dict]) -> None:
+        """Mark folder ``epoch + 1`` done, report a Ray Train checkpoint naming it, then remove
+        folder ``epoch``, which nothing needs any more."""
+        import ray.train
+
+        nxt = self.tables.epoch_dir(epoch + 1)
+        record = history[-1]
+        if self.rank == 0:
             (nxt / "history.json").write_text(json.dumps(history))
             (nxt / "DONE").write_text(json.dumps(record))
             log.info("TransE epoch %d/%d loss %.4f (%.0f triples/s, %d workers)", epoch + 1,
-                     cfg.epochs, record["loss"], record["triples_per_s"], world)
+                     self.cfg.epochs, record["loss"], record["triples_per_s"], self.world)
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
-            if rank == 0:
+            if self.rank == 0:
                 Path(d, "meta.json").write_text(json.dumps({"epoch": epoch + 1, "tables": str(nxt),
                                                             "history": history}))
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(record, checkpoint=checkpoint)
-        if rank == 0:  # the reported checkpoint names nxt; the folder before it is no longer needed
-            shutil.rmtree(tables.epoch_dir(epoch), ignore_errors=True)
-    return {"epoch": cfg.epochs, "history": history}
+        if self.rank == 0:
+            shutil.rmtree(self.tables.epoch_dir(epoch), ignore_errors=True)
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    """One TransE worker: file the shard into buckets, then train the scheduled buckets epoch
+    by epoch from the last complete epoch folder, reporting a checkpoint after each."""
+    import ray.train
+
+    job: EmbedJob = config["job"]
+    ctx = ray.train.get_context()
+    torch.set_num_threads(job.cfg.num_cpus)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = _Worker(job, ctx.get_world_rank(), ctx.get_world_size())
+    worker.file_edges()
+    start, history = worker.resume_point()
+    worker.load_relations(start)
+    for epoch in range(start, job.cfg.epochs):
+        worker.fail_if_injected(epoch)
+        history.append(worker.train_epoch(epoch))
+        worker.publish_epoch(epoch, history)
+    return {"epoch": job.cfg.epochs, "history": history}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,11 +435,14 @@ def train_transe_on_ray(cfg: EmbedConfig, ingest_dir: Path, num_entities: int, n
 
     root.mkdir(parents=True, exist_ok=True)
     if cfg.num_partitions > num_entities:
-        raise ValueError(f"embed.num_partitions={cfg.num_partitions}: more than the {num_entities} entities")
+        raise ValueError(f"embed.num_partitions={cfg.num_partitions}: "
+                         f"more than the {num_entities} entities")
     facts = ray.data.read_parquet(str(Path(ingest_dir) / "kb" / "facts.parquet"))
-    triples = facts.map_batches(_explode_facts, batch_format="pyarrow", batch_size=1 << 18).materialize()
+    triples = facts.map_batches(_explode_facts, batch_format="pyarrow",
+                                batch_size=1 << 18).materialize()
     job = EmbedJob(cfg=cfg, num_entities=num_entities, num_relations=num_relations,
-                   p_head=np.asarray(p_head, np.float32), root=str(root), fail_at_epoch=fail_at_epoch)
+                   p_head=np.asarray(p_head, np.float32), root=str(root),
+                   fail_at_epoch=fail_at_epoch)
     ray_train_env()
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -401,7 +463,7 @@ def train_transe_on_ray(cfg: EmbedConfig, ingest_dir: Path, num_entities: int, n
         with result.checkpoint.as_directory() as d:
             state = json.loads(Path(d, "meta.json").read_text())
     bounds = partition_bounds(num_entities, cfg.num_partitions)
-    tables = _Tables(root / "tables", bounds, cfg.dim, 1)
+    tables = _Tables(root / "tables", bounds, cfg.dim)
     final = int(state["epoch"])
     ent = tables.entities(final)
     rel = np.load(tables.epoch_dir(final) / "relations.npy")
@@ -411,32 +473,15 @@ def train_transe_on_ray(cfg: EmbedConfig, ingest_dir: Path, num_entities: int, n
 
 
 def run_embed(cfg: EmbedConfig, ingest_dir: Path, out: Path, checkpoint_dir: Path) -> dict:
+    """The embed stage: entity and relation vectors in knowledge-base id order, read from the
+    configured files or trained by TransE, written to ``out``; returns the stage's stats."""
     kb = KnowledgeBase.load(ingest_dir)
-    E, R = len(kb.entity_keys), len(kb.relation_keys)
-    stats: dict = {"entities": E, "relations": R}
+    stats: dict = {"entities": len(kb.entity_keys), "relations": len(kb.relation_keys)}
     if cfg.entities_file:
-        ent, missing_e = _load(cfg, cfg.entities_file, cfg.entities_keys, kb.entity_keys, cfg.seed, "entity")
-        rel, missing_r = _load(cfg, cfg.relations_file, cfg.relations_keys, kb.relation_keys, cfg.seed + 1,
-                               "relation")
-        stats.update(source="files", format=cfg.format, missing_policy=cfg.missing,
-                     missing_entities=missing_e, missing_relations=missing_r)
+        ent, rel, source_stats = _embeddings_from_files(cfg, kb)
     else:
-        triples = kb.triples()
-        p_head = (bernoulli_head_probs(triples, R) if cfg.negatives == "bern"
-                  else np.full(R, 0.5))
-        log.info("TransE on %d triples, %d entities, %d relations, %d epochs, %d workers, %d partitions",
-                 len(triples), E, R, cfg.epochs, cfg.num_workers, cfg.num_partitions)
-        ent, rel, history = train_transe_on_ray(cfg, ingest_dir, E, R, p_head, checkpoint_dir)
-        # Link prediction on a sample of the training triples: a sanity figure, not a benchmark.
-        rng = np.random.default_rng(cfg.seed)
-        sample = triples[rng.choice(len(triples), size=min(1000, len(triples)), replace=False)]
-        # Queries per batch so that the (Q, E) distance matrix stays ~256 MB (34 at FB2M).
-        lp = link_prediction(ent, rel, sample, [triples], norm=cfg.norm,
-                             batch_size=max(1, min(256, (1 << 26) // E)))
-        stats.update(source="transe", triples=len(triples), history=history,
-                     workers=cfg.num_workers, partitions=cfg.num_partitions,
-                     train_sample_mrr=lp["mrr"], train_sample_hits10=lp["hits10"],
-                     final_loss=float(history[-1]["loss"]) if history else None)
+        ent, rel, source_stats = _embeddings_from_transe(cfg, kb, ingest_dir, checkpoint_dir)
+    stats.update(source_stats)
     if not (np.isfinite(ent).all() and np.isfinite(rel).all()):
         raise ValueError("embed: the embeddings contain NaN or Inf")
     write_vectors(out / "entities.parquet", ent)
@@ -447,13 +492,48 @@ def run_embed(cfg: EmbedConfig, ingest_dir: Path, out: Path, checkpoint_dir: Pat
     return stats
 
 
+def _embeddings_from_files(cfg: EmbedConfig, kb: KnowledgeBase
+                           ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(E, d) entities, (R, d) relations read from ``embed.entities_file`` / ``relations_file``,
+    and their stats."""
+    ent, missing_e = _load(cfg, cfg.entities_file, cfg.entities_keys, kb.entity_keys, cfg.seed,
+                           "entity")
+    rel, missing_r = _load(cfg, cfg.relations_file, cfg.relations_keys, kb.relation_keys,
+                           cfg.seed + 1, "relation")
+    return ent, rel, {"source": "files", "format": cfg.format, "missing_policy": cfg.missing,
+                      "missing_entities": missing_e, "missing_relations": missing_r}
+
+
+def _embeddings_from_transe(cfg: EmbedConfig, kb: KnowledgeBase, ingest_dir: Path,
+                            checkpoint_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(E, d) entities, (R, d) relations trained by `train_transe_on_ray`, and their stats:
+    the training history and link prediction on a sample of the training triples."""
+    E, R = len(kb.entity_keys), len(kb.relation_keys)
+    triples = kb.triples()
+    p_head = head_corruption_probs(triples, R, cfg.negatives)
+    log.info("TransE on %d triples, %d entities, %d relations, %d epochs, %d workers, "
+             "%d partitions", len(triples), E, R, cfg.epochs, cfg.num_workers, cfg.num_partitions)
+    ent, rel, history = train_transe_on_ray(cfg, ingest_dir, E, R, p_head, checkpoint_dir)
+    # Link prediction on a sample of the training triples: a sanity figure, not a benchmark.
+    rng = np.random.default_rng(cfg.seed)
+    sample = triples[rng.choice(len(triples), size=min(1000, len(triples)), replace=False)]
+    # Queries per batch so that the (Q, E) distance matrix stays ~256 MB (34 at FB2M).
+    lp = link_prediction(ent, rel, sample, [triples], norm=cfg.norm,
+                         batch_size=max(1, min(256, (1 << 26) // E)))
+    return ent, rel, {"source": "transe", "triples": len(triples), "history": history,
+                      "workers": cfg.num_workers, "partitions": cfg.num_partitions,
+                      "train_sample_mrr": lp["mrr"], "train_sample_hits10": lp["hits10"],
+                      "final_loss": float(history[-1]["loss"]) if history else None}
+
+
 def _load(cfg: EmbedConfig, path: str, keys_path: str, kb_keys: np.ndarray, seed: int,
           what: str) -> tuple[np.ndarray, int]:
     """Rows of an embedding file in knowledge-base id order; missing keys per `embed.missing`."""
-    keys, vectors = read_embeddings(path, fmt=cfg.format, keys_path=keys_path or None, expected_dim=cfg.dim)
+    keys, vectors = read_embeddings(path, fmt=cfg.format, keys_path=keys_path or None,
+                                    expected_dim=cfg.dim)
     aligned, missing = align_embeddings(list(kb_keys), keys, vectors, policy=cfg.missing, seed=seed,
                                         what=what, source=path)
     if missing:
-        log.warning("%s: %d %s keys of the knowledge base had no embedding; initialised (embed.missing=init)",
-                    path, missing, what)
+        log.warning("%s: %d %s keys of the knowledge base had no embedding; initialised "
+                    "(embed.missing=init)", path, missing, what)
     return aligned, missing

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from hmn.config import MemoryConfig
+from hmn.index import IndexSpec
 from hmn.memory import FactorisedMemory, build_fact_vectors
 from pipeline.artifacts import KnowledgeBase, read_vectors, write_factorised
 from pipeline.kmeans_ray import build_index_on_ray
@@ -43,14 +44,18 @@ def _norms(mem: FactorisedMemory, chunk: int = 1 << 18) -> tuple[float, float]:
     return mx, total / mem.n
 
 
-def run_memory(cfg: MemoryConfig, ingest_dir: Path, embed_dir: Path, embed_fingerprint: str, out: Path) -> dict:
+def run_memory(
+    cfg: MemoryConfig, ingest_dir: Path, embed_dir: Path, embed_fingerprint: str, out: Path
+) -> dict:
     kb = KnowledgeBase.load(ingest_dir)
     ent = read_vectors(embed_dir / "entities.parquet")
     rel = read_vectors(embed_dir / "relations.parquet")
     n, dim = kb.num_facts, 3 * ent.shape[1]
     leaves = int(np.prod(cfg.branching))
     if leaves > n:
-        raise ValueError(f"memory.branching={cfg.branching}: {leaves} leaf clusters for only {n} facts")
+        raise ValueError(
+            f"memory.branching={cfg.branching}: {leaves} leaf clusters for only {n} facts"
+        )
     layout = choose_layout(cfg, n, dim)
     if layout == "dense":
         vectors = build_fact_vectors(ent, rel, kb.fact_subject, kb.fact_relation, kb.object_offsets,
@@ -69,18 +74,17 @@ def run_memory(cfg: MemoryConfig, ingest_dir: Path, embed_dir: Path, embed_finge
     del kb
 
     def progress(s: dict) -> None:
-        log.info("k-means %s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()})
+        log.info("k-means %s",
+                 {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()})
 
-    index = build_index_on_ray(data, num_shards=cfg.num_shards, branching=list(cfg.branching), U=cfg.U,
-                               m=cfg.m, iters=cfg.iters, tol=cfg.tol, seed=cfg.seed, init=cfg.init,
-                               progress=progress, batched_levels=True,
-                               fit_sample=cfg.fit_sample, precision=cfg.kmeans_precision,
-                               max_leaf_size=cfg.max_leaf_size)
+    index = build_index_on_ray(data, IndexSpec.from_config(cfg), num_shards=cfg.num_shards,
+                               progress=progress)
     index.stats["embeddings_fingerprint"] = embed_fingerprint
     index.save(str(out / "index"))
     sizes = index.leaf_sizes()
     return {
-        "facts": int(n), "dim": int(dim), "layout": layout, "embeddings_fingerprint": embed_fingerprint,
+        "facts": int(n), "dim": int(dim), "layout": layout,
+        "embeddings_fingerprint": embed_fingerprint,
         "leaves": int(index.num_leaves), "leaf_size_mean": float(sizes.mean()),
         "leaf_size_max": int(sizes.max()), "leaf_size_min": int(sizes.min()),
         "fact_norm_max": norm_max, "fact_norm_mean": norm_mean,

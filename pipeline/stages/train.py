@@ -29,10 +29,10 @@ import pyarrow.parquet as pq
 import torch
 
 from hmn.config import ReaderConfig, TrainConfig
-from hmn.model import BowEncoder, make_optimizer
-from hmn.readers import make_reader
+from hmn.model import BowEncoder, MemoryLike, make_optimizer
+from hmn.readers import Reader, make_reader
 from hmn.text import Vocabulary, artificial_questions
-from hmn.training import EarlyStopping, make_batch, predict, train_epoch
+from hmn.training import EarlyStopping, EpochStats, correct, make_batch, predict, train_epoch
 from pipeline.artifacts import KnowledgeBase, load_index, load_memory, memory_dim, read_questions
 from pipeline.stages import ray_train_env
 
@@ -61,6 +61,143 @@ def _tokens(col) -> list[np.ndarray]:
     return [np.asarray(t, dtype=np.int64) for t in col]
 
 
+@dataclass
+class _Worker:
+    """One worker's fixed inputs: device, memory, readers, and its slice of dev."""
+
+    rank: int
+    world: int
+    device: torch.device
+    memory: MemoryLike
+    train_reader: Reader
+    infer_reader: Reader
+    dev_tokens: list[np.ndarray]     # this rank's slice of dev
+    dev_gold: np.ndarray             # (Q,) gold fact ids of that slice
+    fact_subject: np.ndarray         # (N,) for the accuracy metric
+    fact_relation: np.ndarray
+
+
+@dataclass
+class _TrainState:
+    """What an epoch checkpoint restores: model, optimiser, early stopping, history, best model."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    stopper: EarlyStopping
+    history: list[dict]
+    best_state: dict | None
+    start_epoch: int
+
+
+def _load_worker(job: TrainJob, rank: int, world: int, device: torch.device) -> _Worker:
+    """The memory on `device`, the readers, the facts' metadata and this rank's slice of dev."""
+    cfg = job.train
+    memory = load_memory(Path(job.memory_dir), device)
+    needs_index = "clustered" in (cfg.reader, cfg.infer_reader)
+    index = load_index(Path(job.memory_dir)) if needs_index else None
+    train_reader = make_reader(cfg.reader, memory, index, **job.reader.params(cfg.reader, training=True))
+    infer_reader = make_reader(cfg.infer_reader, memory, index,
+                               **job.reader.params(cfg.infer_reader, training=False))
+    meta = np.load(job.facts_meta_path)
+    dev = pq.read_table(job.dev_path)
+    tokens = _tokens(dev["tokens"].to_pylist())
+    gold = dev["fact_id"].to_numpy()
+    mine = np.arange(rank, len(gold), world)  # each rank scores its slice of dev
+    return _Worker(rank, world, device, memory, train_reader, infer_reader, [tokens[i] for i in mine],
+                   gold[mine], meta["fact_subject"], meta["fact_relation"])
+
+
+def _init_or_resume(job: TrainJob, w: _Worker) -> _TrainState:
+    """A fresh model (the same initial weights on every rank), or the last epoch checkpoint's."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = job.train
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = BowEncoder(job.vocab_size, job.dim, init_std=cfg.init_std,
+                       sparse=cfg.optimizer == "sparse_adam").to(w.device)
+    st = _TrainState(model, make_optimizer(model, cfg.optimizer, cfg.lr), EarlyStopping(cfg.patience),
+                     [], None, 0)
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), map_location=w.device, weights_only=False)
+        st.model.load_state_dict(state["model"])
+        st.optimizer.load_state_dict(state["optimizer"])
+        st.stopper.load_state_dict(state["stopper"])
+        st.history, st.best_state, st.start_epoch = state["history"], state["best_model"], state["epoch"]
+        log.info("rank %d: resuming at epoch %d", w.rank, st.start_epoch)
+    if w.world > 1:
+        st.model = ray.train.torch.prepare_model(st.model, move_to_device=False)
+    return st
+
+
+def _validate(job: TrainJob, w: _Worker, model: torch.nn.Module, stats: EpochStats) -> torch.Tensor:
+    """Dev accuracy counts and loss sums, summed over the ranks: (hits, questions, facts touched,
+    loss * steps, steps)."""
+    import torch.distributed as dist
+
+    preds = predict(_unwrap(model), w.infer_reader, w.dev_tokens, k=job.reader.k, device=w.device)
+    hit = correct(preds.fact_ids, w.dev_gold, w.fact_subject, w.fact_relation)
+    sums = torch.tensor([hit.sum(), len(w.dev_gold), preds.touched.sum(), stats.loss * stats.steps,
+                         stats.steps], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and w.world > 1:
+        dist.all_reduce(sums)
+    return sums
+
+
+def _epoch_metrics(epoch: int, stats: EpochStats, sums: torch.Tensor, stopper: EarlyStopping, world: int) -> dict:
+    return {
+        "epoch": epoch, "loss": float(sums[3] / max(sums[4], 1)),
+        "dev_accuracy": float(sums[0] / max(sums[1], 1)),
+        "best_dev_accuracy": stopper.best, "best_epoch": stopper.best_epoch,
+        "softmax_size": stats.softmax_size, "train_facts_touched": stats.facts_touched,
+        "dev_facts_touched": float(sums[2] / max(sums[1], 1)), "epoch_seconds": stats.seconds,
+        "steps": stats.steps, "questions": stats.questions * world,
+    }
+
+
+def _report_epoch(st: _TrainState, epoch: int, metrics: dict, rank: int) -> None:
+    """Report the epoch's metrics; rank 0 attaches the checkpoint a restarted run resumes from."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0:
+            torch.save({"model": _unwrap(st.model).state_dict(), "optimizer": st.optimizer.state_dict(),
+                        "stopper": st.stopper.state_dict(), "history": st.history,
+                        "best_model": st.best_state, "epoch": epoch + 1}, os.path.join(d, "state.pt"))
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _run_epoch(job: TrainJob, w: _Worker, st: _TrainState, shard, epoch: int,
+               generator: torch.Generator) -> None:
+    """Train one epoch on this rank's shard, validate, update early stopping, checkpoint."""
+    cfg = job.train
+    per_worker = max(1, cfg.batch_size // w.world)
+    generator.manual_seed(cfg.seed * 1000 + epoch * 10 + w.rank)
+    batches = (
+        make_batch(_tokens(b["tokens"]), b["fact_id"], w.device)
+        for b in shard.iter_batches(batch_size=per_worker, batch_format="numpy",
+                                    local_shuffle_buffer_size=max(4 * per_worker, 1024),
+                                    local_shuffle_seed=cfg.seed + epoch)
+    )
+    stats = train_epoch(st.model, batches, w.memory, w.train_reader, st.optimizer, loss=cfg.loss,
+                        k=job.reader.k, generator=generator, max_steps=cfg.max_steps_per_epoch,
+                        on_step=_progress(epoch, w.rank))
+    sums = _validate(job, w, st.model, stats)
+    if st.stopper.update(epoch, float(sums[0] / max(sums[1], 1))):
+        st.best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(st.model).state_dict().items()}
+    metrics = _epoch_metrics(epoch, stats, sums, st.stopper, w.world)
+    st.history.append(metrics)
+    if w.rank == 0:
+        log.info("epoch %d: loss %.4f dev acc %.4f (best %.4f at %d) softmax %.0f facts, %.1f s",
+                 epoch, metrics["loss"], metrics["dev_accuracy"], st.stopper.best,
+                 st.stopper.best_epoch, stats.softmax_size, stats.seconds)
+    _report_epoch(st, epoch, metrics, w.rank)
+
+
 def train_loop_per_worker(config: dict) -> dict:
     """Ray Train worker loop (also runs in local mode with num_workers=0).
 
@@ -70,7 +207,6 @@ def train_loop_per_worker(config: dict) -> dict:
     """
     import ray.train
     import ray.train.torch
-    import torch.distributed as dist
 
     job: TrainJob = config["job"]
     cfg = job.train
@@ -78,94 +214,17 @@ def train_loop_per_worker(config: dict) -> dict:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.threads or max(1, math.ceil(cfg.cpus_per_worker)))
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
-
-    memory = load_memory(Path(job.memory_dir), device)
-    needs_index = "clustered" in (cfg.reader, cfg.infer_reader)
-    index = load_index(Path(job.memory_dir)) if needs_index else None
-    train_reader = make_reader(cfg.reader, memory, index, **job.reader.params(cfg.reader, training=True))
-    infer_reader = make_reader(cfg.infer_reader, memory, index, **job.reader.params(cfg.infer_reader, training=False))
-    meta = np.load(job.facts_meta_path)
-    fact_subject, fact_relation = meta["fact_subject"], meta["fact_relation"]
-
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = BowEncoder(job.vocab_size, job.dim, init_std=cfg.init_std,
-                       sparse=cfg.optimizer == "sparse_adam").to(device)
-    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr)
-    stopper = EarlyStopping(cfg.patience)
-    history: list[dict] = []
-    best_state = None
-    start_epoch = 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        stopper.load_state_dict(state["stopper"])
-        history, best_state, start_epoch = state["history"], state["best_model"], state["epoch"]
-        log.info("rank %d: resuming at epoch %d", rank, start_epoch)
-    if world > 1:
-        model = ray.train.torch.prepare_model(model, move_to_device=False)
-
-    dev = pq.read_table(job.dev_path)
-    dev_tokens = _tokens(dev["tokens"].to_pylist())
-    dev_gold = dev["fact_id"].to_numpy()
-    mine = np.arange(rank, len(dev_gold), world)  # each rank scores its slice of dev
+    w = _load_worker(job, rank, world, device)
+    st = _init_or_resume(job, w)
     shard = ray.train.get_dataset_shard("train")
-    per_worker = max(1, cfg.batch_size // world)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
-
-    for epoch in range(start_epoch, cfg.max_epochs):
-        if stopper.should_stop:
+    for epoch in range(st.start_epoch, cfg.max_epochs):
+        if st.stopper.should_stop:
             break
-        generator.manual_seed(cfg.seed * 1000 + epoch * 10 + rank)
-        batches = (
-            make_batch(_tokens(b["tokens"]), b["fact_id"], device)
-            for b in shard.iter_batches(batch_size=per_worker, batch_format="numpy",
-                                        local_shuffle_buffer_size=max(4 * per_worker, 1024),
-                                        local_shuffle_seed=cfg.seed + epoch)
-        )
-        stats = train_epoch(model, batches, memory, train_reader, optimizer, loss=cfg.loss,
-                            k=job.reader.k, generator=generator, max_steps=cfg.max_steps_per_epoch,
-                            on_step=_progress(epoch, rank))
-        # Validation: every rank scores its slice, counts are summed.
-        preds = predict(_unwrap(model), infer_reader, [dev_tokens[i] for i in mine], k=job.reader.k,
-                        device=device)
-        gold = dev_gold[mine]
-        ok = preds.fact_ids >= 0
-        safe = np.where(ok, preds.fact_ids, 0)
-        hit = ok & (fact_subject[safe] == fact_subject[gold]) & (fact_relation[safe] == fact_relation[gold])
-        sums = torch.tensor([hit.sum(), len(gold), preds.touched.sum(), stats.loss * stats.steps, stats.steps],
-                            dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized() and world > 1:
-            dist.all_reduce(sums)
-        dev_acc = float(sums[0] / max(sums[1], 1))
-        improved = stopper.update(epoch, dev_acc)
-        if improved:
-            best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
-        metrics = {
-            "epoch": epoch, "loss": float(sums[3] / max(sums[4], 1)), "dev_accuracy": dev_acc,
-            "best_dev_accuracy": stopper.best, "best_epoch": stopper.best_epoch,
-            "softmax_size": stats.softmax_size, "train_facts_touched": stats.facts_touched,
-            "dev_facts_touched": float(sums[2] / max(sums[1], 1)), "epoch_seconds": stats.seconds,
-            "steps": stats.steps, "questions": stats.questions * world,
-        }
-        history.append(metrics)
-        if rank == 0:
-            log.info("epoch %d: loss %.4f dev acc %.4f (best %.4f at %d) softmax %.0f facts, %.1f s",
-                     epoch, metrics["loss"], dev_acc, stopper.best, stopper.best_epoch,
-                     stats.softmax_size, stats.seconds)
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
-            if rank == 0:
-                torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                            "stopper": stopper.state_dict(), "history": history, "best_model": best_state,
-                            "epoch": epoch + 1}, os.path.join(d, "state.pt"))
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=checkpoint)
+        _run_epoch(job, w, st, shard, epoch, generator)
     # Ray Train refuses torch tensors in return values: hand back numpy arrays.
-    return {"history": history, "stopper": stopper.state_dict(), "best_model": _to_numpy(best_state),
-            "model": _to_numpy(_unwrap(model).state_dict())}
+    return {"history": st.history, "stopper": st.stopper.state_dict(),
+            "best_model": _to_numpy(st.best_state), "model": _to_numpy(_unwrap(st.model).state_dict())}
 
 
 def _to_numpy(state: dict | None) -> dict | None:
@@ -236,12 +295,40 @@ def prepare_questions(kb: KnowledgeBase, ingest_dir: Path, artificial: bool, lim
              "total": dev_total})
 
 
-def run_train(train_cfg: TrainConfig, reader_cfg: ReaderConfig, ingest_dir: Path, memory_dir: Path,
-              out: Path, storage_dir: Path, run_name: str, fingerprints: dict, force: bool = False) -> dict:
+def _fit(job: TrainJob, train_table: pa.Table, storage_dir: Path, run_name: str) -> dict:
+    """Run the worker loop on Ray Train; the final state (rank 0's return value, or else the last
+    checkpoint's)."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    cfg = job.train
+    ray_train_env()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=str(storage_dir),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        datasets={"train": ray.data.from_arrow(train_table)},
+    )
+    result = trainer.fit()
+    state = result.return_value
+    if not isinstance(state, dict) or "history" not in state:
+        if result.checkpoint is None:
+            raise RuntimeError("training finished without a checkpoint or a final state")
+        with result.checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+    return state
+
+
+def run_train(train_cfg: TrainConfig, reader_cfg: ReaderConfig, ingest_dir: Path, memory_dir: Path,
+              out: Path, storage_dir: Path, run_name: str, fingerprints: dict,
+              force: bool = False) -> dict:
     kb = KnowledgeBase.load(ingest_dir)
     train_q, dev_q = prepare_questions(kb, ingest_dir, train_cfg.artificial_questions,
                                        train_cfg.artificial_limit, train_cfg.seed,
@@ -270,26 +357,7 @@ def run_train(train_cfg: TrainConfig, reader_cfg: ReaderConfig, ingest_dir: Path
 
     if force:
         shutil.rmtree(storage_dir / run_name, ignore_errors=True)
-    ray_train_env()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"job": job},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
-            resources_per_worker={"CPU": train_cfg.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=run_name, storage_path=str(storage_dir),
-            failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-        datasets={"train": ray.data.from_arrow(train_table)},
-    )
-    result = trainer.fit()
-    state = result.return_value
-    if not isinstance(state, dict) or "history" not in state:
-        if result.checkpoint is None:
-            raise RuntimeError("training finished without a checkpoint or a final state")
-        with result.checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+    state = _fit(job, train_table, storage_dir, run_name)
     history = state["history"]
     best = _to_torch(state["best_model"] or state["model"])
     torch.save({"model": best, "dim": dim, "vocab_size": len(vocab), "fingerprints": fingerprints,

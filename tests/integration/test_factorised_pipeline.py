@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from hmn.config import load_config
 from pipeline.artifacts import load_memory
-from pipeline.run import Pipeline, write_report
+from pipeline.driver import Pipeline
+from pipeline.report import write_report
 from pipeline.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from hmn.formats import normalize_key
+from hmn.formats.keys import normalize_key
 from hmn.synthetic import SyntheticSpec, generate
 from pipeline.stages.ingest import IngestSources, run_ingest
 
@@ -322,30 +322,6 @@ def test_sigkill_midway_then_rerun_is_identical(sources, ingested, tmp_path):
         assert pq.read_table(root / "ingest" / rel).equals(pq.read_table(reference / rel)), rel
 
 
-def test_machine_id_codes_keep_string_order():
-    """The integer id path for /m/ keys gives the same ids as a string sort, mixed keys too."""
-    import numpy as np
-    import pyarrow as pa
-
-    from pipeline.stages import ingest
-
-    keys = ["/m/0abc", "/m/0ab", "/m/0_z", "/m/09", "/g/11x", "/m/0ABC", "/m/0" + "a" * 12,
-            "/m/0" + "a" * 11, "/m/0b\u00e9", "/people/person", "/m/0zz"]  # fmt: skip
-    codes = ingest._mid_codes(pa.array(keys))
-    ok = codes >= 0
-    assert ok.tolist() == [True, True, True, True, False, False, False, True, False, False, True]
-    order = np.argsort(codes[ok])
-    assert ingest._mid_strings(codes[ok][order]).to_pylist() == sorted(np.array(keys)[ok])
-    for chunk_keys in (keys, [k for k, o in zip(keys, ok) if o]):
-        half = len(chunk_keys) // 2
-        parts = [(pa.array(chunk_keys[:half]), np.arange(half)[::-1]),
-                 (pa.array(chunk_keys[half:]), np.arange(len(chunk_keys) - half))]  # fmt: skip
-        distinct, ids = ingest._assign_ids(parts)
-        assert distinct.to_pylist() == sorted(set(chunk_keys))
-        got = [distinct[i].as_py() for i in ids]
-        assert got == chunk_keys[:half][::-1] + chunk_keys[half:]
-
-
 # ------------------------------------------------------------------------------------------------
 # where the chunks are parsed: the driver's threads and Ray Data tasks give the same bytes
 # ------------------------------------------------------------------------------------------------
@@ -362,20 +338,26 @@ def _same_outputs(a: Path, b: Path, rels=TABLES) -> None:
     assert sa["sources"] == sb["sources"] and sa["totals"] == sb["totals"]
 
 
-def test_driver_and_ray_parsing_identical(sources, ingested, tmp_path):
-    """A single-node cluster parses in the driver ("auto"); forcing Ray Data tasks, with
-    another chunking, gives the same tables, rejects and counts."""
+def _parse_in(monkeypatch, where: str) -> None:
+    """Parse in the driver's threads or in Ray Data tasks, whatever the cluster."""
+    from pipeline.stages import ingest
+
+    monkeypatch.setattr(ingest, "_parse_where", lambda: where)
+
+
+def test_driver_and_ray_parsing_identical(sources, ingested, tmp_path, monkeypatch):
+    """A single-node cluster parses in the driver; Ray Data tasks (the multi-node path), with
+    another chunking, give the same tables, rejects and counts."""
     srcs, _ = sources
     out, stats = ingested
-    assert stats["parsed_in"] == "driver"
-    on_ray = run_ingest(srcs, str(tmp_path / "ray"), chunk_lines=200, parse_in="ray")
+    assert stats["parsed_in"] == "driver" and stats["config"]["parse_in"] == "auto"
+    _parse_in(monkeypatch, "ray")
+    on_ray = run_ingest(srcs, str(tmp_path / "ray"), chunk_lines=200)
     assert on_ray["parsed_in"] == "ray"
     _same_outputs(out, tmp_path / "ray")
-    with pytest.raises(ValueError, match="ingest.parse_in='gpu'"):
-        run_ingest(srcs, str(tmp_path / "bad"), parse_in="gpu")
 
 
-def test_driver_path_gzip_facts_and_bad_lines(sources, ray_local, tmp_path):
+def test_driver_path_gzip_facts_and_bad_lines(sources, ray_local, tmp_path, monkeypatch):
     """A gzip facts file with bad lines and a plain one with a bad line, parsed in the driver's
     threads: every line accounted for (rejects with source, line, text, reason), and the
     same outputs as Ray Data tasks."""
@@ -392,8 +374,8 @@ def test_driver_path_gzip_facts_and_bad_lines(sources, ray_local, tmp_path):
     both = IngestSources(facts=[str(kb_gz), str(extra)], facts_format="grouped")
     runs = {}
     for where in ("driver", "ray"):
-        runs[where] = run_ingest(both, str(tmp_path / where), chunk_lines=100, parse_in=where,
-                                 max_reject_rate=0.5)  # fmt: skip
+        _parse_in(monkeypatch, where)
+        runs[where] = run_ingest(both, str(tmp_path / where), chunk_lines=100, max_reject_rate=0.5)
     assert runs["driver"]["parsed_in"] == "driver"
     _same_outputs(tmp_path / "driver", tmp_path / "ray",
                   ["kb/entities.parquet", "kb/relations.parquet", "kb/facts.parquet",
@@ -409,8 +391,9 @@ def test_driver_path_gzip_facts_and_bad_lines(sources, ray_local, tmp_path):
     assert bad["text"] == "www.freebase.com/m/0e1\twww.freebase.com/a/b"
     assert "expected 3 tab-separated fields, got 2" in bad["reason"]
     # the plain file alone, in one chunk with its bad line, through the driver
+    _parse_in(monkeypatch, "driver")
     alone = run_ingest(IngestSources(facts=[str(extra)]), str(tmp_path / "alone"),
-                       parse_in="driver", max_reject_rate=0.5)  # fmt: skip
+                       max_reject_rate=0.5)  # fmt: skip
     assert alone["totals"]["facts"] == 2 and alone["totals"]["rejected"] == 1
 
 
@@ -442,17 +425,19 @@ def test_threaded_assembly_identical(monkeypatch, tmp_path, repeat_pairs):
     """Outputs with the threaded assembly forced on every size (3 threads, partitioned window
     hashing, several chunks) equal those of a single thread, with and without merged facts."""
     from hmn import ids
+    from hmn import kb as kb_lib
     from pipeline.stages import ingest
 
     kb = tmp_path / "kb.txt"
     _random_kb(kb, 6000, seed=3, repeat_pairs=repeat_pairs)
     srcs = IngestSources(facts=[str(kb)], facts_format="grouped")
-    monkeypatch.setattr(ingest, "_local_cpus", lambda: 1)
-    single = run_ingest(srcs, str(tmp_path / "single"), chunk_lines=6000, parse_in="driver")
-    monkeypatch.setattr(ingest, "_local_cpus", lambda: 3)
-    monkeypatch.setattr(ingest, "_PARALLEL_MIN", 1)
+    _parse_in(monkeypatch, "driver")
+    monkeypatch.setattr(ingest, "local_cpus", lambda: 1)
+    single = run_ingest(srcs, str(tmp_path / "single"), chunk_lines=6000)
+    monkeypatch.setattr(ingest, "local_cpus", lambda: 3)
+    monkeypatch.setattr(kb_lib, "PARALLEL_MIN", 1)
     monkeypatch.setattr(ids, "_PARTITION_MIN", 1)
-    threaded = run_ingest(srcs, str(tmp_path / "threaded"), chunk_lines=500, parse_in="driver")
+    threaded = run_ingest(srcs, str(tmp_path / "threaded"), chunk_lines=500)
     assert (single["totals"]["merged_lines"] > 0) == repeat_pairs
     assert threaded["totals"] == single["totals"]
     _same_outputs(tmp_path / "single", tmp_path / "threaded",

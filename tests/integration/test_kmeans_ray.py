@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hmn.index import build_index_from_vectors
+from hmn.index import IndexSpec, build_index_from_vectors
 
 ray = pytest.importorskip("ray")
 
@@ -24,11 +24,9 @@ def _facts(n=3000, d=16, seed=0):
 def test_ray_build_matches_in_memory(ray_local, branching, num_shards, precision):
     x = _facts()
     seen = []
-    ref = build_index_from_vectors(x, branching=branching, seed=0, iters=10, precision=precision)
-    got = build_index_on_ray(
-        x, num_shards=num_shards, branching=branching, seed=0, iters=10, progress=seen.append,
-        precision=precision,
-    )
+    spec = IndexSpec(branching=tuple(branching), seed=0, iters=10, precision=precision)
+    ref = build_index_from_vectors(x, spec)
+    got = build_index_on_ray(x, spec, num_shards=num_shards, progress=seen.append)
     assert got.transform == ref.transform
     assert got.num_leaves == ref.num_leaves
     for a, b in zip(got.centroids, ref.centroids):
@@ -51,9 +49,9 @@ def test_ray_build_matches_in_memory(ray_local, branching, num_shards, precision
 
 def test_ray_build_validation(ray_local):
     with pytest.raises(ValueError, match="num_shards=0"):
-        build_index_on_ray(_facts(n=10), num_shards=0, branching=[2])
+        build_index_on_ray(_facts(n=10), IndexSpec(branching=(2,)), num_shards=0)
     with pytest.raises(ValueError, match="k <= n"):
-        build_index_on_ray(_facts(n=10), num_shards=2, branching=[11])
+        build_index_on_ray(_facts(n=10), IndexSpec(branching=(11,)), num_shards=2)
 
 
 def test_ray_build_on_factorised_shards_matches_in_memory(ray_local):
@@ -67,8 +65,9 @@ def test_ray_build_on_factorised_shards_matches_in_memory(ray_local):
              rng.integers(0, 300, offsets[-1]))
     fm = FactorisedMemory(*parts)
     dense = build_fact_vectors(*parts)
-    ref = build_index_from_vectors(dense, branching=[5, 3], seed=0, iters=8)
-    got = build_index_on_ray(fm, num_shards=2, branching=[5, 3], seed=0, iters=8)
+    spec = IndexSpec(branching=(5, 3), seed=0, iters=8)
+    ref = build_index_from_vectors(dense, spec)
+    got = build_index_on_ray(fm, spec, num_shards=2)
     assert got.num_leaves == ref.num_leaves
     for a, b in zip(got.centroids, ref.centroids):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
@@ -76,7 +75,7 @@ def test_ray_build_on_factorised_shards_matches_in_memory(ray_local):
     assert got.stats["levels"][1]["batched"] is True
 
 
-def test_shard_actor_threads_follow_its_cpus_and_refined_build_matches(ray_local):
+def test_shard_actor_threads_follow_its_cpus_and_build_matches(ray_local):
     from pipeline.kmeans_ray import ShardActor
 
     x = _facts(n=1200)
@@ -85,9 +84,10 @@ def test_shard_actor_threads_follow_its_cpus_and_refined_build_matches(ray_local
         assert ray.get(actor.num_threads.remote()) == 2
     finally:
         ray.kill(actor)
-    ref = build_index_from_vectors(x, branching=[4, 3], seed=0, iters=6, refine_leaves=2)
-    got = build_index_on_ray(x, num_shards=2, branching=[4, 3], seed=0, iters=6, refine_leaves=2,
-                             actor_options={"num_cpus": 2})
+    spec = IndexSpec(branching=(4, 3), seed=0, iters=6, fit_sample=700)
+    ref = build_index_from_vectors(x, spec)
+    got = build_index_on_ray(x, spec, num_shards=2, actor_options={"num_cpus": 2})
+    assert got.stats["fit_sample"] == 700
     for a, b in zip(got.centroids, ref.centroids):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert (got.fact_leaf == ref.fact_leaf).mean() > 0.999
@@ -97,8 +97,9 @@ def test_ray_build_with_split_leaves_matches_in_memory(ray_local):
     rng = np.random.default_rng(5)
     blob = rng.standard_normal((900, 8)) * 0.2 + 3 * np.eye(8)[0]  # one oversized leaf
     x = np.concatenate([blob, rng.standard_normal((600, 8))]).astype(np.float32)
-    ref = build_index_from_vectors(x, branching=[3, 2], seed=0, iters=6, max_leaf_size=150)
-    got = build_index_on_ray(x, num_shards=2, branching=[3, 2], seed=0, iters=6, max_leaf_size=150)
+    spec = IndexSpec(branching=(3, 2), seed=0, iters=6, max_leaf_size=150)
+    ref = build_index_from_vectors(x, spec)
+    got = build_index_on_ray(x, spec, num_shards=2)
     assert got.stats["levels"][-1]["level"] == "split"
     assert got.num_leaves == ref.num_leaves > 6
     assert (got.parents[-1] == ref.parents[-1]).all()

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from hmn.config import load_config
-from pipeline.run import Pipeline, write_report
+from pipeline.driver import Pipeline
+from pipeline.report import write_report
 from pipeline.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]

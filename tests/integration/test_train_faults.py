@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 
 from hmn.config import load_config
-from pipeline.run import Pipeline
+from pipeline.driver import Pipeline
 from pipeline.rundir import RunDir
 from pipeline.stages.train import run_train
 

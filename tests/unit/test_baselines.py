@@ -7,13 +7,12 @@ import torch
 from hmn.baselines import FaissIVFReader, PCATreeReader, WTAHashReader
 from hmn.memory import FactMemory, FactorisedMemory, build_fact_vectors
 from hmn.readers import ExactReader, make_reader, recall_at_k
+from tests.unit.test_readers import heavy_tailed_facts
 
 
 @pytest.fixture(scope="module")
 def setup():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2000, 16, generator=g) * torch.exp(0.3 * torch.randn(2000, 1, generator=g))
-    q = torch.randn(40, 16, generator=g)
+    x, q = heavy_tailed_facts(2000, 16, 0.3, 40)
     mem = FactMemory(x)
     return mem, q, ExactReader(mem).search(q, 10)
 

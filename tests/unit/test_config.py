@@ -138,3 +138,48 @@ def test_retired_field_accepts_its_value_rejects_others_and_keeps_fingerprints()
     assert "batched_levels" not in config_to_dict(MemoryConfig())
     assert config_to_dict(MemoryConfig(), omit_stable_defaults=True)["batched_levels"] is True
     assert fingerprint(MemoryConfig()) != fingerprint(MemoryConfig(seed=1))
+
+
+def test_reader_section_is_made_from_the_reader_registry():
+    from hmn.config import ReaderConfig
+    from hmn.reader_registry import READERS
+
+    names = [f.name for f in dataclasses.fields(ReaderConfig)]
+    assert names == ["k", "top_clusters", "sample_clusters", "rand_blocks", "temperature",
+                     "pca_depth", "pca_probes", "wta_bands", "wta_perms", "wta_window",
+                     "ivf_nlist", "ivf_nprobe", "baseline_seed"]
+    described = {line.split(" = ")[0]: line for line in describe() if line.startswith("reader.")}
+    assert set(described) == {f"reader.{n}" for n in names}
+    assert all(line.split("  # ", 1)[1] for line in described.values())  # every field has help
+    cfg = load_config(None, ["reader.pca_depth=6", "reader.baseline_seed=2"])
+    assert cfg.reader.params("pca-tree", training=True) == {"depth": 6, "probes": 1, "seed": 2}
+    assert cfg.reader.params("faiss-ivf", training=False) == {"nlist": 128, "nprobe": 8, "seed": 2}
+    assert cfg.reader.params("exact", training=True) == {}
+    # every declared default is the section's default
+    for entry in READERS.values():
+        assert entry.from_config(ReaderConfig()) == entry.params()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("reader.pca_depth=21", "reader.pca_depth=21: must be in [1, 20]"),
+    ("reader.pca_probes=300", "reader.pca_probes=300: must be in [1, 2^pca_depth = 256]"),
+    ("reader.wta_window=1", "reader.wta_window=1: must be >= 2"),
+    ("reader.wta_perms=40", "reader.wta_perms=40: wta_window ** wta_perms must fit 62 bits"),
+    ("reader.ivf_nprobe=200", "reader.ivf_nprobe=200: must be <= reader.ivf_nlist (128)"),
+    ("reader.ivf_nlist=0", "reader.ivf_nlist=0: must be > 0"),
+    ("reader.temperature=0", "reader.temperature=0.0: must be > 0"),
+    ("reader.sample_clusters=-1", "reader.sample_clusters=-1: must be >= 0"),
+])
+def test_reader_errors_name_the_config_field(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+def test_config_imports_neither_torch_nor_faiss():
+    import subprocess
+    import sys
+
+    code = "import sys, hmn.config; print(sorted({'torch', 'faiss'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -59,3 +59,30 @@ def _out(tmp_path, name):
     p = tmp_path / name
     p.mkdir()
     return p
+
+
+@pytest.mark.parametrize("override,message", [
+    (["embed.shared_negatives=8", "embed.num_negatives=4"],
+     r"embed\.num_negatives=4: must be 1 when embed\.shared_negatives=8 > 0"),
+    (["embed.margin=.inf"], r"embed\.margin=inf: must be a finite number > 0"),
+    (["embed.seed=-1"], r"embed\.seed=-1: must be >= 0"),
+    (["embed.num_partitions=0"], r"embed\.num_partitions=0: must be > 0"),
+])
+def test_embed_section_checks_the_transe_settings_by_their_declaration(override, message):
+    """The TransE settings are TransEParams' fields; the embed section checks them with the
+    same rules, naming the field as embed.<name> in a ConfigError."""
+    from hmn.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, override)
+
+
+def test_embed_config_is_the_workers_transe_params():
+    from hmn.transe_params import TransEParams
+
+    cfg = EmbedConfig(dim=8, margin=2.0, num_workers=2)
+    assert isinstance(cfg, TransEParams)
+    params = TransEParams(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TransEParams)})
+    assert params == TransEParams(dim=8, margin=2.0)
+    with pytest.raises(ValueError, match=r"transe\.margin=0\.0"):
+        dataclasses.replace(params, margin=0.0).validate()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hmn.embedding_files import align_embeddings, detect_embedding_format, read_embeddings
-from hmn.formats import FormatError
+from hmn.formats.parsed import FormatError
 
 VEC = np.array([[0.5, -1.0, 2.0], [1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=np.float32)
 KEYS = ["/m/01", "/m/02", "/a/b"]

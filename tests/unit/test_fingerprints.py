@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from hmn.config import fingerprint, load_config
+from pipeline.driver import STAGES, data_files, stage_fingerprints
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = json.loads((ROOT / "tests" / "data" / "fingerprints.json").read_text())
@@ -22,15 +23,9 @@ SECTIONS = ("data", "synthetic", "ingest", "embed", "memory", "reader", "train",
 
 
 def _stage_fingerprints(cfg) -> dict[str, str]:
-    """The chain `pipeline.run` builds, with file inputs replaced by a fixed token."""
-    upstream = fingerprint("generate", cfg.synthetic) if cfg.data.source == "synthetic" else "FILES"
-    fp_ingest = fingerprint("ingest", cfg.ingest, cfg.data, upstream)
-    fp_embed = fingerprint("embed", cfg.embed, fp_ingest, [])
-    fp_memory = fingerprint("memory", cfg.memory, fp_embed)
-    fp_train = fingerprint("train", cfg.train, cfg.reader, fp_memory, fp_ingest)
-    fp_eval = fingerprint("evaluate", cfg.eval, cfg.reader, fp_train)
-    return {"generate": upstream, "ingest": fp_ingest, "embed": fp_embed, "memory": fp_memory,
-            "train": fp_train, "evaluate": fp_eval}
+    """The chain the driver builds (`pipeline.driver.STAGE_TABLE`), with the data files of a
+    data.source=files preset replaced by a fixed token."""
+    return stage_fingerprints(cfg, files_token="FILES")
 
 
 @pytest.mark.parametrize("preset", sorted(GOLDEN["presets"]))
@@ -53,3 +48,24 @@ def test_experiment_variant_fingerprints_unchanged():
                 got[f"{preset}:{table}:{v.name}"] = [fingerprint(cfg.memory), fingerprint(cfg.reader),
                                                      fingerprint(cfg.train), fingerprint(cfg.eval)]
     assert got == GOLDEN["variants"]
+
+
+def test_the_table_covers_every_stage_and_files_presets_hash_their_files():
+    assert STAGES == ("generate", "ingest", "embed", "memory", "train", "evaluate")
+    cfg = load_config(ROOT / "configs" / "sq32k.yaml")
+    assert cfg.data.source == "files"
+    seen = []
+
+    def signature(paths):
+        seen.append(tuple(paths))
+        return [[p, len(seen)] for p in paths]
+
+    fps = stage_fingerprints(cfg, signature)
+    # the data files' signature stands in the generate slot and feeds ingest; the embed stage
+    # hashes the signature of its (here absent) embedding files
+    assert seen == [data_files(cfg), ()]
+    assert fps["generate"] == fingerprint("files", [[p, 1] for p in data_files(cfg)])
+    # the token takes the place of the files' fingerprint, and every later stage follows it
+    assert stage_fingerprints(cfg, files_token=fps["generate"]) == fps
+    frozen = GOLDEN["presets"]["sq32k.yaml"]["stages"]
+    assert all(fps[s] != frozen[s] for s in STAGES)

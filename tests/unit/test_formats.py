@@ -1,4 +1,4 @@
-"""Unit tests for hmn.formats (no Ray)."""
+"""Unit tests for the modules of hmn.formats (no Ray)."""
 
 import bz2
 import gzip
@@ -10,20 +10,39 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from hmn import formats
-from hmn.formats import (
-    REJECT_SCHEMA,
-    FormatError,
-    iter_line_chunks,
-    normalize_key,
-    normalize_keys,
+from hmn.formats import lines as line_reading
+from hmn.formats.choices import FACT_FORMATS
+from hmn.formats.coded import CodedFacts, code_facts, parse_grouped_coded
+from hmn.formats.embedding_text import read_embedding_text
+from hmn.formats.grouped import (
+    FACT_LINES_SCHEMA,
+    parse_grouped_bytes,
     parse_grouped_facts,
-    parse_names,
-    parse_questions,
-    plan_line_chunks,
-    read_embedding_text,
-    read_line_chunk,
+    parse_triples,
 )
+from hmn.formats.keys import _normalize_full, normalize_key, normalize_keys
+from hmn.formats.lines import (
+    ByteChunk,
+    bytes_to_lines,
+    count_lines,
+    iter_line_chunks,
+    open_text,
+    plan_byte_chunks,
+    read_byte_chunk,
+)
+from hmn.formats.names import parse_names
+from hmn.formats.parsed import REJECT_SCHEMA, FormatError
+from hmn.formats.questions import parse_questions
+from hmn.formats.rdf import (
+    SKIP_BLANK,
+    SKIP_LITERAL,
+    SKIP_NAME_LANGUAGE,
+    SKIP_NAMES_OFF,
+    SKIP_NOT_ENTITY,
+    SKIP_PREDICATE,
+    parse_rdf,
+)
+from hmn.formats.registry import detect_format, resolve_format
 
 # ------------------------------------------------------------------------------------------------
 # keys
@@ -112,7 +131,7 @@ def _all_lines(path, chunk_lines=1_000_000):
 def test_iter_line_chunks_plain_and_compressed(tmp_path, name):
     path = _write(tmp_path, name, TEXT.encode())
     assert _all_lines(path) == ["a\tb", "", "c d", "  ", "last"]
-    with formats.open_text(path) as f:
+    with open_text(path) as f:
         assert f.read() == TEXT.encode()
 
 
@@ -126,37 +145,13 @@ def test_trailing_newline_is_not_a_line(tmp_path):
 @pytest.mark.parametrize("block", [1, 3, 7, 1 << 20])
 @pytest.mark.parametrize("chunk_lines", [1, 2, 3, 100])
 def test_chunk_boundaries_keep_line_numbers(tmp_path, monkeypatch, block, chunk_lines):
-    monkeypatch.setattr(formats, "_BLOCK_BYTES", block)
+    monkeypatch.setattr(line_reading, "_BLOCK_BYTES", block)
     lines = [f"line{i}" if i % 4 else "" for i in range(1, 11)]
     path = _write(tmp_path, "x.txt", ("\n".join(lines) + "\n").encode())
     chunks = list(iter_line_chunks(path, chunk_lines))
     assert all(len(c) <= chunk_lines for _, c in chunks)
     assert [first for first, _ in chunks] == list(range(1, 11, chunk_lines))
     assert _all_lines(path, chunk_lines) == lines
-    # byte-range plan gives the same lines and line numbers
-    plan = plan_line_chunks(path, chunk_lines)
-    assert [c.first_line for c in plan] == [first for first, _ in chunks]
-    got = []
-    for c in plan:
-        got += read_line_chunk(c).to_pylist()
-    assert got == lines
-
-
-def test_plan_unterminated_last_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(formats, "_BLOCK_BYTES", 4)
-    path = _write(tmp_path, "x.txt", b"aa\nbb\ncc")
-    plan = plan_line_chunks(path, 2)
-    assert [(c.first_line, c.lines) for c in plan] == [(1, 2), (3, 1)]
-    assert read_line_chunk(plan[1]).to_pylist() == ["cc"]
-    assert plan_line_chunks(_write(tmp_path, "e.txt", b""), 2) == []
-
-
-def test_plan_compressed_is_one_chunk(tmp_path):
-    path = _write(tmp_path, "x.txt.gz", b"a\nb\n")
-    (chunk,) = plan_line_chunks(path, 1)
-    assert chunk.byte_end == -1
-    with pytest.raises(ValueError):
-        read_line_chunk(chunk)
 
 
 def test_invalid_utf8_does_not_crash(tmp_path):
@@ -197,7 +192,7 @@ def test_parse_grouped_facts_good_and_bad():
     )
     parsed = parse_grouped_facts(lines, 100, "kb.txt")
     _check_counts(parsed)
-    assert parsed.table.schema == formats.FACTS_SCHEMA
+    assert parsed.table.schema == FACT_LINES_SCHEMA
     assert parsed.table.to_pylist() == [
         {
             "line": 100,
@@ -344,7 +339,10 @@ def test_read_embedding_errors_name_file_and_line(tmp_path, data, expected_dim, 
 
 
 def test_hmn_does_not_import_ray():
-    code = "import sys, hmn.formats, hmn.synthetic; print('ray' in sys.modules)"
+    code = ("import pkgutil, importlib, sys, hmn.formats, hmn.synthetic\n"
+            "for m in pkgutil.iter_modules(hmn.formats.__path__):\n"
+            "    importlib.import_module('hmn.formats.' + m.name)\n"
+            "print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -361,7 +359,7 @@ def test_fast_path_matches_full_path():
     ]  # fmt: skip
     arr = pa.array(raw * 30, pa.string())  # >= 64 values: the dictionary path
     fast = normalize_keys(arr).to_pylist()
-    full = formats._normalize_full(arr).to_pylist()
+    full = _normalize_full(arr).to_pylist()
     assert fast == full
     assert normalize_keys(pa.array(raw, pa.string())).to_pylist() == full[: len(raw)]
 
@@ -382,7 +380,7 @@ def test_parse_triples():
             "/m/01\t/a/b",
         ]
     )
-    parsed = formats.parse_triples(lines, 1, "train.txt")
+    parsed = parse_triples(lines, 1, "train.txt")
     _check_counts(parsed)
     assert [r["objects"] for r in parsed.table.to_pylist()] == [["/m/06cx9"], ["/m/06v8s0"]]
     assert parsed.table.column("relation")[1].as_py().startswith("/tv/tv_program/regular_cast.")
@@ -394,9 +392,9 @@ def test_parse_triples():
 
 @pytest.mark.skipif(not FB15K.is_file(), reason=f"{FB15K} not present")
 def test_real_fb15k_triples_parse_cleanly():
-    assert formats.detect_format(str(FB15K)) == "triples"
-    plan = plan_line_chunks(str(FB15K), 100_000)
-    parsed = formats.parse_triples(read_line_chunk(plan[0]), 1, str(FB15K))
+    assert detect_format(str(FB15K)) == "triples"
+    first, lines = next(iter_line_chunks(str(FB15K), 100_000))
+    parsed = parse_triples(lines, first, str(FB15K))
     assert parsed.rejects.num_rows == 0 and parsed.table.num_rows == 100_000
 
 
@@ -422,7 +420,7 @@ RDF_LINES = [
 
 
 def test_parse_rdf_all_relations_and_names():
-    parsed = formats.parse_rdf(pa.array(RDF_LINES), 1, "dump.nt")
+    parsed = parse_rdf(pa.array(RDF_LINES), 1, "dump.nt")
     assert parsed.lines == parsed.accounted() == len(RDF_LINES)
     assert parsed.table.to_pylist() == [
         {"line": 1, "subject": "/m/0abc", "relation": "/people/person/place_of_birth",
@@ -432,11 +430,11 @@ def test_parse_rdf_all_relations_and_names():
     ]  # fmt: skip
     assert parsed.names.to_pylist() == [{"line": 2, "entity": "/m/0abc", "name": 'Sasha "V" Name'}]
     assert parsed.skipped == {
-        formats.SKIP_BLANK: 2,
-        formats.SKIP_PREDICATE: 1,
-        formats.SKIP_LITERAL: 1,
-        formats.SKIP_NAME_LANGUAGE: 1,
-        formats.SKIP_NOT_ENTITY: 1,
+        SKIP_BLANK: 2,
+        SKIP_PREDICATE: 1,
+        SKIP_LITERAL: 1,
+        SKIP_NAME_LANGUAGE: 1,
+        SKIP_NOT_ENTITY: 1,
     }
     rejects = {r["line"]: r["reason"] for r in parsed.rejects.to_pylist()}
     assert set(rejects) == {9, 10, 11}
@@ -445,22 +443,22 @@ def test_parse_rdf_all_relations_and_names():
 
 
 def test_parse_rdf_relation_filter_and_no_names():
-    parsed = formats.parse_rdf(
+    parsed = parse_rdf(
         pa.array(RDF_LINES), 100, "dump.nt",
         relations=pa.array(["/film/film/directed_by"]), names=False,
     )  # fmt: skip
     assert parsed.lines == parsed.accounted()
     assert [r["line"] for r in parsed.table.to_pylist()] == [111]
     assert parsed.names.num_rows == 0
-    assert parsed.skipped[formats.SKIP_NAMES_OFF] == 2
-    assert parsed.skipped[formats.SKIP_PREDICATE] == 4  # birth place, height, both types
+    assert parsed.skipped[SKIP_NAMES_OFF] == 2
+    assert parsed.skipped[SKIP_PREDICATE] == 4  # birth place, height, both types
 
 
 def test_parse_rdf_gzip_and_detection(tmp_path):
     path = _write(tmp_path, "dump.nt.gz", ("\n".join(RDF_LINES) + "\n").encode())
-    assert formats.detect_format(path) == "rdf"
+    assert detect_format(path) == "rdf"
     ((first, lines),) = iter_line_chunks(path)
-    parsed = formats.parse_rdf(lines, first, path)
+    parsed = parse_rdf(lines, first, path)
     assert parsed.table.num_rows == 2 and parsed.names.num_rows == 1
 
 
@@ -475,20 +473,20 @@ def test_parse_rdf_gzip_and_detection(tmp_path):
     ],
 )  # fmt: skip
 def test_detect_format(tmp_path, name, text, fmt):
-    assert formats.detect_format(_write(tmp_path, name, text.encode())) == fmt
+    assert detect_format(_write(tmp_path, name, text.encode())) == fmt
 
 
 def test_detect_and_resolve_errors(tmp_path):
     with pytest.raises(FormatError, match="empty file"):
-        formats.detect_format(_write(tmp_path, "e.txt", b""))
+        detect_format(_write(tmp_path, "e.txt", b""))
     with pytest.raises(FormatError, match="5 TAB-separated"):
-        formats.detect_format(_write(tmp_path, "f.txt", b"a\tb\tc\td\te\n"))
+        detect_format(_write(tmp_path, "f.txt", b"a\tb\tc\td\te\n"))
     names = _write(tmp_path, "n.tsv", b"/m/01\tName\n")
     with pytest.raises(FormatError, match="not a facts_format"):
-        formats.resolve_format(names, "auto", formats.FACT_FORMATS, "facts_format")
+        resolve_format(names, "auto", FACT_FORMATS, "facts_format")
     with pytest.raises(ValueError, match="facts_format='csv'"):
-        formats.resolve_format(names, "csv", formats.FACT_FORMATS, "facts_format")
-    assert formats.resolve_format(names, "grouped", formats.FACT_FORMATS, "facts_format") == "grouped"
+        resolve_format(names, "csv", FACT_FORMATS, "facts_format")
+    assert resolve_format(names, "grouped", FACT_FORMATS, "facts_format") == "grouped"
 
 
 def test_dictionary_output_decodes_to_the_string_table():
@@ -499,7 +497,7 @@ def test_dictionary_output_decodes_to_the_string_table():
     plain = parse_grouped_facts(lines, 1, "kb")
     coded = parse_grouped_facts(lines, 1, "kb", dictionary=True)
     assert pa.types.is_dictionary(coded.table.schema.field("subject").type)
-    assert coded.table.cast(formats.FACTS_SCHEMA).equals(plain.table)
+    assert coded.table.cast(FACT_LINES_SCHEMA).equals(plain.table)
     assert coded.rejects.equals(plain.rejects)
     keys = normalize_keys(pa.array(["m.01", "/m/01", "bad", None], pa.string()), dictionary=True)
     assert keys.cast(pa.string()).to_pylist() == ["/m/01", "/m/01", None, None]
@@ -526,9 +524,8 @@ def test_dictionary_output_decodes_to_the_string_table():
 def test_parse_grouped_bytes_equals_line_path(text, single_object):
     data = text.encode("latin-1") if "\xff" in text else text.encode()
     n = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
-    fast = formats.parse_grouped_bytes(data, 7, n, "kb", single_object=single_object)
-    body = data[:-1] if data.endswith(b"\n") else data
-    lines = formats._bytes_to_lines(body) if data else pa.array([], pa.string())
+    fast = parse_grouped_bytes(data, 7, n, "kb", single_object=single_object)
+    lines = bytes_to_lines(data)
     slow = parse_grouped_facts(lines, 7, "kb", single_object=single_object)
     assert fast.lines == slow.lines == n
     assert fast.table.equals(slow.table) and fast.rejects.equals(slow.rejects)
@@ -616,17 +613,17 @@ def test_plan_byte_chunks_cover_whole_lines(tmp_path, chunk_bytes, tail):
     lines = [b"x" * (i % 13) for i in range(50)]
     data = b"\n".join(lines) + tail
     path = _write(tmp_path, "f.txt", data)
-    plan = formats.plan_byte_chunks(path, chunk_bytes)
+    plan = plan_byte_chunks(path, chunk_bytes)
     assert plan[0].byte_start == 0 and plan[-1].byte_end == len(data)
     got = []
     for a, b in zip(plan, plan[1:] + [None]):
-        piece = formats.read_byte_chunk(a)
+        piece = read_byte_chunk(a)
         if b is not None:
             assert a.byte_end == b.byte_start and piece.endswith(b"\n")
-        got += formats.bytes_to_lines(piece).to_pylist()
+        got += bytes_to_lines(piece).to_pylist()
     assert got == [ln.decode() for ln in lines]
-    assert sum(formats.count_lines(formats.read_byte_chunk(c)) for c in plan) == len(lines)
-    assert formats.plan_byte_chunks(_write(tmp_path, "e.txt", b""), chunk_bytes) == []
+    assert sum(count_lines(read_byte_chunk(c)) for c in plan) == len(lines)
+    assert plan_byte_chunks(_write(tmp_path, "e.txt", b""), chunk_bytes) == []
 
 
 def _coded_equal(a, b):
@@ -668,13 +665,13 @@ CODED_TEXTS = [
 @pytest.mark.parametrize("single_object", [False, True])
 def test_parse_grouped_coded_equals_careful_path(tmp_path, text, single_object):
     data = text.encode()
-    n = formats.count_lines(data)
-    careful = formats.parse_grouped_bytes(data, 1, n, "kb", single_object=single_object,
+    n = count_lines(data)
+    careful = parse_grouped_bytes(data, 1, n, "kb", single_object=single_object,
                                           dictionary=True)  # fmt: skip
-    fast = formats.parse_grouped_coded(data, "kb", single_object=single_object)
+    fast = parse_grouped_coded(data, "kb", single_object=single_object)
     # the same through a memory-mapped byte range of a file
     path = _write(tmp_path, "kb.txt", b"/m/0\t/a/b\t/m/0\n" + data)
-    mapped = formats.parse_grouped_coded(formats.ByteChunk(path, 15, 15 + len(data)), "kb",
+    mapped = parse_grouped_coded(ByteChunk(path, 15, 15 + len(data)), "kb",
                                          single_object=single_object) if data else None  # fmt: skip
     assert (fast is None) == (mapped is None)
     if fast is None:  # the careful path must then have a reason (or a spelling to normalise)
@@ -684,32 +681,32 @@ def test_parse_grouped_coded_equals_careful_path(tmp_path, text, single_object):
     coded, parsed = fast
     assert careful.rejects.num_rows == 0 and parsed.rejects.num_rows == 0
     assert parsed.lines == careful.lines == n and coded.rows == n
-    _coded_equal(coded, formats.code_facts(careful.table))
-    back = formats.CodedFacts.from_table(coded.to_table())
+    _coded_equal(coded, code_facts(careful.table))
+    back = CodedFacts.from_table(coded.to_table())
     _coded_equal(back, coded)
 
 
 def test_parse_grouped_coded_takes_clean_chunks():
-    assert formats.parse_grouped_coded(CODED_TEXTS[0].encode(), "kb") is not None
-    assert formats.parse_grouped_coded(CODED_TEXTS[2].encode(), "kb") is not None
-    assert formats.parse_grouped_coded(CODED_TEXTS[3].encode(), "kb") is not None
+    assert parse_grouped_coded(CODED_TEXTS[0].encode(), "kb") is not None
+    assert parse_grouped_coded(CODED_TEXTS[2].encode(), "kb") is not None
+    assert parse_grouped_coded(CODED_TEXTS[3].encode(), "kb") is not None
     for text in CODED_TEXTS[4:]:
-        assert formats.parse_grouped_coded(text.encode(), "kb") is None, text
+        assert parse_grouped_coded(text.encode(), "kb") is None, text
     # triples: a line with two objects goes to the careful path (it is rejected there)
-    assert formats.parse_grouped_coded(CODED_TEXTS[0].encode(), "kb", single_object=True) is None
-    assert formats.parse_grouped_coded(CODED_TEXTS[1].encode(), "kb", single_object=True)
+    assert parse_grouped_coded(CODED_TEXTS[0].encode(), "kb", single_object=True) is None
+    assert parse_grouped_coded(CODED_TEXTS[1].encode(), "kb", single_object=True)
 
 
 def test_code_facts_with_string_keys():
     lines = pa.array(["/m/01\t/a/b\t/g/02 /m/01", "/m/01\t/a/a\t/m/03"])
-    coded = formats.code_facts(parse_grouped_facts(lines, 1, "kb").table)
+    coded = code_facts(parse_grouped_facts(lines, 1, "kb").table)
     assert coded.entities.to_pylist() == ["/g/02", "/m/01", "/m/03"]
     assert coded.relations.to_pylist() == ["/a/a", "/a/b"]
     # rows sorted by (subject, relation): the second line first
     assert coded.subject.tolist() == [1, 1] and coded.relation.tolist() == [0, 1]
     assert coded.offsets.tolist() == [0, 1, 3] and coded.objects.tolist() == [2, 0, 1]
     assert not coded.repeats
-    again = formats.code_facts(parse_grouped_facts(pa.array(["/m/01\t/a/b\t/m/02 /m/03 /m/02"]),
+    again = code_facts(parse_grouped_facts(pa.array(["/m/01\t/a/b\t/m/02 /m/03 /m/02"]),
                                                    1, "kb").table)  # fmt: skip
     assert again.repeats
 
@@ -725,7 +722,7 @@ def test_code_facts_with_string_keys():
 def test_parse_grouped_coded_refuses_invalid_utf8(data):
     """The CSV reader of the fast path skips its UTF-8 check: invalid bytes anywhere still send
     the chunk to the careful path, which rejects the line as invalid UTF-8."""
-    assert formats.parse_grouped_coded(data, "kb") is None
-    careful = formats.parse_grouped_bytes(data, 1, formats.count_lines(data), "kb",
+    assert parse_grouped_coded(data, "kb") is None
+    careful = parse_grouped_bytes(data, 1, count_lines(data), "kb",
                                           dictionary=True)  # fmt: skip
     assert "invalid UTF-8" in careful.rejects.column("reason").to_pylist()

@@ -67,5 +67,3 @@ def test_fit_sample_errors():
         build_index_from_vectors(x, branching=[8], fit_sample=-1)
     with pytest.raises(ValueError, match="smaller than branching"):
         build_index_from_vectors(x, branching=[64], fit_sample=10)
-    with pytest.raises(ValueError, match="batched_levels"):
-        build_index_from_vectors(x, branching=[4, 2], fit_sample=100, batched_levels=False)

@@ -1,10 +1,18 @@
 """build_index(max_leaf_size=...): oversized leaves split by a k-means of their own facts."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from hmn.index import ClusterIndex, InMemoryDataFactory, build_index_from_vectors, split_leaves
+from hmn.index import (
+    ClusterIndex,
+    IndexSpec,
+    InMemoryDataFactory,
+    build_index_from_vectors,
+    split_leaves,
+)
 from hmn.memory import FactMemory, FactorisedMemory
 from hmn.readers import make_reader
 
@@ -129,15 +137,16 @@ def test_max_leaf_size_validation():
 
 def test_split_leaves_of_a_built_index_equals_the_build_step():
     x = _skewed(n_blob=1500, n_rest=800)
-    base = build_index_from_vectors(x, branching=[3, 3], iters=6, seed=4)
-    built = build_index_from_vectors(x, branching=[3, 3], iters=6, seed=4, max_leaf_size=150)
-    later = split_leaves(base, InMemoryDataFactory(x), 150, iters=6, seed=4)
+    spec = IndexSpec(branching=(3, 3), iters=6, seed=4, max_leaf_size=150)
+    base = build_index_from_vectors(x, spec, max_leaf_size=0)
+    built = build_index_from_vectors(x, spec)
+    later = split_leaves(base, InMemoryDataFactory(x), spec)
     assert (later.fact_leaf == built.fact_leaf).all()
     for a, b in zip(later.centroids, built.centroids):
         torch.testing.assert_close(a, b)
     assert later.stats["leaf_sizes"] == built.stats["leaf_sizes"]
     assert (base.leaf_sizes().max() > 150) and base.stats.get("max_leaf_size") == 0
     with pytest.raises(ValueError, match="facts"):
-        split_leaves(base, InMemoryDataFactory(x[:100]), 150)
+        split_leaves(base, InMemoryDataFactory(x[:100]), spec)
     with pytest.raises(ValueError, match="max_leaf_size"):
-        split_leaves(base, InMemoryDataFactory(x), 0)
+        split_leaves(base, InMemoryDataFactory(x), dataclasses.replace(spec, max_leaf_size=0))

@@ -1,5 +1,6 @@
 """Tests for hmn.kmeans (spherical k-means over a DataAccess) and hmn.index (cluster index)."""
 
+import dataclasses
 import json
 import os
 
@@ -8,8 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from hmn.index import ClusterIndex, InMemoryDataFactory, build_index, build_index_from_vectors
-from hmn.kmeans import DataAccess, InMemoryData, spherical_kmeans
+from hmn.config import MemoryConfig
+from hmn.index import (
+    ClusterIndex,
+    IndexSpec,
+    InMemoryDataFactory,
+    build_index,
+    build_index_from_vectors,
+)
+from hmn.kmeans import DataAccess, InMemoryData, grouped_spherical_kmeans, spherical_kmeans
 from hmn.mips import fit_transform
 
 
@@ -193,14 +201,14 @@ def test_index_save_load_round_trip(tmp_path):
 def test_build_index_validation():
     x = _facts(n=20)
     factory = InMemoryDataFactory(x)
-    with pytest.raises(ValueError, match="n=21"):
-        build_index(factory, n=21, branching=[2])
     with pytest.raises(ValueError, match="branching"):
-        build_index(factory, n=20, branching=[])
+        IndexSpec(branching=())
     with pytest.raises(ValueError, match=r"branching\[1\]=0"):
-        build_index(factory, n=20, branching=[2, 0])
+        IndexSpec(branching=(2, 0))
     with pytest.raises(ValueError, match="k <= n"):
-        build_index(factory, n=20, branching=[21])
+        build_index(factory, IndexSpec(branching=(21,)))
+    with pytest.raises(TypeError, match="IndexSpec"):
+        build_index(factory, {"branching": (2,)})
     with pytest.raises(ValueError, match="sorted"):
         factory(fit_transform(1.0), np.array([3, 1]))
     with pytest.raises(ValueError, match="parents"):
@@ -258,8 +266,6 @@ def test_factorised_index_equals_dense_index():
 
 
 def test_grouped_kmeans_matches_separate_runs_per_group():
-    from hmn.kmeans import grouped_spherical_kmeans
-
     x, labels = _blobs(n_per=50, centres=6, d=10, noise=0.3, seed=2)
     groups = labels % 3  # 3 groups of 100 rows
     ks = np.array([4, 2, 3])
@@ -276,19 +282,53 @@ def test_grouped_kmeans_matches_separate_runs_per_group():
     assert all(b >= a - 1e-6 * abs(a) for a, b in zip(obj, obj[1:]))
     with pytest.raises(ValueError, match=r"ks\[1\]=0"):
         grouped_spherical_kmeans(InMemoryData(x, groups=groups), np.array([1, 0, 1]))
-    with pytest.raises(TypeError, match="grouped"):
-        grouped_spherical_kmeans(InMemoryData(x), ks)
+    with pytest.raises(ValueError, match=r"ks\[1\]=2.*group size 0"):
+        grouped_spherical_kmeans(InMemoryData(x), ks)  # no groups: one group of 300 rows
+    with pytest.raises(ValueError, match="grouped_spherical_kmeans"):
+        spherical_kmeans(InMemoryData(x, groups=groups), 3)
 
 
-def test_batched_levels_match_per_parent_levels():
-    x = _facts(n=800)
-    a = build_index_from_vectors(x, branching=[6, 4], seed=0, batched_levels=True)
-    b = build_index_from_vectors(x, branching=[6, 4], seed=0, batched_levels=False)
-    np.testing.assert_array_equal(a.parents[0], b.parents[0])
-    oa = sum(r["objective"] for r in a.stats["levels"][1]["kmeans"])
-    ob = sum(r["objective"] for r in b.stats["levels"][1]["kmeans"])
-    assert oa == pytest.approx(ob, rel=0.02)
-    assert a.stats["levels"][1]["batched"] is True
+def test_a_view_without_groups_is_one_group():
+    x, labels = _blobs(n_per=50, centres=4, d=6, noise=0.1, seed=3)
+    g = torch.Generator().manual_seed(0)
+    c = torch.nn.functional.normalize(torch.randn(5, 6, generator=g), dim=1)
+    data = InMemoryData(x, chunk=40)
+    assert data.groups is None
+    sums, counts, obj = data.partial_stats(c)
+    gsums, gcounts, gobj = data.partial_stats_grouped(c, np.array([0, 5]))
+    np.testing.assert_array_equal(gsums, sums)
+    np.testing.assert_array_equal(gcounts, counts)
+    assert gobj.tolist() == [obj]
+    np.testing.assert_array_equal(data.assign_grouped(c, np.array([0, 5])), data.assign(c))
+    with pytest.raises(ValueError, match=r"offsets must be \[0, 5\]"):
+        data.partial_stats_grouped(c, np.array([0, 2, 5]))
+    # the grouped k-means over one group runs the same loop as the flat one: both find the blobs
+    res = grouped_spherical_kmeans(data, np.array([4]), iters=30, tol=0.0, seed=1)
+    flat = spherical_kmeans(data, 4, iters=30, tol=0.0, seed=1)
+    assert res.centroids.shape == (4, 6) and res.group_objectives.shape == (1,)
+    for r in (res, flat):
+        assert len(set(zip(r.assignments.tolist(), labels.tolist()))) == 4
+    assert res.objective == pytest.approx(flat.objective, rel=1e-5)
+    assert flat.group_objectives.tolist() == [flat.objective]
+
+
+def test_index_spec_from_config_takes_every_field():
+    cfg = MemoryConfig(U=0.8, m=2, branching=(5, 3), iters=7, tol=1e-3, init="sample",
+                       fit_sample=90, kmeans_precision="bfloat16", max_leaf_size=40, seed=9)
+    spec = IndexSpec.from_config(cfg)
+    assert spec == IndexSpec(branching=(5, 3), U=0.8, m=2, iters=7, tol=1e-3, init="sample",
+                             fit_sample=90, precision="bfloat16", max_leaf_size=40, seed=9)
+    defaults = IndexSpec.from_config(MemoryConfig())
+    assert all(getattr(spec, f.name) != getattr(defaults, f.name)
+               for f in dataclasses.fields(IndexSpec))  # every field follows the config
+    with pytest.raises(ValueError, match="U=1.5"):
+        IndexSpec(branching=(2,), U=1.5)
+    with pytest.raises(ValueError, match="precision='half'"):
+        IndexSpec(branching=(2,), precision="half")
+    with pytest.raises(ValueError, match="init='nope'"):
+        IndexSpec(branching=(2,), init="nope")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.seed = 1
 
 
 @pytest.mark.parametrize("transform", [False, True])
@@ -345,22 +385,3 @@ def test_large_k_caps_the_similarity_buffer():
     data = InMemoryData(torch.randn(10, 4), chunk=65536)
     assert data._step(1000) == kmeans._SIM_BYTES // 4000
     assert data._step(1) == 65536
-
-
-def test_refine_leaves_moves_facts_to_their_most_similar_leaf():
-    x = _facts(n=900)
-    nested = build_index_from_vectors(x, branching=[5, 4], seed=0, iters=10)
-    refined = build_index_from_vectors(x, branching=[5, 4], seed=0, iters=10, refine_leaves=3)
-    for a, b in zip(nested.parents, refined.parents):  # the tree is kept
-        np.testing.assert_array_equal(a, b)
-    data = InMemoryData(x, transform=refined.transform.facts)
-    leaves = refined.centroids[-1]
-    np.testing.assert_array_equal(refined.fact_leaf, data.assign(leaves))  # global argmax
-    obj_nested = data.partial_stats(nested.centroids[-1])[2]
-    assert data.partial_stats(leaves)[2] >= obj_nested - 1e-6 * abs(obj_nested)
-    for c in refined.centroids:
-        torch.testing.assert_close(c.norm(dim=1), torch.ones(c.shape[0]))
-    assert refined.stats["refine_leaves"] == 3
-    assert [s["level"] for s in refined.stats["levels"]] == [0, 1, "refine"]
-    with pytest.raises(ValueError, match="refine_leaves=-1"):
-        build_index_from_vectors(x, branching=[5, 4], refine_leaves=-1)

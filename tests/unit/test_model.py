@@ -66,7 +66,7 @@ def test_dense_adam_is_fused_and_matches_the_default_adam():
     opt_b = torch.optim.Adam(b.parameters(), lr=0.01, foreach=False)
     assert opt_a.param_groups[0]["fused"] is True
     memory = torch.randn(20, 8)
-    for step in range(5):
+    for _step in range(5):
         tokens = torch.randint(0, 50, (12,))
         offsets = torch.tensor([0, 4, 9])
         gold = torch.randint(0, 20, (3,))

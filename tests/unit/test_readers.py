@@ -6,21 +6,21 @@ import torch
 
 from hmn.index import build_index_from_vectors
 from hmn.memory import FactMemory
-from hmn.readers import (
-    READERS,
-    Candidates,
-    ClusteredReader,
-    ExactReader,
-    make_reader,
-    recall_at_k,
-)
+from hmn.reader_registry import READER_NAMES, READERS, ReaderEntry, reader_class
+from hmn.readers import Candidates, ClusteredReader, ExactReader, make_reader, recall_at_k
+
+
+def heavy_tailed_facts(n: int, d: int, spread: float, queries: int):
+    """Seeded (n, d) facts with log-normal norms (so MIPS differs from cosine) and (queries, d)
+    queries."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g) * torch.exp(spread * torch.randn(n, 1, generator=g))
+    return x, torch.randn(queries, d, generator=g)
 
 
 @pytest.fixture(scope="module")
 def setup():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(800, 12, generator=g) * torch.exp(0.5 * torch.randn(800, 1, generator=g))
-    q = torch.randn(32, 12, generator=g)
+    x, q = heavy_tailed_facts(800, 12, 0.5, 32)
     mem = FactMemory(x)
     flat = build_index_from_vectors(x, branching=[16], seed=0)
     hier = build_index_from_vectors(x, branching=[4, 4], seed=0)
@@ -141,7 +141,7 @@ def test_make_reader_and_errors(setup):
     assert isinstance(make_reader("exact", mem, chunk=10), ExactReader)
     r = make_reader("clustered", mem, flat, top_clusters=3)
     assert isinstance(r, ClusteredReader) and r.top_clusters == 3
-    assert set(READERS) >= {"exact", "clustered"}
+    assert set(READER_NAMES) >= {"exact", "clustered"}
     with pytest.raises(ValueError, match="known readers.*clustered.*exact"):
         make_reader("nope", mem)
     with pytest.raises(ValueError, match="needs a ClusterIndex"):
@@ -166,9 +166,8 @@ def test_recall_at_k():
     assert np.isfinite(recall_at_k(exact, exact, 2))
 
 
-def test_factorised_exact_equals_dense_exact():
+def test_exact_reader_on_a_factorised_memory_equals_dense_exact():
     from hmn.memory import FactorisedMemory, build_fact_vectors
-    from hmn.readers import FactorisedExactReader
 
     rng = np.random.default_rng(0)
     ent = rng.standard_normal((90, 6)).astype(np.float32)
@@ -180,14 +179,10 @@ def test_factorised_exact_equals_dense_exact():
     q = torch.randn(9, 18)
     ref = ExactReader(dense).search(q, 10)
     for chunk in (33, 1 << 20):
-        got = make_reader("exact-factorised", fm, chunk=chunk).search(q, 10)
-        assert isinstance(make_reader("exact-factorised", fm), FactorisedExactReader)
+        got = make_reader("exact", fm, chunk=chunk).search(q, 10)
         assert torch.equal(got.ids, ref.ids)
         torch.testing.assert_close(got.scores, ref.scores, rtol=1e-5, atol=1e-5)
         assert torch.equal(got.touched, ref.touched)
-    assert torch.equal(ExactReader(fm).search(q, 10).ids, ref.ids)
-    with pytest.raises(TypeError, match="FactorisedMemory"):
-        make_reader("exact-factorised", dense)
     # the clustered reader reads a factorised memory too
     idx = build_index_from_vectors(fm, branching=[4], seed=0)
     a = ClusteredReader(fm, idx, top_clusters=2).search(q, 10)
@@ -195,18 +190,55 @@ def test_factorised_exact_equals_dense_exact():
     assert torch.equal(a.ids, b.ids) and torch.equal(a.touched, b.touched)
 
 
-def test_registry_lists_every_reader_and_matches_config():
-    from hmn.config import READER_NAMES, ReaderConfig
+def test_every_registered_reader_is_built_from_the_config(setup):
+    from hmn.config import READER_NAMES as CONFIG_NAMES
+    from hmn.config import ReaderConfig
 
-    assert set(READERS) == set(READER_NAMES)
-    mem = FactMemory(torch.randn(50, 4))
-    with pytest.raises(ValueError, match="known readers.*exact-factorised.*faiss-ivf.*pca-tree"):
+    mem, _, flat, _ = setup
+    assert CONFIG_NAMES == READER_NAMES == ("exact", "clustered", "pca-tree", "wta-hash",
+                                            "faiss-ivf")
+    with pytest.raises(ValueError, match="known readers.*clustered.*exact.*faiss-ivf.*pca-tree"):
         make_reader("nope", mem)
-    cfg = ReaderConfig(pca_depth=2, wta_bands=2, wta_window=4, ivf_nlist=4, ivf_nprobe=2)
+    with pytest.raises(ValueError, match="known readers"):
+        ReaderConfig().params("nope", training=True)
+    cfg = ReaderConfig(top_clusters=2, pca_depth=2, wta_bands=2, wta_window=4, ivf_nlist=4,
+                       ivf_nprobe=2, baseline_seed=3)
     for name in READER_NAMES:
-        if name in ("clustered", "exact-factorised"):
-            continue
-        assert make_reader(name, mem, **cfg.params(name, training=False)).name == name
+        assert reader_class(name).name == name
+        for training in (True, False):
+            reader = make_reader(name, mem, flat, **cfg.params(name, training=training))
+            assert type(reader) is reader_class(name)
+    assert make_reader("pca-tree", mem, **cfg.params("pca-tree", False)).depth == 2
+    assert make_reader("wta-hash", mem, **cfg.params("wta-hash", False)).params.seed == 3
+
+
+def test_reader_defaults_are_the_declared_params(setup):
+    mem, _, flat, _ = setup
+    clustered = ClusteredReader(mem, flat)
+    defaults = READERS["clustered"].params()
+    assert (clustered.top_clusters, clustered.sample_clusters, clustered.rand_blocks,
+            clustered.temperature) == (defaults.top_clusters, defaults.sample_clusters,
+                                       defaults.rand_blocks, defaults.temperature)
+    wta = make_reader("wta-hash", mem)
+    assert wta.params == READERS["wta-hash"].params()
+    assert (wta.bands, wta.perms, wta.window) == (16, 4, 8)
+
+
+def test_a_shared_config_field_must_be_declared_alike(monkeypatch):
+    from dataclasses import dataclass, field
+
+    from hmn.reader_registry import ReaderParams, config_fields
+
+    @dataclass(frozen=True)
+    class OtherSeed(ReaderParams):
+        seed: int = field(default=1, metadata={"config": "baseline_seed", "help": "a seed"})
+
+    names = [c.name for c in config_fields()]
+    assert names[0] == "top_clusters" and names[-1] == "baseline_seed"
+    assert len(names) == len(set(names))
+    monkeypatch.setitem(READERS, "other", ReaderEntry("hmn.readers:ExactReader", OtherSeed))
+    with pytest.raises(TypeError, match="reader.baseline_seed is declared differently"):
+        config_fields()
 
 
 def test_hierarchical_beam_default_and_full_beam(setup):

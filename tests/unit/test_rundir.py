@@ -1,6 +1,9 @@
+import json
+import os
+
 import pytest
 
-from pipeline.rundir import RunDir
+from pipeline.rundir import RunDir, input_signature
 
 
 def test_stage_skips_when_done_and_reruns_on_new_fingerprint(tmp_path):
@@ -37,3 +40,42 @@ def test_failed_stage_leaves_no_output_and_reruns(tmp_path):
     r = run.run_stage("s", "fp", lambda out: {"ok": True})
     assert not r.skipped and run.is_done("s", "fp")
     assert not list(run.root.glob(".s.tmp-*"))
+
+
+def test_input_signature_follows_content_not_mtime(tmp_path):
+    cache = tmp_path / "run" / ".input-digests.json"
+    a = tmp_path / "kb.txt"
+    a.write_text("m.1\tr\tm.2\n")
+    first = input_signature((str(a),), cache)
+    assert json.loads(cache.read_text())[os.path.realpath(a)]["digest"] == first[0][2]
+
+    # the same bytes written again later (a fresh copy of shared data): same signature
+    os.utime(a, (1_000_000, 1_000_000))
+    assert input_signature((str(a),), cache) == first
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "kb.txt").write_bytes(a.read_bytes())
+    assert input_signature((str(copy / "kb.txt"),), cache)[0][1:] == first[0][1:]
+
+    # other content of the same size (the write changes the mtime): a new digest
+    a.write_text("m.1\tr\tm.3\n")
+    changed = input_signature((str(a),), cache)
+    assert changed[0][1] == first[0][1] and changed[0][2] != first[0][2]
+
+
+def test_input_signature_of_a_missing_file_and_without_cache(tmp_path):
+    sig = input_signature((str(tmp_path / "absent.txt"),))
+    assert sig == [[os.path.realpath(tmp_path / "absent.txt"), None, None]]
+    b = tmp_path / "b.txt"
+    b.write_text("x")
+    assert input_signature((str(b),))[0][2] == input_signature((str(b),))[0][2]
+    assert input_signature(()) == []
+
+
+def test_run_input_signature_uses_the_run_digest_cache(tmp_path):
+    run = RunDir(tmp_path / "run")
+    a = tmp_path / "kb.txt"
+    a.write_text("m.1\tr\tm.2\n")
+    sig = run.input_signature((str(a),))
+    cached = json.loads((run.root / ".input-digests.json").read_text())
+    assert cached[os.path.realpath(a)]["digest"] == sig[0][2]

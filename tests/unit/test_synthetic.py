@@ -1,5 +1,6 @@
 """Unit tests for hmn.synthetic (no Ray)."""
 
+import dataclasses
 import os
 import re
 from collections import Counter, defaultdict
@@ -7,7 +8,10 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
-from hmn.formats import iter_line_chunks, parse_grouped_facts, parse_names, parse_questions
+from hmn.formats.grouped import parse_grouped_facts
+from hmn.formats.lines import iter_line_chunks
+from hmn.formats.names import parse_names
+from hmn.formats.questions import parse_questions
 from hmn.synthetic import FILE_NAMES, SyntheticSpec, generate
 
 SMALL = SyntheticSpec(
@@ -133,21 +137,44 @@ def test_small_chunks_same_bytes(tmp_path, small):
             assert a.read() == b.read(), key
 
 
-def test_presets_and_scaling():
-    from hmn.synthetic import PRESETS, scaled_fb2m
+def test_presets_are_the_run_configs_synthetic_sections():
+    from hmn.config import SyntheticConfig, load_config
+    from hmn.synthetic import preset, preset_names, scaled_fb2m
 
-    fb2m = PRESETS["fb2m"]
+    assert preset_names() == ["fb2m", "fb2m-synthetic", "fb5m", "fb5m-synthetic", "smoke"]
+    fb2m = preset("fb2m")
+    assert fb2m == preset("fb2m-synthetic")
+    assert fb2m == SyntheticSpec.from_config(load_config("configs/fb2m-synthetic.yaml").synthetic)
     assert (fb2m.entities, fb2m.relations, fb2m.facts) == (2_150_000, 6_700, 10_800_000)
-    assert (PRESETS["fb5m"].entities, PRESETS["fb5m"].facts) == (4_900_000, 12_000_000)
-    smoke = PRESETS["smoke"]
-    assert (smoke.entities, smoke.relations, smoke.facts) == (3000, 40, 4000)
+    assert (preset("fb5m").entities, preset("fb5m").facts) == (4_900_000, 12_000_000)
+    # the smoke preset is the embedded default, and the spec's defaults are the config's
+    assert preset("smoke") == SyntheticSpec() == SyntheticSpec.from_config(SyntheticConfig())
+    assert (SyntheticSpec().entities, SyntheticSpec().relations) == (3000, 40)
+    with pytest.raises(ValueError, match="unknown synthetic preset 'sq32k'"):
+        preset("sq32k")  # a run config without a synthetic section
     assert scaled_fb2m(10_800_000) == fb2m
     small = scaled_fb2m(20_000)
     assert small.facts == 20_000 and small.entities == round(2_150_000 * 20_000 / 10_800_000)
-    for spec in PRESETS.values():
-        spec.validate()
+    for name in preset_names():
+        preset(name).validate()
+
+
+def test_spec_knobs_stay_out_of_the_config_and_questions_may_be_zero():
+    from hmn.config import ConfigError, SyntheticConfig
+
     with pytest.raises(ValueError, match="synthetic.objects_decay"):
         SyntheticSpec(objects_decay=1.0).validate()
+    with pytest.raises(ConfigError, match="synthetic.chunk_rows=0: must be > 0"):
+        SyntheticSpec(chunk_rows=0).validate()
+    with pytest.raises(ConfigError, match="synthetic.zipf_exponent=-1"):
+        SyntheticSpec(zipf_exponent=-1).validate()
+    SyntheticSpec(train_questions=0, dev_questions=0).validate()  # the generator alone
+    with pytest.raises(ConfigError, match="synthetic.train_questions=0: must be > 0"):
+        SyntheticConfig(train_questions=0).validate()  # the pipeline trains on them
+    with pytest.raises(ConfigError, match="synthetic.test_questions=-1: must be >= 0"):
+        SyntheticSpec(test_questions=-1).validate()
+    assert {"name_coverage", "zipf_exponent", "chunk_rows"}.isdisjoint(
+        f.name for f in dataclasses.fields(SyntheticConfig))
 
 
 def test_cli_fb2m_like_statistics(tmp_path):

@@ -4,7 +4,7 @@ import torch
 from hmn.memory import FactMemory
 from hmn.model import BowEncoder
 from hmn.readers import ExactReader
-from hmn.training import EarlyStopping, accuracy, iterate_batches, predict, train_epoch
+from hmn.training import EarlyStopping, accuracy, correct, iterate_batches, predict, train_epoch
 
 
 def _toy(n_facts=50, d=16, seed=0):
@@ -53,6 +53,15 @@ def test_accuracy_uses_subject_and_relation():
     subj = np.array([0, 0, 1])
     rel = np.array([0, 0, 1])  # facts 0 and 1 share (subject, relation)
     assert accuracy(np.array([1, 2, -1]), np.array([0, 2, 2]), subj, rel) == 2 / 3
+    assert accuracy(np.array([], np.int64), np.array([], np.int64), subj, rel) == 0.0
+
+
+def test_a_question_without_gold_fact_is_never_correct():
+    subj = np.array([0, 1, 2])
+    rel = np.array([0, 0, 2])  # fact 2 is the last one: gold -1 must not be read as fact 2
+    hit = correct(np.array([2, 1, 2, -1]), np.array([-1, 1, 2, -1]), subj, rel)
+    assert hit.tolist() == [False, True, True, False]
+    assert accuracy(np.array([2, 1]), np.array([-1, 1]), subj, rel) == 0.5
 
 
 def test_early_stopping_after_patience_falling_epochs():

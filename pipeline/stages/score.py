@@ -1,29 +1,70 @@
-"""Batch scoring of questions on Ray Data, shared by the evaluate stage and `pipeline.evaluate`.
+"""The evaluate stage: score every question split with every configured reader; write the report.
 
-`map_batches` runs `Scorer`, a callable class on an actor pool: each actor loads the model, the
-memory and the index once, then scores batches of encoded questions with every requested reader.
-The driver turns the per-question predictions into the metrics: accuracy (the predicted fact has
+Scoring runs on Ray Data: `map_batches` runs `Scorer`, a callable class on an actor pool; each
+actor loads the model, the memory and the index once, then scores batches of encoded questions
+with every requested reader (`score`, also used by ``python -m pipeline.evaluate``). The driver
+turns the per-question predictions into the metrics (`metrics`): accuracy (the predicted fact has
 the gold subject and relation), mean facts scored per question, and recall@k of each approximate
 reader's candidates against the exact reader's.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from hmn.config import ReaderConfig
+from hmn.config import EvalConfig, ReaderConfig
+from hmn.text import Vocabulary
+from pipeline.artifacts import KnowledgeBase, read_questions
 
 log = logging.getLogger(__name__)
+
+
+def run_evaluate(cfg: EvalConfig, reader_cfg: ReaderConfig, run_dir: Path, out: Path) -> dict:
+    kb = KnowledgeBase.load(run_dir / "ingest")
+    vocab = Vocabulary.load(run_dir / "train" / "vocab.json")
+    k = max(reader_cfg.k, cfg.recall_k)
+    results: dict[str, dict] = {}
+    (out / "predictions").mkdir()
+    for split in cfg.splits:
+        q = read_questions(run_dir / "ingest", split)
+        if q is None or q.num_rows == 0:
+            log.info("split %s: no questions, skipped", split)
+            continue
+        total = q.num_rows
+        if 0 < cfg.max_questions < total:  # a seeded sample, the same for every reader
+            rng = np.random.default_rng([0, 0xE7A1])
+            keep = np.sort(rng.choice(total, cfg.max_questions, replace=False))
+            q = q.take(keep)
+            log.info("split %s: scoring a sample of %d of %d questions", split, q.num_rows, total)
+        tokens, unknown = vocab.encode_many(q["question"].to_pylist())
+        gold = q["fact_id"].to_numpy()
+        pred = score(run_dir, tokens, cfg.readers, reader_cfg, k=k, batch_size=cfg.batch_size,
+                     num_actors=cfg.num_actors)
+        pq.write_table(pred.drop_columns([c for c in pred.column_names if c.startswith("cands_")])
+                       .append_column("gold", q["fact_id"]),
+                       out / "predictions" / f"{split}.parquet")
+        m = metrics(pred, gold, cfg.readers, kb.fact_subject, kb.fact_relation, cfg.recall_k)
+        results[split] = {"questions": int(q.num_rows), "questions_in_split": int(total),
+                          "questions_without_known_words": int(sum(len(t) == 0 for t in tokens)),
+                          "unknown_tokens": int(unknown.sum()), "readers": m}
+        for name, r in m.items():
+            log.info("%s %s: %s", split, name, {a: round(b, 4) for a, b in r.items()})
+    report = {"splits": results, "memory_facts": kb.num_facts}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
 
 
 class Scorer:
     """Ray Data actor: loads the run's model, memory and index once; scores question batches."""
 
-    def __init__(self, run_dir: str, readers: tuple[str, ...], reader_cfg: ReaderConfig, k: int, threads: int = 1):
+    def __init__(self, run_dir: str, readers: tuple[str, ...], reader_cfg: ReaderConfig, k: int,
+                 threads: int = 1):
         import torch
 
         from hmn.readers import make_reader
@@ -34,7 +75,8 @@ class Scorer:
         self.model, _, _ = load_model(root / "train")
         memory = load_memory(root / "memory")
         index = load_index(root / "memory") if "clustered" in readers else None
-        self.readers = {name: make_reader(name, memory, index, **reader_cfg.params(name, training=False))
+        self.readers = {name: make_reader(name, memory, index,
+                                          **reader_cfg.params(name, training=False))
                         for name in readers}
         self.k = k
 
@@ -51,8 +93,8 @@ class Scorer:
         return out
 
 
-def score(run_dir: Path, tokens: list[np.ndarray], readers: tuple[str, ...], reader_cfg: ReaderConfig,
-          *, k: int, batch_size: int, num_actors: int) -> pa.Table:
+def score(run_dir: Path, tokens: list[np.ndarray], readers: tuple[str, ...],
+          reader_cfg: ReaderConfig, *, k: int, batch_size: int, num_actors: int) -> pa.Table:
     """Predictions of every reader for each question, in input order. Needs a running Ray."""
     import ray.data
 
@@ -60,7 +102,8 @@ def score(run_dir: Path, tokens: list[np.ndarray], readers: tuple[str, ...], rea
                       "tokens": pa.array([t.tolist() for t in tokens], pa.list_(pa.int64()))})
     ds = ray.data.from_arrow(table).map_batches(
         Scorer,
-        fn_constructor_kwargs={"run_dir": str(run_dir), "readers": tuple(readers), "reader_cfg": reader_cfg, "k": k},
+        fn_constructor_kwargs={"run_dir": str(run_dir), "readers": tuple(readers),
+                               "reader_cfg": reader_cfg, "k": k},
         batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=num_actors),
     )

@@ -1,0 +1,260 @@
+"""The pipeline driver: the table of stages, their fingerprints, and the loop that runs them.
+
+    generate (synthetic data only) -> ingest -> embed -> memory -> train -> evaluate
+
+Each row of `STAGE_TABLE` names a stage, the config sections and upstream fingerprints that make
+its fingerprint, the input files whose content it also hashes, and how to run it. A stage whose
+fingerprint is unchanged is skipped (`pipeline.rundir`), so the same call resumes a killed run
+and a repeated run does nothing. Ray starts (or is joined) only when some stage has work to do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hmn.config import RunConfig, dump_config, fingerprint
+from pipeline.rundir import RunDir, StageResult, input_signature, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+#: Maps input file paths to what a fingerprint hashes for them (`pipeline.rundir.input_signature`).
+Signature = Callable[[tuple[str, ...]], list]
+
+
+def init_ray(cfg: RunConfig) -> None:
+    """Join the cluster RAY_ADDRESS names, or start an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ctx_kw = dict(log_to_driver=True, configure_logging=False)
+    if os.environ.get("RAY_ADDRESS"):
+        log.info("joining the Ray cluster at %s", os.environ["RAY_ADDRESS"])
+        ray.init(**ctx_kw)
+    else:
+        # More logical CPUs than cores: Train withholds worker CPUs from Ray Data, and a 2-CPU
+        # cluster with two workers plus a dataset can hang (RAY_NOTES 5).
+        num_cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
+        log.info("starting an embedded local Ray with %d logical CPUs", num_cpus)
+        # The dashboard hosts the State API; without it Ray Train's placement-group cleaner logs
+        # "Failed to query Ray Train Controller actor state" dozens of times (RAY_NOTES 5).
+        ray.init(num_cpus=num_cpus, **ctx_kw)
+    import ray.data
+
+    dctx = ray.data.DataContext.get_current()
+    dctx.execution_options.preserve_order = True  # deterministic order, hence resumable results
+    dctx.enable_progress_bars = sys.stderr.isatty()
+
+
+# ---------------------------------------------------------------------------------------------
+# How each stage runs: (pipeline, staging folder, fingerprints so far) -> stats
+# ---------------------------------------------------------------------------------------------
+
+def generates(cfg: RunConfig) -> bool:
+    """The generate stage runs only for synthetic data."""
+    return cfg.data.source == "synthetic"
+
+
+def data_files(cfg: RunConfig) -> tuple[str, ...]:
+    """Every input file of a data.source=files run (their content makes ingest's fingerprint)."""
+    d = cfg.data
+    extra = (d.rdf_relations_file,) if d.rdf_relations_file else ()
+    return d.facts + d.names + d.questions_train + d.questions_dev + d.questions_test + extra
+
+
+def embedding_files(cfg: RunConfig) -> tuple[str, ...]:
+    """The user's embedding files, if any (their content is part of embed's fingerprint)."""
+    return tuple(p for p in (cfg.embed.entities_file, cfg.embed.relations_file) if p)
+
+
+def ingest_sources(cfg: RunConfig, run: RunDir):
+    """The ingest stage's `IngestSources`: the generated files, or the files the config names."""
+    from pipeline.stages.ingest import IngestSources
+
+    d = cfg.data
+    if generates(cfg):
+        raw = run.stage_dir("generate")
+        q = {"train": [str(raw / "questions_train.txt")], "dev": [str(raw / "questions_dev.txt")]}
+        if cfg.synthetic.test_questions:
+            q["test"] = [str(raw / "questions_test.txt")]
+        return IngestSources(facts=[str(raw / "kb.txt")], names=[str(raw / "names.tsv")],
+                             questions=q)
+    q = {"train": list(d.questions_train), "dev": list(d.questions_dev)}
+    if d.questions_test:
+        q["test"] = list(d.questions_test)
+    relations = list(d.rdf_relations)
+    if d.rdf_relations_file:
+        from pipeline.stages.ingest import read_relation_list
+
+        relations += read_relation_list(d.rdf_relations_file)
+    return IngestSources(facts=list(d.facts), names=list(d.names), questions=q,
+                         facts_format=d.facts_format, names_format=d.names_format,
+                         questions_format=d.questions_format, rdf_relations=relations,
+                         rdf_names=d.rdf_names, rdf_language=d.rdf_language)
+
+
+def _run_generate(p: Pipeline, out: Path, fps: dict[str, str]) -> dict:
+    from hmn.synthetic import SyntheticSpec, generate
+
+    return generate(SyntheticSpec.from_config(p.cfg.synthetic), str(out))["stats"]
+
+
+def _run_ingest(p: Pipeline, out: Path, fps: dict[str, str]) -> dict:
+    from pipeline.stages.ingest import run_ingest
+
+    return run_ingest(ingest_sources(p.cfg, p.run), str(out),
+                      max_reject_rate=p.cfg.ingest.max_reject_rate,
+                      chunk_lines=p.cfg.ingest.chunk_lines)
+
+
+def _run_embed(p: Pipeline, out: Path, fps: dict[str, str]) -> dict:
+    from pipeline.stages.embed import run_embed
+
+    return run_embed(p.cfg.embed, p.run.stage_dir("ingest"), out,
+                     p.run.root / ".embed-checkpoint" / fps["embed"])
+
+
+def _run_memory(p: Pipeline, out: Path, fps: dict[str, str]) -> dict:
+    from pipeline.stages.memory import run_memory
+
+    return run_memory(p.cfg.memory, p.run.stage_dir("ingest"), p.run.stage_dir("embed"),
+                      p.embeddings_fingerprint(), out)
+
+
+def _run_train(p: Pipeline, out: Path, fps: dict[str, str]) -> dict:
+    from pipeline.stages.train import run_train
+
+    carried = {"ingest": fps["ingest"], "embeddings": p.embeddings_fingerprint(),
+               "memory": fps["memory"], "train": fps["train"]}
+    return run_train(p.cfg.train, p.cfg.reader, p.run.stage_dir("ingest"),
+                     p.run.stage_dir("memory"), out, p.run.root / "train_ray",
+                     f"hmn-{fps['train']}", carried, force=p.force)
+
+
+def _run_evaluate(p: Pipeline, out: Path, fps: dict[str, str]) -> dict:
+    from pipeline.stages.score import run_evaluate
+
+    return run_evaluate(p.cfg.eval, p.cfg.reader, p.run.root, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage table and the fingerprints
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the stage table.
+
+    Its fingerprint hashes, in this order: the stage's name, the `sections` of the RunConfig, the
+    fingerprints of the `upstream` stages, and the signature of its `input_files` (when given).
+    """
+
+    name: str
+    sections: tuple[str, ...]
+    upstream: tuple[str, ...]
+    run: Callable[[Pipeline, Path, dict[str, str]], dict]
+    input_files: Callable[[RunConfig], tuple[str, ...]] | None = None
+
+
+STAGE_TABLE: tuple[Stage, ...] = (
+    Stage("generate", ("synthetic",), (), _run_generate),
+    Stage("ingest", ("ingest", "data"), ("generate",), _run_ingest),
+    Stage("embed", ("embed",), ("ingest",), _run_embed, input_files=embedding_files),
+    Stage("memory", ("memory",), ("embed",), _run_memory),
+    Stage("train", ("train", "reader"), ("memory", "ingest"), _run_train),
+    Stage("evaluate", ("eval", "reader"), ("train",), _run_evaluate),
+)
+STAGES = tuple(s.name for s in STAGE_TABLE)
+
+
+def stage_fingerprint(stage: Stage, cfg: RunConfig, fps: dict[str, str],
+                      signature: Signature = input_signature,
+                      files_token: str | None = None) -> str:
+    """The fingerprint of `stage` under `cfg`, given the fingerprints of the stages before it.
+
+    Without synthetic data the generate slot holds the fingerprint of the data files
+    (``fingerprint("files", signature(data_files))``), which ingest hashes as its upstream;
+    `files_token`, when given, stands in for it (without reading the files).
+    """
+    if stage.name == "generate" and not generates(cfg):
+        if files_token is not None:
+            return files_token
+        return fingerprint("files", signature(data_files(cfg)))
+    parts = [getattr(cfg, s) for s in stage.sections] + [fps[u] for u in stage.upstream]
+    if stage.input_files is not None:
+        parts.append(signature(stage.input_files(cfg)))
+    return fingerprint(stage.name, *parts)
+
+
+def stage_fingerprints(cfg: RunConfig, signature: Signature = input_signature, *,
+                       files_token: str | None = None) -> dict[str, str]:
+    """The fingerprint of every stage in the table, the generate slot included (see
+    `stage_fingerprint`)."""
+    fps: dict[str, str] = {}
+    for stage in STAGE_TABLE:
+        fps[stage.name] = stage_fingerprint(stage, cfg, fps, signature, files_token)
+    return fps
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Pipeline:
+    cfg: RunConfig
+    run: RunDir
+    force: bool = False
+    only: tuple[str, ...] = ()
+    results: dict[str, StageResult] = field(default_factory=dict)
+
+    def _stage(self, name: str, fp: str, fn: Callable[[Path], dict]) -> StageResult:
+        force = self.force and (not self.only or name in self.only)
+        if self.only and name not in self.only:
+            if not self.run.is_done(name, fp):
+                raise RuntimeError(f"stage {name!r} is needed by {self.only} but is not done "
+                                   f"with this config; run it too (--stages)")
+            r = StageResult(name, True, 0.0, {})
+        else:
+            def with_ray(out: Path) -> dict:
+                init_ray(self.cfg)  # started only when some stage has work to do
+                return fn(out)
+
+            r = self.run.run_stage(name, fp, with_ray, force=force)
+        self.results[name] = r
+        return r
+
+    def _last_stage(self, until: str | None) -> str | None:
+        """The last stage to run: `until`, or the last stage of `only` if that comes earlier."""
+        if until is not None and until not in STAGES:
+            raise ValueError(f"until={until!r}: unknown stage; known: {', '.join(STAGES)}")
+        if self.only:
+            last = max(self.only, key=STAGES.index)
+            until = last if until is None else min(until, last, key=STAGES.index)
+        return until
+
+    def execute(self, until: str | None = None) -> dict[str, StageResult]:
+        """Run the stages in order; `until` stops after that stage (default: the last stage of
+        `only`, so that `--stages ingest` does not ask for the stages after it)."""
+        until = self._last_stage(until)
+        write_text_atomic(self.run.root / "config.resolved.yaml", dump_config(self.cfg))
+        fps: dict[str, str] = {}
+        for stage in STAGE_TABLE:
+            fps[stage.name] = stage_fingerprint(stage, self.cfg, fps, self.run.input_signature)
+            if stage.name != "generate" or generates(self.cfg):
+                self._stage(stage.name, fps[stage.name],
+                            lambda out, stage=stage: stage.run(self, out, fps))
+            if stage.name == until:
+                break
+        return self.results
+
+    def embeddings_fingerprint(self) -> str:
+        """The fingerprint of the vectors the embed stage wrote (carried into index and model)."""
+        stats = json.loads((self.run.stage_dir("embed") / "stats.json").read_text())
+        return stats["fingerprint"]
