@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,48 @@ def test_variant_lists_follow_the_paper():
     t2 = table2(cfg, 29423)
     assert {v.overrides["memory.branching"][0] for v in t2} == {294, 588}  # ~100 and ~50 facts per cluster
     assert all(v.overrides["train.reader"] == "clustered" for v in t2)
+
+
+# (preset, facts in memory) -> per cluster count: budget (round(clusters * top_clusters / leaves)
+# of the base config), and each variant's (Top-K, Sample-K, Rand-block), worked out by hand
+TABLE2_SPLITS = {
+    ("sq32k.yaml", 29423): {  # 100 of 2048 leaves: 4.88% of 294 clusters = 14, of 588 = 29
+        294: (14, {"top-k": (14, 0, 0), "top-k+sample-k": (7, 7, 0),
+                   "top-k+rand-block": (7, 0, 7), "top-k+sample-k+rand-block": (7, 3, 4)}),
+        588: (29, {"top-k": (29, 0, 0), "top-k+sample-k": (14, 15, 0),
+                   "top-k+rand-block": (14, 0, 15), "top-k+sample-k+rand-block": (14, 7, 8)}),
+    },
+    ("smoke.yaml", 4000): {  # 4 of 32 leaves: 12.5% of 40 clusters = 5, of 80 = 10
+        40: (5, {"top-k": (5, 0, 0), "top-k+sample-k": (2, 3, 0),
+                 "top-k+rand-block": (2, 0, 3), "top-k+sample-k+rand-block": (2, 1, 2)}),
+        80: (10, {"top-k": (10, 0, 0), "top-k+sample-k": (5, 5, 0),
+                  "top-k+rand-block": (5, 0, 5), "top-k+sample-k+rand-block": (5, 2, 3)}),
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("preset, num_facts", sorted(TABLE2_SPLITS))
+def test_table2_splits_the_clustered_readers_budget(preset, num_facts):
+    """Every Table 2 variant reads the base clustered reader's share of its leaves: Top-K +
+    Sample-K + Rand-block = the budget, half (rounded down) Top-K where reducers are used."""
+    cfg = load_config(ROOT / "configs" / preset)
+    want = TABLE2_SPLITS[(preset, num_facts)]
+    got: dict[int, dict[str, tuple[int, int, int]]] = {}
+    for v in table2(cfg, num_facts):
+        o = v.overrides
+        (clusters,) = o["memory.branching"]
+        split = (o["reader.top_clusters"], o["reader.sample_clusters"], o["reader.rand_blocks"])
+        got.setdefault(clusters, {})[v.name.rsplit("-c", 1)[0]] = split
+        assert v.name.endswith(f"-c{clusters}") and o["train.reader"] == "clustered"
+    assert got == {c: splits for c, (_, splits) in want.items()}
+    share = cfg.reader.top_clusters / math.prod(cfg.memory.branching)
+    for clusters, (budget, splits) in want.items():
+        assert budget == round(clusters * share)  # the stated budget: the base reader's share
+        for name, (top, sample, rand) in splits.items():
+            assert top + sample + rand == budget, name
+            if name != "top-k":
+                assert top == budget // 2, name  # half Top-K, the rest to the reducers
+                assert ("sample-k" in name) == (sample > 0) and ("rand-block" in name) == (rand > 0)
 
 
 def test_table1_subset_end_to_end(ray_local, tmp_path, capsys):

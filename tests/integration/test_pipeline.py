@@ -12,10 +12,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from hmn.config import load_config
+from hmn.formats.keys import normalize_key
+from hmn.kb import SKIP_DUPLICATE_NAME, SKIP_NOT_IN_KB
 from pipeline.driver import Pipeline
 from pipeline.report import write_report
 from pipeline.rundir import RunDir
@@ -68,13 +71,96 @@ def test_training_used_two_workers_and_loss_fell(smoke_run):
     assert set(state["fingerprints"]) == {"ingest", "embeddings", "memory", "train"}
 
 
+def check_ingest_accounting(ingest: Path) -> dict:
+    """The ingest's counts against its source files and its own output files: per source,
+    lines (counted in the file) == accepted + rejected + skipped; the rejects table holds one
+    row per rejected line (and per skipped name line), each source's accepted questions are the
+    rows of its split's Parquet file, and the fact lines accepted, less those merged into an
+    earlier line's fact, are the rows of facts.parquet. Returns the stats."""
+    stats = json.loads((ingest / "stats.json").read_text())
+    rejects = pq.read_table(ingest / "rejects.parquet").to_pylist()
+    skip_reasons = {SKIP_NOT_IN_KB, SKIP_DUPLICATE_NAME}
+    fact_rows, question_rows = 0, {}
+    for path, s in stats["sources"].items():
+        with open(path, "rb") as f:
+            assert s["lines"] == sum(1 for _ in f), path
+        assert min(s["accepted"], s["rejected"], s["skipped"]) >= 0, (path, s)
+        assert s["lines"] == s["accepted"] + s["rejected"] + s["skipped"], (path, s)
+        rows = [r for r in rejects if r["source"] == path]
+        assert sum(r["reason"] not in skip_reasons for r in rows) == s["rejected"], path
+        assert sum(r["reason"] in skip_reasons for r in rows) == s["skipped"], path
+        assert len({r["line"] for r in rows}) == len(rows), path  # one row per line
+        if s["kind"] == "facts":
+            fact_rows += s["accepted"] - s["merged_lines"]
+        if s["kind"] == "questions":
+            question_rows[s["split"]] = question_rows.get(s["split"], 0) + s["accepted"]
+            q = pq.read_table(ingest / "questions" / f"{s['split']}.parquet")
+            q_lines = [ln for ln, src in zip(q["line"].to_pylist(), q["source"].to_pylist())
+                       if src == path]  # fmt: skip
+            assert len(q_lines) == s["accepted"], path
+            # every line is either a question row or a reject row, never both
+            assert sorted(q_lines + [r["line"] for r in rows]) == list(range(1, s["lines"] + 1))
+    assert pq.read_metadata(ingest / "kb" / "facts.parquet").num_rows == fact_rows
+    assert fact_rows == stats["totals"]["facts"]
+    for split, n in question_rows.items():
+        assert pq.read_metadata(ingest / "questions" / f"{split}.parquet").num_rows == n, split
+    assert question_rows == stats["totals"]["questions"]
+    return stats
+
+
 def test_counts_add_up_in_ingest(smoke_run):
     _, run, _ = smoke_run
-    stats = json.loads((run.stage_dir("ingest") / "stats.json").read_text())
-    text = json.dumps(stats)
-    assert "lines" in text
+    stats = check_ingest_accounting(run.stage_dir("ingest"))
+    kinds = sorted(s["kind"] for s in stats["sources"].values())
+    assert kinds == ["facts", "names", "questions", "questions", "questions"]
     kb_lines = sum(1 for _ in open(run.stage_dir("generate") / "kb.txt"))
-    assert kb_lines == 600
+    assert kb_lines == 600 == stats["totals"]["facts"]
+
+
+def test_counts_add_up_in_ingest_with_bad_lines(smoke_run, tmp_path):
+    """The run's generated files with a few lines of every kind of reject and skip appended,
+    ingested again (no other stage): the same accounting, with nonzero counts."""
+    from pipeline.stages.ingest import IngestSources, run_ingest
+
+    _, run, _ = smoke_run
+    gen = run.stage_dir("generate")
+    for name in ("kb.txt", "names.tsv", "questions_train.txt", "questions_dev.txt",
+                 "questions_test.txt"):
+        shutil.copy(gen / name, tmp_path / name)
+    facts = [ln.split("\t") for ln in (gen / "kb.txt").read_text().splitlines()]
+    pairs = {(s, r) for s, r, _ in facts}
+    subject = facts[0][0]
+    relation = next(r for _, r, _ in facts if (subject, r) not in pairs)  # known, not with subject
+    name_line = (gen / "names.tsv").read_text().splitlines()[0]
+
+    def append(name: str, lines: list[str]) -> None:
+        with open(tmp_path / name, "a") as f:
+            f.write("".join(ln + "\n" for ln in lines))
+
+    append("kb.txt", [
+        f"{facts[0][0]}\t{facts[0][1]}",  # malformed: 2 fields
+        f"{facts[1][0]}\t{facts[1][1]}\twww.freebase.com/m/0zzzzzz",  # merges into fact 1
+    ])
+    append("names.tsv", ["www.freebase.com/m/0notinkb\tNobody",  # skipped: not in the KB
+                         name_line.split("\t")[0] + "\tSecond Name"])  # skipped: duplicate
+    append("questions_dev.txt", [
+        f"{subject}\t{relation}\twww.freebase.com/m/01\tno such fact",  # no (subject, relation)
+        f"www.freebase.com/m/0nosubject\t{relation}\twww.freebase.com/m/01\tunknown subject",
+    ])
+    srcs = IngestSources(facts=[str(tmp_path / "kb.txt")], names=[str(tmp_path / "names.tsv")],
+                         questions={split: [str(tmp_path / f"questions_{split}.txt")]
+                                    for split in ("train", "dev", "test")})  # fmt: skip
+    out = tmp_path / "ingest"
+    run_ingest(srcs, str(out))
+    stats = check_ingest_accounting(out)
+    s = {Path(p).name: v for p, v in stats["sources"].items()}
+    assert (s["kb.txt"]["rejected"], s["kb.txt"]["merged_lines"]) == (1, 1)
+    assert (s["names.tsv"]["rejected"], s["names.tsv"]["skipped"]) == (0, 2)
+    assert (s["questions_dev.txt"]["rejected"], s["questions_dev.txt"]["accepted"]) == (2, 150)
+    reasons = pq.read_table(out / "rejects.parquet").column("reason").to_pylist()
+    assert f"no fact ({normalize_key(subject)}, {normalize_key(relation)}) in the knowledge base" \
+        in reasons
+    assert stats["totals"]["facts"] == 600
 
 
 def test_rerun_skips_finished_stages(smoke_run):

@@ -42,27 +42,97 @@ def test_recall_rises_with_budget(setup, name):
         assert recalls[-1] == 1.0 and touched[-1] == 2000
 
 
-def test_pca_tree_touched_is_leaf_size_and_leaves_are_balanced(setup):
+def _pca_tree_reference(x: np.ndarray, q: np.ndarray, depth: int):
+    """PCA-Tree by brute force (Bachrach et al. 2014, as hmn.baselines' docstring defines it):
+    x' = [x; sqrt(phi^2 - ||x||^2)], q' = [q; 0]; the ``depth`` first principal directions of the
+    centred x' (sign: largest-magnitude component positive); level l splits every node at the
+    lower median of its facts' projection on direction l (projection > threshold: right child).
+    Returns the leaf of each fact (N,) and the cost of each leaf for each query (B, L): the sum
+    of |projection - threshold| over the splits on the leaf's path that the query's path does
+    not take."""
+    x = x.astype(np.float64)
+    norms2 = (x**2).sum(1)
+    lifted = np.concatenate([x, np.sqrt(np.maximum(norms2.max() - norms2, 0))[:, None]], axis=1)
+    mean = lifted.mean(0)
+    cov = (lifted - mean).T @ (lifted - mean) / len(x)
+    evals, evecs = np.linalg.eigh(cov)
+    dirs = evecs[:, np.argsort(-evals)[:depth]]  # (D + 1, depth)
+    for j in range(depth):
+        dirs[:, j] *= np.sign(dirs[np.argmax(np.abs(dirs[:, j])), j])
+    proj = (lifted - mean) @ dirs  # (N, depth)
+    node = np.zeros(len(x), dtype=np.int64)
+    thresholds = []
+    for level in range(depth):
+        thr = {}
+        for nd in range(2**level):
+            values = np.sort(proj[node == nd, level])
+            thr[nd] = values[(len(values) - 1) // 2]  # lower median
+        thresholds.append(thr)
+        node = np.array([2 * nd + (p > thr[nd]) for nd, p in zip(node, proj[:, level])])
+    qp = (np.concatenate([q.astype(np.float64), np.zeros((len(q), 1))], axis=1) - mean) @ dirs
+    cost = np.zeros((len(q), 2**depth))
+    for b in range(len(q)):
+        for leaf in range(2**depth):
+            for level in range(depth):
+                nd = leaf >> (depth - level)  # the leaf's ancestor at this level
+                goes_right = (leaf >> (depth - 1 - level)) & 1
+                t = thresholds[level][nd]
+                if (qp[b, level] > t) != goes_right:
+                    cost[b, leaf] += abs(qp[b, level] - t)
+    return node, cost
+
+
+def test_pca_tree_leaves_and_leaf_costs_equal_a_brute_force_tree(setup):
     mem, q, _ = setup
-    r = PCATreeReader(mem, depth=4)
-    sizes = np.bincount(r.leaf_of_fact, minlength=16)
+    leaf, cost = _pca_tree_reference(mem.vectors.numpy(), q.numpy(), depth=4)
+    sizes = np.bincount(leaf, minlength=16)
     assert sizes.max() - sizes.min() <= 16  # median splits: balanced up to rounding
-    c = r.search(q, 10)
-    own = r.leaf_costs(mem.check_queries(q)).argmin(1).numpy()
-    np.testing.assert_array_equal(c.touched.numpy(), sizes[own])
-    leaf = torch.from_numpy(r.leaf_of_fact)
-    for b in range(5):
-        got = c.ids[b][c.ids[b] >= 0]
-        assert set(leaf[got].tolist()) == {int(own[b])}
+    assert np.array_equal(np.sort(cost, 1)[:, 0], np.zeros(len(q)))  # own leaf costs nothing
+    for probes in (1, 4):
+        r = PCATreeReader(mem, depth=4, probes=probes)
+        np.testing.assert_array_equal(r.leaf_of_fact, leaf)
+        np.testing.assert_allclose(r.leaf_costs(mem.check_queries(q)).numpy(), cost, atol=1e-4)
+        read = np.argsort(cost, 1)[:, :probes]  # (B, probes) the cheapest leaves
+        c = r.search(q, 10)
+        np.testing.assert_array_equal(c.touched.numpy(), sizes[read].sum(1))
+        for b in range(len(q)):
+            got = c.ids[b][c.ids[b] >= 0].numpy()
+            assert set(leaf[got]) <= set(read[b])
+            inside = np.flatnonzero(np.isin(leaf, read[b]))
+            best = inside[np.argsort(-(mem.vectors.numpy()[inside] @ q[b].numpy()))[:10]]
+            assert set(got) == set(best)
 
 
-def test_wta_touched_counts_colliding_facts(setup):
+def _wta_band_keys(x: np.ndarray, coords: np.ndarray, bands: int, perms: int) -> np.ndarray:
+    """(n, bands) WTA band keys by the definition (Yagnik et al. 2011): for each permutation,
+    the position of the largest of the first ``window`` permuted coordinates; a band's key is the
+    tuple of its ``perms`` positions (here as one object per band)."""
+    keys = np.empty((len(x), bands), dtype=object)
+    for i, row in enumerate(x):
+        for band in range(bands):
+            keys[i, band] = tuple(int(np.argmax(row[coords[band * perms + k]]))
+                                  for k in range(perms))
+    return keys
+
+
+def test_wta_candidates_are_the_facts_colliding_in_some_band(setup):
     mem, q, _ = setup
-    r = WTAHashReader(mem, bands=3, perms=2, window=4, seed=1)
+    bands, perms, window = 3, 2, 4
+    r = WTAHashReader(mem, bands=bands, perms=perms, window=window, seed=1)
+    coords = r._coords.numpy()  # the first `window` coordinates of each random permutation
+    assert coords.shape == (bands * perms, window)
+    assert all(len(set(row)) == window for row in coords) and coords.max() < mem.d
+    assert len({tuple(row) for row in coords}) == bands * perms
+    x, qn = mem.vectors.numpy(), q.numpy()
+    fk, qk = _wta_band_keys(x, coords, bands, perms), _wta_band_keys(qn, coords, bands, perms)
     c = r.search(q, 10)
-    fh, qh = r._hash(mem.vectors), r._hash(q)
-    collide = (fh[None, :, :] == qh[:, None, :]).any(2)  # (B, N)
-    np.testing.assert_array_equal(c.touched.numpy(), collide.sum(1).numpy())
+    for b in range(len(q)):
+        collide = np.flatnonzero((fk == qk[b]).any(1))  # same key in at least one band
+        assert int(c.touched[b]) == len(collide)
+        best = collide[np.argsort(-(x[collide] @ qn[b]))[:10]]
+        got = c.ids[b][c.ids[b] >= 0].numpy()
+        assert set(got) == set(best)
+    assert 0 < int(c.touched.sum()) < len(q) * mem.n  # some but not all facts collide
 
 
 def test_faiss_ivf_touched_is_probed_list_sizes(setup):

@@ -128,6 +128,32 @@ def test_resolve_questions_rejects_and_answers():
     assert info == {"object_not_in_kb": 1, "answer_not_in_fact": 0, "no_fact": 0}
 
 
+def test_resolve_questions_rejects_a_pair_that_is_not_a_fact_with_its_own_reason():
+    """A question whose subject and relation both exist but whose (subject, relation) pair is
+    not a fact is rejected as "no fact (...)", apart from an unknown subject or relation."""
+    kb = _key_tables(False)  # facts (/m/01, /r/b), (/m/02, /r/a), (/m/03, /r/b)
+    table = pa.table({
+        "line": pa.array([1, 2, 3, 4, 5], pa.int64()),
+        "subject": ["/m/02", "/m/01", "/m/09", "/m/03", "/m/01"],
+        "relation": ["/r/b", "/r/b", "/r/a", "/r/z", "/r/a"],
+        "object": ["/m/01", "/m/02", "/m/01", "/m/01", "/m/03"],
+        "question": ["q1", "q2", "q3", "q4", "q5"], "text": ["t1", "t2", "t3", "t4", "t5"],
+    })  # fmt: skip
+    answers = kb_lib.answer_codes(np.array([0, 1, 2, 3]), np.array([1, 0, 1]), 3)
+    questions, rejects, info = kb_lib.resolve_questions("q.txt", table, kb, answers)
+    assert questions.column("line").to_pylist() == [2]
+    assert questions.column("fact_id").to_pylist() == [0]
+    assert rejects.column("line").to_pylist() == [1, 3, 4, 5]
+    assert rejects.column("text").to_pylist() == ["t1", "t3", "t4", "t5"]
+    assert rejects.column("reason").to_pylist() == [
+        "no fact (/m/02, /r/b) in the knowledge base",  # both known, the pair is not a fact
+        "unknown subject '/m/09'",
+        "unknown relation '/r/z'",
+        "no fact (/m/01, /r/a) in the knowledge base",
+    ]
+    assert info["no_fact"] == 2
+
+
 def test_resolve_names_first_wins():
     keys = pa.array(["/m/01", "/m/02"])
     names = pa.table({"line": pa.array([1, 2, 3], pa.int64()), "entity": ["/m/02", "/m/09", "/m/02"],

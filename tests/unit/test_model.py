@@ -1,3 +1,4 @@
+import numpy as np
 import torch
 
 from hmn.model import BowEncoder, candidate_union, full_softmax_loss, ksoftmax_loss
@@ -37,6 +38,56 @@ def test_ksoftmax_is_over_union_only():
     assert out.softmax_size == 2
     expected = -torch.log_softmax(torch.tensor([10.0, 0.0]), 0)[0]
     assert torch.allclose(out.loss, expected)
+
+
+def _union_nll_reference(q: np.ndarray, memory: np.ndarray, cands: list[list[int]],
+                         gold: list[int]) -> float:
+    """Eq. 3-4 by hand: every query's softmax runs over U = all candidates of the batch plus
+    all gold facts; the loss is the mean negative log-probability of each query's gold fact."""
+    union = sorted({c for row in cands for c in row if c >= 0} | set(gold))
+    nll = []
+    for b in range(len(gold)):
+        s = np.array([q[b] @ memory[f] for f in union], dtype=np.float64)  # (U,)
+        log_p = s - s.max() - np.log(np.exp(s - s.max()).sum())
+        nll.append(-log_p[union.index(gold[b])])
+    return float(np.mean(nll))
+
+
+def _own_nll_reference(q, memory, cands, gold) -> float:
+    """The per-query softmax (each query over its own candidates plus its gold fact): what the
+    K-softmax must NOT compute."""
+    nll = []
+    for b in range(len(gold)):
+        own = sorted({c for c in cands[b] if c >= 0} | {gold[b]})
+        s = np.array([q[b] @ memory[f] for f in own], dtype=np.float64)
+        log_p = s - s.max() - np.log(np.exp(s - s.max()).sum())
+        nll.append(-log_p[own.index(gold[b])])
+    return float(np.mean(nll))
+
+
+def test_ksoftmax_softmaxes_each_query_over_the_batch_union():
+    """Two queries with different candidate sets: each query's softmax runs over the union of the
+    batch's candidates and gold facts (eq. 3-4 with the batch union), not over its own set."""
+    rng = np.random.default_rng(0)
+    memory = rng.standard_normal((12, 5)).astype(np.float32)
+    q = rng.standard_normal((3, 5)).astype(np.float32)
+    cands = [[1, 2, -1], [3, 4, 5], [6, 2, 7]]  # overlapping but different sets, one pad
+    gold = [0, 4, 9]  # a gold fact outside every candidate set, one inside its own set
+    want = _union_nll_reference(q, memory, cands, gold)
+    assert abs(want - _own_nll_reference(q, memory, cands, gold)) > 0.1  # the two differ here
+    qt = torch.from_numpy(q).requires_grad_(True)
+    out = ksoftmax_loss(qt, torch.from_numpy(memory), torch.tensor(cands), torch.tensor(gold))
+    assert out.softmax_size == len({0, 1, 2, 3, 4, 5, 6, 7, 9})
+    assert abs(float(out.loss.detach()) - want) < 1e-5
+    # the gradient too: d loss / d q_b = (softmax over U - onehot(gold_b)) M[U] / B
+    out.loss.backward()
+    union = sorted({1, 2, 3, 4, 5, 6, 7} | set(gold))
+    m_u = memory[union].astype(np.float64)  # (U, D)
+    for b in range(3):
+        s = m_u @ q[b]
+        p = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+        p[union.index(gold[b])] -= 1.0
+        np.testing.assert_allclose(qt.grad[b].numpy(), p @ m_u / 3, rtol=1e-4, atol=1e-6)
 
 
 def test_sparse_adam_updates_only_the_batch_words():

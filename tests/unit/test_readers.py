@@ -76,13 +76,35 @@ def test_recall_rises_with_top_clusters(setup, which):
     assert recalls[-1] == 1.0 and recalls[0] < 1.0
 
 
+def _top_leaves_reference(index, q: torch.Tensor, top: int, beam: int) -> np.ndarray:
+    """(B, top) leaves by brute force in numpy: Q(q) = [q; 0 ... 0] (eq. 8, m zeros), the
+    cosine with every centroid; at each upper level keep the ``beam`` best clusters among the
+    children of the previous level's kept ones, then the ``top`` best leaves under them."""
+    qn = q.numpy().astype(np.float64)
+    qt = np.concatenate([qn, np.zeros((qn.shape[0], index.transform.m))], axis=1)  # (B, D + m)
+    out = []
+    for row in qt:
+        allowed = None  # clusters kept at the previous level
+        for level, cent in enumerate(index.centroids):
+            cent = cent.numpy().astype(np.float64)
+            cos = cent @ row / (np.linalg.norm(cent, axis=1) * np.linalg.norm(row))
+            ids = list(range(len(cent)))
+            if level > 0:
+                ids = [c for c in ids if index.parents[level - 1][c] in allowed]
+            best = sorted(ids, key=lambda c: -cos[c])
+            allowed = set(best[:beam])
+        out.append(best[:top])
+    return np.array(out)
+
+
 def test_touched_counts_and_candidates_come_from_selected_leaves(setup):
     mem, q, flat, _ = setup
     reader = ClusteredReader(mem, flat, top_clusters=3)
     c = reader.search(q, 10)
-    qt = torch.nn.functional.normalize(flat.transform.queries(q), dim=1)
-    top = (qt @ flat.centroids[0].T).topk(3, dim=1).indices  # (B, 3)
-    sizes = torch.from_numpy(flat.leaf_sizes())
+    top = torch.from_numpy(_top_leaves_reference(flat, q, 3, beam=3))  # (B, 3)
+    expect = torch.zeros((q.shape[0], flat.num_leaves), dtype=torch.bool).scatter_(1, top, True)
+    assert torch.equal(reader.select_leaves(q), expect)
+    sizes = torch.from_numpy(np.bincount(flat.fact_leaf, minlength=flat.num_leaves))
     assert torch.equal(c.touched, sizes[top].sum(1))
     leaf = torch.from_numpy(flat.fact_leaf)
     for b in range(q.shape[0]):
@@ -246,11 +268,79 @@ def test_hierarchical_beam_default_and_full_beam(setup):
     assert ClusteredReader(mem, hier, top_clusters=1).beam == 2
     assert ClusteredReader(mem, hier, top_clusters=2, sample_clusters=1).beam == 6
     assert ClusteredReader(mem, hier, top_clusters=2, beam=1).beam == 1
-    # a beam over every parent selects the top leaves among all leaves, as a flat index would
-    full = ClusteredReader(mem, hier, top_clusters=3, beam=4)
-    qt = torch.nn.functional.normalize(hier.transform.queries(q), dim=1)
-    top = (qt @ hier.centroids[-1].T).topk(3, dim=1).indices
-    expect = torch.zeros((q.shape[0], hier.num_leaves), dtype=torch.bool).scatter_(1, top, True)
-    assert torch.equal(full.select_leaves(q), expect)
+    # a beam over every parent selects the top leaves among all leaves, as a flat index would;
+    # a narrower beam only the top leaves under the beam's parents (brute force in numpy)
+    for beam in (4, 2, 1):
+        reader = ClusteredReader(mem, hier, top_clusters=3, beam=beam)
+        top = torch.from_numpy(_top_leaves_reference(hier, q, 3, beam))
+        expect = torch.zeros((q.shape[0], hier.num_leaves), dtype=torch.bool).scatter_(1, top, True)
+        assert torch.equal(reader.select_leaves(q), expect), beam
+    narrow = _top_leaves_reference(hier, q, 3, 1)
+    assert not np.array_equal(np.sort(narrow, 1), np.sort(_top_leaves_reference(hier, q, 3, 4), 1))
     with pytest.raises(ValueError, match="beam=0"):
         ClusteredReader(mem, hier, beam=0)
+
+
+def _eye_index(scores: np.ndarray):
+    """A flat index whose C leaf centroids are the unit axes, with no MIPS components (m = 0),
+    and the query whose leaf scores (cosines) are ``scores`` (a unit vector of length C)."""
+    from hmn.index import ClusterIndex
+    from hmn.mips import MipsTransform
+
+    c = len(scores)
+    index = ClusterIndex(MipsTransform(U=0.5, m=0, scale=1.0), [torch.eye(c)], [],
+                         np.arange(2 * c) % c)
+    mem = FactMemory(torch.randn(2 * c, c, generator=torch.Generator().manual_seed(0)))
+    return mem, index, torch.tensor(scores, dtype=torch.float32)[None, :]
+
+
+# chi-square critical values at p = 0.001 (tables): degrees of freedom -> value
+_CHI2_999 = {5: 20.515, 14: 36.123}
+
+
+def _chi2(counts: np.ndarray, p: np.ndarray) -> float:
+    expected = counts.sum() * p
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.15])
+def test_sample_k_draws_leaves_with_p_proportional_to_exp_score_over_t(temperature):
+    """Sample-K draws, among the leaves Top-K did not take, leaf c with p ~ exp(score_c / T):
+    empirical frequencies over many seeded draws against that distribution (chi-square)."""
+    scores = np.array([0.6, 0.5, 0.35, 0.3, 0.2, 0.1, -0.05, -0.2])
+    scores /= np.linalg.norm(scores)  # the cosines of the query with the axes
+    mem, index, q = _eye_index(scores)
+    n = 40000
+    reader = ClusteredReader(mem, index, top_clusters=2, sample_clusters=1,
+                             temperature=temperature)
+    sel = reader.select_leaves(q.expand(n, -1), torch.Generator().manual_seed(5)).numpy()
+    assert sel[:, :2].all() and (sel.sum(1) == 3).all()  # Top-2 always, plus one sampled leaf
+    counts = sel[:, 2:].sum(0)  # (6,) draws of each non-top leaf
+    logits = scores[2:] / temperature
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    assert _chi2(counts, p) < _CHI2_999[5], (counts / n, p)
+    # and each frequency is within 5 standard errors of its probability
+    np.testing.assert_array_less(np.abs(counts / n - p), 5 * np.sqrt(p * (1 - p) / n))
+
+
+def test_sample_k_draws_without_replacement_from_the_same_distribution():
+    """Two Sample-K leaves per draw: the unordered pair {a, b} has the probability of drawing
+    a then b or b then a without replacement from p ~ exp(score / T) over the non-top leaves."""
+    scores = np.array([0.6, 0.5, 0.35, 0.3, 0.2, 0.1, -0.05, -0.2])
+    scores /= np.linalg.norm(scores)
+    mem, index, q = _eye_index(scores)
+    temperature, n = 0.3, 40000
+    reader = ClusteredReader(mem, index, top_clusters=2, sample_clusters=2,
+                             temperature=temperature)
+    sel = reader.select_leaves(q.expand(n, -1), torch.Generator().manual_seed(6)).numpy()
+    assert sel[:, :2].all() and (sel.sum(1) == 4).all()
+    p = np.exp(scores[2:] / temperature)
+    p /= p.sum()
+    pairs = [(a, b) for a in range(6) for b in range(a + 1, 6)]
+    want = np.array([p[a] * p[b] / (1 - p[a]) + p[b] * p[a] / (1 - p[b]) for a, b in pairs])
+    assert abs(want.sum() - 1.0) < 1e-12
+    rest = sel[:, 2:]
+    counts = np.array([(rest[:, a] & rest[:, b]).sum() for a, b in pairs])
+    assert counts.sum() == n
+    assert _chi2(counts, want) < _CHI2_999[14]
