@@ -18,7 +18,7 @@ A kb.txt fact whose (subject, relation) pair FB15k-237 also has keeps its kb.txt
 the FB15k-237 objects it lacks are not added (counted in ``realism.json`` as
 ``fb15k_pairs_in_kb`` and ``fb15k_objects_not_added``).
 
-Distractors (see :class:`ScalingSpec`):
+Distractors (see :class:`ScalingSpec`, the ``scaling`` config section):
 
 * each distractor subject copies the relations, and the object count of each, of a *template*:
   a real subject drawn uniformly, so that the distractor relation distribution is the real
@@ -49,7 +49,7 @@ import logging
 import os
 import shutil
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from hmn.config import SCALING_SIZES, ScalingConfig
 from hmn.formats.keys import normalize_keys
 from hmn.synthetic import _write_lines
 
@@ -64,10 +65,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["SIZES", "ScalingSpec", "Sources", "build_memory", "main"]
 
-#: memory sizes in facts; None = the real facts alone
-SIZES: dict[str, int | None] = {
-    "29k": None, "131k": None, "1m": 1_000_000, "3m": 3_000_000, "10m": 10_800_000,
-}  # fmt: skip
+SIZES = SCALING_SIZES  # memory sizes in facts; None = the real facts alone
 _PREFIX = "www.freebase.com"  # kb.txt's spelling: _PREFIX + canonical key
 _RESERVED = "/m/0a"  # distractor entity keys: _RESERVED + 6 of _ALPHABET (no real mid has a vowel)
 _ALPHABET = np.frombuffer(b"0123456789bcdfghjklmnpqrstvwxyz_", dtype=np.uint8)
@@ -76,48 +74,20 @@ _CHUNK_SUBJECTS = 100_000  # distractor subjects per chunk (fixed: the bytes do 
 _MAX_NAME_WORDS = 6
 
 
-def _knob(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
-class ScalingSpec:
-    """What to build: the size and the distractor generator's settings."""
+class ScalingSpec(ScalingConfig):
+    """What to build: the ``scaling`` config section (`hmn.config.ScalingConfig`: the size, the
+    facts, the seed, the real data's folder and the distractor generator's settings); the
+    generator has no knob of its own."""
 
-    size: str = _knob("131k", f"memory size: one of {list(SIZES)}")
-    facts: int | None = _knob(None, "facts in all (overrides the size's; distractors fill "
-                              "it up; None: the size's)")
-    seed: int = _knob(0, "seed of the distractors")
-    real_object_share: float = _knob(0.5, "share of distractor objects that are real entities")
-    homonym_share: float = _knob(0.35, "share of the real kb.txt subjects that get distractor "
-                                 "namesakes (drawn among the named ones)")
-    homonym_p: float = _knob(0.6, "namesakes per chosen subject: Geometric(p), at least 1, "
-                             "mean 1 / p")
-    homonym_same_template: float = _knob(0.6, "share of namesakes that copy their real "
-                                         "subject's relations")
-    object_only_per_subject: float = _knob(0.5, "distractor entities that are never subjects, "
-                                           "per distractor subject")
-
-    def target_facts(self) -> int | None:
-        """Facts in all, or None for the real facts alone."""
-        return self.facts if self.facts is not None else SIZES[self.size]
-
-    def validate(self) -> None:
-        if self.size not in SIZES:
-            raise ValueError(f"scaling.size={self.size!r}: unknown; known: {list(SIZES)}")
-        if self.facts is not None and self.facts <= 0:
-            raise ValueError(f"scaling.facts={self.facts}: must be > 0")
-        for name in ("real_object_share", "homonym_share", "homonym_same_template"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"scaling.{name}={getattr(self, name)}: must be in [0, 1]")
-        if not 0.0 < self.homonym_p <= 1.0:
-            raise ValueError(f"scaling.homonym_p={self.homonym_p}: must be in (0, 1]")
-        if self.object_only_per_subject < 0:
-            raise ValueError(f"scaling.object_only_per_subject={self.object_only_per_subject}: "
-                             "must be >= 0")
+    @classmethod
+    def from_config(cls, config: ScalingConfig) -> ScalingSpec:
+        """The spec of a ``scaling`` config section."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(config)})
 
     def with_fb15k(self) -> bool:
-        return self.size != "29k" or self.facts is not None
+        """FB15k-237 joins the memory from 131k, and whenever ``facts`` sets the size."""
+        return self.size != "29k" or self.facts > 0
 
 
 @dataclass(frozen=True)
@@ -130,6 +100,11 @@ class Sources:
     questions_dev: str
     fb15k: tuple[str, ...]
     fb15k_names: str
+
+    def files(self, with_fb15k: bool) -> tuple[str, ...]:
+        """Every file `build_memory` reads (FB15k-237's only ``with_fb15k``)."""
+        real = (self.kb, self.names, self.questions_train, self.questions_dev)
+        return real + (self.fb15k + (self.fb15k_names,) if with_fb15k else ())
 
     @classmethod
     def from_data_dir(cls, data: str) -> Sources:
@@ -676,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     t0 = time.perf_counter()
-    result = build_memory(ScalingSpec(size=args.size, seed=args.seed),
+    result = build_memory(ScalingSpec(size=args.size, seed=args.seed, data_dir=args.data),
                           Sources.from_data_dir(args.data), args.out)  # fmt: skip
     result["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(result))

@@ -1,6 +1,6 @@
 """The pipeline driver: the table of stages, their fingerprints, and the loop that runs them.
 
-    generate (synthetic data only) -> ingest -> embed -> memory -> train -> evaluate
+    generate (synthetic and scaling data only) -> ingest -> embed -> memory -> train -> evaluate
 
 Each row of `STAGE_TABLE` names a stage, the config sections and upstream fingerprints that make
 its fingerprint, the input files whose content it also hashes, and how to run it. A stage whose
@@ -57,8 +57,17 @@ def init_ray(cfg: RunConfig) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def generates(cfg: RunConfig) -> bool:
-    """The generate stage runs only for synthetic data."""
-    return cfg.data.source == "synthetic"
+    """The generate stage runs for synthetic data and for the scaling memories."""
+    return cfg.data.source in ("synthetic", "scaling")
+
+
+def scaling_files(cfg: RunConfig) -> tuple[str, ...]:
+    """The real files a data.source=scaling generate stage reads (their content makes its
+    fingerprint)."""
+    from hmn.scaling import ScalingSpec, Sources
+
+    sources = Sources.from_data_dir(cfg.scaling.data_dir)
+    return sources.files(ScalingSpec.from_config(cfg.scaling).with_fb15k())
 
 
 def data_files(cfg: RunConfig) -> tuple[str, ...]:
@@ -81,7 +90,7 @@ def ingest_sources(cfg: RunConfig, run: RunDir):
     if generates(cfg):
         raw = run.stage_dir("generate")
         q = {"train": [str(raw / "questions_train.txt")], "dev": [str(raw / "questions_dev.txt")]}
-        if cfg.synthetic.test_questions:
+        if cfg.data.source == "synthetic" and cfg.synthetic.test_questions:
             q["test"] = [str(raw / "questions_test.txt")]
         return IngestSources(facts=[str(raw / "kb.txt")], names=[str(raw / "names.tsv")],
                              questions=q)
@@ -100,6 +109,14 @@ def ingest_sources(cfg: RunConfig, run: RunDir):
 
 
 def _run_generate(p: Pipeline, out: Path, fps: dict[str, str]) -> dict:
+    if p.cfg.data.source == "scaling":
+        from hmn.scaling import ScalingSpec, Sources, build_memory
+
+        sc = p.cfg.scaling
+        realism = build_memory(ScalingSpec.from_config(sc), Sources.from_data_dir(sc.data_dir),
+                               str(out))
+        return {"size": sc.size, **realism["counts"],
+                "ambiguity_ceiling": realism["ambiguity_ceiling"]["share"]}
     from hmn.synthetic import SyntheticSpec, generate
 
     return generate(SyntheticSpec.from_config(p.cfg.synthetic), str(out))["stats"]
@@ -178,14 +195,19 @@ def stage_fingerprint(stage: Stage, cfg: RunConfig, fps: dict[str, str],
                       files_token: str | None = None) -> str:
     """The fingerprint of `stage` under `cfg`, given the fingerprints of the stages before it.
 
-    Without synthetic data the generate slot holds the fingerprint of the data files
+    With data.source=files the generate slot holds the fingerprint of the data files
     (``fingerprint("files", signature(data_files))``), which ingest hashes as its upstream;
-    `files_token`, when given, stands in for it (without reading the files).
+    `files_token`, when given, stands in for it (without reading the files). With
+    data.source=scaling the generate stage hashes the ``scaling`` section and the signature of
+    the real files it reads (`scaling_files`), for which `files_token` stands in when given.
     """
-    if stage.name == "generate" and not generates(cfg):
+    if stage.name == "generate" and cfg.data.source == "files":
         if files_token is not None:
             return files_token
         return fingerprint("files", signature(data_files(cfg)))
+    if stage.name == "generate" and cfg.data.source == "scaling":
+        files = files_token if files_token is not None else signature(scaling_files(cfg))
+        return fingerprint("generate", "scaling", cfg.scaling, files)
     parts = [getattr(cfg, s) for s in stage.sections] + [fps[u] for u in stage.upstream]
     if stage.input_files is not None:
         parts.append(signature(stage.input_files(cfg)))

@@ -14,6 +14,13 @@
 Table 1: full softmax, exact K-MIPS (K = 10, 50, 100, 1000), clustering, PCA-Tree, WTA-Hash.
 Table 2: Top-K / Sample-K / Rand-block combinations of the clustered reader at two cluster counts
 (the paper used about 100 and 50 facts per cluster).
+
+Scaling (``--config configs/sq-scaling.yaml --experiment scaling``): a variant per memory size of
+data.source=scaling with the clustered reader (``29k``, ``131k``, ``1m``, ``3m``, ``10m``) and,
+up to 1m facts, with exact K-MIPS (``<size>-exact``); per-size settings come from the rules
+`transe_epochs`, `transe_partitions`, `memory_layout`, `top_clusters`, `question_limit` and
+`artificial_limit` (`size_overrides`). Each size's variants share its generate, ingest, embed
+and memory stages; ``<run>/eval/scaling.md`` and ``scaling.json`` hold the report.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hmn.config import READER_NAMES, RunConfig, config_from_dict, config_to_dict
+from hmn.config import READER_NAMES, SCALING_SIZES, RunConfig, config_from_dict, config_to_dict
 from pipeline.driver import Pipeline
 from pipeline.rundir import RunDir, write_json_atomic, write_text_atomic
 
@@ -111,7 +118,112 @@ def table2(cfg: RunConfig, num_facts: int) -> list[Variant]:
     return variants
 
 
-EXPERIMENTS = {"table1": table1, "table2": table2}
+# ---------------------------------------------------------------------------------------------
+# Scaling: one run per memory size, per-size settings from the rules below
+# ---------------------------------------------------------------------------------------------
+
+SQ32K_FACTS = 29_423  # kb.txt: the memory the base settings (configs/sq-scaling.yaml) worked on
+SQ32K_DEV = 7_229  # questions_dev.txt, at every size
+#: facts of the sizes that have no target count (the real facts alone), for the rules
+REAL_FACTS = {"29k": SQ32K_FACTS, "131k": 131_000}
+EXACT_MAX_FACTS = 1_000_000  # exact K-MIPS training runs up to this memory size
+FLAT_MAX_FACTS = 200_000  # flat index up to here (131k), hierarchical [C1, C2] beyond
+QUESTION_BUDGET = 1e10  # fact scores per validation or evaluation pass
+
+
+def size_facts(size: str, facts: int = 0) -> int:
+    """Facts in the memory of ``size``: ``scaling.facts`` when set, else the size's count."""
+    return facts or SCALING_SIZES[size] or REAL_FACTS[size]
+
+
+def transe_epochs(n: int, base_epochs: int) -> int:
+    """TransE epochs at ``n`` facts: the number of triple updates of ``base_epochs`` epochs over
+    SQ-32k's 29,423 facts (where they worked) kept constant, so TransE costs about the same at
+    every size; at least 5 epochs, so every fact of a large memory is still seen several times;
+    never more than ``base_epochs``."""
+    return min(base_epochs, max(5, round(base_epochs * SQ32K_FACTS / n)))
+
+
+def transe_partitions(n: int, dim: int) -> tuple[int, int] | None:
+    """``(embed.num_partitions, embed.num_workers)`` when the entity table (at most ``n``
+    entities, rows plus Adam's two moments, float32) is over 1 GB: a power of two of partitions
+    of at most 0.5 GB (a worker holds two) and two workers; None: the base's settings."""
+    table_gb = n * dim * 4 * 3 / 1e9
+    if table_gb <= 1.0:
+        return None
+    return 2 ** math.ceil(math.log2(table_gb / 0.5)), 2
+
+
+def memory_layout(n: int) -> dict[str, Any]:
+    """The index of ``n`` facts: flat up to 200k facts with ~15 facts per leaf (a power of two:
+    SQ-32k's 2048); beyond, hierarchical [C1, C2] with ~100 facts per leaf, at most [256, 128]
+    (the FB presets'; ~330 facts per leaf at 10.8m), leaves split above 500 facts, each level
+    fitted on a sample of at most 1m facts."""
+    if n <= FLAT_MAX_FACTS:
+        return {"memory.branching": [max(2, 2 ** round(math.log2(n / 15)))]}
+    exp = min(15, math.ceil(math.log2(n / 100)))
+    c1 = 2 ** math.ceil(exp / 2)
+    return {"memory.branching": [c1, 2**exp // c1], "memory.max_leaf_size": 500,
+            "memory.fit_sample": min(n, 1_000_000)}
+
+
+def top_clusters(n: int, leaves: int) -> int:
+    """Leaves a question reads: SQ-32k's share (100 of 2048, ~4.9%) up to 200k facts; beyond,
+    0.5% of the leaves, so a question reads at most about 0.5% of the memory."""
+    share = 100 / 2048 if n <= FLAT_MAX_FACTS else 0.005
+    return max(1, math.floor(share * leaves))
+
+
+def question_limit(facts_scored: float, questions: int = SQ32K_DEV) -> int:
+    """Questions of a validation or evaluation pass scoring ``facts_scored`` facts each: all
+    (0) while the pass stays within 1e10 fact scores (all of dev, exact, up to 1m facts), else
+    the budget's share, at least 500."""
+    if facts_scored * questions <= QUESTION_BUDGET:
+        return 0
+    return max(500, int(QUESTION_BUDGET // facts_scored))
+
+
+def artificial_limit(n: int) -> int:
+    """Artificial questions: one for every fact without a natural question (the paper's rule)
+    up to 1m facts; beyond, a seeded sample of 1m, so an epoch stays the size of the 1m
+    memory's (one per fact would make 3-10.8m questions an epoch, 23k-84k steps of 128, and
+    early stopping needs several epochs)."""
+    return 0 if n <= EXACT_MAX_FACTS else 1_000_000
+
+
+def size_overrides(cfg: RunConfig, size: str, exact: bool) -> dict[str, Any]:
+    """The settings of one scaling variant: its size and the rules above at its fact count."""
+    n = size_facts(size, cfg.scaling.facts)
+    o: dict[str, Any] = {"scaling.size": size,
+                         "embed.epochs": transe_epochs(n, cfg.embed.epochs)}
+    parts = transe_partitions(n, cfg.embed.dim)
+    if parts:
+        o["embed.num_partitions"], o["embed.num_workers"] = parts
+    o.update(memory_layout(n))
+    leaves = math.prod(o["memory.branching"])
+    o["reader.top_clusters"] = top_clusters(n, leaves)
+    read = n if exact else n * o["reader.top_clusters"] / leaves  # facts a dev question scores
+    o["train.dev_limit"] = question_limit(read)
+    o["eval.max_questions"] = question_limit(n)  # evaluation scores exact (recall@10) too
+    o["train.artificial_limit"] = artificial_limit(n)
+    o["train.max_steps_per_epoch"] = 0
+    o.update(_reader("exact" if exact else "clustered"))
+    return o
+
+
+def scaling_variants(cfg: RunConfig) -> list[Variant]:
+    """Every size with the clustered reader, and with exact K-MIPS up to 1m facts
+    (``<size>-exact``)."""
+    variants = []
+    for size in SCALING_SIZES:
+        variants.append(Variant(size, f"{size}, clustered", size_overrides(cfg, size, False)))
+        if size_facts(size, cfg.scaling.facts) <= EXACT_MAX_FACTS:
+            variants.append(Variant(f"{size}-exact", f"{size}, exact K-MIPS",
+                                    size_overrides(cfg, size, True)))
+    return variants
+
+
+EXPERIMENTS = {"table1": table1, "table2": table2, "scaling": scaling_variants}
 
 
 def variant_config(base: RunConfig, variant: Variant) -> RunConfig:
@@ -154,6 +266,8 @@ def run_experiment(name: str, base_cfg: RunConfig, base: RunDir, *, force: bool 
                    only: tuple[str, ...] = ()) -> dict:
     if name not in EXPERIMENTS:
         raise ValueError(f"--experiment {name!r}: unknown; known: {', '.join(EXPERIMENTS)}")
+    if name == "scaling":
+        return run_scaling(base_cfg, base, force=force, only=only)
     Pipeline(base_cfg, base, force=force).execute(until="memory")
     facts = json.loads((base.stage_dir("ingest") / "stats.json").read_text())["totals"]["facts"]
     variants = EXPERIMENTS[name](base_cfg, facts)
@@ -271,3 +385,119 @@ def plots(rows: list[dict], out: Path, name: str) -> None:
     fig.tight_layout()
     fig.savefig(out / f"{name}_accuracy_vs_touched.png", dpi=120)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scaling: running the variants and the report
+# ---------------------------------------------------------------------------------------------
+
+STAGE_COLUMNS = ("generate", "ingest", "embed", "memory", "train", "evaluate")
+
+
+def run_scaling(base_cfg: RunConfig, base: RunDir, *, force: bool = False,
+                only: tuple[str, ...] = ()) -> dict:
+    """Every scaling variant (or those in ``only``) as a run directory of its own,
+    ``<run>/experiments/scaling/<variant>``. The clustered variant of a size owns its generate,
+    ingest, embed and memory stages; its exact variant links them (`link_shared`). Writes
+    ``<run>/eval/scaling.md`` and ``scaling.json``: a row per finished variant, the others
+    listed as not run."""
+    variants = scaling_variants(base_cfg)
+    by_name = {v.name: v for v in variants}
+    if only and set(only) - set(by_name):
+        raise ValueError(f"--variants: unknown {sorted(set(only) - set(by_name))}; "
+                         f"known: {list(by_name)}")
+    root = base.root / "experiments" / "scaling"
+    rows, not_run, prepared = [], [], set()
+    for v in variants:
+        cfg = variant_config(base_cfg, v)
+        run = RunDir(root / v.name)
+        if not only or v.name in only:
+            owner = v.overrides["scaling.size"]  # the size's clustered variant
+            if owner != v.name:
+                owner_cfg = variant_config(base_cfg, by_name[owner])
+                owner_run = RunDir(root / owner)
+                Pipeline(owner_cfg, owner_run, force=force and owner not in prepared).execute(
+                    until="memory")
+                prepared.add(owner)
+                link_shared(owner_run, run, owner_cfg, cfg)
+            log.info("experiment scaling: variant %s (%s)", v.name, v.label)
+            linked = ("train", "evaluate") if owner != v.name else ()  # the rest is the owner's
+            Pipeline(cfg, run, force=force and v.name not in prepared, only=linked).execute()
+            prepared.add(v.name)
+        if _finished(run):
+            rows.append(scaling_row(v, cfg, run))
+        else:
+            not_run.append(v.name)
+    result = {"experiment": "scaling", "rows": rows, "not_run": not_run}
+    out = base.root / "eval"
+    out.mkdir(exist_ok=True)
+    write_json_atomic(out / "scaling.json", result)
+    write_text_atomic(out / "scaling.md", scaling_markdown(result))
+    if rows:
+        plots(rows, out / "plots", "scaling")
+    return result
+
+
+def centroid_products(branching: list[int], leaves: int) -> int:
+    """Centroid inner products per question of the clustered reader: it scores every centroid of
+    every level (`hmn.readers.ClusteredReader._leaf_scores`); the last level holds ``leaves``
+    (the index's leaves after splitting)."""
+    return sum(math.prod(branching[: i + 1]) for i in range(len(branching) - 1)) + leaves
+
+
+def scaling_row(v: Variant, cfg: RunConfig, run: RunDir) -> dict:
+    """One report row of a finished variant: `_row`'s figures plus the size, the memory's facts,
+    the ambiguity ceiling (``generate/realism.json``), centroid products per question and each
+    stage's seconds and peak memory (the manifest)."""
+    row = _row(v, cfg, run)
+    realism = json.loads((run.stage_dir("generate") / "realism.json").read_text())
+    memory = json.loads((run.stage_dir("memory") / "stats.json").read_text())
+    stages = run.manifest()["stages"]
+    clustered = cfg.train.infer_reader == "clustered"
+    row.update({
+        "size": cfg.scaling.size, "facts": realism["counts"]["facts"],
+        "ambiguity_ceiling": realism["ambiguity_ceiling"]["share"],
+        "best_epoch": row["epochs_to_converge"],
+        "centroid_products_per_query": (centroid_products(list(cfg.memory.branching),
+                                                          memory["leaves"]) if clustered else 0),
+        "leaves": memory["leaves"],
+        "stage_seconds": {s: stages[s].get("seconds") for s in STAGE_COLUMNS if s in stages},
+        "stage_peak_pss_gb": {s: stages[s].get("peak_pss_gb") for s in STAGE_COLUMNS
+                              if s in stages},
+    })  # fmt: skip
+    return row
+
+
+def _num(x: Any, fmt: str) -> str:
+    return "" if x is None else format(x, fmt)
+
+
+def scaling_markdown(result: dict) -> str:
+    """The scaling report: dev accuracy against memory size beside the ambiguity ceiling, the
+    cost of training and reading, then each stage's time and peak memory."""
+    lines = ["# scaling: dev accuracy against memory size", "",
+             "| variant | facts | ambiguity ceiling | dev accuracy | best epoch / epochs | "
+             "s / epoch | facts read / question | centroid products / question | "
+             "recall@10 vs exact |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        share = 100 * r["facts_per_query"] / r["facts"]
+        lines.append(
+            f"| {r['variant']} | {r['facts']:,} | {r['ambiguity_ceiling']:.4f} | "
+            f"{r['accuracy']:.4f} | {r['best_epoch']} / {r['epochs']} | "
+            f"{r['seconds_per_epoch']:.1f} | {r['facts_per_query']:,.0f} ({share:.2f}%) | "
+            f"{r['centroid_products_per_query']:,} | {_num(r['recall10_vs_exact'], '.3f')} |")
+    lines += ["", "Facts read per question count the facts the reader scored; the clustered "
+              "reader also scores every centroid of every level (the centroid products column, "
+              "from the index's shape).", "", "## time (s) and peak memory (GB, PSS) per stage",
+              "", "| variant | " + " | ".join(STAGE_COLUMNS) + " |",
+              "|---|" + "---|" * len(STAGE_COLUMNS)]
+    for r in result["rows"]:
+        cells = [f"{_num(r['stage_seconds'].get(s), '.1f')} s, "
+                 f"{_num(r['stage_peak_pss_gb'].get(s), '.2f')} GB" if s in r["stage_seconds"]
+                 else "" for s in STAGE_COLUMNS]  # fmt: skip
+        lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+    lines += ["", "A variant's generate, ingest, embed and memory stages are its size's (the "
+              "exact variant links the clustered one's)."]
+    if result["not_run"]:
+        lines += ["", "Not run: " + ", ".join(result["not_run"]) + "."]
+    return "\n".join(lines) + "\n"

@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--force", action="store_true", help="redo stages even when they are done")
     parser.add_argument("--experiment", choices=tuple(EXPERIMENTS),
-                        help="train every variant of the paper's Table 1 or 2 "
-                             "(see pipeline/experiments.py)")
+                        help="train every variant of the paper's Table 1 or 2, or of the "
+                             "memory-size scaling (see pipeline/experiments.py)")
     parser.add_argument("--variants", default="",
                         help="with --experiment: comma-separated subset of variants")
     parser.add_argument("--help-config", action="store_true",

@@ -67,6 +67,10 @@ def test_overrides_are_converted_by_type():
     ("train.use_gpu=maybe", "train.use_gpu='maybe': expected true or false"),
     ("eval.readers=[pca]", "eval.readers"),
     ("reader.top_clusters=1000", "reader.top_clusters=1000: more than the 32 leaves"),
+    ("data.source=web", "data.source='web': must be one of synthetic, files, scaling"),
+    ("scaling.size=5k", "scaling.size='5k': unknown; known: 29k, 131k, 1m, 3m, 10m"),
+    ("scaling.facts=-1", "scaling.facts=-1: must be >= 0"),
+    ("scaling.homonym_p=0", "scaling.homonym_p=0.0: must be in (0, 1]"),
 ])
 def test_errors_name_the_field_and_value(override, message):
     overrides = [override]
@@ -92,6 +96,19 @@ def test_bad_file(tmp_path):
 def test_files_source_needs_files():
     with pytest.raises(ConfigError, match="data.facts"):
         load_config(None, ["data.source=files"])
+
+
+def test_scaling_spec_is_the_scaling_section():
+    from hmn.scaling import ScalingSpec
+
+    cfg = load_config("configs/sq-scaling.yaml", ["scaling.size=1m", "scaling.facts=5000",
+                                                  "scaling.homonym_share=0.2"])
+    assert cfg.data.source == "scaling"
+    spec = ScalingSpec.from_config(cfg.scaling)
+    assert dataclasses.asdict(spec) == dataclasses.asdict(cfg.scaling)
+    assert spec.target_facts() == 5000 and spec.with_fb15k()
+    assert ScalingSpec(size="29k").target_facts() is None and not ScalingSpec(size="29k").with_fb15k()
+    assert ScalingSpec(size="3m").target_facts() == 3_000_000
 
 
 def test_describe_lists_every_field():

@@ -72,3 +72,36 @@ def test_files_source_has_no_generate_stage_and_hashes_its_files(calls, tmp_path
     assert run.fingerprint_of("ingest") == want["ingest"]
     facts.write_text("www.freebase.com/m/01\twww.freebase.com/r/x\twww.freebase.com/m/03\n")
     assert stage_fingerprints(cfg, run.input_signature)["ingest"] != want["ingest"]
+
+
+def test_scaling_source_generates_and_hashes_its_section_and_real_files(calls, tmp_path):
+    from pipeline.driver import ingest_sources, scaling_files
+
+    data = tmp_path / "data"
+    for f in ("simplequestions/kb.txt", "simplequestions/names.tsv",
+              "simplequestions/questions_train.txt", "simplequestions/questions_dev.txt",
+              "fb15k-237/train.txt", "fb15k-237/valid.txt", "fb15k-237/test.txt",
+              "fb15k-237/names.tsv"):
+        (data / f).parent.mkdir(parents=True, exist_ok=True)
+        (data / f).write_text(f)
+    cfg = load_config(ROOT / "configs" / "sq-scaling.yaml", [f"scaling.data_dir={data}"])
+    run = RunDir(tmp_path / "run")
+    assert list(Pipeline(cfg, run).execute(until="ingest")) == ["generate", "ingest"]
+    want = stage_fingerprints(cfg, run.input_signature)
+    assert run.fingerprint_of("generate") == want["generate"]
+    # 29k reads kb.txt, names and the questions; 131k and up FB15k-237 too
+    assert [Path(p).name for p in scaling_files(cfg)] == [
+        "kb.txt", "names.tsv", "questions_train.txt", "questions_dev.txt"]
+    big = dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, size="131k"))
+    assert len(scaling_files(big)) == 8
+    assert stage_fingerprints(big, run.input_signature)["generate"] != want["generate"]
+    seeded = dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, seed=1))
+    assert stage_fingerprints(seeded, run.input_signature)["generate"] != want["generate"]
+    (data / "simplequestions/kb.txt").write_text("changed")
+    changed = stage_fingerprints(cfg, run.input_signature)
+    assert changed["generate"] != want["generate"] and changed["ingest"] != want["ingest"]
+    (data / "fb15k-237/train.txt").write_text("not read at 29k")
+    assert stage_fingerprints(cfg, run.input_signature) == changed
+    src = ingest_sources(cfg, run)
+    assert src.facts == [str(run.stage_dir("generate") / "kb.txt")]
+    assert set(src.questions) == {"train", "dev"}

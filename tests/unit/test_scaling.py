@@ -29,11 +29,10 @@ def _names(path: Path) -> dict[str, str]:
     return dict(line.split("\t") for line in path.read_text(encoding="utf-8").splitlines())
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """``simplequestions/`` from one synthetic KB, ``fb15k-237/`` (``/m/`` triples) from another
-    (their random mids may coincide: shared entities)."""
-    root = tmp_path_factory.mktemp("scaling_data")
+def make_real_data(root: Path) -> Path:
+    """``root/simplequestions/`` from one synthetic KB (400 facts, 150 train and 100 dev
+    questions), ``root/fb15k-237/`` (``/m/`` triples) from another (300 facts; their random mids
+    may coincide: shared entities)."""
     sq = root / "simplequestions"
     spec = SyntheticSpec(entities=400, relations=25, facts=400, train_questions=150,
                          dev_questions=100, test_questions=0, seed=1)  # fmt: skip
@@ -51,6 +50,11 @@ def data(tmp_path_factory) -> Path:
         "".join(f"{k[16:]}\t{v}\n" for k, v in _names(fb_src / "names.tsv").items()), "utf-8"
     )
     return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_real_data(tmp_path_factory.mktemp("scaling_data"))
 
 
 @pytest.fixture(scope="module")

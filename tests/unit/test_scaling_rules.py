@@ -1,0 +1,159 @@
+"""The scaling experiment's per-size rules and its report builder (no Ray)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from hmn.config import load_config
+from pipeline.driver import stage_fingerprints
+from pipeline.experiments import (
+    artificial_limit,
+    centroid_products,
+    memory_layout,
+    question_limit,
+    scaling_markdown,
+    scaling_row,
+    scaling_variants,
+    size_facts,
+    top_clusters,
+    transe_epochs,
+    transe_partitions,
+    variant_config,
+)
+from pipeline.rundir import RunDir, write_json_atomic
+
+ROOT = Path(__file__).resolve().parents[2]
+FACTS = {"29k": 29_423, "131k": 131_000, "1m": 1_000_000, "3m": 3_000_000, "10m": 10_800_000}
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(ROOT / "configs/sq-scaling.yaml")
+
+
+def test_size_facts_from_the_size_or_the_facts_setting():
+    assert {s: size_facts(s) for s in FACTS} == FACTS
+    assert size_facts("10m", 2000) == 2000
+
+
+def test_transe_epochs_keep_the_triple_updates_with_a_floor():
+    assert transe_epochs(29_423, 100) == 100  # SQ-32k: the base's epochs
+    assert transe_epochs(131_000, 100) == 22
+    assert abs(22 * 131_000 - 100 * 29_423) / (100 * 29_423) < 0.03  # the same updates
+    assert [transe_epochs(FACTS[s], 100) for s in ("1m", "3m", "10m")] == [5, 5, 5]  # the floor
+    assert transe_epochs(2000, 7) == 7  # never more than the base's
+
+
+def test_transe_partitions_only_for_large_tables():
+    assert transe_partitions(131_000, 200) is None
+    for n, want in ((1_000_000, 8), (3_000_000, 16), (10_800_000, 64)):
+        parts, workers = transe_partitions(n, 200)
+        assert parts == want and workers == 2 and parts >= 2 * workers
+        assert n * 200 * 12 / 1e9 / parts <= 0.5  # a partition, with its Adam moments, <= 0.5 GB
+
+
+def test_memory_layout_flat_then_hierarchical_with_15_to_500_facts_a_leaf():
+    assert memory_layout(29_423) == {"memory.branching": [2048]}  # SQ-32k's
+    assert memory_layout(131_000) == {"memory.branching": [8192]}
+    assert memory_layout(1_000_000)["memory.branching"] == [128, 128]
+    assert memory_layout(10_800_000) == {"memory.branching": [256, 128],
+                                         "memory.max_leaf_size": 500,
+                                         "memory.fit_sample": 1_000_000}
+    for size, n in FACTS.items():
+        layout = memory_layout(n)
+        per_leaf = n / math.prod(layout["memory.branching"])
+        assert 14 <= per_leaf <= 500, size
+        assert (len(layout["memory.branching"]) == 1) == (n <= 131_000), size
+        assert layout.get("memory.max_leaf_size", 500) == 500
+
+
+def test_top_clusters_read_at_most_half_a_percent_from_1m():
+    assert top_clusters(29_423, 2048) == 100  # the base's 4.9%
+    for size in ("1m", "3m", "10m"):
+        n = FACTS[size]
+        leaves = math.prod(memory_layout(n)["memory.branching"])
+        read = top_clusters(n, leaves) * n / leaves  # facts a question reads, on average
+        assert 0.004 * n <= read <= 0.005 * n, size
+
+
+def test_question_limit_keeps_a_pass_within_the_budget():
+    assert question_limit(1_000_000) == 0  # all of dev, exact, at 1m
+    assert question_limit(10_800_000) == 925
+    assert question_limit(10_800_000) * 10_800_000 <= 1e10 < 7_229 * 10_800_000
+    assert question_limit(1e12) == 500  # the floor
+
+
+def test_artificial_questions_one_per_fact_up_to_1m():
+    assert artificial_limit(1_000_000) == 0 and artificial_limit(131_000) == 0
+    assert artificial_limit(3_000_000) == artificial_limit(10_800_000) == 1_000_000
+
+
+def test_variants_and_their_settings(cfg):
+    variants = {v.name: v for v in scaling_variants(cfg)}
+    assert list(variants) == ["29k", "29k-exact", "131k", "131k-exact", "1m", "1m-exact", "3m",
+                              "10m"]
+    fps = {}
+    for name, v in variants.items():
+        c = variant_config(cfg, v)  # validates
+        exact = name.endswith("-exact")
+        assert c.scaling.size == name.split("-")[0]
+        reader = "exact" if exact else "clustered"
+        assert (c.train.reader, c.train.infer_reader) == (reader, reader)
+        assert c.train.max_epochs >= 50 and c.train.max_steps_per_epoch == 0
+        assert c.train.patience == 3
+        fps[name] = stage_fingerprints(c, files_token="FILES")
+    for size in ("29k", "131k", "1m"):  # a size's exact variant shares its data, TransE, index
+        for stage in ("generate", "ingest", "embed", "memory"):
+            assert fps[size][stage] == fps[f"{size}-exact"][stage], (size, stage)
+        assert fps[size]["train"] != fps[f"{size}-exact"]["train"]
+    assert len({fps[s]["generate"] for s in FACTS}) == len(FACTS)
+    one_m = variant_config(cfg, variants["1m"])
+    assert (one_m.embed.num_partitions, one_m.embed.num_workers) == (8, 2)
+    assert variant_config(cfg, variants["29k"]).embed.num_workers == cfg.embed.num_workers
+
+
+def test_centroid_products_count_every_level():
+    assert centroid_products([2048], 2048) == 2048
+    assert centroid_products([256, 128], 33_000) == 256 + 33_000  # leaves after splitting
+
+
+def _fake_variant(root: Path) -> RunDir:
+    """A finished variant's files, as the stages write them."""
+    run = RunDir(root)
+    for stage in ("generate", "memory", "train", "evaluate"):
+        (root / stage).mkdir()
+    write_json_atomic(root / "generate/realism.json",
+                      {"counts": {"facts": 1_000_000}, "ambiguity_ceiling": {"share": 0.81}})
+    write_json_atomic(root / "memory/stats.json", {"leaves": 16_500})
+    hist = [{"dev_accuracy": a, "train_facts_touched": 10.0} for a in (0.5, 0.6, 0.55)]
+    write_json_atomic(root / "train/stats.json", {
+        "history": hist, "best_epoch": 1, "epochs": 3, "mean_epoch_seconds": 40.0,
+        "mean_softmax_size": 900.0})
+    readers = {"exact": {"accuracy": 0.62, "facts_per_query": 1e6}}
+    readers["clustered"] = {"accuracy": 0.6, "facts_per_query": 4800.0, "recall10_vs_exact": 0.7}
+    write_json_atomic(root / "evaluate/report.json", {"splits": {"dev": {"readers": readers}}})
+    stages = {s: {"status": "done", "seconds": 10.0 * i, "peak_pss_gb": 0.5 * i}
+              for i, s in enumerate(("generate", "ingest", "embed", "memory", "train",
+                                     "evaluate"), 1)}
+    write_json_atomic(run.manifest_path, {"stages": stages})
+    return run
+
+
+def test_report_rows_from_a_variants_files(cfg, tmp_path):
+    v = next(v for v in scaling_variants(cfg) if v.name == "1m")
+    c = variant_config(cfg, v)
+    row = scaling_row(v, c, _fake_variant(tmp_path / "1m"))
+    assert (row["size"], row["facts"], row["ambiguity_ceiling"]) == ("1m", 1_000_000, 0.81)
+    assert (row["accuracy"], row["best_epoch"], row["epochs"]) == (0.6, 2, 3)
+    assert (row["facts_per_query"], row["recall10_vs_exact"]) == (4800.0, 0.7)
+    assert row["centroid_products_per_query"] == 128 + 16_500
+    assert row["seconds_per_epoch"] == 40.0
+    assert row["stage_seconds"]["memory"] == 40.0 and row["stage_peak_pss_gb"]["train"] == 2.5
+    md = scaling_markdown({"rows": [row], "not_run": ["3m", "10m"]})
+    assert ("| 1m | 1,000,000 | 0.8100 | 0.6000 | 2 / 3 | 40.0 | 4,800 (0.48%) | 16,628 | "
+            "0.700 |") in md
+    assert "| 1m | 10.0 s, 0.50 GB | 20.0 s, 1.00 GB | 30.0 s, 1.50 GB |" in md
+    assert md.rstrip().endswith("Not run: 3m, 10m.")
