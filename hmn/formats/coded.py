@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hmn import ids
-from hmn.formats.grouped import FACT_LINES_SCHEMA
+from hmn.formats.grouped import FACT_LINES_SCHEMA, read_three_fields
 from hmn.formats.keys import normalize_keys
 from hmn.formats.lines import ByteChunk, count_lines
 from hmn.formats.parsed import REJECT_SCHEMA, FormatError, Parsed
@@ -232,8 +232,6 @@ def _read_coded_csv(data: bytes | ByteChunk) -> pa.Table | None:
     or a byte range read through a memory map) by pyarrow's CSV reader, without its UTF-8
     check; None when a line needs the careful path (a wrong field count, an empty field, a
     U+FFFD, a lone ``\r``)."""
-    import pyarrow.csv as pacsv
-
     if isinstance(data, ByteChunk):  # memory-mapped: the page cache is read in place
         view = _MappedRange(data)
     else:
@@ -242,34 +240,14 @@ def _read_coded_csv(data: bytes | ByteChunk) -> pa.Table | None:
         return None  # U+FFFD: the careful path rejects it as invalid UTF-8
     # the CSV reader also ends rows at a lone "\r": then count the lines to compare
     n_lines = count_lines(view.to_bytes()) if view.find(b"\r") >= 0 else -1
-    invalid: list[int] = []
-
-    def on_invalid(row) -> str:
-        invalid.append(1)
-        return "skip"
-
-    try:
-        table = pacsv.read_csv(
-            pa.BufferReader(view.buffer()),
-            read_options=pacsv.ReadOptions(
-                column_names=["s", "p", "o"], use_threads=False, block_size=view.size + 1
-            ),
-            parse_options=pacsv.ParseOptions(
-                delimiter="\t", quote_char=False, escape_char=False, ignore_empty_lines=False,
-                newlines_in_values=False, invalid_row_handler=on_invalid,
-            ),
-            convert_options=pacsv.ConvertOptions(
-                column_types={"s": pa.string(), "p": pa.dictionary(pa.int32(), pa.string()),
-                              "o": pa.string()},
-                strings_can_be_null=False, quoted_strings_can_be_null=False,
-                # UTF-8 is checked below: every byte of a key is a prefix byte or a machine-id
-                # character (hmn.ids), and the distinct relation spellings are validated
-                check_utf8=False,
-            ),
-        )  # fmt: skip
-    except pa.ArrowInvalid:
-        return None
-    if invalid or (n_lines >= 0 and table.num_rows != n_lines):
+    # UTF-8 is checked later: every byte of a key is a prefix byte or a machine-id character
+    # (hmn.ids), and the distinct relation spellings are validated
+    table = read_three_fields(
+        view.buffer(), view.size + 1,
+        {"s": pa.string(), "p": pa.dictionary(pa.int32(), pa.string()), "o": pa.string()},
+        check_utf8=False,
+    )
+    if table is None or (n_lines >= 0 and table.num_rows != n_lines):
         return None
     return table
 

@@ -116,15 +116,12 @@ def _grouped_from_fields(
     return Parsed(table, sieve.rejects(), sieve.n)
 
 
-def _csv_fields(data: bytes, n_lines: int) -> list[pa.Array] | None:
-    """The three TAB-separated fields of every line of ``data`` via pyarrow's CSV tokenizer
-    (no quoting, single-threaded: the caller is one of several parallel tasks), or None when a
-    line needs the careful line-by-line path (a wrong field count, an empty field, a ``\\r``,
-    invalid UTF-8 or a U+FFFD, or a count other than ``n_lines``)."""
+def read_three_fields(buffer, block_size: int, column_types: dict, check_utf8: bool = True):
+    """``buffer`` tokenised by pyarrow's CSV reader as TAB-separated lines of three fields
+    ``s``, ``p``, ``o`` (no quoting, one thread: the caller is one of several parallel tasks),
+    or None when a line has another field count or pyarrow rejects the bytes."""
     import pyarrow.csv as pacsv
 
-    if not data or data.find(b"\r") >= 0 or (data.find(b"\xef") >= 0 and data.find(b"\xef\xbf\xbd") >= 0):
-        return None
     invalid: list[int] = []
 
     def on_invalid(row) -> str:
@@ -133,22 +130,34 @@ def _csv_fields(data: bytes, n_lines: int) -> list[pa.Array] | None:
 
     try:
         table = pacsv.read_csv(
-            pa.BufferReader(data),
+            pa.BufferReader(buffer),
             read_options=pacsv.ReadOptions(
-                column_names=["s", "p", "o"], use_threads=False, block_size=max(1 << 20, len(data) + 1)
+                column_names=["s", "p", "o"], use_threads=False, block_size=block_size
             ),
             parse_options=pacsv.ParseOptions(
                 delimiter="\t", quote_char=False, escape_char=False, ignore_empty_lines=False,
                 newlines_in_values=False, invalid_row_handler=on_invalid,
             ),
             convert_options=pacsv.ConvertOptions(
-                column_types={c: pa.string() for c in "spo"}, strings_can_be_null=False,
-                quoted_strings_can_be_null=False,
+                column_types=column_types, strings_can_be_null=False,
+                quoted_strings_can_be_null=False, check_utf8=check_utf8,
             ),
         )  # fmt: skip
     except pa.ArrowInvalid:  # invalid UTF-8, among others
         return None
-    if invalid or table.num_rows != n_lines:
+    return None if invalid else table
+
+
+def _csv_fields(data: bytes, n_lines: int) -> list[pa.Array] | None:
+    """The three TAB-separated fields of every line of ``data`` via pyarrow's CSV tokenizer
+    (no quoting, single-threaded: the caller is one of several parallel tasks), or None when a
+    line needs the careful line-by-line path (a wrong field count, an empty field, a ``\\r``,
+    invalid UTF-8 or a U+FFFD, or a count other than ``n_lines``)."""
+    if not data or data.find(b"\r") >= 0 or (data.find(b"\xef") >= 0 and data.find(b"\xef\xbf\xbd") >= 0):
+        return None
+    table = read_three_fields(data, max(1 << 20, len(data) + 1),
+                              {c: pa.string() for c in "spo"})
+    if table is None or table.num_rows != n_lines:
         return None
     fields = [table.column(c).combine_chunks() for c in "spo"]
     for f in fields:
