@@ -330,6 +330,14 @@ class TrainConfig:
                                            "without a natural training question")
     artificial_limit: int = _f(0, "at most this many artificial questions, a seeded sample "
                                   "(0 = one for every fact without a natural question)")
+    artificial_per_epoch: int = _f(0, "> 0: the artificial questions of facts outside "
+                                      "train.artificial_fixed_from are drawn afresh each epoch, this "
+                                      "many (a seeded sample per epoch) instead of all of them in every "
+                                      "epoch (0 = the paper's rule)", stable=True)
+    artificial_fixed_from: str = _f("", "with artificial_per_epoch: a facts file (SimpleQuestions "
+                                        "grouped format) whose facts keep their artificial question in "
+                                        "every epoch (the scaling memories: the benchmark's kb.txt); "
+                                        "'' = every artificial question is drawn", stable=True)
     dev_limit: int = _f(0, "validate each epoch on a seeded sample of this many dev questions "
                            "(0 = all of dev; FB2M-sized memories make a full dev pass costly)")
     init_std: float = _f(0.01, "std of the initial word vectors")
@@ -363,6 +371,14 @@ class TrainConfig:
                "must be >= 0")
         _check(self.max_failures >= -1, s, "max_failures", self.max_failures, "must be >= -1")
         _check(self.artificial_limit >= 0, s, "artificial_limit", self.artificial_limit, "must be >= 0")
+        _check(self.artificial_per_epoch >= 0, s, "artificial_per_epoch", self.artificial_per_epoch,
+               "must be >= 0")
+        _check(not (self.artificial_per_epoch and self.artificial_limit), s, "artificial_limit",
+               self.artificial_limit, "cannot be combined with train.artificial_per_epoch (a fixed "
+               "sample or a fresh one each epoch: choose one)")
+        _check(not (self.artificial_fixed_from and not self.artificial_per_epoch), s,
+               "artificial_fixed_from", self.artificial_fixed_from,
+               "only applies with train.artificial_per_epoch > 0")
         _check(self.dev_limit >= 0, s, "dev_limit", self.dev_limit, "must be >= 0")
         workers = max(1, self.num_workers)
         _check(self.batch_size >= workers, s, "batch_size", self.batch_size,

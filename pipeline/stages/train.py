@@ -31,7 +31,7 @@ import torch
 from hmn.config import ReaderConfig, TrainConfig
 from hmn.model import BowEncoder, MemoryLike, make_optimizer
 from hmn.readers import Reader, make_reader
-from hmn.text import Vocabulary, artificial_questions
+from hmn.text import ArtificialPool, Vocabulary, artificial_questions
 from hmn.training import EarlyStopping, EpochStats, correct, make_batch, predict, train_epoch
 from pipeline.artifacts import KnowledgeBase, load_index, load_memory, memory_dim, read_questions
 from pipeline.stages import ray_train_env
@@ -51,6 +51,8 @@ class TrainJob:
     vocab_size: int
     dim: int
     fingerprints: dict
+    pool_path: str = ""      # ArtificialPool (.npz) each epoch draws from; '' = none
+    fixed_rows: int = 0      # rows of the training table (the questions of every epoch)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -75,6 +77,7 @@ class _Worker:
     dev_gold: np.ndarray             # (Q,) gold fact ids of that slice
     fact_subject: np.ndarray         # (N,) for the accuracy metric
     fact_relation: np.ndarray
+    pool: ArtificialPool | None      # the artificial questions drawn afresh each epoch
 
 
 @dataclass
@@ -103,8 +106,9 @@ def _load_worker(job: TrainJob, rank: int, world: int, device: torch.device) -> 
     tokens = _tokens(dev["tokens"].to_pylist())
     gold = dev["fact_id"].to_numpy()
     mine = np.arange(rank, len(gold), world)  # each rank scores its slice of dev
+    pool = ArtificialPool.load(job.pool_path) if job.pool_path else None
     return _Worker(rank, world, device, memory, train_reader, infer_reader, [tokens[i] for i in mine],
-                   gold[mine], meta["fact_subject"], meta["fact_relation"])
+                   gold[mine], meta["fact_subject"], meta["fact_relation"], pool)
 
 
 def _init_or_resume(job: TrainJob, w: _Worker) -> _TrainState:
@@ -177,11 +181,16 @@ def _run_epoch(job: TrainJob, w: _Worker, st: _TrainState, shard, epoch: int,
     cfg = job.train
     per_worker = max(1, cfg.batch_size // w.world)
     generator.manual_seed(cfg.seed * 1000 + epoch * 10 + w.rank)
+    drawn = (w.pool.draw(cfg.artificial_per_epoch, cfg.seed, epoch, w.rank, w.world)
+             if w.pool is not None else ([], np.zeros(0, np.int64)))
+    fixed_size, pool_size = batch_split(per_worker, job.fixed_rows // w.world, len(drawn[0]))
     batches = (
-        make_batch(_tokens(b["tokens"]), b["fact_id"], w.device)
-        for b in shard.iter_batches(batch_size=per_worker, batch_format="numpy",
-                                    local_shuffle_buffer_size=max(4 * per_worker, 1024),
-                                    local_shuffle_seed=cfg.seed + epoch)
+        make_batch(_tokens(b["tokens"]) + drawn[0][i * pool_size:(i + 1) * pool_size],
+                   np.concatenate([b["fact_id"], drawn[1][i * pool_size:(i + 1) * pool_size]]),
+                   w.device)
+        for i, b in enumerate(shard.iter_batches(batch_size=fixed_size, batch_format="numpy",
+                                                 local_shuffle_buffer_size=max(4 * per_worker, 1024),
+                                                 local_shuffle_seed=cfg.seed + epoch))
     )
     stats = train_epoch(st.model, batches, w.memory, w.train_reader, st.optimizer, loss=cfg.loss,
                         k=job.reader.k, generator=generator, max_steps=cfg.max_steps_per_epoch,
@@ -196,6 +205,17 @@ def _run_epoch(job: TrainJob, w: _Worker, st: _TrainState, shard, epoch: int,
                  epoch, metrics["loss"], metrics["dev_accuracy"], st.stopper.best,
                  st.stopper.best_epoch, stats.softmax_size, stats.seconds)
     _report_epoch(st, epoch, metrics, w.rank)
+
+
+def batch_split(per_worker: int, fixed_rows: int, drawn: int) -> tuple[int, int]:
+    """(fixed questions, drawn questions) per batch of ``per_worker``: the epoch's ``drawn``
+    artificial questions spread evenly over the batches of the ``fixed_rows`` fixed ones, so every
+    batch mixes both and every drawn question is used; (per_worker, 0) with nothing drawn."""
+    if drawn <= 0 or fixed_rows <= 0:
+        return per_worker, 0
+    fixed = max(1, round(per_worker * fixed_rows / (fixed_rows + drawn)))
+    steps = math.ceil(fixed_rows / fixed)
+    return fixed, math.ceil(drawn / steps)
 
 
 def train_loop_per_worker(config: dict) -> dict:
@@ -254,13 +274,43 @@ def _progress(epoch: int, rank: int, every_s: float = 30.0):
     return on_step
 
 
+def facts_in_file(path: str, kb: KnowledgeBase) -> np.ndarray:
+    """Sorted ids of the facts of ``kb`` whose (subject, relation) pair is a line of the facts
+    file ``path`` (SimpleQuestions grouped format); a line that does not parse is an error naming
+    the file and line, a pair the knowledge base lacks is left out (and logged)."""
+    from hmn.formats.grouped import parse_grouped_facts
+    from hmn.formats.lines import iter_line_chunks
+    from hmn.formats.parsed import FormatError
+    from hmn.kb import KeyTables, match_questions
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"train.artificial_fixed_from: {path!r} is not a file")
+    keys = KeyTables.from_facts(kb.entity_keys, kb.relation_keys, kb.fact_subject, kb.fact_relation)
+    found, missing = [], 0
+    for first, lines in iter_line_chunks(path):
+        parsed = parse_grouped_facts(lines, first, path)
+        if parsed.rejects.num_rows:
+            bad = parsed.rejects.slice(0, 1).to_pylist()[0]
+            raise FormatError(path, bad["line"], bad["reason"])
+        match = match_questions(parsed.table["subject"], parsed.table["relation"], keys)
+        found.append(match.fact_id[match.found])
+        missing += int((~match.found).sum())
+    if missing:
+        log.info("%s: %d facts are not in the knowledge base", path, missing)
+    return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+
+
 def prepare_questions(kb: KnowledgeBase, ingest_dir: Path, artificial: bool, limit: int = 0,
-                      seed: int = 0, dev_limit: int = 0) -> tuple[dict, dict]:
+                      seed: int = 0, dev_limit: int = 0, per_epoch: int = 0,
+                      fixed_from: str = "") -> tuple[dict, dict]:
     """Training texts (natural + artificial) and dev texts with gold fact ids.
 
     Artificial questions go to facts without a natural one; ``limit`` > 0 keeps a seeded sample of
-    that many such facts (FB2M: 10.7M facts lack a natural question). ``dev_limit`` > 0 keeps a
-    seeded sample of that many dev questions (in file order) for the per-epoch validation.
+    that many such facts (FB2M: 10.7M facts lack a natural question). With ``per_epoch`` > 0 only
+    the facts of the facts file ``fixed_from`` (none when '') keep theirs in the fixed texts; the
+    others form the pool (``train["pool"]``, fact ids) that each epoch draws ``per_epoch`` from.
+    ``dev_limit`` > 0 keeps a seeded sample of that many dev questions (in file order) for the
+    per-epoch validation.
     """
     train = read_questions(ingest_dir, "train")
     dev = read_questions(ingest_dir, "dev")
@@ -272,10 +322,16 @@ def prepare_questions(kb: KnowledgeBase, ingest_dir: Path, artificial: bool, lim
     facts = train["fact_id"].to_numpy()
     flags = [False] * len(texts)
     n_art = 0
+    pool = np.zeros(0, np.int64)
     if artificial:
         covered = np.zeros(kb.num_facts, dtype=bool)
         covered[facts] = True
         todo = np.flatnonzero(~covered)
+        if per_epoch:
+            fixed = np.zeros(kb.num_facts, dtype=bool)
+            if fixed_from:
+                fixed[facts_in_file(fixed_from, kb)] = True
+            todo, pool = todo[fixed[todo]], todo[~fixed[todo]]
         if 0 < limit < todo.size:
             todo = np.sort(np.random.default_rng([seed, 0xA27]).choice(todo, size=limit, replace=False))
         names = [kb.entity_names[s] for s in kb.fact_subject[todo]]
@@ -290,7 +346,8 @@ def prepare_questions(kb: KnowledgeBase, ingest_dir: Path, artificial: bool, lim
         keep = np.sort(np.random.default_rng([seed, 0xDE7]).choice(dev_total, size=dev_limit,
                                                                       replace=False))
         dev = dev.take(pa.array(keep))
-    return ({"texts": texts, "facts": facts, "artificial": flags, "artificial_count": n_art},
+    return ({"texts": texts, "facts": facts, "artificial": flags, "artificial_count": n_art,
+             "pool": pool},
             {"texts": dev["question"].to_pylist(), "facts": dev["fact_id"].to_numpy(),
              "total": dev_total})
 
@@ -332,8 +389,12 @@ def run_train(train_cfg: TrainConfig, reader_cfg: ReaderConfig, ingest_dir: Path
     kb = KnowledgeBase.load(ingest_dir)
     train_q, dev_q = prepare_questions(kb, ingest_dir, train_cfg.artificial_questions,
                                        train_cfg.artificial_limit, train_cfg.seed,
-                                       train_cfg.dev_limit)
-    vocab = Vocabulary.build(train_q["texts"])
+                                       train_cfg.dev_limit, train_cfg.artificial_per_epoch,
+                                       train_cfg.artificial_fixed_from)
+    pool_facts = train_q["pool"]
+    pool_texts = ArtificialPool.vocabulary_texts(pool_facts, kb.fact_subject, kb.fact_relation,
+                                                 kb.entity_names, kb.relation_keys)
+    vocab = Vocabulary.build(train_q["texts"] + pool_texts)
     vocab.save(out / "vocab.json")
     train_tokens, train_unknown = vocab.encode_many(train_q["texts"])
     dev_tokens, dev_unknown = vocab.encode_many(dev_q["texts"])
@@ -347,13 +408,22 @@ def run_train(train_cfg: TrainConfig, reader_cfg: ReaderConfig, ingest_dir: Path
     pq.write_table(pa.table({"tokens": pa.array([t.tolist() for t in dev_tokens], list_type),
                              "fact_id": pa.array(dev_q["facts"], pa.int64())}), data / "dev.parquet")
     np.savez(data / "facts_meta.npz", fact_subject=kb.fact_subject, fact_relation=kb.fact_relation)
+    pool_path, pool_size = "", 0
+    if train_cfg.artificial_per_epoch:
+        pool = ArtificialPool.build(pool_facts, kb.fact_subject, kb.fact_relation, kb.entity_names,
+                                    kb.relation_keys, vocab)
+        pool_path, pool_size = str(data / "artificial_pool.npz"), len(pool)
+        pool.save(pool_path)
+        del pool
     dim = memory_dim(memory_dir)
     job = TrainJob(train=train_cfg, reader=reader_cfg, memory_dir=str(memory_dir),
                    dev_path=str(data / "dev.parquet"), facts_meta_path=str(data / "facts_meta.npz"),
-                   vocab_size=len(vocab), dim=dim, fingerprints=fingerprints)
-    log.info("training on %d questions (%d artificial), vocabulary %d words, dev %d of %d questions, "
-             "memory %d x %d", train_table.num_rows, train_q["artificial_count"], len(vocab),
-             len(dev_tokens), dev_q["total"], kb.num_facts, dim)
+                   vocab_size=len(vocab), dim=dim, fingerprints=fingerprints,
+                   pool_path=pool_path, fixed_rows=train_table.num_rows)
+    log.info("training on %d questions (%d artificial) plus %d a epoch drawn from %d pool facts, "
+             "vocabulary %d words, dev %d of %d questions, memory %d x %d", train_table.num_rows,
+             train_q["artificial_count"], min(train_cfg.artificial_per_epoch, pool_size), pool_size,
+             len(vocab), len(dev_tokens), dev_q["total"], kb.num_facts, dim)
 
     if force:
         shutil.rmtree(storage_dir / run_name, ignore_errors=True)
@@ -367,6 +437,7 @@ def run_train(train_cfg: TrainConfig, reader_cfg: ReaderConfig, ingest_dir: Path
     stopper = state["stopper"]
     return {
         "train_questions": train_table.num_rows, "artificial_questions": train_q["artificial_count"],
+        "artificial_pool": pool_size, "artificial_per_epoch": min(train_cfg.artificial_per_epoch, pool_size),
         "vocabulary": len(vocab), "dev_questions": len(dev_tokens), "dev_total": dev_q["total"],
         "train_unknown_tokens": int(train_unknown.sum()), "dev_unknown_tokens": int(dev_unknown.sum()),
         "epochs": len(history), "best_epoch": stopper["best_epoch"], "best_dev_accuracy": stopper["best"],

@@ -25,7 +25,7 @@ def test_factorised_memory_runs_every_stage(ray_local, tmp_path):
         "embed.epochs=5", "embed.num_cpus=1",
         "memory.layout=factorised", "memory.branching=4,4", "memory.fit_sample=300", "memory.iters=4",
         "reader.top_clusters=3", "train.reader=clustered", "train.infer_reader=clustered",
-        "train.artificial_limit=100", "train.max_epochs=2", "train.batch_size=64",
+        "train.artificial_per_epoch=100", "train.max_epochs=2", "train.batch_size=64",
         "train.num_workers=1", "eval.max_questions=50", "eval.splits=[dev]",
     ])
     run = RunDir(tmp_path / "fact")
@@ -40,7 +40,10 @@ def test_factorised_memory_runs_every_stage(ray_local, tmp_path):
     assert type(mem).__name__ == "FactorisedMemory" and mem.n == 600 and mem.d == 600
 
     train = json.loads((run.stage_dir("train") / "stats.json").read_text())
-    assert train["artificial_questions"] <= 100
+    # no fixed artificial questions: each epoch draws 100 afresh from the pool and trains on them
+    assert train["artificial_questions"] == 0 and train["artificial_per_epoch"] == 100
+    assert train["artificial_pool"] > 100
+    assert [h["questions"] for h in train["history"]] == [train["train_questions"] + 100] * 2
     assert train["history"][-1]["train_facts_touched"] < 600
 
     report = json.loads((run.stage_dir("evaluate") / "report.json").read_text())

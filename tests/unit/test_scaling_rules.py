@@ -10,7 +10,7 @@ import pytest
 from hmn.config import load_config
 from pipeline.driver import stage_fingerprints
 from pipeline.experiments import (
-    artificial_limit,
+    artificial_rule,
     centroid_products,
     memory_layout,
     question_limit,
@@ -86,9 +86,11 @@ def test_question_limit_keeps_a_pass_within_the_budget():
     assert question_limit(1e12) == 500  # the floor
 
 
-def test_artificial_questions_one_per_fact_up_to_1m():
-    assert artificial_limit(1_000_000) == 0 and artificial_limit(131_000) == 0
-    assert artificial_limit(3_000_000) == artificial_limit(10_800_000) == 1_000_000
+def test_artificial_questions_every_epoch_at_29k_drawn_afresh_beyond():
+    assert artificial_rule(29_423, "d") == {}  # the paper's rule: one per fact, every epoch
+    for n in (131_000, 1_000_000, 10_800_000):  # a fixed draw a epoch, kb.txt's facts always
+        assert artificial_rule(n, "d") == {"train.artificial_per_epoch": 20_000,
+                                           "train.artificial_fixed_from": "d/simplequestions/kb.txt"}
 
 
 def test_variants_and_their_settings(cfg):
