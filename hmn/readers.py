@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import time
 from typing import Any
 
 import torch
@@ -295,9 +296,12 @@ class ClusteredReader(Reader):
         k = _check_k(k)
         q = self.memory.check_queries(queries)  # (B, D)
         dev, b = q.device, q.shape[0]
+        clock = _Clock(self.phase_seconds)
         sel = self.select_leaves(q, generator)  # (B, C)
+        clock.lap("leaves")
         qidx, facts = self._pairs(sel, b, generator)  # (P,), (P,)
         touched = torch.bincount(qidx, minlength=b)  # (B,)
+        clock.lap("pairs")
         if facts.numel() == 0:
             ids = torch.full((b, k), -1, dtype=torch.int64, device=dev)
             scores = torch.full((b, k), float("-inf"), device=dev)
@@ -314,11 +318,14 @@ class ClusteredReader(Reader):
             mask = torch.zeros((b, union.numel()), dtype=torch.bool, device=dev)  # (B, |U|)
             mask[qidx, torch.searchsorted(union, facts)] = True
             s = self.memory.scores(q, union).masked_fill(~mask, float("-inf"))  # (B, |U|) exact
+            clock.lap("score_union")
             top_s, top_p = s.topk(min(k, union.numel()), dim=1)  # (B, K)
             ids, scores = _pad(union[top_p], top_s, k)
+            clock.lap("topk")
             return Candidates(ids=ids, scores=scores, touched=touched)
         # pair path: score only what each query reads, then a per-query top-k
         pair_s = self.memory.grouped_scores(q, facts, touched, max_rows=self.pair_chunk)  # (P,)
+        clock.lap("score_pairs")
         first = torch.cumsum(touched, 0) - touched  # (B,) first pair of each query
         width = int(touched.max())
         pos = torch.arange(facts.numel(), device=dev) - first[qidx]  # rank within the query
@@ -328,6 +335,7 @@ class ClusteredReader(Reader):
         grid_ids[qidx, pos] = facts
         top_s, top_p = grid.topk(min(k, width), dim=1)  # (B, K)
         ids, scores = _pad(grid_ids.gather(1, top_p), top_s, k)
+        clock.lap("topk")
         return Candidates(ids=ids, scores=scores, touched=touched)
 
     #: the dense union product is used while B |U| <= dense_factor * pairs read (a dense product
@@ -339,6 +347,22 @@ class ClusteredReader(Reader):
     dense_union_bytes: int = 512 << 20
     #: pairs gathered at a time by the pair path
     pair_chunk: int = 1 << 16
+    #: when a dict, ``search`` adds the seconds of its phases to it (benchmarks' breakdowns)
+    phase_seconds: dict[str, float] | None = None
+
+
+class _Clock:
+    """Adds the time since the previous lap to ``into[name]`` (nothing when ``into`` is None)."""
+
+    def __init__(self, into: dict[str, float] | None) -> None:
+        self.into = into
+        self.last = time.perf_counter() if into is not None else 0.0
+
+    def lap(self, name: str) -> None:
+        if self.into is not None:
+            now = time.perf_counter()
+            self.into[name] = self.into.get(name, 0.0) + now - self.last
+            self.last = now
 
 
 def make_reader(

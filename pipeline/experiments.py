@@ -154,24 +154,36 @@ def transe_partitions(n: int, dim: int) -> tuple[int, int] | None:
     return 2 ** math.ceil(math.log2(table_gb / 0.5)), 2
 
 
+READ_SHARE = 0.005  # beyond 200k facts: facts read plus centroid products a question, at most
+LEAF_FACTS = 400  # facts a leaf beyond 200k facts: 2 / READ_SHARE (see memory_layout)
+
+
 def memory_layout(n: int) -> dict[str, Any]:
     """The index of ``n`` facts: flat up to 200k facts with ~15 facts per leaf (a power of two:
-    SQ-32k's 2048); beyond, hierarchical [C1, C2] with ~100 facts per leaf, at most [256, 128]
-    (the FB presets'; ~330 facts per leaf at 10.8m), leaves split above 500 facts, each level
-    fitted on a sample of at most 1m facts."""
+    SQ-32k's 2048); beyond, hierarchical [C1, C2] with ~400 facts a leaf (a power of two of
+    leaves: [64, 32] at 1m, [256, 128] at 10.8m), leaves split above 1000 facts, each level
+    fitted on a sample of at most 1m facts. The clustered reader scores every centroid of every
+    level, so a question costs ``C + r n / C`` products for C leaves of which it reads r: at a
+    budget of T products the facts read are most with half of T on each: C = T / 2 leaves
+    of 2 n / T facts, ``LEAF_FACTS`` = 2 / READ_SHARE."""
     if n <= FLAT_MAX_FACTS:
         return {"memory.branching": [max(2, 2 ** round(math.log2(n / 15)))]}
-    exp = min(15, math.ceil(math.log2(n / 100)))
+    exp = round(math.log2(n / LEAF_FACTS))
     c1 = 2 ** math.ceil(exp / 2)
-    return {"memory.branching": [c1, 2**exp // c1], "memory.max_leaf_size": 500,
+    return {"memory.branching": [c1, 2**exp // c1], "memory.max_leaf_size": 1000,
             "memory.fit_sample": min(n, 1_000_000)}
 
 
-def top_clusters(n: int, leaves: int) -> int:
+def top_clusters(n: int, branching: list[int]) -> int:
     """Leaves a question reads: SQ-32k's share (100 of 2048, ~4.9%) up to 200k facts; beyond,
-    0.5% of the leaves, so a question reads at most about 0.5% of the memory."""
-    share = 100 / 2048 if n <= FLAT_MAX_FACTS else 0.005
-    return max(1, math.floor(share * leaves))
+    as many as keep the facts read plus the centroid products within 90% of ``READ_SHARE`` of
+    the memory (10% slack for leaves larger than the mean: split ones, and the large leaves that
+    questions favour), at least 1."""
+    leaves = math.prod(branching)
+    if n <= FLAT_MAX_FACTS:
+        return max(1, math.floor(100 / 2048 * leaves))
+    facts = 0.9 * READ_SHARE * n - centroid_products(list(branching), leaves)
+    return max(1, math.floor(facts / (n / leaves)))
 
 
 def question_limit(facts_scored: float, questions: int = SQ32K_DEV) -> int:
@@ -210,7 +222,7 @@ def size_overrides(cfg: RunConfig, size: str, exact: bool) -> dict[str, Any]:
         o["embed.num_partitions"], o["embed.num_workers"] = parts
     o.update(memory_layout(n))
     leaves = math.prod(o["memory.branching"])
-    o["reader.top_clusters"] = top_clusters(n, leaves)
+    o["reader.top_clusters"] = top_clusters(n, o["memory.branching"])
     read = n if exact else n * o["reader.top_clusters"] / leaves  # facts a dev question scores
     o["train.dev_limit"] = question_limit(read)
     o["eval.max_questions"] = question_limit(n)  # evaluation scores exact (recall@10) too
@@ -444,7 +456,43 @@ def run_scaling(base_cfg: RunConfig, base: RunDir, *, force: bool = False,
     write_text_atomic(out / "scaling.md", scaling_markdown(result))
     if rows:
         plots(rows, out / "plots", "scaling")
+        size_plot(rows, out / "plots" / "scaling_accuracy_vs_size.png")
     return result
+
+
+def size_plot(rows: list[dict], path: Path) -> None:
+    """Dev accuracy against memory size: clustered-trained and exact-trained beside the
+    ambiguity ceiling and (from the smallest clustered size) accuracy x ceiling, the share of
+    the small memory's accuracy the ceiling leaves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, keep in (("clustered-trained", lambda r: not r["variant"].endswith("-exact")),
+                        ("exact-trained", lambda r: r["variant"].endswith("-exact"))):
+        pts = sorted((r["facts"], r["accuracy"]) for r in rows if keep(r))
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    ceiling = sorted({(r["facts"], r["ambiguity_ceiling"]) for r in rows})
+    ax.plot(*zip(*ceiling), ls="--", color="grey", label="ambiguity ceiling")
+    clustered = sorted((r["facts"], r["accuracy"]) for r in rows if not r["variant"].endswith("-exact"))
+    if clustered:
+        first = clustered[0][1] / dict(ceiling)[clustered[0][0]]
+        ax.plot([f for f, _ in ceiling], [first * c for _, c in ceiling], ls=":", color="black",
+                label="smallest size's accuracy / its ceiling x ceiling")
+    ax.set_xscale("log")
+    ax.set_xlabel("facts in the memory (log)")
+    ax.set_ylabel("dev accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title("scaling: dev accuracy against memory size")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def centroid_products(branching: list[int], leaves: int) -> int:
@@ -470,11 +518,16 @@ def scaling_row(v: Variant, cfg: RunConfig, run: RunDir) -> dict:
         "centroid_products_per_query": (centroid_products(list(cfg.memory.branching),
                                                           memory["leaves"]) if clustered else 0),
         "leaves": memory["leaves"],
+        "questions_per_epoch": _train_stats(run).get("history", [{}])[-1].get("questions"),
         "stage_seconds": {s: stages[s].get("seconds") for s in STAGE_COLUMNS if s in stages},
         "stage_peak_pss_gb": {s: stages[s].get("peak_pss_gb") for s in STAGE_COLUMNS
                               if s in stages},
     })  # fmt: skip
     return row
+
+
+def _train_stats(run: RunDir) -> dict:
+    return json.loads((run.stage_dir("train") / "stats.json").read_text())
 
 
 def _num(x: Any, fmt: str) -> str:
@@ -486,18 +539,22 @@ def scaling_markdown(result: dict) -> str:
     cost of training and reading, then each stage's time and peak memory."""
     lines = ["# scaling: dev accuracy against memory size", "",
              "| variant | facts | ambiguity ceiling | dev accuracy | best epoch / epochs | "
-             "s / epoch | facts read / question | centroid products / question | "
-             "recall@10 vs exact |", "|---|---|---|---|---|---|---|---|---|"]
+             "questions / epoch | s / epoch | facts read / question | "
+             "centroid products / question | recall@10 vs exact |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         share = 100 * r["facts_per_query"] / r["facts"]
         lines.append(
             f"| {r['variant']} | {r['facts']:,} | {r['ambiguity_ceiling']:.4f} | "
             f"{r['accuracy']:.4f} | {r['best_epoch']} / {r['epochs']} | "
-            f"{r['seconds_per_epoch']:.1f} | {r['facts_per_query']:,.0f} ({share:.2f}%) | "
+            f"{_num(r.get('questions_per_epoch'), ',')} | {r['seconds_per_epoch']:.1f} | {r['facts_per_query']:,.0f} ({share:.2f}%) | "
             f"{r['centroid_products_per_query']:,} | {_num(r['recall10_vs_exact'], '.3f')} |")
     lines += ["", "Facts read per question count the facts the reader scored; the clustered "
               "reader also scores every centroid of every level (the centroid products column, "
-              "from the index's shape).", "", "## time (s) and peak memory (GB, PSS) per stage",
+              "from the index's shape). Questions per epoch: the natural training questions and "
+              "the artificial ones of kb.txt's facts in every epoch, plus from 131k (changed: the "
+              "paper adds one for every fact) 20,000 artificial questions of the added facts "
+              "drawn afresh each epoch (`artificial_rule`).", "", "## time (s) and peak memory (GB, PSS) per stage",
               "", "| variant | " + " | ".join(STAGE_COLUMNS) + " |",
               "|---|" + "---|" * len(STAGE_COLUMNS)]
     for r in result["rows"]:
