@@ -78,7 +78,9 @@ def pick_model(run_dir: Path, model_dir: str | None) -> tuple[Path, bool, str | 
     if not cands:
         raise FileNotFoundError(f"no train/model.pt under {run_dir} (or --model-dir)")
     for c in cands:
-        state = torch.load(c / "model.pt", map_location="cpu", weights_only=False)
+        from pipeline.artifacts import load_torch_file  # tensors and plain data only
+
+        state = load_torch_file(c / "model.pt", "cpu")
         fp = state.get("fingerprints", {}).get("embeddings")
         if mem_fp is not None and fp == mem_fp:
             return c, True, mem_fp

@@ -528,10 +528,65 @@ def _set_path(tree: dict[str, Any], dotted: str, raw: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"--set {dotted}: {k!r} is not a section")
     try:
-        parsed = yaml.safe_load(raw) if raw != "" else ""
+        parsed = _yaml_load(raw) if raw != "" else ""
+    except yaml.constructor.ConstructorError as e:
+        raise ConfigError(f"--set {dotted}: {e.problem}") from None
     except yaml.YAMLError:
         parsed = raw
     node[keys[-1]] = parsed
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with the same key twice (PyYAML keeps the last
+    one silently, so a preset's first setting would be lost without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {first})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  a SafeLoader
+
+
+def _yaml_error(path: Path, e: yaml.YAMLError) -> ConfigError:
+    """One line naming the file, the line and the problem of a YAML error."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return ConfigError(f"{where}: not valid YAML: {problem}")
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document of ``path`` (a preset, a run's config.resolved.yaml); `ConfigError`
+    naming the file (and line) when it is no file, not UTF-8, not valid YAML or repeats a key."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {str(p)!r} is a directory, not a file")
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                          f"save it as UTF-8") from None
+    try:
+        return _yaml_load(text)
+    except yaml.YAMLError as e:
+        raise _yaml_error(p, e) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -539,12 +594,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        loaded = read_yaml(p) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
         tree = loaded

@@ -117,6 +117,7 @@ class Predictions:
     fact_ids: np.ndarray        # (Q,) top-1 predicted fact, -1 when the reader found nothing
     touched: np.ndarray         # (Q,) facts scored per question
     candidates: np.ndarray      # (Q, K) candidate ids (-1 pads), kept for recall computations
+    scores: np.ndarray | None = None  # (Q, K) the candidates' scores (-inf pads), best first
 
 
 @torch.no_grad()
@@ -125,19 +126,22 @@ def predict(
     batch_size: int = 512, device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
 ) -> Predictions:
-    """Top-1 fact per question with `reader`, and the reader's top-k candidates."""
+    """Top-1 fact per question with `reader`, and the reader's top-k candidates with their scores."""
     model.eval()
     dummy = np.zeros(len(token_lists), dtype=np.int64)
-    ids, touched, cands = [], [], []
+    ids, touched, cands, scores = [], [], [], []
     for tokens, offsets, _ in iterate_batches(token_lists, dummy, batch_size, shuffle=False, device=device):
         queries = model(tokens, offsets)
         c = reader.search(queries, k, generator=generator)
         cands.append(c.ids.cpu())
+        scores.append(c.scores.float().cpu())
         ids.append(c.ids[:, 0].cpu())
         touched.append(c.touched.cpu())
     if not ids:
-        return Predictions(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, k), np.int64))
-    return Predictions(torch.cat(ids).numpy(), torch.cat(touched).numpy(), torch.cat(cands).numpy())
+        return Predictions(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, k), np.int64),
+                           np.zeros((0, k), np.float32))
+    return Predictions(torch.cat(ids).numpy(), torch.cat(touched).numpy(), torch.cat(cands).numpy(),
+                       torch.cat(scores).numpy())
 
 
 def correct(pred: np.ndarray, gold: np.ndarray, fact_subject: np.ndarray,

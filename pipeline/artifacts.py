@@ -7,10 +7,19 @@ Layout (see ARCHITECTURE.md):
         relation and fact tables of hmn.memory.FactorisedMemory), memory/index/ (hmn.index.ClusterIndex)
     train/model.pt, train/vocab.json, train/history.json
     eval/report.json, eval/report.md, eval/predictions/<split>.<reader>.parquet
+
+No pickle from a run directory: run directories live on shared storage, and whoever can write one
+must not run code as whoever reads it. Torch files (``model.pt``, Ray Train's ``state.pt``, the
+TransE moments) are read by `load_torch_file` (``weights_only=True``: tensors and plain
+containers, nothing else); ``.npy``/``.npz`` files by ``np.load`` without ``allow_pickle``; Parquet
+files by `read_table`, which refuses extension types (Ray Data registers one whose values are
+unpickled when read).
 """
 
 from __future__ import annotations
 
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +34,46 @@ from hmn.model import BowEncoder
 from hmn.text import Vocabulary
 
 
+class UnsafeFileError(ValueError):
+    """A run directory's file holds something other than plain data; it is not loaded."""
+
+
+def load_torch_file(path: str | Path, map_location: torch.device | str = "cpu",
+                    what: str = "the stage that wrote it", *, mmap: bool = False) -> dict:
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and plain containers.
+    A file holding any other object (a pickled class, a ``__reduce__`` payload) is refused with
+    `UnsafeFileError` naming the file and ``what`` re-creates it; nothing in it runs. ``mmap``
+    maps the tensors instead of reading them (for a look at the metadata)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        detail = f"a reference to {found.group(1)}" if found else str(e).strip()[:160]
+        raise UnsafeFileError(f"{path}: refused: it holds objects other than tensors and plain "
+                              f"data ({detail}); loading it could run code. Re-create it with "
+                              f"{what}") from None
+
+
+def read_table(path: str | Path, **kw) -> pa.Table:
+    """``pyarrow.parquet.read_table`` of a run directory's file, refusing a column of an
+    extension type: the stages write none, and Ray Data's Python-object type unpickles its
+    values when they are read."""
+    schema = pq.read_schema(path)
+
+    def extension(t: pa.DataType) -> bool:
+        if isinstance(t, pa.BaseExtensionType):
+            return True
+        if pa.types.is_dictionary(t):
+            return extension(t.value_type)
+        return any(extension(t.field(i).type) for i in range(t.num_fields))
+
+    bad = [f.name for f in schema if extension(f.type)]
+    if bad:
+        raise UnsafeFileError(f"{path}: refused: column(s) {bad} have an extension type "
+                              f"(pickled objects?); the pipeline writes plain Arrow types only")
+    return pq.read_table(path, **kw)
+
+
 def write_vectors(path: Path, vectors: np.ndarray) -> None:
     """(n, d) float32 -> Parquet with id int64 and vector fixed_size_list<float32>[d]."""
     n, d = vectors.shape
@@ -35,7 +84,7 @@ def write_vectors(path: Path, vectors: np.ndarray) -> None:
 
 
 def read_vectors(path: Path) -> np.ndarray:
-    table = pq.read_table(path)
+    table = read_table(path)
     ids = table["id"].to_numpy()
     col = table["vector"].combine_chunks()
     d = col.type.list_size
@@ -64,9 +113,9 @@ class KnowledgeBase:
     @classmethod
     def load(cls, ingest_dir: Path) -> KnowledgeBase:
         kb = Path(ingest_dir) / "kb"
-        ent = pq.read_table(kb / "entities.parquet").sort_by("entity_id")
-        rel = pq.read_table(kb / "relations.parquet").sort_by("relation_id")
-        facts = pq.read_table(kb / "facts.parquet").sort_by("fact_id")
+        ent = read_table(kb / "entities.parquet").sort_by("entity_id")
+        rel = read_table(kb / "relations.parquet").sort_by("relation_id")
+        facts = read_table(kb / "facts.parquet").sort_by("fact_id")
         objs = facts["object_ids"].combine_chunks()
         return cls(
             entity_keys=np.asarray(ent["key"].to_pylist(), dtype=object),
@@ -87,7 +136,7 @@ class KnowledgeBase:
 
 def read_questions(ingest_dir: Path, split: str) -> pa.Table | None:
     path = Path(ingest_dir) / "questions" / f"{split}.parquet"
-    return pq.read_table(path) if path.exists() else None
+    return read_table(path) if path.exists() else None
 
 
 FACTORISED_ARRAYS = ("entity_emb", "relation_emb", "subject_ids", "relation_ids", "object_offsets",
@@ -122,26 +171,48 @@ def memory_dim(memory_dir: Path) -> int:
     return 3 * int(np.load(Path(memory_dir) / "factorised" / "entity_emb.npy", mmap_mode="r").shape[1])
 
 
+def load_array(path: Path, **kw) -> np.ndarray:
+    """``np.load`` of a run directory's ``.npy`` (never ``allow_pickle``): an object array (whose
+    elements would be unpickled) is refused with `UnsafeFileError` naming the file."""
+    try:
+        return np.load(path, allow_pickle=False, **kw)
+    except ValueError as e:
+        if "allow_pickle" not in str(e) and "Python objects" not in str(e):
+            raise
+        raise UnsafeFileError(f"{path}: refused: an object array (pickled Python objects); the "
+                              f"memory stage writes numbers only: re-run it") from None
+
+
 def load_memory(memory_dir: Path, device: torch.device | str = "cpu",
                 mmap: bool = True) -> FactMemory | FactorisedMemory:
     """The memory stage's memory: dense (facts.npy) or factorised (factorised/*.npy)."""
     if memory_layout(memory_dir) == "dense":
-        vectors = np.load(Path(memory_dir) / "facts.npy", mmap_mode="r" if mmap else None)
+        vectors = load_array(Path(memory_dir) / "facts.npy", mmap_mode="r" if mmap else None)
         return FactMemory(torch.from_numpy(np.array(vectors, dtype=np.float32)).to(device))
     d = Path(memory_dir) / "factorised"
-    a = {name: np.load(d / f"{name}.npy") for name in FACTORISED_ARRAYS}
+    a = {name: load_array(d / f"{name}.npy") for name in FACTORISED_ARRAYS}
     mem = FactorisedMemory(a["entity_emb"], a["relation_emb"], a["subject_ids"], a["relation_ids"],
                            a["object_offsets"], a["object_values"])
     return mem.to(device)
 
 
 def load_index(memory_dir: Path) -> ClusterIndex:
-    return ClusterIndex.load(str(Path(memory_dir) / "index"))
+    """The memory stage's index (``np.load`` without ``allow_pickle``: an object array is
+    refused with `UnsafeFileError`)."""
+    path = Path(memory_dir) / "index"
+    try:
+        return ClusterIndex.load(str(path))
+    except ValueError as e:
+        if "allow_pickle" not in str(e):
+            raise
+        raise UnsafeFileError(f"{path}: refused: an object array (pickled Python objects); the "
+                              f"memory stage writes numbers only: re-run it") from None
 
 
 def load_model(train_dir: Path, device: torch.device | str = "cpu") -> tuple[BowEncoder, Vocabulary, dict]:
-    """The selected (best dev accuracy) model of a finished train stage."""
-    state = torch.load(Path(train_dir) / "model.pt", map_location=device, weights_only=False)
+    """The selected (best dev accuracy) model of a finished train stage (`load_torch_file`)."""
+    state = load_torch_file(Path(train_dir) / "model.pt", device,
+                            "the train stage (python -m pipeline.run --stages train --force)")
     vocab = Vocabulary.load(Path(train_dir) / "vocab.json")
     model = BowEncoder(len(vocab), state["dim"]).to(device)
     model.load_state_dict(state["model"])

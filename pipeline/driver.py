@@ -4,8 +4,10 @@
 
 Each row of `STAGE_TABLE` names a stage, the config sections and upstream fingerprints that make
 its fingerprint, the input files whose content it also hashes, and how to run it. A stage whose
-fingerprint is unchanged is skipped (`pipeline.rundir`), so the same call resumes a killed run
-and a repeated run does nothing. Ray starts (or is joined) only when some stage has work to do.
+fingerprint is unchanged (and whose outputs still match the manifest) is skipped
+(`pipeline.rundir`), so the same call resumes a killed run and a repeated run does nothing. Ray
+starts (or is joined) only when some stage has work to do. `Pipeline.execute` holds the run
+directory's lock; `check_evaluable` is what ``pipeline.evaluate`` asks of a run before reading it.
 """
 
 from __future__ import annotations
@@ -18,8 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hmn.config import RunConfig, dump_config, fingerprint
-from pipeline.rundir import RunDir, StageResult, input_signature, write_text_atomic
+from hmn.config import ConfigError, RunConfig, dump_config, fingerprint
+from pipeline.rundir import (
+    RunDir,
+    RunDirError,
+    StageResult,
+    input_signature,
+    write_text_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +152,48 @@ def _run_memory(p: Pipeline, out: Path, fps: dict[str, str]) -> dict:
                       p.embeddings_fingerprint(), out)
 
 
+def input_file_fields(cfg: RunConfig) -> list[tuple[str, str]]:
+    """``(field, path)`` of every input file the config names for the stages to read."""
+    d, fields = cfg.data, []
+    if d.source == "files":
+        for name in ("facts", "names", "questions_train", "questions_dev", "questions_test"):
+            fields += [(f"data.{name}", path) for path in getattr(d, name)]
+    for name, path in (("data.rdf_relations_file", d.rdf_relations_file),
+                       ("embed.entities_file", cfg.embed.entities_file),
+                       ("embed.relations_file", cfg.embed.relations_file),
+                       ("train.artificial_fixed_from", cfg.train.artificial_fixed_from)):
+        if path:
+            fields.append((name, path))
+    return fields
+
+
+def check_input_files(cfg: RunConfig) -> None:
+    """`ConfigError` naming the field of an input file that is a directory (before any stage
+    hashes or reads it; a missing file is reported by the stage that reads it)."""
+    for name, path in input_file_fields(cfg):
+        if os.path.isdir(path):
+            raise ConfigError(f"{name}: {path!r} is a directory, not a file")
+
+
+def memory_facts(run: RunDir) -> int:
+    """N, the facts in the run's memory (the ingest stage's count)."""
+    stats = json.loads((run.stage_dir("ingest") / "stats.json").read_text())
+    return int(stats["totals"]["facts"])
+
+
+def check_k(fields: dict[str, int], facts: int) -> None:
+    """`ConfigError` for a candidate count above the memory's N facts: a reader would return
+    fewer candidates than asked (the readers clamp), so results would silently mean less."""
+    for name, k in fields.items():
+        if k > facts:
+            raise ConfigError(f"{name}={k}: more than the {facts} facts in the memory; "
+                              f"set it to at most {facts}")
+
+
 def _run_train(p: Pipeline, out: Path, fps: dict[str, str]) -> dict:
     from pipeline.stages.train import run_train
 
+    check_k({"reader.k": p.cfg.reader.k}, memory_facts(p.run))
     carried = {"ingest": fps["ingest"], "embeddings": p.embeddings_fingerprint(),
                "memory": fps["memory"], "train": fps["train"]}
     return run_train(p.cfg.train, p.cfg.reader, p.run.stage_dir("ingest"),
@@ -157,6 +204,8 @@ def _run_train(p: Pipeline, out: Path, fps: dict[str, str]) -> dict:
 def _run_evaluate(p: Pipeline, out: Path, fps: dict[str, str]) -> dict:
     from pipeline.stages.score import run_evaluate
 
+    check_k({"reader.k": p.cfg.reader.k, "eval.recall_k": p.cfg.eval.recall_k},
+            memory_facts(p.run))
     return run_evaluate(p.cfg.eval, p.cfg.reader, p.run.root, out)
 
 
@@ -239,9 +288,10 @@ class Pipeline:
     def _stage(self, name: str, fp: str, fn: Callable[[Path], dict]) -> StageResult:
         force = self.force and (not self.only or name in self.only)
         if self.only and name not in self.only:
-            if not self.run.is_done(name, fp):
+            reason = self.run.stale_reason(name, fp)
+            if reason is not None:
                 raise RuntimeError(f"stage {name!r} is needed by {self.only} but is not done "
-                                   f"with this config; run it too (--stages)")
+                                   f"with this config ({reason}); run it too (--stages)")
             r = StageResult(name, True, 0.0, {})
         else:
             def with_ray(out: Path) -> dict:
@@ -265,18 +315,69 @@ class Pipeline:
         """Run the stages in order; `until` stops after that stage (default: the last stage of
         `only`, so that `--stages ingest` does not ask for the stages after it)."""
         until = self._last_stage(until)
-        write_text_atomic(self.run.root / "config.resolved.yaml", dump_config(self.cfg))
-        fps: dict[str, str] = {}
-        for stage in STAGE_TABLE:
-            fps[stage.name] = stage_fingerprint(stage, self.cfg, fps, self.run.input_signature)
-            if stage.name != "generate" or generates(self.cfg):
-                self._stage(stage.name, fps[stage.name],
-                            lambda out, stage=stage: stage.run(self, out, fps))
-            if stage.name == until:
-                break
+        check_input_files(self.cfg)
+        with self.run.lock():  # one writer per run directory (re-entrant: experiments nest)
+            write_text_atomic(self.run.root / "config.resolved.yaml", dump_config(self.cfg))
+            fps: dict[str, str] = {}
+            for stage in STAGE_TABLE:
+                fps[stage.name] = stage_fingerprint(stage, self.cfg, fps, self.run.input_signature)
+                if stage.name != "generate" or generates(self.cfg):
+                    self._stage(stage.name, fps[stage.name],
+                                lambda out, stage=stage: stage.run(self, out, fps))
+                if stage.name == until:
+                    break
         return self.results
 
     def embeddings_fingerprint(self) -> str:
         """The fingerprint of the vectors the embed stage wrote (carried into index and model)."""
         stats = json.loads((self.run.stage_dir("embed") / "stats.json").read_text())
         return stats["fingerprint"]
+
+
+# ---------------------------------------------------------------------------------------------
+# What evaluating a finished run asks of it
+# ---------------------------------------------------------------------------------------------
+
+#: the stages whose outputs ``pipeline.evaluate`` reads
+EVALUATED_STAGES = ("ingest", "memory", "train")
+
+
+def check_evaluable(run: RunDir, cfg: RunConfig, model_fingerprints: dict) -> None:
+    """`RunDirError` naming the stage when ``run`` is not a consistent finished run for ``cfg``
+    (its ``config.resolved.yaml``): a stage evaluation reads is not done, its outputs no longer
+    match the manifest (sizes; digests too with ``run.verify_digests``), a stage was done with
+    other settings than ``cfg`` (the fingerprints recomputed from ``cfg`` and the recorded
+    upstream fingerprints; stages that hash input files are not recomputed), or the model
+    (``model_fingerprints``, what ``train/model.pt`` records) was trained against other stages
+    than the manifest's. A re-training that was killed leaves the train stage "running" and the
+    new settings in config.resolved.yaml: refused, where the old model would have been scored."""
+    stages = run.manifest()["stages"]
+    for name in EVALUATED_STAGES:
+        e = stages.get(name)
+        if not e or e.get("status") != "done":
+            status = "not run" if not e else f"{e.get('status')!r}"
+            raise RunDirError(f"{run.root}: stage {name!r} is {status}, not done: its outputs are "
+                              f"not this run's; finish the run (python -m pipeline.run) first")
+        problem = run.output_problem(name, e)
+        if problem is not None:
+            raise RunDirError(f"{run.root}: stage {name!r}: {problem}; re-run pipeline.run to "
+                              f"redo it")
+    fps = {name: e["fingerprint"] for name, e in stages.items() if "fingerprint" in e}
+    for stage in STAGE_TABLE:
+        if stage.name not in fps or stage.name == "generate" or stage.input_files is not None:
+            continue  # the generate slot and embed's user files hash files: not recomputed
+        if not all(u in fps for u in stage.upstream):
+            continue
+        want = stage_fingerprint(stage, cfg, fps)
+        if want != fps[stage.name]:
+            raise RunDirError(f"{run.root}: stage {stage.name!r} was done with other settings than "
+                              f"config.resolved.yaml (fingerprint {fps[stage.name]}, the config "
+                              f"gives {want}): an interrupted re-run? finish it with pipeline.run")
+        if stage.name == "train":
+            break
+    for name in ("ingest", "memory", "train"):
+        have = model_fingerprints.get(name)
+        if have is not None and have != fps[name]:
+            raise RunDirError(f"{run.root}: train/model.pt was trained against another {name!r} "
+                              f"stage (fingerprint {have}) than the manifest's ({fps[name]}); "
+                              f"re-run the train stage")

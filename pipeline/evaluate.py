@@ -6,6 +6,12 @@ object. Nothing is dropped silently: malformed lines, questions whose subject, r
 not in the run's knowledge base, and questions with no known word are all counted. A question
 whose (subject, relation) is not in the memory can never be answered correctly, so `accuracy`
 counts it as wrong; `accuracy_known_facts` is over the questions whose fact is in the memory.
+
+The run is read under its lock, shared (`pipeline.rundir.run_lock`: never while a run writes it),
+and only when it is consistent (`pipeline.driver.check_evaluable`): its ingest, memory and train
+stages done, their files of the recorded sizes (digests too with ``--verify``), their fingerprints
+those its ``config.resolved.yaml`` gives, and ``model.pt`` trained against them. An empty
+questions file, or one with no line in the format, is an error naming the file.
 """
 
 from __future__ import annotations
@@ -14,20 +20,24 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hmn.config import READER_NAMES, config_from_dict
+from hmn.config import READER_NAMES, ConfigError, RunConfig, config_from_dict, read_yaml
 from hmn.formats.lines import iter_line_chunks
+from hmn.formats.parsed import FormatError
 from hmn.formats.questions import parse_questions
 from hmn.kb import KeyTables, match_questions
 from hmn.text import Vocabulary
 from hmn.training import correct
-from pipeline.artifacts import KnowledgeBase
-from pipeline.driver import init_ray
+from pipeline.artifacts import KnowledgeBase, UnsafeFileError, load_torch_file
+from pipeline.driver import check_evaluable, check_k, init_ray
+from pipeline.rundir import RunDir, RunDirError, run_lock
 from pipeline.stages.score import metrics, score
 
 log = logging.getLogger("pipeline.evaluate")
@@ -61,24 +71,84 @@ def gold_facts(kb: KnowledgeBase, table: pa.Table | None) -> tuple[np.ndarray, l
     return match.fact_id.astype(np.int64), table["question"].to_pylist(), counts
 
 
-def _run_config(run_dir: Path):
-    import yaml
+class InputError(ValueError):
+    """A run directory or input that a job cannot use; the message is one line, for the CLI."""
 
-    cfg = config_from_dict(yaml.safe_load((run_dir / "config.resolved.yaml").read_text()))
-    for stage in ("ingest", "memory", "train"):
-        if not (run_dir / stage).is_dir():
-            raise FileNotFoundError(f"{run_dir}: stage {stage!r} has no output; "
-                                    f"is this a finished run?")
+
+#: the stages a trained run's scoring reads, each with the output that marks it published
+SCORING_INPUTS = (("ingest", "kb"), ("memory", None), ("train", "model.pt"))
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    """The resolved config of a run whose ingest, memory and train stages are done, consistent
+    with the config and their recorded outputs (`pipeline.driver.check_evaluable`); raises
+    `InputError` naming what is missing or stale otherwise."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputError(f"run directory {str(run_dir)!r} does not exist")
+    resolved = run_dir / "config.resolved.yaml"
+    if not resolved.exists():
+        raise InputError(f"{run_dir} is not a run directory (no config.resolved.yaml)")
+    manifest = run_dir / "manifest.json"
+    stages = json.loads(manifest.read_text()).get("stages", {}) if manifest.exists() else {}
+    for stage, output in SCORING_INPUTS:
+        path = run_dir / stage if output is None else run_dir / stage / output
+        if not path.exists():
+            status = stages.get(stage, {}).get("status", "not run")
+            raise InputError(f"{run_dir}: the {stage} stage has not finished (manifest: {status}); "
+                             f"run `python -m pipeline.run --run-dir {run_dir}` first")
+    try:
+        cfg = config_from_dict(read_yaml(resolved))
+        model = load_torch_file(run_dir / "train" / "model.pt", "cpu", "the train stage", mmap=True)
+        check_evaluable(RunDir(run_dir), cfg, model.get("fingerprints") or {})
+    except (ConfigError, RunDirError, UnsafeFileError) as e:
+        raise InputError(str(e)) from None
     return cfg
+
+
+@contextmanager
+def reading(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir``'s lock shared while reading it: evaluations run side by side, but never
+    while a run writes the directory (`InputError` naming that run) nor a run while they read."""
+    with ExitStack() as stack:
+        if Path(run_dir).is_dir():
+            try:
+                stack.enter_context(run_lock(run_dir, shared=True))
+            except RunDirError as e:
+                raise InputError(str(e)) from None
+        yield
+
+
+def check_questions(questions: str, table: pa.Table | None, lines: int) -> None:
+    """`InputError` naming the file when it yields no question: empty, or no line in the
+    SimpleQuestions format (a names or facts file given by mistake), with the first bad line."""
+    if table is not None and table.num_rows:
+        return
+    if lines == 0:
+        raise InputError(f"{questions}: empty: no questions to score")
+    _, head = next(iter_line_chunks(questions, chunk_lines=1000))
+    rejects = parse_questions(head, 1, questions).rejects
+    why = (f"line {rejects['line'][0].as_py()}: {rejects['reason'][0].as_py()}" if rejects.num_rows
+           else "no line holds a question")
+    raise InputError(f"{questions}: not a SimpleQuestions question file (subject, relation, "
+                     f"object, question; tab-separated): none of its {lines} lines parsed ({why})")
 
 
 def evaluate_file(run_dir: Path, questions: str, readers: tuple[str, ...],
                   output: Path | None = None) -> dict:
     """Score a finished run on a question file with `readers`; the first gives `accuracy`."""
-    cfg = _run_config(run_dir)
+    cfg = load_run_config(run_dir)
+    try:
+        table, lines, n_rejects = read_question_file(questions)
+    except FormatError as e:  # a directory, a truncated .gz
+        raise InputError(str(e)) from None
+    check_questions(questions, table, lines)
     kb = KnowledgeBase.load(run_dir / "ingest")
     vocab = Vocabulary.load(run_dir / "train" / "vocab.json")
-    table, lines, n_rejects = read_question_file(questions)
+    try:
+        check_k({"reader.k": cfg.reader.k, "eval.recall_k": cfg.eval.recall_k}, kb.num_facts)
+    except ConfigError as e:
+        raise InputError(str(e)) from None
     gold, texts, counts = gold_facts(kb, table)
     known = gold >= 0
     tokens, unknown_tokens = vocab.encode_many(texts)
@@ -109,6 +179,30 @@ def evaluate_file(run_dir: Path, questions: str, readers: tuple[str, ...],
     return result
 
 
+def evaluate_run(run_dir: str | Path, questions: str | Path, readers: Sequence[str] | None = None,
+                 output: str | Path | None = None) -> dict:
+    """What the CLI prints, as a dict (see the module docstring): scores `run_dir` on the
+    `questions` file with `readers` (default: the run's ``train.infer_reader``; exact is added
+    for recall against exact). Raises `InputError` for a run directory or file it cannot use."""
+    run_dir = Path(run_dir).resolve()
+    with reading(run_dir):
+        cfg = load_run_config(run_dir)
+        if not Path(questions).exists():
+            raise InputError(f"questions file {str(questions)!r} does not exist")
+        if Path(questions).is_dir():
+            raise InputError(f"questions file {str(questions)!r} is a directory, not a file")
+        names = tuple(dict.fromkeys(readers)) if readers else (cfg.train.infer_reader,)
+        unknown = [n for n in names if n not in READER_NAMES]
+        if unknown:
+            raise InputError(f"reader(s) {unknown}: unknown; known: {', '.join(READER_NAMES)}")
+        if "exact" not in names:
+            names = names + ("exact",)  # for recall against exact; `accuracy` stays the first's
+        try:
+            return evaluate_file(run_dir, str(questions), names, Path(output) if output else None)
+        except UnsafeFileError as e:  # a planted file among those the scoring reads
+            raise InputError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,27 +212,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="reader(s) to score with; the first gives `accuracy` (default: the "
                              "run's training infer_reader)")
     parser.add_argument("--output", help="write per-question predictions to this Parquet file")
+    parser.add_argument("--verify", action="store_true",
+                        help="check the digests of the run's outputs, not only their sizes")
     args = parser.parse_args(argv)
+    RunDir.verify_digests = args.verify
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_dir = Path(args.run_dir).resolve()
-    if not (run_dir / "config.resolved.yaml").exists():
-        print(f"error: {run_dir} is not a run directory (no config.resolved.yaml)", file=sys.stderr)
+    try:
+        result = evaluate_run(args.run_dir, args.questions, args.reader, args.output)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    if not Path(args.questions).exists():
-        print(f"error: questions file {args.questions!r} does not exist", file=sys.stderr)
-        return 2
-    if args.reader:
-        readers = tuple(dict.fromkeys(args.reader))
-    else:
-        import yaml
-
-        resolved = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
-        readers = (resolved["train"]["infer_reader"],)
-    if "exact" not in readers:
-        readers = readers + ("exact",)  # for recall against exact; `accuracy` stays the first's
-    output = Path(args.output) if args.output else None
-    result = evaluate_file(run_dir, args.questions, readers, output)
     print(json.dumps(result))
     return 0
 

@@ -14,6 +14,7 @@ same command resumes a killed run and a repeated run does nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -29,13 +30,19 @@ if __name__ == "__main__":  # before any import that starts threads: see hmn.all
 # (reproduced on a two-node local cluster with `import ray; ray.init(); import torch`).
 import torch  # noqa: F401  isort: skip
 
-from hmn.config import ConfigError, describe, load_config
+from hmn.config import ConfigError, RunConfig, describe, load_config
+from hmn.formats.parsed import FormatError
+from pipeline.artifacts import UnsafeFileError
 from pipeline.driver import STAGES, Pipeline
 from pipeline.experiments import EXPERIMENTS, run_experiment
 from pipeline.report import write_report
-from pipeline.rundir import RunDir
+from pipeline.rundir import RunDir, RunDirError
 
 log = logging.getLogger("pipeline.run")
+
+#: errors whose message says what to fix (a config field, an input file and line, a locked or
+#: inconsistent run directory, a refused file): printed as one line, exit status 2
+USER_ERRORS = (ConfigError, FormatError, RunDirError, UnsafeFileError)
 
 
 def setup_logging() -> None:
@@ -59,9 +66,35 @@ def build_parser() -> argparse.ArgumentParser:
                              "memory-size scaling (see pipeline/experiments.py)")
     parser.add_argument("--variants", default="",
                         help="with --experiment: comma-separated subset of variants")
+    parser.add_argument("--verify", action="store_true",
+                        help="check the digests of finished stages' outputs, not only their sizes, "
+                             "before skipping them (a stage whose files changed is redone)")
     parser.add_argument("--help-config", action="store_true",
                         help="list every config field and exit")
     return parser
+
+
+def check_stages(only: tuple[str, ...]) -> None:
+    unknown = [s for s in only if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"--stages: unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
+
+
+def execute(cfg: RunConfig, run: RunDir, *, force: bool = False, only: tuple[str, ...] = (),
+            experiment: str | None = None, variants: tuple[str, ...] = ()
+            ) -> tuple[dict | None, str | None]:
+    """Run the pipeline (or `experiment`) into `run`; returns (result, Markdown table). The
+    result is the run's report (what ``report.json`` holds), or the experiment's rows; both are
+    None when `only` stops before the evaluate stage."""
+    with run.lock():  # the whole run holds the directory: a second run refuses, naming this one
+        if experiment:
+            result = run_experiment(experiment, cfg, run, force=force, only=variants)
+            return result, (run.root / "eval" / f"{experiment}.md").read_text()
+        results = Pipeline(cfg, run, force=force, only=only).execute()
+        if "evaluate" in results and run.is_done("evaluate", run.fingerprint_of("evaluate")):
+            table = write_report(run, results)
+            return json.loads((run.root / "report.json").read_text()), table
+        return None, None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,25 +106,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         only = tuple(s.strip() for s in args.stages.split(",") if s.strip())
-        unknown = [s for s in only if s not in STAGES]
-        if unknown:
-            raise ConfigError(f"--stages: unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
+        check_stages(only)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run = RunDir(args.run_dir or Path("runs") / cfg.name)
     log.info("run directory %s", run.root)
+    RunDir.verify_digests = args.verify  # every run directory of this process (variants too)
     t0 = time.perf_counter()
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    try:
+        result, table = execute(cfg, run, force=args.force, only=only, experiment=args.experiment,
+                                variants=variants)
+    except USER_ERRORS as e:  # a cause the user can fix, in one line; anything else: traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.experiment:
-        variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-        result = run_experiment(args.experiment, cfg, run, force=args.force, only=variants)
-        print("\n" + (run.root / "eval" / f"{args.experiment}.md").read_text())
+        print("\n" + table)
         print(f"{args.experiment}: {len(result['rows'])} variants, "
               f"{time.perf_counter() - t0:.1f} s; {run.root / 'eval'}")
-        return 0
-    results = Pipeline(cfg, run, force=args.force, only=only).execute()
-    if "evaluate" in results and run.is_done("evaluate", run.fingerprint_of("evaluate")):
-        table = write_report(run, results)
+    elif table is not None:
         print("\n" + table + "\n")
         report_md = run.stage_dir("evaluate") / "report.md"
         print(f"report: {report_md}  ({time.perf_counter() - t0:.1f} s)")

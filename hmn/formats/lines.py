@@ -3,7 +3,10 @@
 :func:`iter_line_chunks` streams any file as string arrays of lines; a plain file is also cut into
 byte ranges of whole lines without reading it (:func:`plan_byte_chunks`, :class:`ByteChunk`),
 which independent workers read (:func:`read_byte_chunk`) and split (:func:`bytes_to_lines`).
-Invalid UTF-8 never raises: it is decoded with U+FFFD, which the parsers reject.
+Invalid UTF-8 never raises: it is decoded with U+FFFD, which the parsers reject. A UTF-8 byte
+order mark at the start of a file is dropped (every reader here: facts, names, questions,
+embeddings). A directory, or a compressed file that is truncated or corrupt, is a `FormatError`
+naming the file.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import gzip
 import io
 import lzma
 import os
+import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -35,6 +40,10 @@ __all__ = [
 
 _BLOCK_BYTES = 16 << 20
 _COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz")
+#: the UTF-8 byte order mark some editors write at the start of a file
+BOM = b"\xef\xbb\xbf"
+#: what a truncated or corrupt compressed stream raises (gzip.BadGzipFile is an OSError)
+_STREAM_ERRORS = (EOFError, OSError, lzma.LZMAError, zlib.error)
 
 
 def is_compressed(path: str) -> bool:
@@ -45,6 +54,8 @@ def is_compressed(path: str) -> bool:
 def open_text(path: str) -> io.BufferedIOBase:
     """Open ``path`` for binary reading, decompressing ``.gz``/``.bz2``/``.xz`` by extension."""
     path = str(path)
+    if os.path.isdir(path):
+        raise FormatError(path, None, "is a directory, not a file")
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.endswith(".bz2"):
@@ -72,6 +83,25 @@ def _bytes_to_lines(data: bytes) -> pa.Array:
     return pc.utf8_rtrim(lines, "\r")
 
 
+def _strip_bom(data: bytes) -> bytes:
+    """``data`` (the start of a file) without a UTF-8 byte order mark."""
+    return data[len(BOM):] if data.startswith(BOM) else data
+
+
+@contextmanager
+def _named_stream_errors(path: str) -> Iterator[None]:
+    """Turn a decompressor's error (a truncated ``.gz``: "Compressed file ended before the
+    end-of-stream marker was reached") into a `FormatError` naming the file."""
+    try:
+        yield
+    except FormatError:
+        raise
+    except _STREAM_ERRORS as e:
+        if not is_compressed(path) or isinstance(e, (FileNotFoundError, PermissionError)):
+            raise
+        raise FormatError(path, None, f"truncated or corrupt compressed file: {e}") from None
+
+
 def _concat(arrays: list[pa.Array]) -> pa.Array:
     if not arrays:
         return pa.array([], pa.string())
@@ -91,11 +121,14 @@ def iter_line_chunks(path: str, chunk_lines: int = 1_000_000) -> Iterator[tuple[
     pending_n = 0
     next_line = 1
     carry = b""
-    with open_text(path) as f:
+    with open_text(path) as f, _named_stream_errors(path):
+        first_block = True
         while True:
             block = f.read(_BLOCK_BYTES)
             if not block:
                 break
+            if first_block:
+                block, first_block = _strip_bom(block), False
             data = carry + block if carry else block
             cut = data.rfind(b"\n")
             if cut < 0:
@@ -174,7 +207,7 @@ def read_byte_chunk(chunk: ByteChunk) -> bytes:
         data = f.read(chunk.byte_end - chunk.byte_start)
     if len(data) != chunk.byte_end - chunk.byte_start:
         raise FormatError(chunk.path, None, "file changed while reading (short read)")
-    return data
+    return _strip_bom(data) if chunk.byte_start == 0 else data
 
 
 def count_lines(data: bytes) -> int:
@@ -193,8 +226,8 @@ def bytes_to_lines(data: bytes) -> pa.Array:
 
 def sniff_lines(path: str, n: int = 64, max_bytes: int = 1 << 20) -> list[str]:
     """Up to ``n`` non-blank, non-comment lines from the start of ``path`` (decompressed)."""
-    with open_text(path) as f:
-        head = f.read(max_bytes)
+    with open_text(path) as f, _named_stream_errors(path):
+        head = _strip_bom(f.read(max_bytes))
     out = []
     for raw in head.split(b"\n")[:-1] if len(head) == max_bytes else head.split(b"\n"):
         line = raw.decode("utf-8", errors="replace").rstrip("\r")

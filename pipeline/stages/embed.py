@@ -57,7 +57,7 @@ from hmn.transe import (
     partition_bounds,
     train_bucket,
 )
-from pipeline.artifacts import KnowledgeBase, write_vectors
+from pipeline.artifacts import KnowledgeBase, load_torch_file, write_vectors
 from pipeline.stages import ray_train_env
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ class _Worker:
         self.rel_m, self.rel_v = torch.zeros_like(self.relations), torch.zeros_like(self.relations)
         moments = folder / f"relopt-rank{self.rank}.pt"
         if moments.exists():
-            saved = torch.load(moments)
+            saved = load_torch_file(moments, "cpu", "a fresh embed stage (--stages embed --force)")
             self.rel_m.copy_(saved["m"])
             self.rel_v.copy_(saved["v"])
 

@@ -63,6 +63,7 @@ from hmn.alloc import reuse_memory
 from hmn.formats.choices import FORMATS_BY_KIND
 from hmn.formats.keys import normalize_keys
 from hmn.formats.lines import open_text
+from hmn.formats.parsed import FormatError
 from hmn.formats.registry import RdfOptions, resolve_format
 from hmn.parse_tasks import (
     ChunkResult,
@@ -127,6 +128,8 @@ class IngestSources:
             if path in seen:
                 raise ValueError(f"ingest.sources: {path} is listed twice ({seen[path]}, {kind})")
             seen[path] = kind
+            if os.path.isdir(path):
+                raise IsADirectoryError(f"ingest.sources.{kind}: {path} is a directory, not a file")
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"ingest.sources.{kind}: no such file: {path}")
         if not re.match(r"^[A-Za-z-]+$", self.rdf_language):
@@ -162,7 +165,7 @@ class IngestSources:
 def read_relation_list(path: str) -> list[str]:
     """Relation keys, one per line (blank lines and ``#`` comments ignored), any spelling."""
     with open_text(path) as f:
-        text = f.read().decode("utf-8")
+        text = f.read().decode("utf-8-sig")
     out = [ln.strip() for ln in text.splitlines()]
     return [ln for ln in out if ln and not ln.startswith("#")]
 
@@ -282,6 +285,21 @@ def _check_malformed(out: Path, parsed, src_stats: dict, max_reject_rate: float)
     raise ValueError(
         "ingest: too many malformed lines; see " + str(out / "rejects.parquet") + "\n" + report
     )
+
+
+def _check_facts_present(listed, parsed: list[SourceResult], src_stats: dict) -> None:
+    """Raise `FormatError` for an empty facts file, and when the facts files hold no fact at all
+    (every line rejected or filtered out): a knowledge base of 0 facts would reject every name
+    and question and fail stages later with a message far from its cause."""
+    facts = [(i, src[2]) for i, src in enumerate(listed) if src[0] == "facts"]
+    for _, path in facts:
+        if src_stats[path]["lines"] == 0:
+            raise FormatError(path, None, "empty: a facts file must hold at least one fact")
+    if sum(parsed[i].rows for i, _ in facts) == 0:
+        counts = ", ".join(f"{path}: {src_stats[path]['lines']} lines, "
+                           f"{src_stats[path]['malformed']} malformed" for _, path in facts)
+        raise FormatError(facts[0][1] if len(facts) == 1 else "ingest.sources.facts", None,
+                          f"no fact accepted ({counts}); see the skipped and rejected lines")
 
 
 def _assemble_kb(listed, parsed: list[SourceResult], src_stats: dict, out: Path):
@@ -422,6 +440,7 @@ def _run_ingest(
     t_parse = time.perf_counter()
     src_stats = source_stats(listed, parsed)
     _check_malformed(out, parsed, src_stats, max_reject_rate)
+    _check_facts_present(listed, parsed, src_stats)
     kb, facts_written, facts_writer = _assemble_kb(listed, parsed, src_stats, out)
     tables = _resolve(listed, parsed, src_stats, kb, sources.questions)
     t_assemble = time.perf_counter()

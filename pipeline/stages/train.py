@@ -33,7 +33,14 @@ from hmn.model import BowEncoder, MemoryLike, make_optimizer
 from hmn.readers import Reader, make_reader
 from hmn.text import ArtificialPool, Vocabulary, artificial_questions
 from hmn.training import EarlyStopping, EpochStats, correct, make_batch, predict, train_epoch
-from pipeline.artifacts import KnowledgeBase, load_index, load_memory, memory_dim, read_questions
+from pipeline.artifacts import (
+    KnowledgeBase,
+    load_index,
+    load_memory,
+    load_torch_file,
+    memory_dim,
+    read_questions,
+)
 from pipeline.stages import ray_train_env
 
 log = logging.getLogger(__name__)
@@ -125,7 +132,7 @@ def _init_or_resume(job: TrainJob, w: _Worker) -> _TrainState:
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), map_location=w.device, weights_only=False)
+            state = _load_checkpoint_state(d, w.device)
         st.model.load_state_dict(state["model"])
         st.optimizer.load_state_dict(state["optimizer"])
         st.stopper.load_state_dict(state["stopper"])
@@ -134,6 +141,26 @@ def _init_or_resume(job: TrainJob, w: _Worker) -> _TrainState:
     if w.world > 1:
         st.model = ray.train.torch.prepare_model(st.model, move_to_device=False)
     return st
+
+
+def _load_checkpoint_state(directory: str, device: torch.device | str) -> dict:
+    """An epoch checkpoint's ``state.pt``: tensors and plain data only (`load_torch_file`)."""
+    return load_torch_file(os.path.join(directory, "state.pt"), device,
+                           "a fresh training run (python -m pipeline.run --stages train --force)")
+
+
+def _plain(obj):
+    """``obj`` with numpy scalars as Python numbers: a checkpoint holds tensors and plain data
+    only, which `load_torch_file` (``weights_only=True``) accepts."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_plain(v) for v in obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
 
 
 def _validate(job: TrainJob, w: _Worker, model: torch.nn.Module, stats: EpochStats) -> torch.Tensor:
@@ -169,7 +196,7 @@ def _report_epoch(st: _TrainState, epoch: int, metrics: dict, rank: int) -> None
         checkpoint = None
         if rank == 0:
             torch.save({"model": _unwrap(st.model).state_dict(), "optimizer": st.optimizer.state_dict(),
-                        "stopper": st.stopper.state_dict(), "history": st.history,
+                        "stopper": _plain(st.stopper.state_dict()), "history": _plain(st.history),
                         "best_model": st.best_state, "epoch": epoch + 1}, os.path.join(d, "state.pt"))
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint)
@@ -379,7 +406,7 @@ def _fit(job: TrainJob, train_table: pa.Table, storage_dir: Path, run_name: str)
         if result.checkpoint is None:
             raise RuntimeError("training finished without a checkpoint or a final state")
         with result.checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+            state = _load_checkpoint_state(d, "cpu")
     return state
 
 
@@ -430,8 +457,9 @@ def run_train(train_cfg: TrainConfig, reader_cfg: ReaderConfig, ingest_dir: Path
     state = _fit(job, train_table, storage_dir, run_name)
     history = state["history"]
     best = _to_torch(state["best_model"] or state["model"])
-    torch.save({"model": best, "dim": dim, "vocab_size": len(vocab), "fingerprints": fingerprints,
-                "train": copy.deepcopy(train_cfg.__dict__), "reader": copy.deepcopy(reader_cfg.__dict__)},
+    torch.save({"model": best, "dim": dim, "vocab_size": len(vocab), "fingerprints": _plain(fingerprints),
+                "train": _plain(copy.deepcopy(train_cfg.__dict__)),
+                "reader": _plain(copy.deepcopy(reader_cfg.__dict__))},
                out / "model.pt")
     (out / "history.json").write_text(json.dumps(history, indent=2))
     stopper = state["stopper"]

@@ -75,7 +75,7 @@ def test_table2_splits_the_clustered_readers_budget(preset, num_facts):
 
 
 def test_table1_subset_end_to_end(ray_local, tmp_path, capsys):
-    from pipeline import evaluate
+    from pipeline.evaluate import main as evaluate_main
 
     cfg = load_config(ROOT / "configs/smoke.yaml", TINY + ["train.num_workers=0", "train.max_epochs=2"])
     base = RunDir(tmp_path / "exp")
@@ -95,7 +95,7 @@ def test_table1_subset_end_to_end(ray_local, tmp_path, capsys):
     variant = base.root / "experiments" / "table1" / "clustered"
     assert (variant / "memory").is_symlink()
     dev = base.stage_dir("generate") / "questions_dev.txt"
-    assert evaluate.main(["--run-dir", str(variant), "--questions", str(dev), "--reader", "clustered"]) == 0
+    assert evaluate_main(["--run-dir", str(variant), "--questions", str(dev), "--reader", "clustered"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["reader"] == "clustered" and out["questions"] == 150
     # a later run of one variant keeps the rows of the variants finished before in the table

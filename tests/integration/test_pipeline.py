@@ -188,7 +188,7 @@ def test_stages_subset_stops_after_its_last_stage(smoke_run, tmp_path):
 
 
 def test_batch_evaluation_counts_unknowns(smoke_run, tmp_path, capsys):
-    from pipeline import evaluate
+    from pipeline.evaluate import main as evaluate_main
 
     _, run, _ = smoke_run
     dev = (run.stage_dir("generate") / "questions_dev.txt").read_text().splitlines()
@@ -200,7 +200,7 @@ def test_batch_evaluation_counts_unknowns(smoke_run, tmp_path, capsys):
     ]
     qfile = tmp_path / "q.txt"
     qfile.write_text("\n".join(dev[:50] + bad) + "\n")
-    assert evaluate.main(["--run-dir", str(run.root), "--questions", str(qfile)]) == 0
+    assert evaluate_main(["--run-dir", str(run.root), "--questions", str(qfile)]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["questions"] == 53 and out["malformed_lines"] == 1 and out["lines"] == 54
     assert out["unknown_subject"] == 1 and out["unknown_relation"] == 1
@@ -208,6 +208,66 @@ def test_batch_evaluation_counts_unknowns(smoke_run, tmp_path, capsys):
     assert out["questions_without_known_words"] >= 1
     assert 0.0 <= out["accuracy"] <= out["accuracy_known_facts"] <= 1.0
     assert "exact" in out["readers"]
+
+
+def test_answer_agrees_with_batch_evaluation_and_names_the_facts(smoke_run, tmp_path):
+    """pipeline.answer's top fact for every dev question has the subject and relation of
+    pipeline.evaluate's prediction, with the run's infer reader and with clustered."""
+    from pipeline import answer, evaluate
+    from pipeline.answer import read_questions
+    from pipeline.artifacts import KnowledgeBase
+
+    cfg, run, _ = smoke_run
+    dev = run.stage_dir("generate") / "questions_dev.txt"
+    out = evaluate(run.root, dev, readers=["exact", "clustered"], output=tmp_path / "p.parquet")
+    assert out["malformed_lines"] == 0 and out["questions"] == 150  # rows align with the lines
+    pred = pq.read_table(tmp_path / "p.parquet")
+    kb = KnowledgeBase.load(run.stage_dir("ingest"))
+    questions = read_questions(dev)
+    assert cfg.train.infer_reader == "exact"
+    for reader in (None, "clustered"):
+        answers = answer(run.root, questions, k=3, reader=reader)
+        assert len(answers) == len(questions)
+        name = reader or cfg.train.infer_reader
+        expected = pred[f"pred_{name}"].to_numpy()
+        got = [(a["facts"][0]["subject"]["key"], a["facts"][0]["relation"]) for a in answers]
+        want = [(kb.entity_keys[kb.fact_subject[f]], kb.relation_keys[kb.fact_relation[f]])
+                for f in expected]
+        assert got == want, name
+        assert all(a["reader"] == name and len(a["facts"]) == 3 for a in answers)
+        assert all(a["facts"][0]["score"] >= a["facts"][1]["score"] for a in answers)
+    # names: the subject's and the objects', as the knowledge base has them
+    top = answers[0]["facts"][0]
+    fact = top["fact_id"]
+    assert top["subject"]["name"] == kb.entity_names[kb.fact_subject[fact]] is not None
+    objects = kb.object_values[kb.object_offsets[fact]:kb.object_offsets[fact + 1]]
+    assert [o["key"] for o in top["objects"]] == [kb.entity_keys[o] for o in objects]
+    assert [o["name"] for o in top["objects"]] == [kb.entity_names[o] for o in objects]
+    assert any(o["name"] for a in answers for f in a["facts"] for o in f["objects"])
+
+
+def test_answer_reports_unknown_words_and_needs_no_ray(smoke_run):
+    _, run, _ = smoke_run
+    first = (run.stage_dir("generate") / "questions_dev.txt").read_text().splitlines()[0]
+    question = first.split("\t")[3]
+    code = (
+        "import json, sys\n"
+        "from pipeline.answer import main\n"
+        "rc = main(sys.argv[1:])\n"
+        "bad = [m for m in sys.modules if m == 'ray' or m.startswith('ray.')]\n"
+        "sys.exit(rc or (3 if bad else 0))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", code, "--run-dir", str(run.root), "--k", "2",
+                          question, f"{question} zqxj", "qwxz vbnm"],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr  # 3: Ray was imported
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [a["question"] for a in lines] == [question, f"{question} zqxj", "qwxz vbnm"]
+    assert [a["unknown_words"] for a in lines] == [[], ["zqxj"], ["qwxz", "vbnm"]]
+    ids = [[f["fact_id"] for f in a["facts"]] for a in lines]
+    assert ids[0] == ids[1]  # the unknown word changes nothing else
+    assert "no known word" in out.stderr  # the third one's answer is arbitrary, and says so
 
 
 def _run_cli(run_dir: Path, extra: list[str], **kw) -> subprocess.Popen:

@@ -18,7 +18,7 @@ TINY = ["scaling.facts=2000", "embed.dim=32", "embed.epochs=5", "embed.num_cpus=
 
 
 def test_two_variants_of_one_size_end_to_end(ray_local, tmp_path, capsys):
-    from pipeline import evaluate
+    from pipeline.evaluate import main as evaluate_main
 
     data = make_real_data(tmp_path / "data")
     cfg = load_config(ROOT / "configs/sq-scaling.yaml", TINY + [f"scaling.data_dir={data}"])
@@ -54,7 +54,7 @@ def test_two_variants_of_one_size_end_to_end(ray_local, tmp_path, capsys):
     assert json.loads((base.root / "eval/scaling.json").read_text())["rows"]
     # a variant is a run pipeline.evaluate accepts
     dev = str(gen / "questions_dev.txt")
-    assert evaluate.main(["--run-dir", str(clustered), "--questions", dev,
+    assert evaluate_main(["--run-dir", str(clustered), "--questions", dev,
                           "--reader", "clustered"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["reader"] == "clustered" and out["questions"] == 100
