@@ -303,7 +303,7 @@ class _ReaderSection:
 
 ReaderConfig = dataclasses.make_dataclass(
     "ReaderConfig",
-    [(c.name, c.type, _f(c.default, c.help)) for c in reader_config_fields()],
+    [(c.name, c.type, _f(c.default, c.help, stable=c.stable)) for c in reader_config_fields()],
     bases=(_ReaderSection,),
     namespace={
         "__module__": __name__,

@@ -44,9 +44,11 @@ __all__ = [
 ]
 
 
-def _param(config: str, default: Any, help: str) -> Any:
-    """A reader parameter: its default, help text and ``reader.<config>`` field name."""
-    return field(default=default, metadata={"config": config, "help": help})
+def _param(config: str, default: Any, help: str, stable: bool = False) -> Any:
+    """A reader parameter: its default, help text and ``reader.<config>`` field name; a
+    ``stable`` one counts in fingerprints only when it differs from its default (a parameter
+    added later whose default keeps the old behaviour)."""
+    return field(default=default, metadata={"config": config, "help": help, "stable": stable})
 
 
 def _baseline_seed() -> Any:
@@ -78,6 +80,12 @@ class ClusteredParams(ReaderParams):
                               "(Rand-block)")
     temperature: float = _param("temperature", 1.0, "Sample-K: log-probability = centroid score "
                                 "/ temperature")
+    scan: str = _param("scan", "exact", "clustered reader: how the facts of the leaves read are "
+                       "scored: 'exact' (each fact's inner product), or 'sq8' / 'sq6' / 'sq4' / "
+                       "'fp16' (faiss inverted lists of quantised facts scanned, the best "
+                       "reader.scan_rerank re-scored exactly; hmn.compressed)", stable=True)
+    rerank: int = _param("scan_rerank", 100, "clustered reader with a compressed scan: facts "
+                         "of each question re-scored exactly (>= reader.k)", stable=True)
 
     def problems(self) -> Iterator[tuple[str, str]]:
         if self.top_clusters <= 0:
@@ -87,6 +95,12 @@ class ClusteredParams(ReaderParams):
                 yield name, "must be >= 0"
         if self.temperature <= 0:
             yield "temperature", "must be > 0"
+        if self.scan not in ("exact", "sq8", "sq6", "sq4", "fp16"):
+            yield "scan", "must be 'exact', 'sq8', 'sq6', 'sq4' or 'fp16'"
+        if self.rerank <= 0:
+            yield "rerank", "must be > 0"
+        if self.scan != "exact" and self.rand_blocks:
+            yield "scan", "a compressed scan reads leaves only: not with reader.rand_blocks"
 
     def kwargs(self, training: bool) -> dict[str, Any]:
         """The bias reducers (Sample-K, Rand-block) only matter while training; at inference the
@@ -95,7 +109,8 @@ class ClusteredParams(ReaderParams):
         if training:
             return super().kwargs(training)
         return {"top_clusters": self.top_clusters + self.sample_clusters + self.rand_blocks,
-                "sample_clusters": 0, "rand_blocks": 0, "temperature": self.temperature}
+                "sample_clusters": 0, "rand_blocks": 0, "temperature": self.temperature,
+                "scan": self.scan, "rerank": self.rerank}
 
 
 @dataclass(frozen=True)
@@ -202,6 +217,7 @@ class ConfigField(typing.NamedTuple):
     type: type
     default: Any
     help: str
+    stable: bool = False
 
 
 def config_fields() -> list[ConfigField]:
@@ -214,7 +230,8 @@ def config_fields() -> list[ConfigField]:
         hints = typing.get_type_hints(entry.params)
         for f in fields(entry.params):
             name = f.metadata["config"]
-            declared = ConfigField(name, hints[f.name], f.default, f.metadata["help"])
+            declared = ConfigField(name, hints[f.name], f.default, f.metadata["help"],
+                                   f.metadata.get("stable", False))
             if found.setdefault(name, declared) != declared:
                 raise TypeError(f"reader.{name} is declared differently by two readers: "
                                 f"{found[name]} and {declared}")

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from hmn.baselines import FaissIVFReader, PCATreeReader, WTAHashReader
+from hmn.compressed import SCANS, compressed_leaves
 from hmn.index import ClusterIndex
 from hmn.memory import FactorisedMemory
 from hmn.reader_base import Candidates, Memory, Reader, _check_count, _check_k, _pad
@@ -143,6 +144,8 @@ class ClusteredReader(Reader):
         block_size: int | None = None,
         temperature: float = ClusteredParams.temperature,
         beam: int | None = None,
+        scan: str = ClusteredParams.scan,
+        rerank: int = ClusteredParams.rerank,
     ) -> None:
         super().__init__(memory)
         if not isinstance(index, ClusterIndex):
@@ -191,6 +194,12 @@ class ClusteredReader(Reader):
         counts = torch.bincount(fact_leaf, minlength=index.num_leaves)  # (C,)
         self._leaf_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # (C + 1,)
         self._leaf_sizes = counts
+        if scan not in SCANS:
+            raise ValueError(f"scan={scan!r}: must be one of {SCANS}")
+        if scan != "exact" and self.rand_blocks:
+            raise ValueError("scan: a compressed scan reads leaves only, not with rand_blocks")
+        self.scan, self.rerank = scan, _check_count("rerank", rerank)
+        self._compressed = None if scan == "exact" else compressed_leaves(memory, index, scan)
 
     @property
     def num_leaves(self) -> int:
@@ -299,6 +308,8 @@ class ClusteredReader(Reader):
         clock = _Clock(self.phase_seconds)
         sel = self.select_leaves(q, generator)  # (B, C)
         clock.lap("leaves")
+        if self._compressed is not None:
+            return self._compressed_search(q, sel, k, clock)
         qidx, facts = self._pairs(sel, b, generator)  # (P,), (P,)
         touched = torch.bincount(qidx, minlength=b)  # (B,)
         clock.lap("pairs")
@@ -336,6 +347,29 @@ class ClusteredReader(Reader):
         top_s, top_p = grid.topk(min(k, width), dim=1)  # (B, K)
         ids, scores = _pad(grid_ids.gather(1, top_p), top_s, k)
         clock.lap("topk")
+        return Candidates(ids=ids, scores=scores, touched=touched)
+
+    def _compressed_search(self, q: torch.Tensor, sel: torch.Tensor, k: int, clock) -> Candidates:
+        """Top-k of each query's leaves: faiss scans the leaves' compressed codes for the best
+        ``rerank``, which are re-scored exactly (hmn.compressed). ``touched``: every fact of the
+        leaves read, as the exact scan."""
+        b, dev = q.shape[0], q.device
+        touched = (sel.to(torch.float64) @ self._leaf_sizes.to(torch.float64)).round().to(torch.int64)
+        width = int(sel.sum(1).max()) if sel.numel() else 0
+        lists = torch.full((b, max(width, 1)), -1, dtype=torch.int64, device=dev)  # (B, L)
+        if width:
+            qi, leaves = torch.nonzero(sel, as_tuple=True)  # row-major: grouped by query
+            first = torch.cumsum(sel.sum(1), 0) - sel.sum(1)
+            lists[qi, torch.arange(qi.numel(), device=dev) - first[qi]] = leaves
+        approx, ids = self._compressed.search(q, lists, max(k, self.rerank))  # (B, R)
+        clock.lap("scan")
+        valid = ids >= 0
+        exact = self.memory.grouped_scores(q, ids[valid], valid.sum(1))  # (P,) query-major
+        grid = torch.full(ids.shape, float("-inf"), device=dev)
+        grid[valid] = exact  # boolean indexing is row-major, as grouped_scores' order
+        top_s, top_p = grid.topk(min(k, grid.shape[1]), dim=1)  # (B, K)
+        ids, scores = _pad(ids.gather(1, top_p), top_s, k)
+        clock.lap("rerank")
         return Candidates(ids=ids, scores=scores, touched=touched)
 
     #: the dense union product is used while B |U| <= dense_factor * pairs read (a dense product

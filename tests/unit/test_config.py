@@ -162,7 +162,8 @@ def test_reader_section_is_made_from_the_reader_registry():
     from hmn.reader_registry import READERS
 
     names = [f.name for f in dataclasses.fields(ReaderConfig)]
-    assert names == ["k", "top_clusters", "sample_clusters", "rand_blocks", "temperature",
+    assert names == ["k", "top_clusters", "sample_clusters", "rand_blocks", "temperature", "scan",
+                     "scan_rerank",
                      "pca_depth", "pca_probes", "wta_bands", "wta_perms", "wta_window",
                      "ivf_nlist", "ivf_nprobe", "baseline_seed"]
     described = {line.split(" = ")[0]: line for line in describe() if line.startswith("reader.")}

@@ -23,3 +23,26 @@ def test_peak_is_sampled_at_enter_and_exit():
     with PeakMemory(interval=60) as pm:
         time.sleep(0.01)
     assert pm.peak_pss_gb > 0 and pm.peak_rss_gb > 0
+
+
+def test_samples_are_spaced_so_the_watch_takes_at_most_its_duty_of_a_core(monkeypatch):
+    import pipeline.memwatch as mw
+
+    def slow_tree():  # a sample that costs 50 ms of work
+        time.sleep(0.05)
+        return 1, 1
+
+    monkeypatch.setattr(mw, "tree_memory", slow_tree)
+    samples = []
+    real = PeakMemory._sample
+
+    def counting(self):
+        samples.append(time.perf_counter())
+        real(self)
+
+    monkeypatch.setattr(PeakMemory, "_sample", counting)
+    with PeakMemory(interval=0.01, duty=0.1) as pm:
+        time.sleep(1.2)
+    assert pm._wait >= 0.5  # 50 ms / 10%
+    gaps = [b - a for a, b in zip(samples[1:-2], samples[2:-1])]
+    assert len(samples) <= 5 and all(g >= 0.5 for g in gaps)
