@@ -204,21 +204,29 @@ def gold_ids(batches, kb: KnowledgeBase) -> list[np.ndarray]:
     return out
 
 
-def run_method(method: str, model_run: Path, memory, index, batches, golds, args, top_clusters: int):
+def _reader(method: str, memory, index, top_clusters: int, scan: str):
+    """``clustered`` (the size's scan), ``clustered-exact-scan`` or ``exact``."""
+    if method == "exact":
+        return make_reader("exact", memory)
+    reader = make_reader("clustered", memory, index, top_clusters=top_clusters,
+                         scan="exact" if method == "clustered-exact-scan" else scan)
+    reader.phase_seconds = {}
+    return reader
+
+
+def run_method(method: str, model_run: Path, memory, index, batches, golds, args,
+               top_clusters: int, scan: str):
     """Warm-up plus timed steps of one method, from the trained weights and a fresh Adam."""
     model, _, _ = load_model(model_run / "train")
     model.train()
     opt = make_optimizer(model, "adam", 1e-3)
     reader = None
     if method != "full":
-        params = {"top_clusters": top_clusters} if method == "clustered" else {}
-        reader = make_reader(method, memory, index if method == "clustered" else None, **params)
-        if method == "clustered":
-            reader.phase_seconds = {}
+        reader = _reader(method, memory, index, top_clusters, scan)
     gen = torch.Generator().manual_seed(args.seed)
     seconds, touched, softmax, phases = [], [], [], []
     for i, ((tokens, _, _), gold) in enumerate(zip(batches, golds)):
-        if reader is not None and method == "clustered":
+        if hasattr(reader, "phase_seconds"):
             reader.phase_seconds = {}
         t0 = time.perf_counter()
         tok, off, g = make_batch(tokens, gold)
@@ -260,14 +268,23 @@ def run_method(method: str, model_run: Path, memory, index, batches, golds, args
     }
 
 
-def recall(memory, index, batch, gold, model_run: Path, k: int, top_clusters: int) -> float:
+def recalls(memory, index, batch, gold, model_run: Path, k: int, top_clusters: int,
+            scan: str) -> dict:
+    """On the first batch's trained queries: the clustered reader's recall@k against exact
+    K-MIPS, and (with a compressed scan) the agreement of its top-k with the exact scan of the
+    same leaves."""
     model, _, _ = load_model(model_run / "train")
     with torch.no_grad():
         tok, off, _ = make_batch(batch[0], gold)
         q = model(tok, off)
     exact = make_reader("exact", memory).search(q, k)
-    approx = make_reader("clustered", memory, index, top_clusters=top_clusters).search(q, k)
-    return recall_at_k(approx, exact, k)
+    approx = _reader("clustered", memory, index, top_clusters, scan).search(q, k)
+    out = {"recall10_vs_exact": recall_at_k(approx, exact, k)}
+    if scan != "exact":
+        full = _reader("clustered-exact-scan", memory, index, top_clusters, scan).search(q, k)
+        out["scan_agreement"] = recall_at_k(approx, full, k)
+        out["recall10_vs_exact_exact_scan"] = recall_at_k(full, exact, k)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,15 +328,23 @@ def main(argv: list[str] | None = None) -> int:
             "prepare_seconds": time.perf_counter() - t, "methods": {},
         }
         del kb
-        entry["recall10_vs_exact"] = recall(memory, index, batches[0], golds[0], model_run, args.k, top)
-        for method in methods:
+        scan = cfg.reader.scan
+        entry["scan"], entry["scan_rerank"] = scan, cfg.reader.scan_rerank
+        t = time.perf_counter()
+        entry.update(recalls(memory, index, batches[0], golds[0], model_run, args.k, top, scan))
+        entry["recall_seconds"] = time.perf_counter() - t  # includes building compressed lists
+        size_methods = list(methods)
+        if scan != "exact" and "clustered" in methods:
+            size_methods.insert(size_methods.index("clustered") + 1, "clustered-exact-scan")
+        for method in size_methods:
             entry["methods"][method] = run_method(method, model_run, memory, index, batches, golds,
-                                                  args, top)
-        c = entry["methods"].get("clustered")
-        if c:
-            read = c["facts_read_per_question"] + entry["centroid_products_per_question"]
-            c["facts_and_centroids_per_question"] = read
-            c["share_of_memory"] = read / memory.n
+                                                  args, top, scan)
+        for name in ("clustered", "clustered-exact-scan"):
+            c = entry["methods"].get(name)
+            if c:
+                read = c["facts_read_per_question"] + entry["centroid_products_per_question"]
+                c["facts_and_centroids_per_question"] = read
+                c["share_of_memory"] = read / memory.n
         result["sizes"][size] = entry
         log.info("%s: %s", size, {m: round(v["median_step_seconds"], 3)
                                   for m, v in entry["methods"].items()})

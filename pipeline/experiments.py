@@ -19,7 +19,9 @@ Scaling (``--config configs/sq-scaling.yaml --experiment scaling``): a variant p
 data.source=scaling with the clustered reader (``29k``, ``131k``, ``1m``, ``3m``, ``10m``) and,
 up to 1m facts, with exact K-MIPS (``<size>-exact``); per-size settings come from the rules
 `transe_epochs`, `transe_partitions`, `memory_layout`, `top_clusters`, `question_limit` and
-`artificial_rule` (`size_overrides`). Each size's variants share its generate, ingest, embed
+`artificial_rule` (`size_overrides`); beyond 29k the clustered reader scans compressed leaves
+(``reader.scan=sq8``, the best 100 of a question re-scored exactly). Each size's variants
+share its generate, ingest, embed
 and memory stages; ``<run>/eval/scaling.md`` and ``scaling.json`` hold the report.
 """
 
@@ -175,13 +177,14 @@ def memory_layout(n: int) -> dict[str, Any]:
 
 
 def top_clusters(n: int, branching: list[int]) -> int:
-    """Leaves a question reads: SQ-32k's share (100 of 2048, ~4.9%) up to 200k facts; beyond,
+    """Leaves a question reads: up to 200k facts SQ-32k's 100 leaves of ~15 facts (about 1.5k
+    facts a question at 29k and 131k alike, so a training step costs about the same); beyond,
     as many as keep the facts read plus the centroid products within 90% of ``READ_SHARE`` of
     the memory (10% slack for leaves larger than the mean: split ones, and the large leaves that
     questions favour), at least 1."""
     leaves = math.prod(branching)
     if n <= FLAT_MAX_FACTS:
-        return max(1, math.floor(100 / 2048 * leaves))
+        return min(100, leaves)
     facts = 0.9 * READ_SHARE * n - centroid_products(list(branching), leaves)
     return max(1, math.floor(facts / (n / leaves)))
 
@@ -223,6 +226,8 @@ def size_overrides(cfg: RunConfig, size: str, exact: bool) -> dict[str, Any]:
     o.update(memory_layout(n))
     leaves = math.prod(o["memory.branching"])
     o["reader.top_clusters"] = top_clusters(n, o["memory.branching"])
+    if n > SQ32K_FACTS:  # questions read different leaves: compressed scan, best 100 exact
+        o["reader.scan"] = "sq8"
     read = n if exact else n * o["reader.top_clusters"] / leaves  # facts a dev question scores
     o["train.dev_limit"] = question_limit(read)
     o["eval.max_questions"] = question_limit(n)  # evaluation scores exact (recall@10) too

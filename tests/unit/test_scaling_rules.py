@@ -70,7 +70,7 @@ def test_memory_layout_flat_then_hierarchical_with_400_facts_a_leaf():
 
 
 def test_top_clusters_read_at_most_half_a_percent_centroids_counted_from_1m():
-    assert top_clusters(29_423, [2048]) == 100  # the base's 4.9%
+    assert top_clusters(29_423, [2048]) == top_clusters(131_000, [8192]) == 100  # SQ-32k's
     for size in ("1m", "3m", "10m"):
         n = FACTS[size]
         branching = memory_layout(n)["memory.branching"]
@@ -114,6 +114,9 @@ def test_variants_and_their_settings(cfg):
             assert fps[size][stage] == fps[f"{size}-exact"][stage], (size, stage)
         assert fps[size]["train"] != fps[f"{size}-exact"]["train"]
     assert len({fps[s]["generate"] for s in FACTS}) == len(FACTS)
+    for name in variants:  # compressed scans from 1m, where questions read 2k-16k facts
+        assert variant_config(cfg, variants[name]).reader.scan == (
+            "exact" if name.split("-")[0] == "29k" else "sq8"), name
     one_m = variant_config(cfg, variants["1m"])
     assert (one_m.embed.num_partitions, one_m.embed.num_workers) == (8, 2)
     assert variant_config(cfg, variants["29k"]).embed.num_workers == cfg.embed.num_workers
