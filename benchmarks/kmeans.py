@@ -1,47 +1,54 @@
-"""Spherical k-means: hmn over Ray shard actors (and in-process torch) versus faiss.Kmeans.
+"""Spherical k-means: hmn against ``faiss.Kmeans(spherical=True)``, like for like.
 
-    .venv/bin/python benchmarks/kmeans.py [--n 1000000] [--k 1000] [--iters 5] [--sq-k 256]
-                                          [--sq-iters 20] [--run-dir runs/sq32k]
-                                          [--configs ray-2x1 ray-1x2 torch] [--threads 2]
+    .venv/bin/python benchmarks/kmeans.py            # full size: SQ-32k (k=256) and 1M x 600 (k=1000)
+    .venv/bin/python benchmarks/kmeans.py --smoke    # a small version (seconds): not a figure
 
-Two data sets, each clustered by every method with the same number of iterations, the same
-seed and the same thread count (``--threads``, 2 by default):
+What both methods share, per data set:
 
-* synthetic: n x 600 float32, a mixture of 2000 Gaussian blobs, rows unit-normalised;
-* sq32k: the SQ-32k fact memory (``<run-dir>/memory/facts.npy``) after the eq. 6-7 transform,
-  unit-normalised (the rows the index build clusters).
+* the rows: unit rows, float32, in this process;
+* the initial centroids C0: hmn's k-means++ (``hmn.kmeans.INITS["kmeans++"]`` on the sample
+  ``spherical_kmeans`` draws, seeded by ``--seed``).  Ours computes it inside
+  ``spherical_kmeans``; faiss gets it through ``faiss.Kmeans.train(x, init_centroids=C0)``, from
+  the same function run in faiss's round.  That ours started from C0 too is checked on every
+  round (``init_check``: ours' first objective equals J(C0));
+* the iterations (``tol=0``, so ours never stops early; faiss ``niter``) and the threads
+  (``torch.set_num_threads`` and ``faiss.omp_set_num_threads``);
+* the outputs: the centroids and the assignment of every row under them.  Ours returns both
+  (``spherical_kmeans`` ends with an assignment pass); faiss's index holds the final centroids
+  after ``train``, and ``km.index.search(x, 1)`` assigns the rows;
+* faiss trains on every row (``max_points_per_centroid`` >= n / k: no subsampling).
 
-Methods: ``faiss.Kmeans(d, k, niter, spherical=True, seed)`` with ``omp_set_num_threads``;
-hmn's ``spherical_kmeans`` over Ray shard actors (``ray-AxT``: A actors of T CPUs, each
-running torch with T threads, so A x T = threads; ``ray-AxT-bf16``: the same with the
-assignment matmul in bfloat16, ``memory.kmeans_precision=bfloat16``, whose sums and objective
-stay exact for the assignment it makes); hmn in this process (``torch``).
-faiss gets ``max_points_per_centroid`` large enough to train on every row (its default would
-subsample 256 rows per centroid) and hmn starts from k-means++ on a sample, faiss from random rows.
+Total time: ours = ``spherical_kmeans`` (k-means++ init + iterations + final assignment);
+faiss = the k-means++ init (timed in faiss's round) + ``train`` + ``index.search``.  faiss's
+``train`` alone is reported too (``train_seconds``).
 
-On a machine shared with other jobs the time of one run swings with the load, so every method
-runs ``--repeats`` times (3 by default) in interleaved rounds (faiss, ray-2x1, ray-1x2, torch,
-faiss, ...) and the fastest round of each method is its figure (all rounds are in the JSON).
-Seconds per iteration are steady-state: faiss's cumulative iteration times (``iteration_stats``)
-differenced, and the mean of hmn's per-iteration seconds after the first; both exclude the
-initialisation.  ``total / iters`` (including initialisation) is reported as well.  The objective
-is J = sum_i max_j cos(x_i, c_j) of the centroids that entered the last iteration, as both
-faiss (``iteration_stats[-1]["obj"]``: inner products of unit rows and unit centroids) and hmn
-(``stats[-1]["objective"]``) report it; ``--final-objective`` also evaluates J of the final
-centroids for every method (one more pass over the data each).
-Last line printed: JSON with, per data set, ``time_ratio_vs_faiss`` (the fastest Ray
-configuration / faiss, steady seconds per iteration; ``time_ratio_vs_faiss_float32`` the
-fastest float32 one; each configuration's ratio is in
-``benchmarks/out/kmeans.json``) and ``objective_gap`` ((faiss - ray) / faiss: negative = hmn's
-objective is higher).
+Objective: J = sum_i max_j cos(x_i, c_j) of each method's *final* centroids, computed by one
+function for both (``final_objective``: float32 cosines, float64 sum);
+``objective_gap = (J_faiss - J_ours) / J_faiss`` (negative: ours is higher).
+
+Rounds are interleaved (ours, faiss, ours, faiss, ... ``--repeats`` of each), because the
+machine may be shared: ``total_time_ratio_vs_faiss_*`` is the median over rounds of
+ours' total / faiss's total of the same round; ``..._min`` the fastest round of each;
+``cpu_time_ratio_vs_faiss`` the same median of CPU seconds (ours in-process only).  Every
+round's times, CPU seconds and load averages are in the JSON, with the arguments.
+
+Data: ``sq32k`` are the SQ-32k facts of a pipeline run (``<run-dir>/memory/facts.npy``, first of
+``--run-dir`` that exists) after the run's eq. 6-7 transform (its ``memory.U`` and ``memory.m``),
+unit-normalised: the rows the index build clusters.  Without such a run it builds one
+(``pipeline.run --config configs/sq32k.yaml --stages ingest,embed,memory``; the embed stage's
+TransE takes a while).  ``1m`` is n x 600 synthetic rows (2000 Gaussian blobs, unit rows).
+
+Last line printed: the JSON written to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
-import resource
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,100 +59,183 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hmn.kmeans import InMemoryData, spherical_kmeans  # noqa: E402
+from hmn.kmeans import INITS, InMemoryData, spherical_kmeans  # noqa: E402
 from hmn.mips import fit_transform  # noqa: E402
 
+logger = logging.getLogger("bench.kmeans")
 
-def log(*a) -> None:
-    print(*a, file=sys.stderr, flush=True)
+DEFAULT_RUN_DIRS = ("runs/sq32k", "runs/sq-scaling/experiments/scaling/29k")
+SMOKE = {"n": 20_000, "k": 100, "iters": 3, "sq_iters": 5, "repeats": 2}
 
 
-def objective(x: np.ndarray, c: np.ndarray) -> float:
-    """sum_i max_j cos(x_i, c_j) for unit rows x."""
+def init_sample(k: int) -> int:
+    """Rows ``spherical_kmeans`` samples for k-means++ by default."""
+    return max(16 * int(k), 1024)
+
+
+def initial_centroids(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, float]:
+    """(C, d) float32 k-means++ centroids exactly as ``spherical_kmeans(seed=seed)`` starts from
+    them, and the seconds they took."""
+    t0 = time.perf_counter()
+    c0 = INITS["kmeans++"](InMemoryData(torch.from_numpy(x)), int(k),
+                           np.random.default_rng(seed), init_sample(k))
+    return np.ascontiguousarray(c0.numpy(), dtype=np.float32), time.perf_counter() - t0
+
+
+def final_objective(x: np.ndarray, c: np.ndarray) -> float:
+    """J = sum_i max_j cos(x_i, c_j) for unit rows x: float32 cosines, float64 sum."""
+    c = np.ascontiguousarray(c, dtype=np.float32)
     return float(InMemoryData(torch.from_numpy(x)).partial_stats(torch.from_numpy(c))[2])
 
 
-def _steady(seconds: list[float]) -> float:
-    return float(np.mean(seconds[1:] if len(seconds) > 1 else seconds))
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
 
 
-FINAL_OBJECTIVE = False
+def _since(start: tuple[float, float]) -> tuple[float, float]:
+    return time.perf_counter() - start[0], time.process_time() - start[1]
 
 
-def run_faiss(x: np.ndarray, k: int, iters: int, seed: int, threads: int) -> dict:
-    import faiss
-
-    faiss.omp_set_num_threads(threads)
-    km = faiss.Kmeans(x.shape[1], k, niter=iters, spherical=True, seed=seed,
-                      max_points_per_centroid=max(256, -(-x.shape[0] // k)), verbose=False)
-    t0 = time.perf_counter()
-    km.train(x)
-    total = time.perf_counter() - t0
-    cum = [float(s["time"]) for s in km.iteration_stats]  # cumulative seconds per iteration
-    per_iter = np.diff(cum).tolist() if len(cum) > 1 else cum
-    out = {"seconds_total": total, "seconds_per_iter_incl_init": total / iters,
-           "seconds_per_iter": float(np.mean(per_iter)), "iteration_seconds": per_iter,
-           "objective": float(km.iteration_stats[-1]["obj"]), "iterations": iters,
-           "objective_trace": [float(s["obj"]) for s in km.iteration_stats]}
-    if FINAL_OBJECTIVE:
-        out["final_objective"] = objective(x, km.centroids)
-    return out
-
-
-def _result(res, total: float, x: np.ndarray) -> dict:
-    secs = [s["seconds"] for s in res.stats]
-    out = {"seconds_total": total, "seconds_per_iter_incl_init": total / len(secs),
-           "seconds_per_iter": _steady(secs), "iteration_seconds": secs,
-           "iterations": len(secs), "objective": float(res.stats[-1]["objective"]),
-           "objective_trace": [s["objective"] for s in res.stats]}
-    if FINAL_OBJECTIVE:
-        out["final_objective"] = objective(x, res.centroids.numpy())
-    return out
-
-
-def run_torch(x: np.ndarray, k: int, iters: int, seed: int, threads: int) -> dict:
+def run_ours(x: np.ndarray, k: int, iters: int, seed: int, threads: int) -> dict:
+    """hmn's ``spherical_kmeans`` in this process: init + ``iters`` iterations + assignment."""
     torch.set_num_threads(threads)
-    t0 = time.perf_counter()
+    start = _clock()
     res = spherical_kmeans(InMemoryData(torch.from_numpy(x)), k, iters=iters, tol=0.0, seed=seed)
-    return _result(res, time.perf_counter() - t0, x)
+    wall, cpu = _since(start)
+    return {"total_seconds": wall, "cpu_seconds": cpu, "threads": torch.get_num_threads(),
+            "iteration_seconds": [s["seconds"] for s in res.stats],
+            "objective_trace": [s["objective"] for s in res.stats],
+            "iterations": len(res.stats), "centroids": res.centroids.numpy(),
+            "assignments": res.assignments}
 
 
-def run_ray(x: np.ndarray, k: int, iters: int, seed: int, actors: int, cpus: int,
-            precision: str = "float32") -> dict:
-    """``actors`` shard actors of ``cpus`` CPUs (and torch threads) each; ``precision`` of the
-    assignment matmul (``ray-AxT-bf16``: bfloat16, see hmn.kmeans.similarity_dtype)."""
+def run_ours_ray(x: np.ndarray, k: int, iters: int, seed: int, actors: int, cpus: int,
+                 precision: str = "float32") -> dict:
+    """hmn's loop over ``actors`` Ray shard actors of ``cpus`` CPUs each (the memory stage's
+    adapter); the actors are started before the clock (``actor_setup_seconds``)."""
     import ray
 
     from pipeline.kmeans_ray import RayShardedDataFactory, ShardActor
 
     remote = ray.remote(ShardActor).options(num_cpus=cpus)
     bounds = np.linspace(0, x.shape[0], actors + 1).astype(int)
-    handles = []
     t_setup = time.perf_counter()
-    for s in range(actors):
-        ref = ray.put(x[bounds[s] : bounds[s + 1]])
-        handles.append(remote.remote(ref, int(bounds[s]), threads=cpus))
-        del ref  # the actor copies its shard into its heap; the object store copy is released
-    threads = ray.get([a.num_threads.remote() for a in handles])
+    handles = [remote.remote(ray.put(x[bounds[s]:bounds[s + 1]]), int(bounds[s]), threads=cpus)
+               for s in range(actors)]
+    ray.get([a.num_threads.remote() for a in handles])
     setup = time.perf_counter() - t_setup
     try:
         factory = RayShardedDataFactory(handles, bounds[:-1], x.shape[0], x.shape[1])
-        # rows as given (already unit: used in place by the actors)
-        data = factory(None, None, precision=precision)
-        t0 = time.perf_counter()
+        data = factory(None, None, precision=precision)  # rows as given (already unit)
+        start = _clock()
         res = spherical_kmeans(data, k, iters=iters, tol=0.0, seed=seed)
-        total = time.perf_counter() - t0
+        wall, cpu = _since(start)
         data.close()
     finally:
         for a in handles:
             ray.kill(a)
-    out = _result(res, total, x)
-    out.update({"actors": actors, "cpus_per_actor": cpus, "torch_threads": threads,
-                "actor_setup_seconds": setup, "precision": precision})
+    return {"total_seconds": wall, "cpu_seconds_driver": cpu, "actor_setup_seconds": setup,
+            "actors": actors, "cpus_per_actor": cpus, "precision": precision,
+            "iteration_seconds": [s["seconds"] for s in res.stats],
+            "objective_trace": [s["objective"] for s in res.stats],
+            "iterations": len(res.stats), "centroids": res.centroids.numpy(),
+            "assignments": res.assignments}
+
+
+def faiss_kmeans(d: int, k: int, iters: int, seed: int, n: int):
+    """``faiss.Kmeans(spherical=True)`` set to train on all n rows."""
+    try:
+        import faiss
+    except ImportError as err:  # faiss-cpu is the project's `cpu` extra
+        raise SystemExit("benchmarks/kmeans.py needs faiss: pip install -e '.[cpu]'") from err
+    return faiss.Kmeans(d, k, niter=iters, spherical=True, seed=seed, verbose=False,
+                        max_points_per_centroid=max(256, -(-n // k)))
+
+
+def run_faiss(x: np.ndarray, k: int, iters: int, seed: int, threads: int) -> dict:
+    """hmn's k-means++ init (timed) + ``faiss.Kmeans.train(x, init_centroids=C0)`` +
+    ``index.search(x, 1)`` (the assignment under the final centroids)."""
+    import faiss
+
+    torch.set_num_threads(threads)  # the init runs in torch, as in ours
+    faiss.omp_set_num_threads(threads)
+    start = _clock()
+    c0, init_seconds = initial_centroids(x, k, seed)
+    km = faiss_kmeans(x.shape[1], k, iters, seed, x.shape[0])
+    t_train = time.perf_counter()
+    km.train(x, init_centroids=c0)
+    train_seconds = time.perf_counter() - t_train
+    t_assign = time.perf_counter()
+    _, assign = km.index.search(x, 1)  # the index holds the final centroids after train
+    assign_seconds = time.perf_counter() - t_assign
+    wall, cpu = _since(start)
+    cum = [float(s["time"]) for s in km.iteration_stats]  # cumulative seconds per iteration
+    return {"total_seconds": wall, "cpu_seconds": cpu, "threads": faiss.omp_get_max_threads(),
+            "init_seconds": init_seconds, "train_seconds": train_seconds,
+            "assign_seconds": assign_seconds,
+            "iteration_seconds": np.diff([0.0, *cum]).tolist(),
+            "objective_trace": [float(s["obj"]) for s in km.iteration_stats],
+            "iterations": len(km.iteration_stats), "centroids": np.asarray(km.centroids),
+            "assignments": assign.ravel(), "c0": c0}
+
+
+def _summary(name: str, r: dict, x: np.ndarray, j0: float | None) -> dict:
+    """A round's record for the JSON: times and objectives, no arrays."""
+    out = {k: v for k, v in r.items() if k not in ("centroids", "assignments", "c0")}
+    out["final_objective"] = final_objective(x, r["centroids"])
+    if j0 is not None and r["objective_trace"]:  # J(C0) = the first iteration's objective
+        out["init_check"] = {"j_c0": j0, "first_objective": r["objective_trace"][0],
+                             "rel_diff": abs(r["objective_trace"][0] - j0) / abs(j0)}
+    out["load_avg"] = list(os.getloadavg())
+    logger.info("%s: total %.2fs, final objective %.2f", name, out["total_seconds"],
+                out["final_objective"])
     return out
 
 
+def compare(x: np.ndarray, k: int, iters: int, seed: int, threads: int, repeats: int,
+            ours: str) -> dict:
+    """Interleaved rounds of ``ours`` (``torch`` or ``ray-AxT[-bf16]``) and faiss on ``x``."""
+    c0, _ = initial_centroids(x, k, seed)
+    j0 = final_objective(x, c0)
+    rounds: dict[str, list[dict]] = {"ours": [], "faiss": []}
+    for _ in range(repeats):
+        if ours == "torch":
+            r = run_ours(x, k, iters, seed, threads)
+        else:
+            spec, _, prec = ours.removeprefix("ray-").partition("-")
+            a, t = (int(v) for v in spec.split("x"))
+            r = run_ours_ray(x, k, iters, seed, a, t, {"": "float32", "bf16": "bfloat16"}[prec])
+        rounds["ours"].append(_summary("ours", r, x, j0))
+        f = run_faiss(x, k, iters, seed, threads)
+        if not np.array_equal(f["c0"], c0):
+            raise RuntimeError("k-means++ init is not deterministic: faiss got other centroids")
+        rounds["faiss"].append(_summary("faiss", f, x, j0))
+    ratios = [o["total_seconds"] / f["total_seconds"]
+              for o, f in zip(rounds["ours"], rounds["faiss"])]
+    cpu = [o["cpu_seconds"] / f["cpu_seconds"] for o, f in zip(rounds["ours"], rounds["faiss"])
+           if "cpu_seconds" in o and "cpu_seconds" in f]
+    j_ours = rounds["ours"][-1]["final_objective"]
+    j_faiss = rounds["faiss"][-1]["final_objective"]
+    return {
+        "n": int(x.shape[0]), "d": int(x.shape[1]), "k": k, "iters": iters, "threads": threads,
+        "repeats": repeats, "ours": ours, "init_sample": init_sample(k), "objective_c0": j0,
+        "total_time_ratio_vs_faiss": statistics.median(ratios),
+        "total_time_ratio_vs_faiss_min": (min(o["total_seconds"] for o in rounds["ours"])
+                                          / min(f["total_seconds"] for f in rounds["faiss"])),
+        "round_ratios": ratios,
+        # CPU seconds (all threads, spin-waits included): steadier than wall time under load
+        "cpu_time_ratio_vs_faiss": statistics.median(cpu) if cpu else None,
+        "train_only_ratio_vs_faiss": statistics.median(
+            (o["total_seconds"] - f["init_seconds"] - f["assign_seconds"]) / f["train_seconds"]
+            for o, f in zip(rounds["ours"], rounds["faiss"])),
+        "objective_ours": j_ours, "objective_faiss": j_faiss,
+        "objective_gap": (j_faiss - j_ours) / abs(j_faiss),
+        "rounds": rounds,
+    }
+
+
 def synthetic(n: int, d: int = 600, blobs: int = 2000, seed: int = 0) -> np.ndarray:
+    """n x d float32 unit rows: a mixture of ``blobs`` Gaussian blobs (noise 1.5)."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((blobs, d)).astype(np.float32)
     x = np.empty((n, d), dtype=np.float32)
@@ -157,124 +247,102 @@ def synthetic(n: int, d: int = 600, blobs: int = 2000, seed: int = 0) -> np.ndar
     return x
 
 
-def sq32k_rows(run_dir: str) -> np.ndarray:
-    path = Path(run_dir) / "memory" / "facts.npy"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run the sq32k pipeline first")
-    xt = torch.from_numpy(np.ascontiguousarray(np.load(path), dtype=np.float32))
-    t = fit_transform(float(xt.norm(dim=1).max()))  # the index build's default U, m
-    return torch.nn.functional.normalize(t.facts(xt), dim=1).numpy()
+def find_or_build_run(run_dirs: list[str]) -> Path:
+    """The first run directory with ``memory/facts.npy``; none: build ``runs/sq32k`` up to its
+    memory stage with the pipeline (``configs/sq32k.yaml``)."""
+    for run_dir in run_dirs:
+        if (ROOT / run_dir / "memory" / "facts.npy").exists():
+            return ROOT / run_dir
+    target = run_dirs[0]
+    cmd = [sys.executable, "-m", "pipeline.run", "--config", "configs/sq32k.yaml",
+           "--run-dir", target, "--stages", "ingest,embed,memory"]
+    logger.info("no SQ-32k memory in %s: building it: %s", run_dirs, " ".join(cmd))
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return ROOT / target
 
 
-def compare(name: str, x: np.ndarray, k: int, iters: int, seed: int, threads: int,
-            configs: list[str], repeats: int = 1) -> dict:
-    out: dict = {"n": int(x.shape[0]), "d": int(x.shape[1]), "k": k, "iters": iters,
-                 "threads": threads}
-    out["repeats"] = repeats
-    for rep in range(repeats):  # rounds: every method once per round, interleaved
-        for who in ["faiss", *configs]:
-            load0 = os.getloadavg()
-            if who == "faiss":
-                r = run_faiss(x, k, iters, seed, threads)
-            elif who == "torch":
-                r = run_torch(x, k, iters, seed, threads)
-            else:  # ray-AxT or ray-AxT-bf16
-                spec, _, prec = who.removeprefix("ray-").partition("-")
-                a, t = (int(v) for v in spec.split("x"))
-                if a * t != threads:
-                    raise ValueError(f"{who}: actors x cpus must equal --threads={threads}")
-                r = run_ray(x, k, iters, seed, a, t, {"": "float32", "bf16": "bfloat16"}[prec])
-            r["load_avg_before_after"] = [load0, os.getloadavg()]
-            log(f"{name} {who} (round {rep + 1}/{repeats}): {r['seconds_per_iter']:.3f} s/iter "
-                f"(total {r['seconds_total']:.1f}s), objective {r['objective']:.2f}, "
-                f"load {r['load_avg_before_after']}")
-            if who not in out:
-                out[who] = {**r, "rounds_seconds_per_iter": []}
-            # the fastest round stands for the method (the one least slowed by other jobs)
-            out[who]["rounds_seconds_per_iter"].append(r["seconds_per_iter"])
-            if r["seconds_per_iter"] < out[who]["seconds_per_iter"]:
-                out[who].update({**r, "rounds_seconds_per_iter": out[who]["rounds_seconds_per_iter"]})
-    f = out["faiss"]
-    for who in configs:
-        out[who]["time_ratio_vs_faiss"] = out[who]["seconds_per_iter"] / f["seconds_per_iter"]
-        out[who]["objective_gap"] = (f["objective"] - out[who]["objective"]) / abs(f["objective"])
-    rays = [c for c in configs if c.startswith("ray-")]
-    if rays:
-        best = min(rays, key=lambda c: out[c]["seconds_per_iter"])
-        out["best_ray"] = best
-        out["time_ratio_vs_faiss"] = out[best]["time_ratio_vs_faiss"]
-        out["objective_gap"] = out[best]["objective_gap"]
-        exact = [c for c in rays if not c.endswith("-bf16")]
-        if exact:  # the float32 assignment alone, like for like with faiss
-            b32 = min(exact, key=lambda c: out[c]["seconds_per_iter"])
-            out["best_ray_float32"] = b32
-            out["time_ratio_vs_faiss_float32"] = out[b32]["time_ratio_vs_faiss"]
-            out["objective_gap_float32"] = out[b32]["objective_gap"]
-    return out
+def sq32k_rows(run_dir: Path) -> tuple[np.ndarray, dict]:
+    """The run's facts after its eq. 6-7 transform, unit rows (what the index build clusters)."""
+    import yaml
+
+    memory = yaml.safe_load((run_dir / "config.resolved.yaml").read_text()).get("memory", {})
+    U, m = float(memory.get("U", 0.75)), int(memory.get("m", 3))
+    xt = torch.from_numpy(np.ascontiguousarray(np.load(run_dir / "memory" / "facts.npy"),
+                                               dtype=np.float32))
+    t = fit_transform(float(xt.norm(dim=1).max()), U=U, m=m)
+    x = torch.nn.functional.normalize(t.facts(xt), dim=1).numpy()
+    return np.ascontiguousarray(x), {"run_dir": str(run_dir.relative_to(ROOT)), "U": U, "m": m}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--n", type=int, default=1_000_000, help="synthetic rows (the 1m data set)")
     ap.add_argument("--k", type=int, default=1000)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--sq-k", type=int, default=256)
     ap.add_argument("--sq-iters", type=int, default=20)
-    ap.add_argument("--run-dir", default="runs/sq32k")
+    ap.add_argument("--run-dir", nargs="+", default=list(DEFAULT_RUN_DIRS),
+                    help="run directories to take the SQ-32k memory from (the first that has it)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--configs", nargs="+",
-                    default=["ray-2x1", "ray-1x2", "ray-2x1-bf16", "ray-1x2-bf16", "torch"],
-                    help="ray-AxT (A actors x T CPUs/threads; -bf16: bfloat16 assignment matmul) "
-                         "and/or torch (in-process)")
-    ap.add_argument("--datasets", nargs="+", default=["sq32k", "synthetic"])
-    ap.add_argument("--out", default="benchmarks/out/kmeans.json")
-    ap.add_argument("--final-objective", action="store_true")
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="rounds of every method, interleaved; the fastest round of each counts")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of each method")
+    ap.add_argument("--ours", default="torch",
+                    help="torch (in-process) or ray-AxT[-bf16] (A shard actors of T CPUs)")
+    ap.add_argument("--datasets", nargs="+", default=["sq32k", "1m"], choices=["sq32k", "1m"])
+    ap.add_argument("--smoke", action="store_true",
+                    help=f"small sizes {SMOKE} (explicit flags still win); out: kmeans_smoke.json")
+    ap.add_argument("--out", default=None,
+                    help="default benchmarks/out/kmeans.json (--smoke: kmeans_smoke.json)")
     args = ap.parse_args(argv)
-    global FINAL_OBJECTIVE
-    FINAL_OBJECTIVE = args.final_objective
-    torch.set_num_threads(args.threads)
-    import ray
+    given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv or sys.argv[1:])}
+    if args.smoke:
+        for key, value in SMOKE.items():
+            if key not in given:
+                setattr(args, key, value)
+    out_path = Path(args.out or f"benchmarks/out/kmeans{'_smoke' if args.smoke else ''}.json")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(message)s")
+    if args.ours != "torch":
+        import ray
 
-    os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
-    results: dict = {"load_avg_1_5_15_start": os.getloadavg()}
+        os.environ.pop("RAY_ADDRESS", None)
+        ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+    result: dict = {"args": vars(args), "smoke": args.smoke, "torch": torch.__version__}
     try:
-        if "sq32k" in args.datasets:
-            results["sq32k"] = compare("sq32k", sq32k_rows(args.run_dir), args.sq_k,
-                                       args.sq_iters, args.seed, args.threads, args.configs,
-                                       args.repeats)
-        if "synthetic" in args.datasets:
-            key = "synthetic_1m" if args.n == 1_000_000 else f"synthetic_{args.n}"
-            t0 = time.perf_counter()
-            x = synthetic(args.n)
-            log(f"synthetic {x.shape} in {time.perf_counter() - t0:.1f}s")
-            results[key] = compare(key, x, args.k, args.iters, args.seed, args.threads,
-                                   args.configs, args.repeats)
-            del x
+        import faiss
+
+        result["faiss"] = faiss.__version__
+    except ImportError:
+        pass
+    try:
+        _run_datasets(args, result)
     finally:
-        ray.shutdown()
-    results["load_avg_1_5_15_end"] = os.getloadavg()
-    results["peak_rss_gb_driver"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
-    summary = {}
-    for name, v in results.items():
-        if isinstance(v, dict):
-            summary[name] = {"time_ratio_vs_faiss": v.get("time_ratio_vs_faiss"),
-                             "objective_gap": v.get("objective_gap"), "best_ray": v.get("best_ray"),
-                             "time_ratio_vs_faiss_float32": v.get("time_ratio_vs_faiss_float32"),
-                             "objective_gap_float32": v.get("objective_gap_float32"),
-                             "iters": v["iters"], "k": v["k"], "n": v["n"],
-                             "faiss_s_per_iter": v["faiss"]["seconds_per_iter"],
-                             **{f"{c}_s_per_iter": v[c]["seconds_per_iter"] for c in args.configs}}
-    summary["load_avg_1_5_15"] = [results["load_avg_1_5_15_start"], results["load_avg_1_5_15_end"]]
-    print(json.dumps(summary))
+        if args.ours != "torch":
+            import ray
+
+            ray.shutdown()
+    result["load_avg_end"] = list(os.getloadavg())
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result)
+    out_path.write_text(text + "\n")
+    print(text, flush=True)
     return 0
+
+
+def _run_datasets(args: argparse.Namespace, result: dict) -> None:
+    if "sq32k" in args.datasets:
+        x, source = sq32k_rows(find_or_build_run(args.run_dir))
+        sec = compare(x, args.sq_k, args.sq_iters, args.seed, args.threads, args.repeats,
+                      args.ours)
+        result["sq32k"] = {**source, **sec}
+        result["total_time_ratio_vs_faiss_sq32k"] = sec["total_time_ratio_vs_faiss"]
+        result["objective_gap_sq32k"] = sec["objective_gap"]
+    if "1m" in args.datasets:
+        x = synthetic(args.n)
+        sec = compare(x, args.k, args.iters, args.seed, args.threads, args.repeats, args.ours)
+        result["1m"] = sec
+        result["total_time_ratio_vs_faiss_1m"] = sec["total_time_ratio_vs_faiss"]
+        result["objective_gap_1m"] = sec["objective_gap"]
 
 
 if __name__ == "__main__":

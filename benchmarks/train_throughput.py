@@ -35,9 +35,10 @@ clustered reader's recall@10 against exact on the first batch; ``step_ratio_10m_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
-import math
+import shutil
 import statistics
 import sys
 import time
@@ -59,7 +60,12 @@ from hmn.model import full_softmax_loss, ksoftmax_loss, make_optimizer  # noqa: 
 from hmn.readers import make_reader, recall_at_k  # noqa: E402
 from hmn.training import make_batch  # noqa: E402
 from pipeline.artifacts import (  # noqa: E402
-    KnowledgeBase, load_index, load_memory, load_model, read_questions, read_vectors,
+    KnowledgeBase,
+    load_index,
+    load_memory,
+    load_model,
+    read_questions,
+    read_vectors,
 )
 from pipeline.experiments import centroid_products, scaling_variants, variant_config  # noqa: E402
 from pipeline.stages.memory import choose_layout  # noqa: E402
@@ -96,7 +102,6 @@ def _generate_and_ingest(cfg, work: Path) -> Path:
         t = time.perf_counter()
         tmp = work / "ingest.tmp"
         if tmp.exists():
-            import shutil
             shutil.rmtree(tmp)
         run_ingest(IngestSources(facts=[str(gen / "kb.txt")], names=[str(gen / "names.tsv")],
                                  questions={"train": [str(gen / "questions_train.txt")],
@@ -132,6 +137,11 @@ def build_size(size: str, cfg, model_run: Path, work: Path, seed: int):
     ingest = _generate_and_ingest(cfg, d)
     kb = KnowledgeBase.load(ingest)
     mem_dir = d / "memory"
+    wanted = json.dumps(dataclasses.asdict(cfg.memory), sort_keys=True, default=list)
+    made = mem_dir / "memory_config.json"
+    if (mem_dir / "index").exists() and made.exists() and made.read_text() != wanted:
+        log.info("%s: the cached index was built with other memory settings: rebuilding", size)
+        shutil.rmtree(mem_dir)
     if not (mem_dir / "index").exists():
         real = KnowledgeBase.load(model_run / "ingest")
         rng = np.random.default_rng(seed)
@@ -155,6 +165,7 @@ def build_size(size: str, cfg, model_run: Path, work: Path, seed: int):
                  time.perf_counter() - t)
         index.save(str(mem_dir / "index.tmp"))
         (mem_dir / "index.tmp").rename(mem_dir / "index")
+        made.write_text(wanted)
     else:
         ent = np.load(mem_dir / "entity_emb.npy")
         rel = np.load(mem_dir / "relation_emb.npy")

@@ -286,8 +286,14 @@ class WTAHashReader(_BuiltReader):
 
 
 def _faiss():
-    import faiss  # optional at import time of hmn: only this reader needs it
+    from hmn.devices import check_faiss_install
 
+    check_faiss_install()  # faiss-cpu and a faiss-gpu package side by side break the module
+    try:
+        import faiss  # optional at import time of hmn: only this reader needs it
+    except ImportError as e:
+        raise ImportError(f"the faiss-ivf reader needs faiss: install the project with its "
+                          f"'cpu' or its 'gpu' extra, never both ({e})") from e
     return faiss
 
 

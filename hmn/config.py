@@ -45,6 +45,16 @@ def _check(cond: bool, section: str, name: str, value: Any, why: str) -> None:
         raise ConfigError(f"{section}.{name}={value!r}: {why}")
 
 
+def _check_gpus(section: str, name: str, value: float) -> None:
+    """A Ray ``num_gpus``: a fraction of one GPU, or a whole number of them."""
+    _check(value > 0 and (value <= 1 or float(value).is_integer()), section, name, value,
+           "must be a fraction in (0, 1] or a whole number of GPUs")
+
+
+#: the values of train.exact_precision and eval.exact_precision (`hmn.exact_bf16`)
+EXACT_PRECISIONS = ("float32", "bfloat16")
+
+
 #: the values of ``data.source``
 DATA_SOURCES = ("synthetic", "files", "scaling")
 
@@ -219,6 +229,9 @@ class EmbedConfig(TransEParams):
                                 "at a time; use >= 2 * num_workers")
     max_failures: int = _f(1, "worker-group restarts from the last epoch checkpoint")
     num_cpus: int = _f(2, "CPUs (torch threads) of each TransE worker")
+    use_gpu: bool = _f(False, "train TransE on GPUs: one per Ray Train worker, NCCL for the "
+                              "relation all-reduce; a bucket's partitions are moved to the "
+                              "worker's GPU while it trains them", stable=True)
 
     def validate(self) -> None:
         s = "embed"
@@ -256,6 +269,13 @@ class MemoryConfig:
     max_leaf_size: int = _f(0, "split every leaf of more facts than this by a k-means of its facts "
                                "(leaves under the same parent), so no query reads an oversized "
                                "leaf; 0 = keep k-means' leaves", stable=True)
+    use_gpu: bool = _f(False, "k-means and the assignment pass on GPUs: every shard actor asks "
+                              "Ray for memory.gpus_per_shard GPUs and computes there (a dense "
+                              "shard moves to the GPU; factorised tables too when they take at "
+                              "most half its free memory, else gathered rows are staged to it "
+                              "chunk by chunk)", stable=True)
+    gpus_per_shard: float = _f(1.0, "GPUs of each shard actor with memory.use_gpu (a fraction "
+                                    "puts several shards on one GPU)", stable=True)
     seed: int = _f(0, "seed")
 
     # removed settings: every hierarchical level is one grouped k-means over all its parents
@@ -279,6 +299,7 @@ class MemoryConfig:
         _check(self.dense_limit_gb > 0, s, "dense_limit_gb", self.dense_limit_gb, "must be > 0")
         _check(self.kmeans_precision in ("float32", "bfloat16", "auto"), s, "kmeans_precision",
                self.kmeans_precision, "must be 'float32', 'bfloat16' or 'auto'")
+        _check_gpus(s, "gpus_per_shard", self.gpus_per_shard)
 
 
 @dataclass(frozen=True)
@@ -344,6 +365,11 @@ class TrainConfig:
     num_workers: int = _f(2, "Ray Train workers (0 = local mode in the driver)")
     cpus_per_worker: float = _f(1.0, "CPUs per worker")
     use_gpu: bool = _f(False, "train on GPUs (NCCL) instead of CPUs (gloo)")
+    exact_precision: str = _f("float32", "the exact reader's scan: 'float32', or 'bfloat16' "
+                                         "(with train.use_gpu: all facts scanned in bfloat16 "
+                                         "on the tensor cores, the best max(2K, K + 16) of each "
+                                         "question re-scored in float32; on CPUs ignored, with "
+                                         "a log line)", stable=True)
     threads: int = _f(0, "torch threads per worker (0 = cpus_per_worker rounded up)")
     max_steps_per_epoch: int = _f(0, "cap on steps per epoch (0 = the whole data set)")
     max_failures: int = _f(2, "worker failures Ray Train recovers from (FailureConfig)")
@@ -380,6 +406,8 @@ class TrainConfig:
                "artificial_fixed_from", self.artificial_fixed_from,
                "only applies with train.artificial_per_epoch > 0")
         _check(self.dev_limit >= 0, s, "dev_limit", self.dev_limit, "must be >= 0")
+        _check(self.exact_precision in EXACT_PRECISIONS, s, "exact_precision",
+               self.exact_precision, f"must be one of {', '.join(EXACT_PRECISIONS)}")
         workers = max(1, self.num_workers)
         _check(self.batch_size >= workers, s, "batch_size", self.batch_size,
                f"must be >= train.num_workers ({self.num_workers})")
@@ -394,6 +422,15 @@ class EvalConfig:
     num_actors: int = _f(1, "Ray Data actors scoring questions")
     max_questions: int = _f(0, "score a seeded sample of this many questions per split "
                                "(0 = all; exact K-MIPS over an FB2M memory costs seconds a question)")
+    cpus_per_actor: float = _f(1.0, "CPUs of each scoring actor; its torch threads are this "
+                                    "rounded up", stable=True)
+    use_gpu: bool = _f(False, "score on GPUs: each scoring actor asks Ray for "
+                              "eval.gpus_per_actor GPUs and holds the model, memory and index "
+                              "there", stable=True)
+    gpus_per_actor: float = _f(1.0, "GPUs of each scoring actor with eval.use_gpu (a fraction "
+                                    "puts several actors on one GPU)", stable=True)
+    exact_precision: str = _f("float32", "the exact reader's scan, as train.exact_precision "
+                                         "(bfloat16 with eval.use_gpu only)", stable=True)
 
     def validate(self) -> None:
         s = "eval"
@@ -404,6 +441,10 @@ class EvalConfig:
         _check(self.batch_size > 0, s, "batch_size", self.batch_size, "must be > 0")
         _check(self.num_actors > 0, s, "num_actors", self.num_actors, "must be > 0")
         _check(self.max_questions >= 0, s, "max_questions", self.max_questions, "must be >= 0")
+        _check(self.cpus_per_actor > 0, s, "cpus_per_actor", self.cpus_per_actor, "must be > 0")
+        _check_gpus(s, "gpus_per_actor", self.gpus_per_actor)
+        _check(self.exact_precision in EXACT_PRECISIONS, s, "exact_precision",
+               self.exact_precision, f"must be one of {', '.join(EXACT_PRECISIONS)}")
 
 
 @dataclass(frozen=True)
@@ -413,6 +454,36 @@ class RayConfig:
 
     def validate(self) -> None:
         _check(self.num_cpus >= 0, "ray", "num_cpus", self.num_cpus, "must be >= 0")
+
+
+#: the values of ``tracking.backend``
+TRACKING_BACKENDS = ("none", "mlflow", "tensorboard")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment tracking (`pipeline.tracking`): where the resolved config, the per-epoch
+    metrics, the stage times and the report's figures are logged. Not part of any stage's
+    fingerprint: turning tracking on or off never redoes a finished stage."""
+
+    backend: str = _f("none", f"one of {', '.join(TRACKING_BACKENDS)} (mlflow and tensorboard "
+                              f"need the 'tracking' extra: pip install 'hmn-pipeline[tracking]')")
+    uri: str = _f("", "mlflow: the tracking URI (file:/path, sqlite:///x.db, http://host:5000; "
+                      "default file:<run dir>/mlruns); tensorboard: the log directory (default "
+                      "<run dir>/tensorboard). Ray Train's rank 0 logs here too: on a cluster, "
+                      "shared storage or a tracking server")
+    experiment: str = _f("hmn", "mlflow: the experiment the runs are filed under")
+    run_name: str = _f("", "name of the tracked run (mlflow's run name, tensorboard's run folder); "
+                           "'' = the config's name")
+
+    def validate(self) -> None:
+        s = "tracking"
+        _check(self.backend in TRACKING_BACKENDS, s, "backend", self.backend,
+               f"must be one of {', '.join(TRACKING_BACKENDS)}")
+        _check(bool(self.experiment.strip()), s, "experiment", self.experiment,
+               "must be a non-empty name")
+        _check("/" not in self.run_name and "\\" not in self.run_name, s, "run_name",
+               self.run_name, "must be a name without '/'")
 
 
 @dataclass(frozen=True)
@@ -428,6 +499,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
         if not self.name or "/" in self.name:

@@ -79,6 +79,11 @@ _META = "index.json"
 
 Progress = Callable[[dict], None] | None
 
+#: facts per piece of an assignment pass that reports progress (`_assign`)
+ASSIGN_PIECE = 1 << 17
+#: consecutive facts that stay together in a piece (`_assign`)
+_ASSIGN_BLOCK = 4096
+
 
 def _check_int(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
@@ -207,9 +212,13 @@ class _ViewFactory:
 
 
 class InMemoryDataFactory(_ViewFactory):
-    """:class:`DataFactory` over an (N, D) tensor in this process (CPU or CUDA)."""
+    """:class:`DataFactory` over an (N, D) tensor in this process (CPU or CUDA).
 
-    def __init__(self, vectors: torch.Tensor | np.ndarray, chunk: int = 65536) -> None:
+    ``device``: where the views compute (default the tensor's); a CPU tensor's rows are then
+    staged to it ``chunk`` rows at a time (:class:`~hmn.kmeans.InMemoryData`)."""
+
+    def __init__(self, vectors: torch.Tensor | np.ndarray, chunk: int = 65536, *,
+                 device: str | torch.device | None = None) -> None:
         if isinstance(vectors, np.ndarray):
             vectors = torch.from_numpy(vectors)
         if not isinstance(vectors, torch.Tensor):
@@ -218,6 +227,7 @@ class InMemoryDataFactory(_ViewFactory):
             raise ValueError(f"vectors must be (N, D) with N >= 1, got {tuple(vectors.shape)}")
         self.vectors = vectors.to(torch.float32)  # (N, D)
         self.chunk = chunk
+        self.device = None if device is None else torch.device(device)
 
     @property
     def n(self) -> int:
@@ -227,26 +237,29 @@ class InMemoryDataFactory(_ViewFactory):
         x = self.vectors
         if ids is not None:
             x = x[torch.from_numpy(ids).to(x.device)]  # (len(ids), D)
-        return InMemoryData(x, self.chunk, **options)
+        return InMemoryData(x, self.chunk, device=self.device, **options)
 
 
 class FactorisedDataFactory(_ViewFactory):
     """:class:`DataFactory` over a :class:`~hmn.memory.FactorisedMemory`: views gather fact rows
     from the entity / relation / fact tables chunk by chunk (:class:`~hmn.kmeans.FactorisedData`),
-    so an FB2M-sized memory is clustered without its (N, D) matrix."""
+    so an FB2M-sized memory is clustered without its (N, D) matrix. ``device``: where the views
+    compute (default the tables'); gathered chunks are staged to it."""
 
-    def __init__(self, memory: FactorisedMemory, chunk: int = 65536) -> None:
+    def __init__(self, memory: FactorisedMemory, chunk: int = 65536, *,
+                 device: str | torch.device | None = None) -> None:
         if not isinstance(memory, FactorisedMemory):
             raise TypeError(f"memory must be a FactorisedMemory, got {type(memory).__name__}")
         self.memory = memory
         self.chunk = chunk
+        self.device = None if device is None else torch.device(device)
 
     @property
     def n(self) -> int:
         return self.memory.n
 
     def _view(self, ids: np.ndarray | None, options: dict[str, Any]) -> FactorisedData:
-        return FactorisedData(self.memory, ids, self.chunk, **options)
+        return FactorisedData(self.memory, ids, self.chunk, device=self.device, **options)
 
 
 def check_subset_ids(ids: np.ndarray, n: int) -> np.ndarray:
@@ -477,14 +490,46 @@ def _assign(
     groups: np.ndarray | None,
     centroids: torch.Tensor,
     offsets: np.ndarray,
+    progress: Progress = None,
 ) -> np.ndarray:
     """Assign the facts ``ids`` (None: all) each to its most similar centroid of its group
-    (``groups``, None: one group); one pass over them."""
-    data = data_factory(transform, ids, groups=groups, precision=spec.precision)
-    try:
-        return data.assign_grouped(centroids, offsets)
-    finally:
-        data.close()
+    (``groups``, None: one group); one pass over them.
+
+    With ``progress``, a pass over more than `ASSIGN_PIECE` facts runs piece by piece, reporting
+    ``{"assign_done", "assign_total"}`` (facts) as it starts and after each piece. A piece is every P-th block of
+    `_ASSIGN_BLOCK` facts, so it spreads over the whole memory and every shard of sharded data
+    works on each piece. A fact's assignment does not depend on the others: the result is the
+    same as in one pass."""
+    n = int(data_factory.n if ids is None else ids.size)
+    pieces = 1 if progress is None else -(-n // ASSIGN_PIECE)
+    if progress is not None:
+        progress({"assign_done": 0, "assign_total": n})  # the pass starts
+    if pieces <= 1:
+        data = data_factory(transform, ids, groups=groups, precision=spec.precision)
+        try:
+            out = data.assign_grouped(centroids, offsets)
+        finally:
+            data.close()
+        if progress is not None:
+            progress({"assign_done": n, "assign_total": n})
+        return out
+    out = np.empty(n, dtype=np.int64)  # (n,) cluster of each fact of the pass
+    blocks = -(-n // _ASSIGN_BLOCK)
+    done = 0
+    for piece in range(pieces):
+        starts = np.arange(piece, blocks, pieces, dtype=np.int64) * _ASSIGN_BLOCK
+        pos = (starts[:, None] + np.arange(_ASSIGN_BLOCK)).ravel()  # sorted positions in the pass
+        pos = pos[pos < n]
+        data = data_factory(transform, pos if ids is None else ids[pos],
+                            groups=None if groups is None else groups[pos],
+                            precision=spec.precision)
+        try:
+            out[pos] = data.assign_grouped(centroids, offsets)
+        finally:
+            data.close()
+        done += pos.size
+        progress({"assign_done": done, "assign_total": n})
+    return out
 
 
 def _max_norm(data_factory: DataFactory) -> float:
@@ -521,7 +566,8 @@ def _fit_top_level(
     fact_cluster = res.assignments  # (N,) cluster of each fact
     if fit_ids is not None:
         offsets = np.array([0, k], dtype=np.int64)
-        fact_cluster = _assign(data_factory, transform, spec, None, None, res.centroids, offsets)
+        fact_cluster = _assign(data_factory, transform, spec, None, None, res.centroids, offsets,
+                               progress)
     stats = {
         "level": 0,
         "num_clusters": k,
@@ -569,7 +615,8 @@ def _fit_child_level(
         owner = np.repeat(np.arange(c_prev), ks)[res.assignments]  # parent of each fact
         new_cluster = res.assignments - in_off[owner] + out_off[owner]
     else:  # every fact to its most similar child of its own parent
-        new_cluster = _assign(data_factory, transform, spec, None, fact_cluster, out, out_off)
+        new_cluster = _assign(data_factory, transform, spec, None, fact_cluster, out, out_off,
+                              progress)
     parents = np.repeat(np.arange(c_prev, dtype=np.int64), kk)
     runs = [
         {
@@ -652,7 +699,8 @@ def _split_round(
 
 
 def _assign_to_pieces(
-    data_factory: DataFactory, transform: MipsTransform, spec: IndexSpec, st: _Leaves, c0: int
+    data_factory: DataFactory, transform: MipsTransform, spec: IndexSpec, st: _Leaves, c0: int,
+    progress: Progress = None,
 ) -> dict:
     """Every fact of a split leaf to the most similar piece of that leaf (one grouped pass)."""
     t0 = time.perf_counter()
@@ -667,7 +715,7 @@ def _assign_to_pieces(
     groups = np.searchsorted(split_orig, st.origin[st.fact_leaf[ids]])
     centroids = st.centroids[torch.from_numpy(pieces)]
     st.fact_leaf[ids] = pieces[
-        _assign(data_factory, transform, spec, ids, groups, centroids, piece_off)
+        _assign(data_factory, transform, spec, ids, groups, centroids, piece_off, progress)
     ]
     after = np.bincount(st.fact_leaf, minlength=st.centroids.shape[0])
     return {"round": "assign", "facts": int(ids.size),
@@ -723,7 +771,7 @@ def _split_leaves(
         if progress is not None:
             progress({"split_round": r, **done})
     if stats:
-        stats.append(_assign_to_pieces(data_factory, transform, spec, st, c0))
+        stats.append(_assign_to_pieces(data_factory, transform, spec, st, c0, progress))
     # children of each parent contiguous again (the documented numbering)
     perm = np.argsort(st.parent, kind="stable")  # new position -> old leaf
     inverse = np.empty_like(perm)
@@ -776,7 +824,9 @@ def build_index(
         data_factory: makes the views of the facts, see :class:`DataFactory`.
         spec: what to build, see :class:`IndexSpec`.
         progress: called with every k-means iteration's stats plus "level" and "parent" (-1:
-            every parent of the level at once), and with every split round's stats.
+            every parent of the level at once), with every split round's stats, and during
+            each assignment pass with ``{"assign_done", "assign_total"}`` (plus "level" and
+            "parent"; see `_assign`).
     """
     if not isinstance(spec, IndexSpec):
         raise TypeError(f"spec must be an IndexSpec, got {type(spec).__name__}")
@@ -852,6 +902,7 @@ def build_index_from_vectors(
     spec: IndexSpec | None = None,
     *,
     progress: Progress = None,
+    device: str | torch.device | None = None,
     **fields: Any,
 ) -> ClusterIndex:
     """In-memory convenience: :func:`build_index` over :class:`InMemoryDataFactory` (or
@@ -859,10 +910,12 @@ def build_index_from_vectors(
 
     ``fields``: :class:`IndexSpec` fields, replacing those of ``spec`` (or making the spec when
     ``spec`` is None), e.g. ``build_index_from_vectors(x, branching=[16], seed=1)``.
+    ``device``: where k-means computes (default where ``vectors`` are; rows held elsewhere are
+    staged chunk by chunk); the index itself is returned on the CPU either way.
     """
     spec = IndexSpec(**fields) if spec is None else dataclasses.replace(spec, **fields)
     if isinstance(vectors, FactorisedMemory):
-        factory = FactorisedDataFactory(vectors)
+        factory = FactorisedDataFactory(vectors, device=device)
     else:
-        factory = InMemoryDataFactory(vectors)
+        factory = InMemoryDataFactory(vectors, device=device)
     return build_index(factory, spec, progress)

@@ -141,16 +141,26 @@ def similarity_dtype(precision: str, device: torch.device | str = "cpu") -> torc
     """
     if precision == "float32":
         return torch.float32
-    if precision == "bfloat16":
-        return torch.bfloat16
-    if precision == "auto":
-        dev = torch.device(device)
-        if dev.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
         checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None),
                   getattr(torch.cpu, "_is_amx_tile_supported", None))
-        return torch.bfloat16 if any(f is not None and f() for f in checks) else torch.float32
+        native = any(f is not None and f() for f in checks)
+    if precision == "bfloat16":
+        if not native and dev.type not in _EMULATED_BF16_TOLD:
+            _EMULATED_BF16_TOLD.add(dev.type)
+            logger.info("k-means: bfloat16 assignment on %s without native bfloat16 is emulated "
+                        "(slower than float32); memory.kmeans_precision=auto uses float32 there",
+                        dev.type)
+        return torch.bfloat16
+    if precision == "auto":
+        return torch.bfloat16 if native else torch.float32
     raise ValueError(f"precision={precision!r}: must be one of {PRECISIONS}")
+
+
+_EMULATED_BF16_TOLD: set[str] = set()
 
 
 def _add_segment_sums(out: torch.Tensor, x: torch.Tensor, lab: torch.Tensor) -> None:
@@ -209,6 +219,10 @@ class InMemoryData:
         cache_rows: keep the unit rows (see above); None = when they fit in 1 GiB.
         precision: the assignment matmul's precision, "float32", "bfloat16" or "auto" (see
             :func:`similarity_dtype`); the final :meth:`assign` is always float32.
+        device: where the view computes (unit rows, matmuls, sums); default ``x``'s device.
+            Rows held elsewhere (e.g. a CPU tensor for a CUDA view) are staged to it ``chunk``
+            rows at a time, so a memory larger than the device's is clustered block by block;
+            the unit-row cache (``cache_rows``) then lives on the device.
     """
 
     #: whether ``cache_rows=None`` may cache (a factorised view must not materialise its rows)
@@ -223,6 +237,7 @@ class InMemoryData:
         groups: np.ndarray | None = None,
         cache_rows: bool | None = None,
         precision: str = "float32",
+        device: str | torch.device | None = None,
     ) -> None:
         if isinstance(x, np.ndarray):
             x = torch.from_numpy(x)
@@ -233,6 +248,7 @@ class InMemoryData:
         if not x.is_floating_point():
             raise TypeError(f"x must be floating point, got {x.dtype}")
         self._x = x if x.dtype == torch.float32 else x.to(torch.float32)  # (n, d_in)
+        self._device = self._x.device if device is None else torch.device(device)
         self._setup(int(x.shape[0]), chunk, transform=transform, groups=groups,
                     cache_rows=cache_rows, precision=precision)
 
@@ -274,13 +290,15 @@ class InMemoryData:
 
     @property
     def device(self) -> torch.device:
-        return self._x.device
+        """Where the view computes (see ``device`` in the class doc)."""
+        return self._device
 
     def _raw_between(self, s: int, e: int) -> torch.Tensor:
-        return self._x[s:e]  # (b, d_in)
+        return self._x[s:e].to(self._device)  # (b, d_in), staged when held elsewhere
 
     def _raw_rows(self, idx: np.ndarray) -> torch.Tensor:
-        return self._x[torch.from_numpy(idx).to(self.device)]  # (len(idx), d_in)
+        rows = self._x[torch.from_numpy(idx).to(self._x.device)]  # (len(idx), d_in)
+        return rows.to(self._device)
 
     def _finish(self, xc: torch.Tensor) -> torch.Tensor:
         if self._transform is not None:
@@ -302,7 +320,7 @@ class InMemoryData:
                 if float((norms - 1.0).abs().max()) > _UNIT_TOL:
                     unit = False
                     break
-            if unit:  # already unit rows: used in place, whatever their size
+            if unit and self._x.device == self._device:  # used in place, whatever their size
                 self._unit = self._x
                 return
         want = self._cache_rows
@@ -486,38 +504,36 @@ class FactorisedData(InMemoryData):
     Args:
         memory: the factorised memory.
         ids: optional sorted global fact ids of this view (row i is fact ``ids[i]``).
-        chunk, transform, groups, precision: as :class:`InMemoryData`.
+        chunk, transform, groups, precision, device: as :class:`InMemoryData` (rows are
+            gathered where the tables are and staged to ``device`` chunk by chunk).
         cache_rows: as :class:`InMemoryData`, except that None means False here (caching would
             materialise the rows this adapter exists to avoid).
     """
 
     _auto_cache = False
 
-    def __init__(self, memory, ids: np.ndarray | None = None, chunk: int = 65536,
-                 **options: Any) -> None:
-        """``options``: the keyword-only arguments of :class:`InMemoryData`."""
+    def __init__(self, memory, ids: np.ndarray | None = None, chunk: int = 65536, *,
+                 device: str | torch.device | None = None, **options: Any) -> None:
+        """``options``: the other keyword-only arguments of :class:`InMemoryData`."""
         if not hasattr(memory, "gather"):
             raise TypeError(f"memory must be a FactorisedMemory, got {type(memory).__name__}")
         self._memory = memory
+        self._device = memory.device if device is None else torch.device(device)
         self._ids = None if ids is None else _check_index_array(ids, memory.n)
         n = memory.n if self._ids is None else int(self._ids.size)
         if n == 0:
             raise ValueError("a FactorisedData view needs at least one row")
         self._setup(n, chunk, **options)
 
-    @property
-    def device(self) -> torch.device:
-        return self._memory.device
-
     def _raw_between(self, s: int, e: int) -> torch.Tensor:
         e = min(e, self.n)
         if self._ids is None:
-            return self._memory.rows_between(s, e)
-        return self._memory.gather(torch.from_numpy(self._ids[s:e]))
+            return self._memory.rows_between(s, e).to(self._device)
+        return self._memory.gather(torch.from_numpy(self._ids[s:e])).to(self._device)
 
     def _raw_rows(self, idx: np.ndarray) -> torch.Tensor:
         glob = idx if self._ids is None else self._ids[idx]
-        return self._memory.gather(torch.from_numpy(np.ascontiguousarray(glob)))
+        return self._memory.gather(torch.from_numpy(np.ascontiguousarray(glob))).to(self._device)
 
 
 @dataclass

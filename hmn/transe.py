@@ -381,8 +381,12 @@ def _shared_negatives_step(batch: torch.Tensor, run: _Pass) -> tuple[torch.Tenso
     return loss_sum, active
 
 
-def _run_batches(triples: torch.Tensor, run: _Pass) -> tuple[float, float]:
-    """One pass over ``triples`` (T, 3) in an order shuffled by ``run.gen``, in batches.
+def _run_batches(
+    triples: torch.Tensor, run: _Pass, on_batch: Callable[[int], None] | None = None
+) -> tuple[float, float]:
+    """One pass over ``triples`` (T, 3) in an order shuffled by ``run.gen``, in batches;
+    ``on_batch(triples in the batch)`` after each (progress; it must not read the loss, which
+    stays on the device until the pass ends).
 
     Returns (pair loss, active pairs), each summed over the pass.
     """
@@ -396,6 +400,8 @@ def _run_batches(triples: torch.Tensor, run: _Pass) -> tuple[float, float]:
         batch_loss, active = step(batch, run)  # active: (B, N) or (B, k)
         loss_sum += batch_loss.double()
         active_sum += active.sum().double()
+        if on_batch is not None:
+            on_batch(int(batch.shape[0]))
     return float(loss_sum), float(active_sum)
 
 
@@ -637,14 +643,17 @@ def train_bucket(
     p_head: torch.Tensor,
     params: TransEParams,
     seed_key: tuple[int, ...],
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict:
     """One pass over a bucket's triples, updating ``entities``, ``relations`` and the
-    optimizer's moments in place.
+    optimizer's moments in place; ``on_batch(triples in the batch)`` after each batch (progress).
 
     Args:
         triples: (T, 3) int64 (head, relation, tail) with entity ids local to ``entities``
             (the rows of the bucket's one or two partitions); may be empty.
         entities: (n, d) float32 rows of the partitions held; negatives are drawn among them.
+            The pass runs on their device (a CUDA worker moves its bucket's partitions there):
+            ``relations``, the optimizer's moments and ``p_head`` must be on it too.
         relations: (R, d) float32 relation table.
         optimizer: a RowOptimizer over ``{"entity": entities, "relation": relations}``; its
             ``lr`` and ``step_count`` are the caller's to set.
@@ -656,12 +665,14 @@ def train_bucket(
         {"loss_sum", "active_sum", "pairs", "triples", "seconds"}.
     """
     started = time.perf_counter()
-    data = torch.from_numpy(np.ascontiguousarray(triples, dtype=np.int64))  # (T, 3)
+    device = entities.device
+    data = torch.from_numpy(np.ascontiguousarray(triples, dtype=np.int64)).to(device)  # (T, 3)
     num = data.shape[0]
     loss_sum = active_sum = 0.0
     if num:
-        run = _Pass(params, entities, relations, optimizer, p_head, _seeded_generator(seed_key))
-        loss_sum, active_sum = _run_batches(data, run)
+        run = _Pass(params, entities, relations, optimizer, p_head.to(device),
+                    _seeded_generator(seed_key, device))
+        loss_sum, active_sum = _run_batches(data, run, on_batch)
     return {
         "loss_sum": loss_sum,
         "active_sum": active_sum,

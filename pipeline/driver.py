@@ -28,6 +28,13 @@ from pipeline.rundir import (
     input_signature,
     write_text_atomic,
 )
+from pipeline.tracking import (
+    Tracker,
+    config_params,
+    report_figures,
+    stage_figures,
+    start_tracking,
+)
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +149,7 @@ def _run_embed(p: Pipeline, out: Path, fps: dict[str, str]) -> dict:
     from pipeline.stages.embed import run_embed
 
     return run_embed(p.cfg.embed, p.run.stage_dir("ingest"), out,
-                     p.run.root / ".embed-checkpoint" / fps["embed"])
+                     p.run.root / ".embed-checkpoint" / fps["embed"], tracking=p.tracker.target)
 
 
 def _run_memory(p: Pipeline, out: Path, fps: dict[str, str]) -> dict:
@@ -198,7 +205,7 @@ def _run_train(p: Pipeline, out: Path, fps: dict[str, str]) -> dict:
                "memory": fps["memory"], "train": fps["train"]}
     return run_train(p.cfg.train, p.cfg.reader, p.run.stage_dir("ingest"),
                      p.run.stage_dir("memory"), out, p.run.root / "train_ray",
-                     f"hmn-{fps['train']}", carried, force=p.force)
+                     f"hmn-{fps['train']}", carried, force=p.force, tracking=p.tracker.target)
 
 
 def _run_evaluate(p: Pipeline, out: Path, fps: dict[str, str]) -> dict:
@@ -284,6 +291,8 @@ class Pipeline:
     force: bool = False
     only: tuple[str, ...] = ()
     results: dict[str, StageResult] = field(default_factory=dict)
+    #: the tracked run of the current `execute` (`pipeline.tracking`; a no-op without tracking)
+    tracker: Tracker = field(default_factory=Tracker, repr=False)
 
     def _stage(self, name: str, fp: str, fn: Callable[[Path], dict]) -> StageResult:
         force = self.force and (not self.only or name in self.only)
@@ -318,15 +327,35 @@ class Pipeline:
         check_input_files(self.cfg)
         with self.run.lock():  # one writer per run directory (re-entrant: experiments nest)
             write_text_atomic(self.run.root / "config.resolved.yaml", dump_config(self.cfg))
-            fps: dict[str, str] = {}
-            for stage in STAGE_TABLE:
-                fps[stage.name] = stage_fingerprint(stage, self.cfg, fps, self.run.input_signature)
-                if stage.name != "generate" or generates(self.cfg):
-                    self._stage(stage.name, fps[stage.name],
-                                lambda out, stage=stage: stage.run(self, out, fps))
-                if stage.name == until:
-                    break
+            self.tracker = start_tracking(self.cfg.tracking, self.run.root, self.cfg.name)
+            try:
+                self.tracker.log_params(config_params(self.cfg, {}, self.run.root))
+                fps: dict[str, str] = {}
+                for stage in STAGE_TABLE:
+                    fps[stage.name] = stage_fingerprint(stage, self.cfg, fps,
+                                                        self.run.input_signature)
+                    if stage.name != "generate" or generates(self.cfg):
+                        self._stage(stage.name, fps[stage.name],
+                                    lambda out, stage=stage: stage.run(self, out, fps))
+                        self._track_stage(stage.name, fps[stage.name])
+                    if stage.name == until:
+                        break
+            except BaseException:
+                self.tracker.close(failed=True)
+                self.tracker = Tracker()
+                raise
+            self.tracker.close()
+            self.tracker = Tracker()
         return self.results
+
+    def _track_stage(self, name: str, fp: str) -> None:
+        """Log a stage's fingerprint and manifest figures (seconds, peak memory, scalar stats),
+        and after the evaluate stage the report's figures."""
+        self.tracker.log_params({f"fingerprint.{name}": fp})
+        self.tracker.log_metrics(stage_figures(name, self.run.entry(name)))
+        report = self.run.stage_dir("evaluate") / "report.json"
+        if name == "evaluate" and report.is_file():
+            self.tracker.log_metrics(report_figures(json.loads(report.read_text())))
 
     def embeddings_fingerprint(self) -> str:
         """The fingerprint of the vectors the embed stage wrote (carried into index and model)."""

@@ -38,7 +38,7 @@ from hmn.training import correct
 from pipeline.artifacts import KnowledgeBase, UnsafeFileError, load_torch_file
 from pipeline.driver import check_evaluable, check_k, init_ray
 from pipeline.rundir import RunDir, RunDirError, run_lock
-from pipeline.stages.score import metrics, score
+from pipeline.stages.score import ScoringPlacement, metrics, score
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -162,7 +162,7 @@ def evaluate_file(run_dir: Path, questions: str, readers: tuple[str, ...],
     k = max(cfg.reader.k, cfg.eval.recall_k)
     init_ray(cfg)
     pred = score(run_dir, tokens, readers, cfg.reader, k=k, batch_size=cfg.eval.batch_size,
-                 num_actors=cfg.eval.num_actors)
+                 num_actors=cfg.eval.num_actors, placement=ScoringPlacement.from_config(cfg.eval))
     # `accuracy` counts a question whose fact is not in the memory as wrong
     per_reader = metrics(pred, gold, readers, kb.fact_subject, kb.fact_relation, cfg.eval.recall_k)
     for name, m in per_reader.items():

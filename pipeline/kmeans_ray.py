@@ -23,6 +23,11 @@ actors holding numpy shards were the cheapest per iteration).
   ``cache_rows``: no transform or normalisation copy per iteration; rows already unit-norm are
   used in place), and does the assignment as one matmul per chunk into a reused buffer.  Per
   iteration only the centroids (C, D) go out and (C, D) float64 sums come back per actor.
+* GPUs (``memory.use_gpu``): each actor is started with ``num_gpus`` and computes on its GPU
+  (``device``): a dense shard is moved there whole; a factorised shard moves its tables when they
+  take at most half the GPU's free memory, and otherwise keeps them in host memory and stages the
+  gathered rows to the GPU ``chunk`` rows at a time (``hmn.kmeans.InMemoryData``'s ``device``).
+  Results come back to the driver as numpy, as on CPU.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import numpy as np
 import ray
 import torch
 
+from hmn.devices import fits_on_device, resolve_device
 from hmn.index import (
     ClusterIndex,
     IndexSpec,
@@ -63,12 +69,15 @@ class ShardActor:
         relation_emb: np.ndarray | None = None,
         threads: int | None = None,
         cache_rows: bool | None = None,
+        device: str | None = None,
     ) -> None:
         """Dense shard (``shard``), or factorised: ``factors`` holds this shard's slice of the
         fact table (subject_ids, relation_ids, object_offsets rebased to 0, object_values) and
         ``entity_emb`` / ``relation_emb`` the whole tables (pass object refs: zero-copy).
         ``threads``: torch intra-op threads (the actor's CPU share); ``cache_rows``: as
-        :class:`hmn.kmeans.InMemoryData` (None: dense views cache when <= 1 GiB)."""
+        :class:`hmn.kmeans.InMemoryData` (None: dense views cache when <= 1 GiB); ``device``:
+        where the views compute (None: the CPU; ``"cuda"``: the GPU Ray gave this actor)."""
+        self.device = resolve_device(device, setting="memory.use_gpu (shard actor)")
         if threads is not None:
             if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
                 raise ValueError(f"threads={threads!r}: must be an integer >= 1")
@@ -84,16 +93,25 @@ class ShardActor:
                 entity_emb, relation_emb, factors["subject_ids"],
                 factors["relation_ids"], factors["object_offsets"], factors["object_values"],
             )
+            if self.device.type != "cpu" and fits_on_device(self._mem.nbytes(), self.device):
+                self._mem = self._mem.to(self.device)  # else: rows staged chunk by chunk
             self._x = None
         else:
-            # Copy out of the (read-only) object store into this actor's heap.
+            # Copy out of the (read-only) object store into this actor's heap (or its GPU).
             self._x = torch.from_numpy(np.array(shard, dtype=np.float32, order="C"))  # (n, D)
+            if self.device.type != "cpu" and fits_on_device(self._x.nbytes, self.device):
+                self._x = self._x.to(self.device)
 
     def num_rows(self) -> int:
         return self._mem.n if self._mem is not None else int(self._x.shape[0])
 
     def num_threads(self) -> int:
         return torch.get_num_threads()
+
+    def placement(self) -> dict[str, str]:
+        """Where this actor computes and where its rows are held (tests, logs)."""
+        held = self._mem.device if self._mem is not None else self._x.device
+        return {"device": str(self.device), "rows": str(held)}
 
     def open_view(
         self,
@@ -110,11 +128,11 @@ class ShardActor:
             return 0
         grp = None if groups is None else np.array(groups, dtype=np.int64)
         options = {"transform": fn, "groups": grp, "cache_rows": self.cache_rows,
-                   "precision": precision}
+                   "precision": precision, "device": self.device}
         if self._mem is not None:
             view = FactorisedData(self._mem, ids, self.chunk, **options)
         else:
-            x = self._x if ids is None else self._x[torch.from_numpy(ids)]
+            x = self._x if ids is None else self._x[torch.from_numpy(ids).to(self._x.device)]
             view = InMemoryData(x, self.chunk, **options)
         self._views[view_id] = view
         return int(view.n)
@@ -126,7 +144,7 @@ class ShardActor:
         return self._views[view_id].max_norm() if view_id in self._views else 0.0
 
     def rows(self, view_id: int, idx: np.ndarray) -> np.ndarray:
-        return self._views[view_id].rows(np.array(idx, dtype=np.int64)).numpy()
+        return self._views[view_id].rows(np.array(idx, dtype=np.int64)).cpu().numpy()
 
     # Sums travel as float32 (the driver adds the shards' sums in float64): half the bytes through
     # the object store per iteration (1.2 -> 0.6 MB at C = 256, d = 603: ~3 ms of a 60 ms SQ-32k
@@ -275,6 +293,7 @@ def _start_actors(
     num_shards: int,
     actor_options: dict | None,
     cache_rows: bool | None,
+    device: str | None = None,
 ) -> tuple[list, np.ndarray]:
     """Start ``num_shards`` shard actors over contiguous row ranges; returns (actors, (S,) first
     row of each shard).  The caller kills the actors (also those started before an error: the
@@ -285,7 +304,8 @@ def _start_actors(
     starts = np.concatenate([[0], starts[:-1]])  # (S,) first row of each shard
     bounds = np.concatenate([starts, [n]])
     options = dict(actor_options or {"num_cpus": 1})
-    kw = {"threads": max(1, int(options.get("num_cpus", 1))), "cache_rows": cache_rows}
+    kw = {"threads": max(1, int(options.get("num_cpus", 1))), "cache_rows": cache_rows,
+          "device": device}
     remote_cls = ray.remote(ShardActor).options(**options)
     actors: list = []
     if factorised:
@@ -320,6 +340,7 @@ def build_index_on_ray(
     progress: Progress = None,
     actor_options: dict | None = None,
     cache_rows: bool | None = None,
+    device: str | None = None,
 ) -> ClusterIndex:
     """``hmn.index.build_index(factory, spec)`` with the memory split over ``num_shards`` Ray
     actors.
@@ -334,6 +355,8 @@ def build_index_on_ray(
             each actor runs torch with max(1, int(num_cpus)) threads.
         cache_rows: whether actors keep the unit rows of their views (see
             :class:`hmn.kmeans.InMemoryData`; None = dense shards when <= 1 GiB per view).
+        device: where every actor computes: None (the CPU) or ``"cuda"`` (give the actors GPUs
+            with ``actor_options={"num_gpus": ...}``); see the module docstring.
     """
     if not isinstance(spec, IndexSpec):
         raise TypeError(f"spec must be an IndexSpec, got {type(spec).__name__}")
@@ -347,7 +370,7 @@ def build_index_on_ray(
     check_branching(spec.branching, n)  # fail before starting any actor
     if not ray.is_initialized():
         raise RuntimeError("build_index_on_ray needs ray.init() first")
-    actors, starts = _start_actors(vectors, num_shards, actor_options, cache_rows)
+    actors, starts = _start_actors(vectors, num_shards, actor_options, cache_rows, device)
     try:
         logger.info("built %d shard actors over N=%d facts", num_shards, n)
         return build_index(RayShardedDataFactory(actors, starts, n, d), spec, progress)

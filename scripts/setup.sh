@@ -13,6 +13,7 @@ want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
     .venv/bin/python -m pip install --quiet "torch==2.13.0"
-    .venv/bin/python -m pip install --quiet -e ".[dev]"
+    # cpu: faiss-cpu (never with gpu); tracking: mlflow-skinny and tensorboard, for their tests
+    .venv/bin/python -m pip install --quiet -e ".[dev,cpu,tracking]"
     echo "$want" > "$stamp"
 fi

@@ -17,6 +17,15 @@ partitions held. The relation table is small and replicated: after each round th
 all-reduce (sum) their relation updates. The triples come from a Ray Dataset (the ingested
 facts, exploded); each worker files its shard into per-bucket edge files once.
 
+GPUs (``embed.use_gpu``): every Ray Train worker gets a GPU and the group NCCL (Ray Train's
+default with ``use_gpu``). The partition files stay the storage format: a worker copies its
+bucket's partitions (rows and Adam moments) to its GPU, trains the bucket there and copies them
+back before writing or keeping them; the relation table, its moments and the round's all-reduce
+live on the GPU. On CPU nothing is copied.
+
+Rank 0 shows each epoch's progress (its buckets' triples, rate, ETA: `pipeline.progress`) and
+logs each epoch's record to the run's tracking (`pipeline.tracking`).
+
 Checkpoints and resume: epoch e reads partitions from ``epoch-<e>`` and writes them to
 ``epoch-<e+1>``, so ``epoch-<e>`` stays intact until the epoch is complete; then every rank
 writes its relation optimiser state, rank 0 marks the folder done and reports a Ray Train
@@ -43,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from hmn.config import EmbedConfig
+from hmn.devices import resolve_device
 from hmn.embedding_files import align_embeddings, read_embeddings
 from hmn.transe import (
     RowOptimizer,
@@ -58,7 +68,9 @@ from hmn.transe import (
     train_bucket,
 )
 from pipeline.artifacts import KnowledgeBase, load_torch_file, write_vectors
+from pipeline.progress import Progress
 from pipeline.stages import ray_train_env
+from pipeline.tracking import Tracker, TrackingTarget, attach
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +85,7 @@ class EmbedJob:
     p_head: np.ndarray  # (R,) probability of corrupting the head
     root: str  # shared storage: tables/, edges/
     fail_at_epoch: int = -1  # test hook: the last rank raises once at the start of this epoch
+    tracking: TrackingTarget | None = None  # rank 0 logs each epoch's record there
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +178,13 @@ def _file_edges(shard, edges: Path, bounds: np.ndarray, rank: int) -> int:
     return count
 
 
+def _bucket_size(edges: Path, i: int, j: int) -> int:
+    """Triples of bucket (i, j), read from its files' headers."""
+    folder = _bucket_dir(edges, i, j)
+    files = sorted(folder.glob("rank-*.npy")) if folder.exists() else []
+    return sum(int(np.load(f, mmap_mode="r").shape[0]) for f in files)
+
+
 def _bucket_triples(edges: Path, i: int, j: int, offset: int) -> np.ndarray:
     """(T, 3) triples of bucket (i, j) with tail ids shifted by ``offset`` (rows of j after i)."""
     folder = _bucket_dir(edges, i, j)
@@ -194,15 +214,19 @@ class _Worker:
     """One TransE worker of the Ray Train group: its rank, the partition tables, its edge
     buckets and the replicated relation table (R, d) with its Adam moments."""
 
-    def __init__(self, job: EmbedJob, rank: int, world: int):
+    def __init__(self, job: EmbedJob, rank: int, world: int,
+                 device: torch.device | str = "cpu"):
         self.job, self.cfg, self.rank, self.world = job, job.cfg, rank, world
+        self.device = torch.device(device)  # where buckets train (a worker's GPU, or the CPU)
         self.P = job.cfg.num_partitions
         self.bounds = partition_bounds(job.num_entities, self.P)
         self.tables = _Tables(Path(job.root) / "tables", self.bounds, job.cfg.dim)
         self.edges = Path(job.root) / f"edges-w{world}"
-        self.p_head = torch.from_numpy(np.asarray(job.p_head, np.float32))  # (R,)
+        self.p_head = torch.from_numpy(np.asarray(job.p_head, np.float32)).to(self.device)  # (R,)
         self.relations = torch.empty(0)  # (R, d) and its moments: set by load_relations
         self.rel_m = self.rel_v = self.relations
+        # rank 0 logs each epoch's record to the run's tracking (pipeline.tracking)
+        self.tracker = attach(job.tracking, "embed") if rank == 0 else Tracker()
 
     def file_edges(self) -> None:
         """This worker's shard of triples, filed by bucket once per world size."""
@@ -253,11 +277,13 @@ class _Worker:
     def load_relations(self, epoch: int) -> None:
         """The relation table of epoch folder ``epoch`` and this rank's Adam moments of it."""
         folder = self.tables.epoch_dir(epoch)
-        self.relations = torch.from_numpy(np.load(folder / "relations.npy"))  # (R, d), replicated
+        relations = torch.from_numpy(np.load(folder / "relations.npy"))  # (R, d), replicated
+        self.relations = relations.to(self.device)
         self.rel_m, self.rel_v = torch.zeros_like(self.relations), torch.zeros_like(self.relations)
         moments = folder / f"relopt-rank{self.rank}.pt"
         if moments.exists():
-            saved = load_torch_file(moments, "cpu", "a fresh embed stage (--stages embed --force)")
+            saved = load_torch_file(moments, self.device,
+                                    "a fresh embed stage (--stages embed --force)")
             self.rel_m.copy_(saved["m"])
             self.rel_v.copy_(saved["v"])
 
@@ -278,19 +304,28 @@ class _Worker:
             shutil.rmtree(nxt, ignore_errors=True)  # a partial folder of an interrupted attempt
             nxt.mkdir(parents=True)
         _barrier(self.world)
-        totals = torch.zeros(5, dtype=torch.float64)  # loss, active, pairs, triples, busy seconds
+        # loss, active, pairs, triples, busy seconds (on the device: NCCL reduces CUDA tensors)
+        totals = torch.zeros(5, dtype=torch.float64, device=self.device)
         schedule = bucket_schedule(self.P, self.world, self.cfg.seed, epoch)
         mine = [round_[self.rank] for round_ in schedule] + [None]  # this worker's bucket per round
         held: dict[int, tuple[np.ndarray, int]] = {}  # partition kept in memory for the next round
+        progress = self._progress(epoch, mine[:-1])
         for r in range(len(schedule)):
             rel_before = self.relations.clone()
             if mine[r] is not None:
-                totals += self._train_bucket(epoch, mine[r], set(mine[r + 1] or ()), held)
+                on_batch = None
+                if progress is not None:
+                    progress.update(0, postfix=f"round {r + 1}/{len(schedule)}")
+                    on_batch = progress.update
+                totals += self._train_bucket(epoch, mine[r], set(mine[r + 1] or ()), held,
+                                             on_batch)
             # Relations: every worker's update of this round, summed (also the round's barrier).
             delta = self.relations - rel_before
             _all_reduce_(delta, self.world)
             self.relations.copy_(rel_before + delta)
-        busy = totals[4].clone()
+        if progress is not None:
+            progress.close()
+        busy = float(totals[4])
         _all_reduce_(totals, self.world)
         self._complete_epoch_folder(epoch)
         seconds = time.perf_counter() - started
@@ -298,6 +333,17 @@ class _Worker:
                 "active": float(totals[1] / max(totals[2], 1)), "seconds": seconds,
                 "triples_per_s": float(totals[3]) / max(seconds, 1e-9),
                 "rank0_busy_fraction": float(busy) / max(seconds, 1e-9)}
+
+    def _progress(self, epoch: int, buckets: list[tuple[int, int] | None]) -> Progress | None:
+        """Rank 0: the progress of its buckets' triples in ``epoch`` (the other ranks train as
+        many, give or take a bucket); None on the other ranks."""
+        if self.rank != 0:
+            return None
+        total = sum(_bucket_size(self.edges, *b) for b in buckets if b is not None)
+        what = f"TransE epoch {epoch + 1}/{self.cfg.epochs}"
+        if self.world > 1:
+            what += f" (rank 0 of {self.world})"
+        return Progress(what, total, unit="triples", log=log)
 
     def _load_partitions(self, epoch: int, parts: list[int], held: dict
                          ) -> tuple[np.ndarray, list[int], list[slice]]:
@@ -321,7 +367,7 @@ class _Worker:
         return state, steps, slices
 
     def _train_bucket(self, epoch: int, bucket: tuple[int, int], following: set[int],
-                      held: dict) -> torch.Tensor:
+                      held: dict, on_batch=None) -> torch.Tensor:
         """Train bucket (i, j) on its one or two partitions, then keep in ``held`` those that
         this worker's next bucket (``following``) uses, since no other worker can touch them
         before that, and write the others to epoch folder ``epoch + 1``.
@@ -331,7 +377,7 @@ class _Worker:
         i, j = bucket
         parts = [i] if i == j else [i, j]
         state, steps, slices = self._load_partitions(epoch, parts, held)
-        tensor = torch.from_numpy(state)
+        tensor = torch.from_numpy(state).to(self.device)  # (S, n, d); a copy on a GPU
         moments = {"relation_m": self.rel_m, "relation_v": self.rel_v,
                    "entity_m": tensor[1], "entity_v": tensor[2]}
         optimizer = RowOptimizer(self.cfg, {"entity": tensor[0], "relation": self.relations},
@@ -340,7 +386,9 @@ class _Worker:
         optimizer.step_count = max(steps)
         triples = _bucket_triples(self.edges, i, j, slices[-1].start)  # tails: rows of j after i
         stats = train_bucket(triples, tensor[0], self.relations, optimizer, self.p_head, self.cfg,
-                             (self.cfg.seed, epoch, i * self.P + j))
+                             (self.cfg.seed, epoch, i * self.P + j), on_batch)
+        if tensor.device.type != "cpu":
+            state[...] = tensor.cpu().numpy()  # the bucket's partitions back to host memory
         nxt = self.tables.epoch_dir(epoch + 1)
         for p, rows in zip(parts, slices):
             if p in following:
@@ -348,7 +396,8 @@ class _Worker:
             else:
                 self.tables.write(nxt, p, state[:, rows], optimizer.step_count)
         return torch.tensor([stats["loss_sum"], stats["active_sum"], stats["pairs"],
-                             stats["triples"], stats["seconds"]], dtype=torch.float64)
+                             stats["triples"], stats["seconds"]], dtype=torch.float64,
+                            device=self.device)
 
     def _complete_epoch_folder(self, epoch: int) -> None:
         """Epoch ``epoch`` trained: rank 0 copies the partitions no bucket wrote (empty buckets)
@@ -360,8 +409,8 @@ class _Worker:
                 if not (nxt / f"part-{part}.npy").exists():
                     shutil.copy(done / f"part-{part}.npy", nxt / f"part-{part}.npy")
                     shutil.copy(done / f"part-{part}.json", nxt / f"part-{part}.json")
-            np.save(nxt / "relations.npy", self.relations.numpy())
-        torch.save({"m": self.rel_m, "v": self.rel_v}, nxt / f"relopt-rank{self.rank}.pt")
+            np.save(nxt / "relations.npy", self.relations.cpu().numpy())
+        torch.save({"m": self.rel_m.cpu(), "v": self.rel_v.cpu()}, nxt / f"relopt-rank{self.rank}.pt")
         _barrier(self.world)
 
     def publish_epoch(self, epoch: int, history: list[dict]) -> None:
@@ -376,6 +425,7 @@ class _Worker:
             (nxt / "DONE").write_text(json.dumps(record))
             log.info("TransE epoch %d/%d loss %.4f (%.0f triples/s, %d workers)", epoch + 1,
                      self.cfg.epochs, record["loss"], record["triples_per_s"], self.world)
+            self.tracker.log_metrics(record, step=epoch, prefix="embed/")  # live curves (pipeline.tracking)
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if self.rank == 0:
@@ -397,15 +447,34 @@ def train_loop_per_worker(config: dict) -> dict:
     torch.set_num_threads(job.cfg.num_cpus)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    worker = _Worker(job, ctx.get_world_rank(), ctx.get_world_size())
+    worker = _Worker(job, ctx.get_world_rank(), ctx.get_world_size(), worker_device(job.cfg))
     worker.file_edges()
     start, history = worker.resume_point()
     worker.load_relations(start)
-    for epoch in range(start, job.cfg.epochs):
-        worker.fail_if_injected(epoch)
-        history.append(worker.train_epoch(epoch))
-        worker.publish_epoch(epoch, history)
+    try:
+        for epoch in range(start, job.cfg.epochs):
+            worker.fail_if_injected(epoch)
+            history.append(worker.train_epoch(epoch))
+            worker.publish_epoch(epoch, history)
+    finally:
+        worker.tracker.close()
     return {"epoch": job.cfg.epochs, "history": history}
+
+
+def worker_device(cfg: EmbedConfig) -> torch.device:
+    """The device of this TransE worker: its GPU (the one Ray Train gave it) with
+    ``embed.use_gpu``, else the CPU; a GPU worker without CUDA fails naming the setting."""
+    if not cfg.use_gpu:
+        return torch.device("cpu")
+    import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    if device.type != "cuda":
+        raise RuntimeError(f"embed.use_gpu=true, but Ray Train gave this TransE worker no GPU "
+                           f"(device {device})")
+    device = resolve_device(device, setting="embed.use_gpu")
+    torch.cuda.set_device(device)  # NCCL collectives use the current device
+    return device
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,7 +491,8 @@ def _explode_facts(batch: pa.Table) -> pa.Table:
 
 
 def train_transe_on_ray(cfg: EmbedConfig, ingest_dir: Path, num_entities: int, num_relations: int,
-                        p_head: np.ndarray, root: Path, *, fail_at_epoch: int = -1
+                        p_head: np.ndarray, root: Path, *, fail_at_epoch: int = -1,
+                        tracking: TrackingTarget | None = None
                         ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """TransE on Ray Train (see the module docstring); returns (entities, relations, history).
 
@@ -442,12 +512,12 @@ def train_transe_on_ray(cfg: EmbedConfig, ingest_dir: Path, num_entities: int, n
                                 batch_size=1 << 18).materialize()
     job = EmbedJob(cfg=cfg, num_entities=num_entities, num_relations=num_relations,
                    p_head=np.asarray(p_head, np.float32), root=str(root),
-                   fail_at_epoch=fail_at_epoch)
+                   fail_at_epoch=fail_at_epoch, tracking=tracking)
     ray_train_env()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": cfg.num_cpus}),
         run_config=ray.train.RunConfig(
             name="transe", storage_path=str(root / "ray"),
@@ -472,15 +542,18 @@ def train_transe_on_ray(cfg: EmbedConfig, ingest_dir: Path, num_entities: int, n
     return ent, rel, state["history"]
 
 
-def run_embed(cfg: EmbedConfig, ingest_dir: Path, out: Path, checkpoint_dir: Path) -> dict:
+def run_embed(cfg: EmbedConfig, ingest_dir: Path, out: Path, checkpoint_dir: Path,
+              tracking: TrackingTarget | None = None) -> dict:
     """The embed stage: entity and relation vectors in knowledge-base id order, read from the
-    configured files or trained by TransE, written to ``out``; returns the stage's stats."""
+    configured files or trained by TransE, written to ``out``; returns the stage's stats.
+    ``tracking``: where TransE's rank 0 logs each epoch (`pipeline.tracking`)."""
     kb = KnowledgeBase.load(ingest_dir)
     stats: dict = {"entities": len(kb.entity_keys), "relations": len(kb.relation_keys)}
     if cfg.entities_file:
         ent, rel, source_stats = _embeddings_from_files(cfg, kb)
     else:
-        ent, rel, source_stats = _embeddings_from_transe(cfg, kb, ingest_dir, checkpoint_dir)
+        ent, rel, source_stats = _embeddings_from_transe(cfg, kb, ingest_dir, checkpoint_dir,
+                                                         tracking)
     stats.update(source_stats)
     if not (np.isfinite(ent).all() and np.isfinite(rel).all()):
         raise ValueError("embed: the embeddings contain NaN or Inf")
@@ -505,7 +578,8 @@ def _embeddings_from_files(cfg: EmbedConfig, kb: KnowledgeBase
 
 
 def _embeddings_from_transe(cfg: EmbedConfig, kb: KnowledgeBase, ingest_dir: Path,
-                            checkpoint_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+                            checkpoint_dir: Path, tracking: TrackingTarget | None = None
+                            ) -> tuple[np.ndarray, np.ndarray, dict]:
     """(E, d) entities, (R, d) relations trained by `train_transe_on_ray`, and their stats:
     the training history and link prediction on a sample of the training triples."""
     E, R = len(kb.entity_keys), len(kb.relation_keys)
@@ -513,7 +587,8 @@ def _embeddings_from_transe(cfg: EmbedConfig, kb: KnowledgeBase, ingest_dir: Pat
     p_head = head_corruption_probs(triples, R, cfg.negatives)
     log.info("TransE on %d triples, %d entities, %d relations, %d epochs, %d workers, "
              "%d partitions", len(triples), E, R, cfg.epochs, cfg.num_workers, cfg.num_partitions)
-    ent, rel, history = train_transe_on_ray(cfg, ingest_dir, E, R, p_head, checkpoint_dir)
+    ent, rel, history = train_transe_on_ray(cfg, ingest_dir, E, R, p_head, checkpoint_dir,
+                                            tracking=tracking)
     # Link prediction on a sample of the training triples: a sanity figure, not a benchmark.
     rng = np.random.default_rng(cfg.seed)
     sample = triples[rng.choice(len(triples), size=min(1000, len(triples)), replace=False)]

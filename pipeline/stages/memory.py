@@ -10,6 +10,8 @@ Fact vectors are [E[s]; R[r]; mean E[objects]] (section 4 of the paper). Two lay
 The index is the MIPS-to-cosine transform (eq. 6-8) plus spherical k-means, flat or hierarchical,
 run over Ray actors that each hold a shard of the memory (dense rows, or a slice of the fact table
 with the shared entity and relation tables), fitted on a sample when ``memory.fit_sample`` is set.
+With ``memory.use_gpu`` the actors compute on GPUs (``pipeline.kmeans_ray``). Each k-means run
+and assignment pass shows its progress with rate and ETA (`IndexProgress`, `pipeline.progress`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from hmn.index import IndexSpec
 from hmn.memory import FactorisedMemory, build_fact_vectors
 from pipeline.artifacts import KnowledgeBase, read_vectors, write_factorised
 from pipeline.kmeans_ray import build_index_on_ray
+from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,58 @@ def choose_layout(cfg: MemoryConfig, n: int, dim: int) -> str:
     if cfg.layout != "auto":
         return cfg.layout
     return "factorised" if n * dim * 4 > cfg.dense_limit_gb * 1e9 else "dense"
+
+
+def shard_placement(cfg: MemoryConfig) -> dict:
+    """`build_index_on_ray`'s resources and device for the shard actors: 1 CPU each, plus
+    ``memory.gpus_per_shard`` GPUs and CUDA with ``memory.use_gpu`` (the default is the CPU)."""
+    if not cfg.use_gpu:
+        return {}
+    return {"actor_options": {"num_cpus": 1, "num_gpus": cfg.gpus_per_shard}, "device": "cuda"}
+
+
+class IndexProgress:
+    """`build_index_on_ray`'s progress callback, shown through `pipeline.progress`: each
+    k-means run (a level, a leaf-split round) counts its iterations out of ``memory.iters`` (an
+    upper bound: k-means stops early at ``memory.tol``, so its ETA is one too) with the
+    objective; each assignment pass counts facts. Each logs a closing line with its time."""
+
+    def __init__(self, iters: int, levels: int, **progress_kw) -> None:
+        self.iters, self.levels, self.kw = iters, levels, progress_kw
+        self.key: tuple | None = None
+        self.bar: Progress | None = None
+
+    def _name(self, level: int) -> str:
+        return "leaf split" if level >= self.levels else f"level {level}"
+
+    def _start(self, key: tuple, what: str, total: int, unit: str, elapsed: float = 0.0) -> None:
+        self.close()
+        self.key = key
+        self.bar = Progress(what, total, unit=unit, final=True, log=log, elapsed=elapsed, **self.kw)
+
+    def __call__(self, stat: dict) -> None:
+        level = int(stat.get("level", 0))
+        if "assign_total" in stat:
+            if self.key != ("assign", level):
+                self._start(("assign", level), f"index {self._name(level)}: assignment pass",
+                            stat["assign_total"], "facts")
+            self.bar.update(stat["assign_done"] - self.bar.done)
+        elif "iteration" in stat:
+            if self.key != ("kmeans", level) or stat["iteration"] == 0:
+                self._start(("kmeans", level), f"index {self._name(level)}: k-means", self.iters,
+                            "iterations", elapsed=stat.get("seconds", 0.0))  # its 1st iteration
+            self.bar.update(1, postfix=f"objective {stat['objective']:.6g}, "
+                                       f"imbalance {stat['imbalance']:.2f}")
+        elif "split_round" in stat:
+            self.close()
+            log.info("index leaf split round %s: %s", stat["split_round"],
+                     {k: (round(v, 3) if isinstance(v, float) else v) for k, v in stat.items()
+                      if k not in ("split_round", "level", "parent")})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.key = self.bar = None
 
 
 def _norms(mem: FactorisedMemory, chunk: int = 1 << 18) -> tuple[float, float]:
@@ -73,12 +128,12 @@ def run_memory(
                  n, dim, data.nbytes() / 1e9, n * dim * 4 / 1e9)
     del kb
 
-    def progress(s: dict) -> None:
-        log.info("k-means %s",
-                 {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()})
-
-    index = build_index_on_ray(data, IndexSpec.from_config(cfg), num_shards=cfg.num_shards,
-                               progress=progress)
+    progress = IndexProgress(cfg.iters, len(cfg.branching))
+    try:
+        index = build_index_on_ray(data, IndexSpec.from_config(cfg), num_shards=cfg.num_shards,
+                                   progress=progress, **shard_placement(cfg))
+    finally:
+        progress.close()
     index.stats["embeddings_fingerprint"] = embed_fingerprint
     index.save(str(out / "index"))
     sizes = index.leaf_sizes()

@@ -6,12 +6,20 @@ with every requested reader (`score`, also used by ``python -m pipeline.evaluate
 turns the per-question predictions into the metrics (`metrics`): accuracy (the predicted fact has
 the gold subject and relation), mean facts scored per question, and recall@k of each approximate
 reader's candidates against the exact reader's.
+
+Resources (`ScoringPlacement`, from the ``eval`` section): each actor asks Ray for
+``eval.cpus_per_actor`` CPUs and runs torch with that many threads (rounded up); with
+``eval.use_gpu`` it also asks for ``eval.gpus_per_actor`` GPUs and holds the model, the memory and
+the index on its GPU, where ``eval.exact_precision=bfloat16`` gives the exact reader a bfloat16
+scan (`hmn.exact_bf16`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +29,7 @@ import pyarrow.parquet as pq
 from hmn.config import EvalConfig, ReaderConfig
 from hmn.text import Vocabulary
 from pipeline.artifacts import KnowledgeBase, read_questions
+from pipeline.progress import Progress, on_terminal
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +54,8 @@ def run_evaluate(cfg: EvalConfig, reader_cfg: ReaderConfig, run_dir: Path, out: 
         tokens, unknown = vocab.encode_many(q["question"].to_pylist())
         gold = q["fact_id"].to_numpy()
         pred = score(run_dir, tokens, cfg.readers, reader_cfg, k=k, batch_size=cfg.batch_size,
-                     num_actors=cfg.num_actors)
+                     num_actors=cfg.num_actors, placement=ScoringPlacement.from_config(cfg),
+                     what=f"evaluate {split}")
         pq.write_table(pred.drop_columns([c for c in pred.column_names if c.startswith("cands_")])
                        .append_column("gold", q["fact_id"]),
                        out / "predictions" / f"{split}.parquet")
@@ -60,24 +70,65 @@ def run_evaluate(cfg: EvalConfig, reader_cfg: ReaderConfig, run_dir: Path, out: 
     return report
 
 
+@dataclass(frozen=True)
+class ScoringPlacement:
+    """What each scoring actor asks Ray for and where it computes (the ``eval`` section's
+    cpus_per_actor, use_gpu, gpus_per_actor, exact_precision)."""
+
+    cpus: float = 1.0
+    use_gpu: bool = False
+    gpus: float = 1.0
+    exact_precision: str = "float32"
+
+    @classmethod
+    def from_config(cls, cfg: EvalConfig) -> ScoringPlacement:
+        return cls(cfg.cpus_per_actor, cfg.use_gpu, cfg.gpus_per_actor, cfg.exact_precision)
+
+    @property
+    def threads(self) -> int:
+        """torch threads of an actor: its CPUs, rounded up."""
+        return max(1, math.ceil(self.cpus))
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.use_gpu else "cpu"
+
+    def ray_args(self) -> dict[str, float]:
+        """``map_batches`` resource arguments. Ray Data reserves 1 CPU for an actor that names
+        none, GPU or not, and warns when a GPU actor names both: 1 CPU is left implicit."""
+        args: dict[str, float] = {"num_gpus": self.gpus} if self.use_gpu else {}
+        if self.cpus != 1.0 or not self.use_gpu:
+            args["num_cpus"] = self.cpus
+        return args
+
+
 class Scorer:
-    """Ray Data actor: loads the run's model, memory and index once; scores question batches."""
+    """Ray Data actor: loads the run's model, memory and index once; scores question batches.
+
+    ``threads``: torch intra-op threads (the actor's CPUs); ``device``: where the model, memory,
+    index and readers live (``"cuda"``: the GPU Ray gave the actor); ``exact_precision``: the
+    exact reader's scan (bfloat16 on CUDA only, `hmn.exact_bf16.with_exact_precision`)."""
 
     def __init__(self, run_dir: str, readers: tuple[str, ...], reader_cfg: ReaderConfig, k: int,
-                 threads: int = 1):
+                 threads: int = 1, device: str = "cpu", exact_precision: str = "float32"):
         import torch
 
+        from hmn.devices import resolve_device
+        from hmn.exact_bf16 import with_exact_precision
         from hmn.readers import make_reader
         from pipeline.artifacts import load_index, load_memory, load_model
 
         torch.set_num_threads(threads)
+        self.device = resolve_device(device, setting="eval.use_gpu (scoring actor)")
         root = Path(run_dir)
-        self.model, _, _ = load_model(root / "train")
-        memory = load_memory(root / "memory")
+        self.model, _, _ = load_model(root / "train", self.device)
+        memory = load_memory(root / "memory", self.device)
         index = load_index(root / "memory") if "clustered" in readers else None
-        self.readers = {name: make_reader(name, memory, index,
-                                          **reader_cfg.params(name, training=False))
-                        for name in readers}
+        self.readers = {}
+        for name in readers:
+            reader = make_reader(name, memory, index, **reader_cfg.params(name, training=False))
+            self.readers[name] = with_exact_precision(reader, exact_precision,
+                                                      "eval.exact_precision")
         self.k = k
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -86,7 +137,8 @@ class Scorer:
         tokens = [np.asarray(t, dtype=np.int64) for t in batch["tokens"]]
         out = {"row": batch["row"]}
         for name, reader in self.readers.items():
-            p = predict(self.model, reader, tokens, k=self.k, batch_size=max(1, len(tokens)))
+            p = predict(self.model, reader, tokens, k=self.k, batch_size=max(1, len(tokens)),
+                        device=self.device)
             out[f"pred_{name}"] = p.fact_ids
             out[f"touched_{name}"] = p.touched
             out[f"cands_{name}"] = p.candidates
@@ -94,21 +146,37 @@ class Scorer:
 
 
 def score(run_dir: Path, tokens: list[np.ndarray], readers: tuple[str, ...],
-          reader_cfg: ReaderConfig, *, k: int, batch_size: int, num_actors: int) -> pa.Table:
-    """Predictions of every reader for each question, in input order. Needs a running Ray."""
+          reader_cfg: ReaderConfig, *, k: int, batch_size: int, num_actors: int,
+          placement: ScoringPlacement | None = None, what: str = "scoring") -> pa.Table:
+    """Predictions of every reader for each question, in input order. Needs a running Ray.
+    ``placement``: the actors' resources and device (default: 1 CPU, 1 thread, no GPU).
+    Progress (questions scored, rate, ETA) is logged as blocks arrive, under ``what``; on a
+    terminal Ray Data draws its own bar instead."""
     import ray.data
 
+    placement = placement or ScoringPlacement()
     table = pa.table({"row": pa.array(np.arange(len(tokens), dtype=np.int64)),
                       "tokens": pa.array([t.tolist() for t in tokens], pa.list_(pa.int64()))})
     ds = ray.data.from_arrow(table).map_batches(
         Scorer,
         fn_constructor_kwargs={"run_dir": str(run_dir), "readers": tuple(readers),
-                               "reader_cfg": reader_cfg, "k": k},
+                               "reader_cfg": reader_cfg, "k": k, "threads": placement.threads,
+                               "device": placement.device,
+                               "exact_precision": placement.exact_precision},
         batch_size=batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        compute=ray.data.ActorPoolStrategy(size=num_actors), **placement.ray_args(),
     )
-    out = ds.to_arrow_refs()
-    result = pa.concat_tables(ray.get(out)) if out else table.select(["row"])
+    progress = None
+    if not (on_terminal() and ray.data.DataContext.get_current().enable_progress_bars):
+        progress = Progress(what, len(tokens), unit="questions", log=log, bar=False)
+    parts = []
+    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):  # blocks as scored
+        parts.append(block)
+        if progress is not None:
+            progress.update(block.num_rows)
+    if progress is not None:
+        progress.close()
+    result = pa.concat_tables(parts) if parts else table.select(["row"])
     return result.sort_by("row")
 
 

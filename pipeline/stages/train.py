@@ -8,6 +8,8 @@ only parameters, so DDP all-reduces just their gradients. Rank 0 writes a checkp
 with everything needed to resume (model, optimiser, early-stopping state, history, best model),
 and `FailureConfig` restarts a failed worker group from the last one. Runs are named by the
 stage's fingerprint, so a killed driver started again resumes the same run (RAY_NOTES 1).
+Rank 0 shows each epoch's progress (steps, rate, ETA: `pipeline.progress`) and logs each epoch's
+metrics to the run's tracking (`pipeline.tracking`) as the epoch ends.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import math
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import pyarrow.parquet as pq
 import torch
 
 from hmn.config import ReaderConfig, TrainConfig
+from hmn.exact_bf16 import with_exact_precision
 from hmn.model import BowEncoder, MemoryLike, make_optimizer
 from hmn.readers import Reader, make_reader
 from hmn.text import ArtificialPool, Vocabulary, artificial_questions
@@ -41,7 +43,9 @@ from pipeline.artifacts import (
     memory_dim,
     read_questions,
 )
+from pipeline.progress import Progress
 from pipeline.stages import ray_train_env
+from pipeline.tracking import Tracker, TrackingTarget, attach
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,7 @@ class TrainJob:
     fingerprints: dict
     pool_path: str = ""      # ArtificialPool (.npz) each epoch draws from; '' = none
     fixed_rows: int = 0      # rows of the training table (the questions of every epoch)
+    tracking: TrackingTarget | None = None  # rank 0 logs each epoch's metrics there
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -85,6 +90,7 @@ class _Worker:
     fact_subject: np.ndarray         # (N,) for the accuracy metric
     fact_relation: np.ndarray
     pool: ArtificialPool | None      # the artificial questions drawn afresh each epoch
+    tracker: Tracker                 # rank 0: the run's tracking (pipeline.tracking); else no-op
 
 
 @dataclass
@@ -108,14 +114,18 @@ def _load_worker(job: TrainJob, rank: int, world: int, device: torch.device) -> 
     train_reader = make_reader(cfg.reader, memory, index, **job.reader.params(cfg.reader, training=True))
     infer_reader = make_reader(cfg.infer_reader, memory, index,
                                **job.reader.params(cfg.infer_reader, training=False))
+    # bfloat16 scans of the exact reader where they pay (CUDA); readers live on memory.device
+    train_reader = with_exact_precision(train_reader, cfg.exact_precision, "train.exact_precision")
+    infer_reader = with_exact_precision(infer_reader, cfg.exact_precision, "train.exact_precision")
     meta = np.load(job.facts_meta_path)
     dev = pq.read_table(job.dev_path)
     tokens = _tokens(dev["tokens"].to_pylist())
     gold = dev["fact_id"].to_numpy()
     mine = np.arange(rank, len(gold), world)  # each rank scores its slice of dev
     pool = ArtificialPool.load(job.pool_path) if job.pool_path else None
+    tracker = attach(job.tracking, "train") if rank == 0 else Tracker()
     return _Worker(rank, world, device, memory, train_reader, infer_reader, [tokens[i] for i in mine],
-                   gold[mine], meta["fact_subject"], meta["fact_relation"], pool)
+                   gold[mine], meta["fact_subject"], meta["fact_relation"], pool, tracker)
 
 
 def _init_or_resume(job: TrainJob, w: _Worker) -> _TrainState:
@@ -173,8 +183,9 @@ def _validate(job: TrainJob, w: _Worker, model: torch.nn.Module, stats: EpochSta
     sums = torch.tensor([hit.sum(), len(w.dev_gold), preds.touched.sum(), stats.loss * stats.steps,
                          stats.steps], dtype=torch.float64)
     if dist.is_available() and dist.is_initialized() and w.world > 1:
+        sums = sums.to(w.device)  # NCCL reduces CUDA tensors only
         dist.all_reduce(sums)
-    return sums
+    return sums.cpu()
 
 
 def _epoch_metrics(epoch: int, stats: EpochStats, sums: torch.Tensor, stopper: EarlyStopping, world: int) -> dict:
@@ -219,9 +230,14 @@ def _run_epoch(job: TrainJob, w: _Worker, st: _TrainState, shard, epoch: int,
                                                  local_shuffle_buffer_size=max(4 * per_worker, 1024),
                                                  local_shuffle_seed=cfg.seed + epoch))
     )
+    steps = math.ceil(job.fixed_rows // w.world / fixed_size)  # this rank's batches
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    on_step = _EpochProgress(epoch, w.rank, total=steps)
     stats = train_epoch(st.model, batches, w.memory, w.train_reader, st.optimizer, loss=cfg.loss,
                         k=job.reader.k, generator=generator, max_steps=cfg.max_steps_per_epoch,
-                        on_step=_progress(epoch, w.rank))
+                        on_step=on_step)
+    on_step.close()
     sums = _validate(job, w, st.model, stats)
     if st.stopper.update(epoch, float(sums[0] / max(sums[1], 1))):
         st.best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(st.model).state_dict().items()}
@@ -231,6 +247,7 @@ def _run_epoch(job: TrainJob, w: _Worker, st: _TrainState, shard, epoch: int,
         log.info("epoch %d: loss %.4f dev acc %.4f (best %.4f at %d) softmax %.0f facts, %.1f s",
                  epoch, metrics["loss"], metrics["dev_accuracy"], st.stopper.best,
                  st.stopper.best_epoch, stats.softmax_size, stats.seconds)
+        w.tracker.log_metrics(metrics, step=epoch, prefix="train/")  # live curves (pipeline.tracking)
     _report_epoch(st, epoch, metrics, w.rank)
 
 
@@ -259,16 +276,21 @@ def train_loop_per_worker(config: dict) -> dict:
     cfg = job.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # a worker process has no logging set up: rank 0's epoch and progress lines need a handler
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(cfg.threads or max(1, math.ceil(cfg.cpus_per_worker)))
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     w = _load_worker(job, rank, world, device)
     st = _init_or_resume(job, w)
     shard = ray.train.get_dataset_shard("train")
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
-    for epoch in range(st.start_epoch, cfg.max_epochs):
-        if st.stopper.should_stop:
-            break
-        _run_epoch(job, w, st, shard, epoch, generator)
+    try:
+        for epoch in range(st.start_epoch, cfg.max_epochs):
+            if st.stopper.should_stop:
+                break
+            _run_epoch(job, w, st, shard, epoch, generator)
+    finally:
+        w.tracker.close()
     # Ray Train refuses torch tensors in return values: hand back numpy arrays.
     return {"history": st.history, "stopper": st.stopper.state_dict(),
             "best_model": _to_numpy(st.best_state), "model": _to_numpy(_unwrap(st.model).state_dict())}
@@ -284,21 +306,26 @@ def _to_torch(state: dict | None) -> dict | None:
     return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state.items()}
 
 
-def _progress(epoch: int, rank: int, every_s: float = 30.0):
-    """on_step callback: rank 0 logs steps, mean loss and step rate every ``every_s`` seconds."""
-    t0 = last = time.perf_counter()
-    total = 0.0
+class _EpochProgress:
+    """on_step callback of `train_epoch`: rank 0 shows the epoch's steps with their rate, the
+    ETA of the epoch and the mean loss (`pipeline.progress`: a line every ``every_s`` seconds in
+    a worker's log, a bar on a terminal); the other ranks stay quiet. ``total``: this rank's
+    steps in the epoch (None: unknown, no ETA)."""
 
-    def on_step(step: int, loss: float) -> None:
-        nonlocal last, total
-        total += loss
-        now = time.perf_counter()
-        if rank == 0 and now - last >= every_s:
-            last = now
-            log.info("epoch %d: step %d, mean loss %.4f, %.2f steps/s", epoch, step, total / step,
-                     step / (now - t0))
+    def __init__(self, epoch: int, rank: int, every_s: float = 30.0, total: int | None = None,
+                 **progress_kw) -> None:
+        self.loss_sum = 0.0
+        self.bar = (Progress(f"epoch {epoch}", total, unit="steps", every_s=every_s, log=log,
+                             **progress_kw) if rank == 0 else None)
 
-    return on_step
+    def __call__(self, step: int, loss: float) -> None:
+        self.loss_sum += loss
+        if self.bar is not None:
+            self.bar.update(step - self.bar.done, postfix=f"mean loss {self.loss_sum / step:.4f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def facts_in_file(path: str, kb: KnowledgeBase) -> np.ndarray:
@@ -412,7 +439,7 @@ def _fit(job: TrainJob, train_table: pa.Table, storage_dir: Path, run_name: str)
 
 def run_train(train_cfg: TrainConfig, reader_cfg: ReaderConfig, ingest_dir: Path, memory_dir: Path,
               out: Path, storage_dir: Path, run_name: str, fingerprints: dict,
-              force: bool = False) -> dict:
+              force: bool = False, tracking: TrackingTarget | None = None) -> dict:
     kb = KnowledgeBase.load(ingest_dir)
     train_q, dev_q = prepare_questions(kb, ingest_dir, train_cfg.artificial_questions,
                                        train_cfg.artificial_limit, train_cfg.seed,
@@ -446,7 +473,7 @@ def run_train(train_cfg: TrainConfig, reader_cfg: ReaderConfig, ingest_dir: Path
     job = TrainJob(train=train_cfg, reader=reader_cfg, memory_dir=str(memory_dir),
                    dev_path=str(data / "dev.parquet"), facts_meta_path=str(data / "facts_meta.npz"),
                    vocab_size=len(vocab), dim=dim, fingerprints=fingerprints,
-                   pool_path=pool_path, fixed_rows=train_table.num_rows)
+                   pool_path=pool_path, fixed_rows=train_table.num_rows, tracking=tracking)
     log.info("training on %d questions (%d artificial) plus %d a epoch drawn from %d pool facts, "
              "vocabulary %d words, dev %d of %d questions, memory %d x %d", train_table.num_rows,
              train_q["artificial_count"], min(train_cfg.artificial_per_epoch, pool_size), pool_size,

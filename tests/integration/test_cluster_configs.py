@@ -94,10 +94,18 @@ def test_launcher_installs_this_project_with_pinned_versions(name):
     import ray
 
     assert ray.__version__ == pins["ray"]
-    # the project, with its gpu extra, from the file_mounts copy of this checkout
+    # the project from the file_mounts copy of this checkout, with the faiss of the node type:
+    # the gpu extra on the GPU workers, the cpu extra on the CPU head, never both on one node
     mount = next(remote for remote, local in cfg["file_mounts"].items() if local == ".")
-    assert re.search(re.escape(mount) + r'"?\[gpu\]', setup), setup
-    assert re.search(r"^gpu\s*=", (ROOT / "pyproject.toml").read_text(), re.M), "no gpu extra"
+    head = "\n".join(cfg["head_setup_commands"])
+    workers = "\n".join(cfg["worker_setup_commands"])
+    assert re.search(re.escape(mount) + r'"?\[gpu\]', workers), workers
+    assert re.search(re.escape(mount) + r'"?\[cpu\]', head), head
+    assert "[cpu]" not in workers and "[gpu]" not in head
+    assert "[cpu]" not in setup and "[gpu]" not in setup  # the commands every node runs
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'^gpu\s*=\s*\["faiss-gpu', pyproject, re.M), "no gpu extra"
+    assert re.search(r'^cpu\s*=\s*\["faiss-cpu', pyproject, re.M), "no cpu extra"
     assert ".venv" in cfg["rsync_exclude"]
 
 
@@ -240,7 +248,8 @@ def test_rayjob_entrypoint_is_a_valid_pipeline_command():
     overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
     assert (ROOT / config).is_file()
     cfg = load_config(ROOT / config, overrides)  # unknown keys / bad values raise here
-    assert cfg.train.use_gpu
+    # every heavy stage on the GPU workers
+    assert cfg.embed.use_gpu and cfg.memory.use_gpu and cfg.train.use_gpu and cfg.eval.use_gpu
 
 
 def test_rayjob_runtime_env_agrees_with_runtime_env_yaml():

@@ -106,3 +106,49 @@ def test_ray_build_with_split_leaves_matches_in_memory(ray_local):
     for a, b in zip(got.centroids, ref.centroids):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
     assert (got.fact_leaf == ref.fact_leaf).mean() > 0.999
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])]
+
+
+@pytest.mark.parametrize("factorised", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_shard_actor_computes_on_its_device(device, factorised):
+    """The actor class itself, in this process (no Ray started): with ``device`` its rows move
+    to (or are staged to) the device, and its partial sums equal those of a default actor."""
+    from hmn.memory import FactorisedMemory
+    from hmn.mips import fit_transform
+    from pipeline.kmeans_ray import ShardActor
+
+    rng = np.random.default_rng(0)
+    if factorised:
+        offsets = np.concatenate([[0], np.cumsum(rng.integers(1, 3, 400))])
+        mem = FactorisedMemory(rng.standard_normal((90, 4)).astype(np.float32),
+                               rng.standard_normal((5, 4)).astype(np.float32),
+                               rng.integers(0, 90, 400), rng.integers(0, 5, 400), offsets,
+                               rng.integers(0, 90, offsets[-1]))
+        factors = {"subject_ids": mem.subject_ids.numpy(), "relation_ids": mem.relation_ids.numpy(),
+                   "object_offsets": offsets, "object_values": mem.object_values.numpy()}
+        make = lambda **kw: ShardActor(None, 0, 64, factors=factors,  # noqa: E731
+                                       entity_emb=mem.entity_emb.numpy(),
+                                       relation_emb=mem.relation_emb.numpy(), **kw)
+    else:
+        x = _facts(400, 12)
+        make = lambda **kw: ShardActor(x, 0, 64, **kw)  # noqa: E731
+    d = 12  # the facts' width, both layouts
+    transform = fit_transform(100.0, U=0.75, m=3).to_dict()  # above every row's norm
+    centroids = torch.nn.functional.normalize(torch.randn(6, d + 3), dim=1).numpy()
+    offsets = np.array([0, 2, 6])
+    groups = np.arange(400) % 2
+    got_actor, ref_actor = make(device=device), make()
+    assert got_actor.placement()["device"].startswith(device)
+    for actor in (got_actor, ref_actor):
+        assert actor.open_view(0, transform, None, groups) == 400
+    got = got_actor.partial_stats_grouped(0, centroids, offsets)
+    ref = ref_actor.partial_stats_grouped(0, centroids, offsets)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    assert np.array_equal(got[1], ref[1])
+    assert isinstance(got_actor.rows(0, np.array([0, 5])), np.ndarray)  # back as numpy
+    if device == "cpu":
+        assert got_actor.placement() == ref_actor.placement() == {"device": "cpu", "rows": "cpu"}
