@@ -40,6 +40,7 @@ class PeakMemory:
     def __init__(self, interval: float = 1.0, duty: float = 0.02) -> None:
         self.interval, self.duty = interval, duty
         self.peak_pss = self.peak_rss = 0
+        self.samples = 0  # samples taken so far
         self._wait = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="peak-memory", daemon=True)
@@ -48,6 +49,7 @@ class PeakMemory:
         t0 = time.perf_counter()
         pss, rss = tree_memory()
         self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
+        self.samples += 1
         self._wait = max(self.interval, (time.perf_counter() - t0) / self.duty)
 
     def _run(self) -> None:

@@ -9,11 +9,22 @@ from pipeline.memwatch import PeakMemory, tree_memory
 
 def test_peak_includes_a_child_process():
     base_pss, _ = tree_memory()
-    code = "import numpy as np, time; a = np.ones(300_000_000 // 8); time.sleep(1.5)"
-    with PeakMemory(interval=0.1) as pm:
-        child = subprocess.Popen([sys.executable, "-c", code])
+    # the child holds 300 MB until told to exit; it exits only after the watch has sampled it, so
+    # the test does not depend on how long a sample takes on a loaded machine
+    code = ("import numpy as np, sys; a = np.ones(300_000_000 // 8); "
+            "print('ready', flush=True); sys.stdin.read()")
+    with PeakMemory(interval=0.05, duty=0.5) as pm:
+        child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "ready"
+        seen = pm.samples
+        deadline = time.monotonic() + 120
+        while pm.samples < seen + 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child.stdin.close()
         child.wait(timeout=60)
     assert child.returncode == 0
+    assert pm.samples >= seen + 2, "the watch took no sample while the child was alive"
     # the child's 300 MB array counted (PSS of the tree), and the peak is at least the baseline
     assert pm.peak_pss - base_pss > 200_000_000
     assert pm.peak_rss >= pm.peak_pss * 0.5
