@@ -156,21 +156,25 @@ def transe_partitions(n: int, dim: int) -> tuple[int, int] | None:
     return 2 ** math.ceil(math.log2(table_gb / 0.5)), 2
 
 
-READ_SHARE = 0.005  # beyond 200k facts: facts read plus centroid products a question, at most
-LEAF_FACTS = 400  # facts a leaf beyond 200k facts: 2 / READ_SHARE (see memory_layout)
+READ_SHARE = 0.005  # at FB2M's 10.8m facts: facts read plus centroid products a question, at most
+FB2M_FACTS = 10_800_000
+#: beyond 200k facts, products (facts read plus centroid products) a question at every size: 90%
+#: of READ_SHARE at FB2M size (10% slack for leaves larger than the mean: split ones, and the
+#: large leaves that questions favour), so a step costs about the same from 200k to 10.8m facts
+PRODUCT_BUDGET = int(0.9 * READ_SHARE * FB2M_FACTS)
 
 
 def memory_layout(n: int) -> dict[str, Any]:
     """The index of ``n`` facts: flat up to 200k facts with ~15 facts per leaf (a power of two:
-    SQ-32k's 2048); beyond, hierarchical [C1, C2] with ~400 facts a leaf (a power of two of
-    leaves: [64, 32] at 1m, [256, 128] at 10.8m), leaves split above 1000 facts, each level
-    fitted on a sample of at most 1m facts. The clustered reader scores every centroid of every
-    level, so a question costs ``C + r n / C`` products for C leaves of which it reads r: at a
-    budget of T products the facts read are most with half of T on each: C = T / 2 leaves
-    of 2 n / T facts, ``LEAF_FACTS`` = 2 / READ_SHARE."""
+    SQ-32k's 2048); beyond, hierarchical [C1, C2] with the same leaves at every size, leaves
+    split above 1000 facts, each level fitted on a sample of at most 1m facts. The clustered
+    reader scores every centroid of every level, so a question costs ``C + r n / C`` products for
+    C leaves of which it reads r: within a budget of T products it reads the most facts with half
+    of T on each, C = T / 2 leaves whatever n (``PRODUCT_BUDGET``: 2^15 leaves, [256, 128], of
+    30 facts at 1m and 330 at 10.8m)."""
     if n <= FLAT_MAX_FACTS:
         return {"memory.branching": [max(2, 2 ** round(math.log2(n / 15)))]}
-    exp = round(math.log2(n / LEAF_FACTS))
+    exp = round(math.log2(PRODUCT_BUDGET / 2))
     c1 = 2 ** math.ceil(exp / 2)
     return {"memory.branching": [c1, 2**exp // c1], "memory.max_leaf_size": 1000,
             "memory.fit_sample": min(n, 1_000_000)}
@@ -179,14 +183,14 @@ def memory_layout(n: int) -> dict[str, Any]:
 def top_clusters(n: int, branching: list[int]) -> int:
     """Leaves a question reads: up to 200k facts SQ-32k's 100 leaves of ~15 facts (about 1.5k
     facts a question at 29k and 131k alike, so a training step costs about the same); beyond,
-    as many as keep the facts read plus the centroid products within 90% of ``READ_SHARE`` of
-    the memory (10% slack for leaves larger than the mean: split ones, and the large leaves that
-    questions favour), at least 1."""
+    as many as keep the facts read plus the centroid products within ``PRODUCT_BUDGET`` (0.45%
+    of the memory at 10.8m facts, more of a smaller one: the same work a question at every
+    size), at least 1."""
     leaves = math.prod(branching)
     if n <= FLAT_MAX_FACTS:
         return min(100, leaves)
-    facts = 0.9 * READ_SHARE * n - centroid_products(list(branching), leaves)
-    return max(1, math.floor(facts / (n / leaves)))
+    facts = PRODUCT_BUDGET - centroid_products(list(branching), leaves)
+    return max(1, min(leaves, math.floor(facts / (n / leaves))))
 
 
 def question_limit(facts_scored: float, questions: int = SQ32K_DEV) -> int:

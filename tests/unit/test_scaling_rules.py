@@ -12,6 +12,7 @@ from pipeline.driver import stage_fingerprints
 from pipeline.experiments import (
     artificial_rule,
     centroid_products,
+    PRODUCT_BUDGET,
     memory_layout,
     question_limit,
     scaling_markdown,
@@ -55,30 +56,37 @@ def test_transe_partitions_only_for_large_tables():
         assert n * 200 * 12 / 1e9 / parts <= 0.5  # a partition, with its Adam moments, <= 0.5 GB
 
 
-def test_memory_layout_flat_then_hierarchical_with_400_facts_a_leaf():
+def test_memory_layout_flat_then_the_same_hierarchical_leaves_at_every_size():
     assert memory_layout(29_423) == {"memory.branching": [2048]}  # SQ-32k's
     assert memory_layout(131_000) == {"memory.branching": [8192]}
-    assert memory_layout(1_000_000)["memory.branching"] == [64, 32]
-    assert memory_layout(10_800_000) == {"memory.branching": [256, 128],
-                                         "memory.max_leaf_size": 1000,
-                                         "memory.fit_sample": 1_000_000}
+    for n in (1_000_000, 3_000_000, 10_800_000):
+        assert memory_layout(n) == {"memory.branching": [256, 128], "memory.max_leaf_size": 1000,
+                                    "memory.fit_sample": 1_000_000}
+    assert memory_layout(300_000)["memory.fit_sample"] == 300_000
     for size, n in FACTS.items():
         layout = memory_layout(n)
         per_leaf = n / math.prod(layout["memory.branching"])
         assert (len(layout["memory.branching"]) == 1) == (n <= 131_000), size
-        assert 14 <= per_leaf <= 16 if n <= 131_000 else 280 <= per_leaf <= 570, (size, per_leaf)
+        if n <= 131_000:
+            assert 14 <= per_leaf <= 16, (size, per_leaf)
+        else:  # half the product budget on centroids (within the power of two)
+            assert 0.5 <= math.prod(layout["memory.branching"]) / (PRODUCT_BUDGET / 2) <= 1.5
 
 
-def test_top_clusters_read_at_most_half_a_percent_centroids_counted_from_1m():
+def test_a_question_costs_the_same_products_from_1m_and_half_a_percent_at_10m():
     assert top_clusters(29_423, [2048]) == top_clusters(131_000, [8192]) == 100  # SQ-32k's
+    totals = {}
     for size in ("1m", "3m", "10m"):
         n = FACTS[size]
         branching = memory_layout(n)["memory.branching"]
         leaves = math.prod(branching)
         read = top_clusters(n, branching) * n / leaves  # facts a question reads, on average
-        total = read + centroid_products(branching, leaves)
-        assert 0.004 * n <= total <= 0.0045 * n, size
+        totals[size] = read + centroid_products(branching, leaves)
+        assert 0.98 * PRODUCT_BUDGET <= totals[size] <= PRODUCT_BUDGET, size
+    assert totals["10m"] <= 0.0045 * FACTS["10m"]  # 10% under the 0.5% at FB2M size
     assert top_clusters(10_800_000, [256, 128]) == 47
+    assert top_clusters(1_000_000, [256, 128]) == 510  # 15.6k facts of 30 a leaf
+    assert top_clusters(1_000, [4]) == 4 and top_clusters(250_000, [2, 2]) == 1  # at least one
 
 
 def test_question_limit_keeps_a_pass_within_the_budget():
@@ -134,7 +142,7 @@ def _fake_variant(root: Path) -> RunDir:
         (root / stage).mkdir()
     write_json_atomic(root / "generate/realism.json",
                       {"counts": {"facts": 1_000_000}, "ambiguity_ceiling": {"share": 0.81}})
-    write_json_atomic(root / "memory/stats.json", {"leaves": 16_500})
+    write_json_atomic(root / "memory/stats.json", {"leaves": 33_000})
     hist = [{"dev_accuracy": a, "train_facts_touched": 10.0, "questions": 50_176}
             for a in (0.5, 0.6, 0.55)]
     write_json_atomic(root / "train/stats.json", {
@@ -157,11 +165,11 @@ def test_report_rows_from_a_variants_files(cfg, tmp_path):
     assert (row["size"], row["facts"], row["ambiguity_ceiling"]) == ("1m", 1_000_000, 0.81)
     assert (row["accuracy"], row["best_epoch"], row["epochs"]) == (0.6, 2, 3)
     assert (row["facts_per_query"], row["recall10_vs_exact"]) == (4800.0, 0.7)
-    assert row["centroid_products_per_query"] == 64 + 16_500  # [64, 32], 16,500 leaves after splits
+    assert row["centroid_products_per_query"] == 256 + 33_000  # [256, 128], 33,000 leaves after splits
     assert row["seconds_per_epoch"] == 40.0
     assert row["stage_seconds"]["memory"] == 40.0 and row["stage_peak_pss_gb"]["train"] == 2.5
     md = scaling_markdown({"rows": [row], "not_run": ["3m", "10m"]})
-    assert ("| 1m | 1,000,000 | 0.8100 | 0.6000 | 2 / 3 | 50,176 | 40.0 | 4,800 (0.48%) | 16,564 | "
+    assert ("| 1m | 1,000,000 | 0.8100 | 0.6000 | 2 / 3 | 50,176 | 40.0 | 4,800 (0.48%) | 33,256 | "
             "0.700 |") in md
     assert "| 1m | 10.0 s, 0.50 GB | 20.0 s, 1.00 GB | 30.0 s, 1.50 GB |" in md
     assert md.rstrip().endswith("Not run: 3m, 10m.")
