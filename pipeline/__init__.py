@@ -32,8 +32,9 @@ def run(config: str | Path | None = None, run_dir: str | Path | None = None, *,
         variants: Sequence[str] = (), stages: Sequence[str] = (), force: bool = False
         ) -> dict | None:
     """Run the pipeline like ``python -m pipeline.run``: `config` is a YAML preset (None: the
-    embedded smoke preset), `run_dir` defaults to ``runs/<name>``, `overrides` are
-    ``"section.field=value"`` strings. Returns the run's report (``report.json``), or with
+    embedded smoke preset), `run_dir` defaults to ``runs/<name>`` (``s3://BUCKET/PATH`` and
+    ``gs://BUCKET/PATH`` are run directories on object storage: `pipeline.objectstore`),
+    `overrides` are ``"section.field=value"`` strings. Returns the run's report (``report.json``), or with
     `experiment` (table1, table2, scaling) its rows; None when `stages` stops before evaluate.
     Raises `hmn.config.ConfigError` for a bad config."""
     from hmn.config import load_config

@@ -42,6 +42,7 @@ from hmn.text import Vocabulary, tokenize
 from hmn.training import predict
 from pipeline.artifacts import KnowledgeBase, UnsafeFileError
 from pipeline.evaluate import InputError, load_run_config, reading
+from pipeline.rundir import is_store_uri, local_run_path
 from pipeline.stages.score import Scorer
 
 log = logging.getLogger("pipeline.answer")
@@ -55,9 +56,10 @@ class Answerer:
     answer any number of questions."""
 
     def __init__(self, run_dir: str | Path, reader: str | None = None):
-        self.run_dir = Path(run_dir).resolve()
-        with reading(self.run_dir):  # loaded whole, so the lock is held while loading only
-            self.cfg: RunConfig = load_run_config(self.run_dir)
+        target = run_dir if is_store_uri(run_dir) else local_run_path(run_dir).resolve()
+        with reading(target) as local:  # loaded whole, so the lock is held while loading only
+            self.run_dir = local  # a run directory on a store: its cache
+            self.cfg: RunConfig = load_run_config(local, str(target))
             self.reader_name = reader or self.cfg.train.infer_reader
             if self.reader_name not in READER_NAMES:
                 raise InputError(f"reader {self.reader_name!r}: unknown; "
@@ -149,7 +151,9 @@ def answer_questions(run_dir: str | Path, questions: str | Sequence[str], k: int
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.answer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", required=True, help="a run whose train stage is done")
+    parser.add_argument("--run-dir", required=True,
+                        help="a run whose train stage is done: a local path, s3://BUCKET/PATH or "
+                             "gs://BUCKET/PATH")
     parser.add_argument("questions", nargs="*", help="questions to answer")
     parser.add_argument("--questions", dest="questions_file", metavar="FILE",
                         help="a file of questions: one per line, or SimpleQuestions lines")

@@ -26,7 +26,6 @@ from pipeline.rundir import (
     RunDirError,
     StageResult,
     input_signature,
-    write_text_atomic,
 )
 from pipeline.tracking import (
     Tracker,
@@ -204,7 +203,7 @@ def _run_train(p: Pipeline, out: Path, fps: dict[str, str]) -> dict:
     carried = {"ingest": fps["ingest"], "embeddings": p.embeddings_fingerprint(),
                "memory": fps["memory"], "train": fps["train"]}
     return run_train(p.cfg.train, p.cfg.reader, p.run.stage_dir("ingest"),
-                     p.run.stage_dir("memory"), out, p.run.root / "train_ray",
+                     p.run.stage_dir("memory"), out, p.run.train_storage(),
                      f"hmn-{fps['train']}", carried, force=p.force, tracking=p.tracker.target)
 
 
@@ -244,6 +243,19 @@ STAGE_TABLE: tuple[Stage, ...] = (
     Stage("evaluate", ("eval", "reader"), ("train",), _run_evaluate),
 )
 STAGES = tuple(s.name for s in STAGE_TABLE)
+
+
+def upstream_stages(name: str) -> tuple[str, ...]:
+    """Every stage ``name`` depends on, directly or not, in table order: what it may read from
+    the run directory (the evaluate stage reads ingest, memory and train)."""
+    rows = {s.name: s for s in STAGE_TABLE}
+    todo, seen = list(rows[name].upstream), set()
+    while todo:
+        u = todo.pop()
+        if u not in seen:
+            seen.add(u)
+            todo.extend(rows[u].upstream)
+    return tuple(s for s in STAGES if s in seen)
 
 
 def stage_fingerprint(stage: Stage, cfg: RunConfig, fps: dict[str, str],
@@ -304,6 +316,7 @@ class Pipeline:
             r = StageResult(name, True, 0.0, {})
         else:
             def with_ray(out: Path) -> dict:
+                self.run.fetch(*upstream_stages(name))  # a run directory on a store: download
                 init_ray(self.cfg)  # started only when some stage has work to do
                 return fn(out)
 
@@ -326,7 +339,7 @@ class Pipeline:
         until = self._last_stage(until)
         check_input_files(self.cfg)
         with self.run.lock():  # one writer per run directory (re-entrant: experiments nest)
-            write_text_atomic(self.run.root / "config.resolved.yaml", dump_config(self.cfg))
+            self.run.write_text("config.resolved.yaml", dump_config(self.cfg))
             self.tracker = start_tracking(self.cfg.tracking, self.run.root, self.cfg.name)
             try:
                 self.tracker.log_params(config_params(self.cfg, {}, self.run.root))
@@ -385,11 +398,11 @@ def check_evaluable(run: RunDir, cfg: RunConfig, model_fingerprints: dict) -> No
         e = stages.get(name)
         if not e or e.get("status") != "done":
             status = "not run" if not e else f"{e.get('status')!r}"
-            raise RunDirError(f"{run.root}: stage {name!r} is {status}, not done: its outputs are "
+            raise RunDirError(f"{run.location}: stage {name!r} is {status}, not done: its outputs are "
                               f"not this run's; finish the run (python -m pipeline.run) first")
         problem = run.output_problem(name, e)
         if problem is not None:
-            raise RunDirError(f"{run.root}: stage {name!r}: {problem}; re-run pipeline.run to "
+            raise RunDirError(f"{run.location}: stage {name!r}: {problem}; re-run pipeline.run to "
                               f"redo it")
     fps = {name: e["fingerprint"] for name, e in stages.items() if "fingerprint" in e}
     for stage in STAGE_TABLE:
@@ -399,7 +412,7 @@ def check_evaluable(run: RunDir, cfg: RunConfig, model_fingerprints: dict) -> No
             continue
         want = stage_fingerprint(stage, cfg, fps)
         if want != fps[stage.name]:
-            raise RunDirError(f"{run.root}: stage {stage.name!r} was done with other settings than "
+            raise RunDirError(f"{run.location}: stage {stage.name!r} was done with other settings than "
                               f"config.resolved.yaml (fingerprint {fps[stage.name]}, the config "
                               f"gives {want}): an interrupted re-run? finish it with pipeline.run")
         if stage.name == "train":
@@ -407,6 +420,6 @@ def check_evaluable(run: RunDir, cfg: RunConfig, model_fingerprints: dict) -> No
     for name in ("ingest", "memory", "train"):
         have = model_fingerprints.get(name)
         if have is not None and have != fps[name]:
-            raise RunDirError(f"{run.root}: train/model.pt was trained against another {name!r} "
+            raise RunDirError(f"{run.location}: train/model.pt was trained against another {name!r} "
                               f"stage (fingerprint {have}) than the manifest's ({fps[name]}); "
                               f"re-run the train stage")

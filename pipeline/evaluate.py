@@ -37,7 +37,7 @@ from hmn.text import Vocabulary
 from hmn.training import correct
 from pipeline.artifacts import KnowledgeBase, UnsafeFileError, load_torch_file
 from pipeline.driver import check_evaluable, check_k, init_ray
-from pipeline.rundir import RunDir, RunDirError, run_lock
+from pipeline.rundir import RunDir, RunDirError, is_store_uri, local_run_path, run_lock
 from pipeline.stages.score import ScoringPlacement, metrics, score
 
 log = logging.getLogger("pipeline.evaluate")
@@ -79,44 +79,57 @@ class InputError(ValueError):
 SCORING_INPUTS = (("ingest", "kb"), ("memory", None), ("train", "model.pt"))
 
 
-def load_run_config(run_dir: Path) -> RunConfig:
+def load_run_config(run_dir: Path, shown: str | None = None) -> RunConfig:
     """The resolved config of a run whose ingest, memory and train stages are done, consistent
     with the config and their recorded outputs (`pipeline.driver.check_evaluable`); raises
-    `InputError` naming what is missing or stale otherwise."""
+    `InputError` naming what is missing or stale otherwise. ``shown`` names the run in messages
+    (the URI of a run directory on a store, whose cache ``run_dir`` is)."""
     run_dir = Path(run_dir)
+    shown = shown or str(run_dir)
     if not run_dir.is_dir():
-        raise InputError(f"run directory {str(run_dir)!r} does not exist")
+        raise InputError(f"run directory {shown!r} does not exist")
     resolved = run_dir / "config.resolved.yaml"
     if not resolved.exists():
-        raise InputError(f"{run_dir} is not a run directory (no config.resolved.yaml)")
+        raise InputError(f"{shown} is not a run directory (no config.resolved.yaml)")
     manifest = run_dir / "manifest.json"
     stages = json.loads(manifest.read_text()).get("stages", {}) if manifest.exists() else {}
     for stage, output in SCORING_INPUTS:
         path = run_dir / stage if output is None else run_dir / stage / output
         if not path.exists():
             status = stages.get(stage, {}).get("status", "not run")
-            raise InputError(f"{run_dir}: the {stage} stage has not finished (manifest: {status}); "
-                             f"run `python -m pipeline.run --run-dir {run_dir}` first")
+            raise InputError(f"{shown}: the {stage} stage has not finished (manifest: {status}); "
+                             f"run `python -m pipeline.run --run-dir {shown}` first")
     try:
         cfg = config_from_dict(read_yaml(resolved))
         model = load_torch_file(run_dir / "train" / "model.pt", "cpu", "the train stage", mmap=True)
-        check_evaluable(RunDir(run_dir), cfg, model.get("fingerprints") or {})
+        run = RunDir(run_dir)
+        run.location = shown
+        check_evaluable(run, cfg, model.get("fingerprints") or {})
     except (ConfigError, RunDirError, UnsafeFileError) as e:
         raise InputError(str(e)) from None
     return cfg
 
 
 @contextmanager
-def reading(run_dir: Path) -> Iterator[None]:
+def reading(run_dir: str | Path) -> Iterator[Path]:
     """Hold ``run_dir``'s lock shared while reading it: evaluations run side by side, but never
-    while a run writes the directory (`InputError` naming that run) nor a run while they read."""
+    while a run writes the directory (`InputError` naming that run) nor a run while they read.
+    Yields the local folder to read: ``run_dir``, or for a run directory on a store (``s3://``,
+    ``gs://``) its cache, holding the manifest, ``config.resolved.yaml`` and the done stages
+    that scoring reads, downloaded and checked against the manifest (`RunDir.snapshot`)."""
     with ExitStack() as stack:
-        if Path(run_dir).is_dir():
-            try:
-                stack.enter_context(run_lock(run_dir, shared=True))
-            except RunDirError as e:
-                raise InputError(str(e)) from None
-        yield
+        local = local_run_path(run_dir)
+        try:
+            if is_store_uri(run_dir):
+                run = RunDir(str(run_dir))
+                stack.enter_context(run.lock(shared=True))
+                run.snapshot(tuple(stage for stage, _ in SCORING_INPUTS))
+                local = run.root
+            elif local.is_dir():
+                stack.enter_context(run_lock(local, shared=True))
+        except (RunDirError, OSError) as e:
+            raise InputError(f"{run_dir}: {e}" if isinstance(e, OSError) else str(e)) from None
+        yield local
 
 
 def check_questions(questions: str, table: pa.Table | None, lines: int) -> None:
@@ -135,9 +148,10 @@ def check_questions(questions: str, table: pa.Table | None, lines: int) -> None:
 
 
 def evaluate_file(run_dir: Path, questions: str, readers: tuple[str, ...],
-                  output: Path | None = None) -> dict:
-    """Score a finished run on a question file with `readers`; the first gives `accuracy`."""
-    cfg = load_run_config(run_dir)
+                  output: Path | None = None, shown: str | None = None) -> dict:
+    """Score a finished run on a question file with `readers`; the first gives `accuracy`.
+    ``shown`` names the run (its URI when ``run_dir`` is a store's cache)."""
+    cfg = load_run_config(run_dir, shown)
     try:
         table, lines, n_rejects = read_question_file(questions)
     except FormatError as e:  # a directory, a truncated .gz
@@ -172,7 +186,7 @@ def evaluate_file(run_dir: Path, questions: str, readers: tuple[str, ...],
     result.update({"reader": primary, "accuracy": per_reader[primary]["accuracy"],
                    "accuracy_known_facts": per_reader[primary]["accuracy_known_facts"],
                    "facts_per_query": per_reader[primary]["facts_per_query"], "readers": per_reader,
-                   "questions_file": str(questions), "run_dir": str(run_dir)})
+                   "questions_file": str(questions), "run_dir": shown or str(run_dir)})
     if output is not None:
         pq.write_table(pred.drop_columns([c for c in pred.column_names if c.startswith("cands_")])
                        .append_column("gold", pa.array(gold)), output)
@@ -184,9 +198,10 @@ def evaluate_run(run_dir: str | Path, questions: str | Path, readers: Sequence[s
     """What the CLI prints, as a dict (see the module docstring): scores `run_dir` on the
     `questions` file with `readers` (default: the run's ``train.infer_reader``; exact is added
     for recall against exact). Raises `InputError` for a run directory or file it cannot use."""
-    run_dir = Path(run_dir).resolve()
-    with reading(run_dir):
-        cfg = load_run_config(run_dir)
+    if not is_store_uri(run_dir):
+        run_dir = local_run_path(run_dir).resolve()
+    with reading(run_dir) as local:
+        cfg = load_run_config(local, str(run_dir))
         if not Path(questions).exists():
             raise InputError(f"questions file {str(questions)!r} does not exist")
         if Path(questions).is_dir():
@@ -198,15 +213,19 @@ def evaluate_run(run_dir: str | Path, questions: str | Path, readers: Sequence[s
         if "exact" not in names:
             names = names + ("exact",)  # for recall against exact; `accuracy` stays the first's
         try:
-            return evaluate_file(run_dir, str(questions), names, Path(output) if output else None)
+            result = evaluate_file(local, str(questions), names, Path(output) if output else None,
+                                   shown=str(run_dir))
         except UnsafeFileError as e:  # a planted file among those the scoring reads
             raise InputError(str(e)) from None
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", required=True, help="a finished run directory")
+    parser.add_argument("--run-dir", required=True,
+                        help="a finished run directory: a local path, s3://BUCKET/PATH or "
+                             "gs://BUCKET/PATH")
     parser.add_argument("--questions", required=True, help="SimpleQuestions-format file")
     parser.add_argument("--reader", action="append", choices=READER_NAMES,
                         help="reader(s) to score with; the first gives `accuracy` (default: the "

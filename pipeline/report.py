@@ -11,23 +11,25 @@ import json
 import numpy as np
 
 from pipeline.driver import STAGES
-from pipeline.rundir import RunDir, StageResult, write_text_atomic
+from pipeline.rundir import RunDir, StageResult
 
 
 def write_report(run: RunDir, results: dict[str, StageResult]) -> str:
     """Write the report of a run whose evaluate stage is done; returns its Markdown table."""
+    run.fetch("train", "evaluate")  # a run directory on a store: its files in the cache
     report = json.loads((run.stage_dir("evaluate") / "report.json").read_text())
     train_stats = json.loads((run.stage_dir("train") / "stats.json").read_text())
     manifest = run.manifest()["stages"]
     times = {s: float(manifest.get(s, {}).get("seconds", 0.0)) for s in STAGES if s in manifest}
     peaks = {s: manifest[s].get("peak_pss_gb") for s in STAGES if s in manifest}
     table = results_table(report, train_stats, times, peaks)
-    text = f"# HMN run report: {run.root.name}\n\nRun directory: `{run.root}`\n\n{table}\n"
-    write_text_atomic(run.stage_dir("evaluate") / "report.md", text)
+    name = run.location.rstrip("/").rsplit("/", 1)[-1]
+    text = f"# HMN run report: {name}\n\nRun directory: `{run.location}`\n\n{table}\n"
+    run.write_text("evaluate/report.md", text)
     full = {"report": report, "stage_seconds": times, "stage_peak_pss_gb": peaks,
             "skipped": [n for n, r in results.items() if r.skipped],
             "train": {k: v for k, v in train_stats.items() if k != "history"}}
-    write_text_atomic(run.root / "report.json", json.dumps(full, indent=2, default=str))
+    run.write_text("report.json", json.dumps(full, indent=2, default=str))
     return table
 
 

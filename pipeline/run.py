@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML preset (default: the embedded smoke preset)")
-    parser.add_argument("--run-dir", help="run directory (default: runs/<name>)")
+    parser.add_argument("--run-dir", help="run directory: a local path, s3://BUCKET/PATH or "
+                                           "gs://BUCKET/PATH (default: runs/<name>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.FIELD=VALUE",
                         help="override a config field, converted by its type (repeatable)")
@@ -86,6 +87,9 @@ def execute(cfg: RunConfig, run: RunDir, *, force: bool = False, only: tuple[str
     """Run the pipeline (or `experiment`) into `run`; returns (result, Markdown table). The
     result is the run's report (what ``report.json`` holds), or the experiment's rows; both are
     None when `only` stops before the evaluate stage."""
+    if experiment and run.store is not None:
+        raise RunDirError(f"--experiment: needs a local run directory, not {run.location} (its "
+                          f"variants link each other's stages)")
     with run.lock():  # the whole run holds the directory: a second run refuses, naming this one
         if experiment:
             result = run_experiment(experiment, cfg, run, force=force, only=variants)
@@ -110,12 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run = RunDir(args.run_dir or Path("runs") / cfg.name)
-    log.info("run directory %s", run.root)
     RunDir.verify_digests = args.verify  # every run directory of this process (variants too)
     t0 = time.perf_counter()
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     try:
+        run = RunDir(args.run_dir or Path("runs") / cfg.name)
+        log.info("run directory %s%s", run.location,
+                 f" (worked in {run.root})" if run.store is not None else "")
         result, table = execute(cfg, run, force=args.force, only=only, experiment=args.experiment,
                                 variants=variants)
     except USER_ERRORS as e:  # a cause the user can fix, in one line; anything else: traceback
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{time.perf_counter() - t0:.1f} s; {run.root / 'eval'}")
     elif table is not None:
         print("\n" + table + "\n")
-        report_md = run.stage_dir("evaluate") / "report.md"
+        report_md = f"{run.location}/evaluate/report.md"
         print(f"report: {report_md}  ({time.perf_counter() - t0:.1f} s)")
     return 0
 

@@ -15,6 +15,12 @@ process, so a run and the experiment variants nested under it lock their own fol
 second process refuses at once, naming the holder; readers (``pipeline.evaluate``) take the lock
 shared, so they run side by side but never beside a writer. The kernel drops the lock of a process
 that dies, so a killed run's lock is taken over by the next run (which logs it).
+
+A run directory may also be a URI, ``s3://BUCKET/PATH`` or ``gs://BUCKET/PATH``
+(`pipeline.objectstore`): the stages work in a local cache, each finished stage is uploaded
+before its manifest entry (one object write, the commit point) says it is done, a resumed run
+downloads the done stages it needs (checked against the recorded digests), and a lease object
+stands in for the flock. ``file://PATH`` is the local path; any other scheme is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -36,6 +43,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 from pipeline.memwatch import PeakMemory
 
@@ -306,6 +314,48 @@ def output_record(folder: Path) -> dict[str, list]:
     return out
 
 
+#: ``scheme://`` at the start of a run directory's name: a URI, not a local path
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+
+
+def is_store_uri(value: str | Path) -> bool:
+    """Whether a run directory's name is a URI of an object store (any ``scheme://`` but
+    ``file://``; an unsupported scheme is refused when the `RunDir` is made)."""
+    m = _URI.match(value) if isinstance(value, str) else None
+    return m is not None and m.group(1).lower() != "file"
+
+
+def local_run_path(value: str | Path) -> Path:
+    """The local path a run directory's name means (``file://PATH`` is PATH)."""
+    if isinstance(value, str) and value.lower().startswith("file://"):
+        return Path(unquote(urlparse(value).path))
+    return Path(value)
+
+
+@dataclass(frozen=True)
+class RayStorage:
+    """Where Ray Train keeps a run's checkpoints: ``RunConfig(storage_path=path,
+    storage_filesystem=filesystem)``; ``uri`` names it (a local path, or ``s3://...``)."""
+
+    path: str
+    filesystem: Any = None  # a pyarrow.fs.FileSystem for a store; None for a local path
+    uri: str = ""
+
+    @classmethod
+    def local(cls, path: str | Path) -> RayStorage:
+        return cls(str(path), None, str(path))
+
+    def run_uri(self, name: str) -> str:
+        return f"{self.uri or self.path}/{name}"
+
+    def remove(self, name: str) -> None:
+        """Delete the Ray Train run ``name`` (``--force`` restarts training from scratch)."""
+        if self.filesystem is None:
+            shutil.rmtree(Path(self.path) / name, ignore_errors=True)
+        else:
+            self.filesystem.delete_dir_contents(f"{self.path}/{name}", missing_dir_ok=True)
+
+
 @dataclass
 class StageResult:
     name: str
@@ -323,32 +373,114 @@ class RunDir:
     verify_digests: bool = False
 
     def __init__(self, root: str | Path):
+        #: the object store holding the run (`pipeline.objectstore.Store`), None for a local
+        #: run directory; ``root`` is then the local cache the stages work in
+        self.store = None
+        if is_store_uri(root):
+            from pipeline.objectstore import Store
+
+            self.store = Store(str(root))
+            root = self.store.cache_dir
+        root = local_run_path(root)
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.manifest_path = self.root / "manifest.json"
+        #: the run directory as users name it: the store's URI, or the local path
+        self.location = self.store.uri if self.store is not None else str(self.root)
         self._said_unverified: set[str] = set()
+        self._verified: dict[str, dict] = {}  # stages downloaded and checked (store, --verify)
 
     def stage_dir(self, stage: str) -> Path:
         return self.root / stage
 
     def lock(self, *, shared: bool = False):
-        """`run_lock` of this run directory (a context manager)."""
+        """`run_lock` of this run directory (a context manager); on a store, its lease too
+        (`pipeline.objectstore.store_lock`)."""
+        if self.store is not None:
+            from pipeline.objectstore import store_lock
+
+            return store_lock(self.store, shared=shared)
         return run_lock(self.root, shared=shared)
+
+    def write_text(self, rel: str, text: str) -> None:
+        """Write ``rel`` (a file outside the stages' folders, such as ``config.resolved.yaml``,
+        or one added to a published stage's folder, such as ``evaluate/report.md``) atomically;
+        on a store, upload it too. Call under the lock."""
+        write_text_atomic(self.root / rel, text)
+        if self.store is not None:
+            from pipeline.objectstore import check_lease
+
+            check_lease(self.store)
+            self.store.write_bytes(rel, text.encode())
+
+    def train_storage(self) -> RayStorage:
+        """Ray Train's storage of the train stage: ``<run dir>/train_ray``."""
+        if self.store is None:
+            return RayStorage.local(self.root / "train_ray")
+        path, fs = self.store.ray_storage("train_ray")
+        return RayStorage(path, fs, f"{self.store.uri}/train_ray")
+
+    def fetch(self, *stages: str) -> None:
+        """On a store: make the cache hold the published files of each done stage of
+        ``stages`` (downloaded and checked against the manifest's digests where the cache does
+        not already hold them); a stage not done is left alone. Nothing on a local run
+        directory."""
+        if self.store is None:
+            return
+        from pipeline.objectstore import fetch_lock
+
+        entries = self.manifest()["stages"]
+        with fetch_lock(self.root):
+            for stage in stages:
+                e = entries.get(stage)
+                if e and e.get("status") == "done":
+                    self.store.fetch_stage(stage, e.get("outputs"))
 
     def input_signature(self, paths: tuple[str, ...]) -> list:
         """`input_signature` of ``paths`` with this run's digest cache (``.input-digests.json``)."""
         return input_signature(paths, self.root / ".input-digests.json")
 
+    def snapshot(self, stages: tuple[str, ...]) -> None:
+        """On a store, for a reader: copy the manifest (as read once), ``config.resolved.yaml``
+        and the files of the done stages among ``stages`` into the cache (each checked against
+        that manifest's digests), and remove the cache's copy of the others, so the cache is a
+        local run directory that says what the store said. Nothing on a local run directory."""
+        if self.store is None:
+            return
+        from pipeline.objectstore import fetch_lock
+
+        m = self.manifest()
+        with fetch_lock(self.root):
+            config = self.store.read_bytes("config.resolved.yaml")
+            if config is None:
+                _remove_quietly(self.root / "config.resolved.yaml")
+            else:
+                write_text_atomic(self.root / "config.resolved.yaml", config.decode())
+            for stage in stages:
+                e = m["stages"].get(stage)
+                if e and e.get("status") == "done":
+                    self.store.fetch_stage(stage, e.get("outputs"))
+                else:
+                    self.store.forget_stage(stage)
+                    shutil.rmtree(self.stage_dir(stage), ignore_errors=True)
+            write_json_atomic(self.manifest_path, m)
+
     def manifest(self) -> dict:
-        if not self.manifest_path.exists():
+        if self.store is not None:
+            text = self.store.read_bytes("manifest.json")
+            where = f"{self.location}/manifest.json"
+        else:
+            text = self.manifest_path.read_bytes() if self.manifest_path.exists() else None
+            where = str(self.manifest_path)
+        if text is None:
             return {"stages": {}}
         try:
-            m = json.loads(self.manifest_path.read_text())
+            m = json.loads(text)
         except (ValueError, UnicodeDecodeError) as e:
-            raise RunDirError(f"{self.manifest_path}: not a valid manifest ({e}); restore it or "
+            raise RunDirError(f"{where}: not a valid manifest ({e}); restore it or "
                               f"start a new run directory") from None
         if not isinstance(m, dict) or not isinstance(m.get("stages"), dict):
-            raise RunDirError(f"{self.manifest_path}: not a valid manifest (no 'stages' mapping)")
+            raise RunDirError(f"{where}: not a valid manifest (no 'stages' mapping)")
         return m
 
     def entry(self, stage: str) -> dict | None:
@@ -368,6 +500,8 @@ class RunDir:
                          stage)
             return None
         check_digests = self.verify_digests if digests is None else digests
+        if self.store is not None:
+            return self._store_output_problem(stage, recorded, check_digests)
         folder = self.stage_dir(stage)
         for rel, (size, digest) in sorted(recorded.items()):
             p = folder / rel
@@ -380,6 +514,27 @@ class RunDir:
                 return f"output {stage}/{rel} has changed since the stage finished (digest)"
         return None
 
+    def _store_output_problem(self, stage: str, recorded: dict, digests: bool) -> str | None:
+        """`output_problem` on a store: its listing against the recorded sizes; with
+        ``digests`` each file downloaded into the cache and hashed (once per record)."""
+        listing = self.store.listing(stage)
+        for rel, (size, _) in sorted(recorded.items()):
+            if rel not in listing:
+                return f"output {stage}/{rel} is missing from {self.location}"
+            if listing[rel] != size:
+                return (f"output {stage}/{rel} has {listing[rel]} bytes in {self.location}, "
+                        f"{size} when the stage finished")
+        if digests and self._verified.get(stage) != recorded:
+            from pipeline.objectstore import StoreFileError, fetch_lock
+
+            try:
+                with fetch_lock(self.root):
+                    self.store.fetch_stage(stage, recorded, force=True)
+            except StoreFileError as e:
+                return e.problem
+            self._verified[stage] = recorded
+        return None
+
     def stale_reason(self, stage: str, fingerprint: str, *, digests: bool | None = None) -> str | None:
         """Why ``stage`` is not done with ``fingerprint`` (None when it is): not run, not
         finished, done with other settings or inputs, or outputs that no longer match."""
@@ -390,7 +545,7 @@ class RunDir:
             return f"its last run is {e.get('status')!r}, not done"
         if e.get("fingerprint") != fingerprint:
             return f"done with other settings or inputs (fingerprint {e.get('fingerprint')})"
-        if not self.stage_dir(stage).is_dir():
+        if self.store is None and not self.stage_dir(stage).is_dir():
             return f"its folder {stage}/ is missing"
         return self.output_problem(stage, e, digests)
 
@@ -400,14 +555,20 @@ class RunDir:
     def fingerprint_of(self, stage: str) -> str:
         e = self.entry(stage)
         if not e or e.get("status") != "done":
-            raise RuntimeError(f"stage {stage!r} has not finished in {self.root}")
+            raise RuntimeError(f"stage {stage!r} has not finished in {self.location}")
         return e["fingerprint"]
 
     def _record(self, stage: str, entry: dict) -> None:
         with self.lock():  # the read-modify-write of the manifest under the run's lock
             m = self.manifest()
             m["stages"][stage] = entry
-            write_json_atomic(self.manifest_path, m)
+            if self.store is not None:  # one object write: the commit point on a store
+                from pipeline.objectstore import check_lease
+
+                check_lease(self.store)
+                self.store.write_bytes("manifest.json",
+                                       json.dumps(m, indent=2, sort_keys=True, default=str).encode())
+            write_json_atomic(self.manifest_path, m)  # on a store, the cache's copy
 
     def clean_staging(self, stage: str) -> None:
         with self.lock():  # only the holder may remove staging folders: they may be live
@@ -438,6 +599,8 @@ class RunDir:
         staging = self.root / f".{stage}.tmp-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
         self._record(stage, {"status": "running", "fingerprint": fingerprint, "started": time.time()})
+        if self.store is not None:
+            self.store.forget_stage(stage)  # the cache's copy is about to change
         log.info("[%s] starting", stage)
         t0 = time.perf_counter()
         try:
@@ -460,11 +623,18 @@ class RunDir:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, final)
+        if self.store is not None:  # uploaded before the manifest says done (the commit point)
+            from pipeline.objectstore import check_lease
+
+            check_lease(self.store)
+            self.store.upload_stage(stage, final, outputs)
         self._record(stage, {"status": "done", "fingerprint": fingerprint, "seconds": seconds,
                              "peak_pss_gb": round(mem.peak_pss_gb, 3),
                              "peak_rss_gb": round(mem.peak_rss_gb, 3),
                              "finished": time.time(), "stats": _summary(stats),
                              "outputs": outputs})
+        if self.store is not None:
+            self.store.mark_synced(stage, outputs)
         log.info("[%s] done in %.1f s, peak memory %.2f GB (PSS of the process tree)", stage, seconds,
                  mem.peak_pss_gb)
         return StageResult(stage, False, seconds, stats)

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from pipeline.artifacts import (
     read_questions,
 )
 from pipeline.progress import Progress
+from pipeline.rundir import RayStorage
 from pipeline.stages import ray_train_env
 from pipeline.tracking import Tracker, TrackingTarget, attach
 
@@ -406,7 +406,7 @@ def prepare_questions(kb: KnowledgeBase, ingest_dir: Path, artificial: bool, lim
              "total": dev_total})
 
 
-def _fit(job: TrainJob, train_table: pa.Table, storage_dir: Path, run_name: str) -> dict:
+def _fit(job: TrainJob, train_table: pa.Table, storage: RayStorage, run_name: str) -> dict:
     """Run the worker loop on Ray Train; the final state (rank 0's return value, or else the last
     checkpoint's)."""
     import ray.data
@@ -422,7 +422,7 @@ def _fit(job: TrainJob, train_table: pa.Table, storage_dir: Path, run_name: str)
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=str(storage_dir),
+            name=run_name, storage_path=storage.path, storage_filesystem=storage.filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets={"train": ray.data.from_arrow(train_table)},
@@ -438,8 +438,12 @@ def _fit(job: TrainJob, train_table: pa.Table, storage_dir: Path, run_name: str)
 
 
 def run_train(train_cfg: TrainConfig, reader_cfg: ReaderConfig, ingest_dir: Path, memory_dir: Path,
-              out: Path, storage_dir: Path, run_name: str, fingerprints: dict,
+              out: Path, storage: RayStorage | Path, run_name: str, fingerprints: dict,
               force: bool = False, tracking: TrackingTarget | None = None) -> dict:
+    """The train stage; ``storage`` is Ray Train's storage (a local folder, or
+    `pipeline.rundir.RayStorage` on an object store), where the run ``run_name`` resumes."""
+    if not isinstance(storage, RayStorage):
+        storage = RayStorage.local(storage)
     kb = KnowledgeBase.load(ingest_dir)
     train_q, dev_q = prepare_questions(kb, ingest_dir, train_cfg.artificial_questions,
                                        train_cfg.artificial_limit, train_cfg.seed,
@@ -480,8 +484,8 @@ def run_train(train_cfg: TrainConfig, reader_cfg: ReaderConfig, ingest_dir: Path
              len(vocab), len(dev_tokens), dev_q["total"], kb.num_facts, dim)
 
     if force:
-        shutil.rmtree(storage_dir / run_name, ignore_errors=True)
-    state = _fit(job, train_table, storage_dir, run_name)
+        storage.remove(run_name)
+    state = _fit(job, train_table, storage, run_name)
     history = state["history"]
     best = _to_torch(state["best_model"] or state["model"])
     torch.save({"model": best, "dim": dim, "vocab_size": len(vocab), "fingerprints": _plain(fingerprints),
@@ -500,5 +504,5 @@ def run_train(train_cfg: TrainConfig, reader_cfg: ReaderConfig, ingest_dir: Path
         "mean_softmax_size": float(np.mean([h["softmax_size"] for h in history])) if history else 0.0,
         "loss": train_cfg.loss, "reader": train_cfg.reader, "infer_reader": train_cfg.infer_reader,
         "num_workers": train_cfg.num_workers, "history": history, "fingerprints": fingerprints,
-        "ray_run": str(storage_dir / run_name),
+        "ray_run": storage.run_uri(run_name),
     }

@@ -10,9 +10,9 @@ import pytest
 from hmn.config import load_config
 from pipeline.driver import stage_fingerprints
 from pipeline.experiments import (
+    PRODUCT_BUDGET,
     artificial_rule,
     centroid_products,
-    PRODUCT_BUDGET,
     memory_layout,
     question_limit,
     scaling_markdown,
