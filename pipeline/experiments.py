@@ -459,14 +459,35 @@ def run_scaling(base_cfg: RunConfig, base: RunDir, *, force: bool = False,
         else:
             not_run.append(v.name)
     result = {"experiment": "scaling", "rows": rows, "not_run": not_run}
-    out = base.root / "eval"
-    out.mkdir(exist_ok=True)
+    write_scaling_report(result, base.root / "eval", base.root / "eval" / "plots")
+    return result
+
+
+def write_scaling_report(result: dict, out: Path, plot_dir: Path) -> None:
+    """``out/scaling.json`` and ``scaling.md``; with rows, the validation, accuracy-vs-touched
+    and accuracy-vs-size plots in ``plot_dir``."""
+    out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "scaling.json", result)
     write_text_atomic(out / "scaling.md", scaling_markdown(result))
-    if rows:
-        plots(rows, out / "plots", "scaling")
-        size_plot(rows, out / "plots" / "scaling_accuracy_vs_size.png")
-    return result
+    if result["rows"]:
+        plots(result["rows"], plot_dir, "scaling")
+        size_plot(result["rows"], plot_dir / "scaling_accuracy_vs_size.png")
+
+
+def merge_scaling(results: list[dict]) -> dict:
+    """One scaling report from several (run directories of different runs): a variant's row
+    from the last report that has it, rows ordered by memory size (clustered before exact),
+    ``not_run`` the variants no report has a row of."""
+    rows: dict[str, dict] = {}
+    for result in results:
+        if result.get("experiment") != "scaling":
+            raise ValueError(f"not a scaling report: experiment {result.get('experiment')!r}")
+        rows.update({r["variant"]: r for r in result["rows"]})
+    not_run = []
+    for result in results:
+        not_run += [v for v in result["not_run"] if v not in rows and v not in not_run]
+    ordered = sorted(rows.values(), key=lambda r: (r["facts"], r["variant"].endswith("-exact")))
+    return {"experiment": "scaling", "rows": ordered, "not_run": not_run}
 
 
 def size_plot(rows: list[dict], path: Path) -> None:

@@ -14,6 +14,7 @@ from pipeline.experiments import (
     artificial_rule,
     centroid_products,
     memory_layout,
+    merge_scaling,
     question_limit,
     scaling_markdown,
     scaling_row,
@@ -173,3 +174,20 @@ def test_report_rows_from_a_variants_files(cfg, tmp_path):
             "0.700 |") in md
     assert "| 1m | 10.0 s, 0.50 GB | 20.0 s, 1.00 GB | 30.0 s, 1.50 GB |" in md
     assert md.rstrip().endswith("Not run: 3m, 10m.")
+
+
+def test_reports_of_several_runs_merge_by_variant_later_ones_winning(tmp_path):
+    def row(variant, facts, acc):
+        return {"variant": variant, "facts": facts, "accuracy": acc}
+
+    old = {"experiment": "scaling", "rows": [row("131k", 130_872, 0.8), row("29k-exact", 29_423, 0.87),
+                                            row("29k", 29_423, 0.85)],
+           "not_run": ["1m", "1m-exact", "10m"]}
+    new = {"experiment": "scaling", "rows": [row("1m", 1_000_000, 0.5), row("131k", 130_872, 0.81)],
+           "not_run": ["29k", "29k-exact", "1m-exact", "10m"]}
+    merged = merge_scaling([old, new])
+    assert [r["variant"] for r in merged["rows"]] == ["29k", "29k-exact", "131k", "1m"]
+    assert merged["rows"][2]["accuracy"] == 0.81  # the later report's row
+    assert merged["not_run"] == ["1m-exact", "10m"]
+    with pytest.raises(ValueError, match="not a scaling report"):
+        merge_scaling([old, {"experiment": "table1", "rows": [], "not_run": []}])
