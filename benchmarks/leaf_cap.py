@@ -31,7 +31,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from hmn.index import (  # noqa: E402
     ClusterIndex,
@@ -72,6 +71,22 @@ def curve(memory, index: ClusterIndex, queries: torch.Tensor, exact: list, leave
     return out
 
 
+def load_run(run_dir: Path, max_questions: int):
+    """A finished run's memory, index and trained encoder, with its first ``max_questions`` dev
+    questions (token lists) and their gold fact ids."""
+    from pipeline.artifacts import load_index, load_memory, load_model, read_questions
+
+    if not (run_dir / "train" / "model.pt").exists():
+        raise SystemExit(f"{run_dir}: needs a finished train stage (the trained encoder)")
+    memory = load_memory(run_dir / "memory")
+    index = load_index(run_dir / "memory")
+    model, vocab, _ = load_model(run_dir / "train")
+    q = read_questions(run_dir / "ingest", "dev")
+    tokens, _ = vocab.encode_many(q["question"].to_pylist()[:max_questions])
+    gold = q["fact_id"].to_numpy()[:max_questions]
+    return memory, index, model, tokens, gold
+
+
 def leaf_stats(index: ClusterIndex) -> dict:
     sizes = index.leaf_sizes()
     n = sizes.sum()
@@ -99,12 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    from scale import load_run
-
     t_start = time.perf_counter()
     memory, index, model, tokens, gold = load_run(args.run_dir, args.queries)
-    if model is None:
-        raise SystemExit(f"{args.run_dir}: needs a finished train stage (the trained encoder)")
     with torch.no_grad():
         qt, qo = next(iter(iterate_batches(tokens, gold, len(tokens), shuffle=False)))[:2]
         queries = model(qt, qo)  # (Q, D)

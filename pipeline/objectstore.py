@@ -53,13 +53,14 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline.rundir import (
+    Hold,
+    ReentrantHolds,
     RunDirError,
     RunDirLocked,
     _describe,
@@ -382,15 +383,7 @@ class Lease:
                         self.store.uri, e, LEASE_TTL_S)
 
 
-@dataclass
-class _HeldLease:
-    lease: Lease
-    shared: bool
-    count: int
-
-
-_LEASES: dict[str, _HeldLease] = {}
-_LEASES_GUARD = threading.Lock()
+_LEASES = ReentrantHolds()  # store_lock's leases by store URI (a reader's only checked for a writer)
 
 
 @contextmanager
@@ -398,33 +391,25 @@ def store_lock(store: Store, *, shared: bool = False) -> Iterator[None]:
     """The lock of a run directory on a store: its local cache's flock (`run_lock`) and the
     store's lease (exclusive), or for a reader the check that no live lease is held. Re-entrant
     within this process, as `run_lock`."""
-    with run_lock(store.cache_dir, shared=shared):
-        with _LEASES_GUARD:
-            held = _LEASES.get(store.uri)
-            if held is not None:
-                if held.shared and not shared:
-                    raise RunDirError(f"{store.uri}: this process reads it and cannot also "
-                                      f"write it")
-                held.count += 1
-            else:
-                lease = Lease(store)
-                try:
-                    if shared:
-                        lease.check_no_writer()
-                    else:
-                        lease.acquire()
-                except OSError as e:  # no such bucket, no credentials, no endpoint
-                    raise RunDirError(f"{store.uri}: cannot use the store: {e}") from None
-                held = _LEASES[store.uri] = _HeldLease(lease, shared, 1)
+    def acquire() -> Lease:
+        lease = Lease(store)
         try:
+            if shared:
+                lease.check_no_writer()
+            else:
+                lease.acquire()
+        except OSError as e:  # no such bucket, no credentials, no endpoint
+            raise RunDirError(f"{store.uri}: cannot use the store: {e}") from None
+        return lease
+
+    def release(held: Hold) -> None:
+        if not held.shared:
+            held.resource.release()
+
+    with run_lock(store.cache_dir, shared=shared):
+        with _LEASES.hold(store.uri, shared, acquire, release,
+                          f"{store.uri}: this process reads it and cannot also write it"):
             yield
-        finally:
-            with _LEASES_GUARD:
-                held.count -= 1
-                if held.count == 0:
-                    del _LEASES[store.uri]
-                    if not held.shared:
-                        held.lease.release()
 
 
 def check_lease(store: Store) -> None:
@@ -432,4 +417,4 @@ def check_lease(store: Store) -> None:
     held = _LEASES.get(store.uri)
     if held is None or held.shared:
         raise RunDirError(f"{store.uri}: written without holding its lease")
-    held.lease.check()
+    held.resource.check()

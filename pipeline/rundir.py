@@ -134,17 +134,53 @@ def input_signature(paths: tuple[str, ...], cache: Path | None = None) -> list:
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
-class _Held:
-    """A lock this process holds: its file descriptor (None where the file system has no locks),
-    whether it is shared, and how many nested holds are open."""
+class Hold:
+    """A lock this process holds: what releasing it needs (`resource`), whether it is shared,
+    and how many nested holds are open."""
 
-    fd: int | None
+    resource: Any
     shared: bool
     count: int
 
 
-_HELD: dict[str, _Held] = {}
-_HELD_GUARD = threading.Lock()
+class ReentrantHolds:
+    """This process's holds of one kind of lock, by key, re-entrant: the first hold of a key
+    acquires the lock, nested holds count, the last one out releases it. A shared hold inside an
+    exclusive one is part of it; an exclusive hold inside a shared one is refused (`RunDirError`).
+    `run_lock` (a flock) and `pipeline.objectstore.store_lock` (a lease) are two of them."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, Hold] = {}
+        self._guard = threading.Lock()
+
+    def get(self, key: str) -> Hold | None:
+        return self._held.get(key)
+
+    @contextmanager
+    def hold(self, key: str, shared: bool, acquire: Callable[[], Any],
+             release: Callable[[Hold], None], refusal: str) -> Iterator[None]:
+        """Hold ``key``: ``acquire()`` (under this object's guard, so it may raise) makes the
+        resource of a first hold; ``release(hold)`` ends the last. ``refusal`` is the message of
+        an exclusive hold asked for inside a shared one."""
+        with self._guard:
+            held = self._held.get(key)
+            if held is not None:
+                if held.shared and not shared:
+                    raise RunDirError(refusal)
+                held.count += 1
+            else:
+                held = self._held[key] = Hold(acquire(), shared, 1)
+        try:
+            yield
+        finally:
+            with self._guard:
+                held.count -= 1
+                if held.count == 0:
+                    del self._held[key]
+                    release(held)
+
+
+_HELD = ReentrantHolds()  # run_lock's: flock file descriptors by lock-file path
 
 #: flock errors that mean "this file system has no locks" (not "someone holds it")
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
@@ -219,14 +255,15 @@ def _open_lock_file(path: Path, shared: bool) -> int:
         return os.open(path, os.O_RDONLY)  # a reader of a read-only run directory
 
 
-def _acquire(root: Path, shared: bool) -> _Held:
+def _acquire(root: Path, shared: bool) -> int | None:
+    """The lock file's descriptor, flocked (None where the file system has no locks)."""
     path = root / LOCK_NAME
     try:
         fd = _open_lock_file(path, shared)
     except OSError as e:
         if shared:  # nothing can write a run directory whose lock file cannot be made
             log.warning("%s: no lock file (%s); reading it unlocked", root, e.strerror)
-            return _Held(None, shared, 1)
+            return None
         raise
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
@@ -239,7 +276,7 @@ def _acquire(root: Path, shared: bool) -> _Held:
             raise
         log.warning("%s: the file system has no file locks (%s); running without a run-directory "
                     "lock: make sure no other run uses this directory", root, e.strerror)
-        return _Held(None, shared, 1)
+        return None
     if not shared:
         stale = _holder(path)
         if stale is not None:
@@ -251,18 +288,19 @@ def _acquire(root: Path, shared: bool) -> _Held:
         os.pwrite(fd, json.dumps(me).encode(), 0)
         os.fsync(fd)
         _remove_stale_temporaries(root)
-    return _Held(fd, shared, 1)
+    return fd
 
 
-def _release(held: _Held) -> None:
-    if held.fd is None:
+def _release(held: Hold) -> None:
+    fd = held.resource
+    if fd is None:
         return
     try:
         if not held.shared:
-            os.ftruncate(held.fd, 0)  # an empty lock file: no holder
-        fcntl.flock(held.fd, fcntl.LOCK_UN)
+            os.ftruncate(fd, 0)  # an empty lock file: no holder
+        fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
-        os.close(held.fd)
+        os.close(fd)
 
 
 def _remove_stale_temporaries(root: Path) -> None:
@@ -282,24 +320,9 @@ def run_lock(root: str | Path, *, shared: bool = False) -> Iterator[None]:
     exclusive one is part of it). Raises `RunDirLocked`, naming the holder, when another
     process holds it in a conflicting mode."""
     root = Path(root).resolve()
-    key = str(root / LOCK_NAME)
-    with _HELD_GUARD:
-        held = _HELD.get(key)
-        if held is not None:
-            if held.shared and not shared:
-                raise RunDirError(f"{root}: this process reads it (shared lock) and cannot also "
-                                  f"write it")
-            held.count += 1
-        else:
-            held = _HELD[key] = _acquire(root, shared)
-    try:
+    with _HELD.hold(str(root / LOCK_NAME), shared, lambda: _acquire(root, shared), _release,
+                    f"{root}: this process reads it (shared lock) and cannot also write it"):
         yield
-    finally:
-        with _HELD_GUARD:
-            held.count -= 1
-            if held.count == 0:
-                del _HELD[key]
-                _release(held)
 
 
 def output_record(folder: Path) -> dict[str, list]:
