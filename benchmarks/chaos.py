@@ -94,6 +94,10 @@ VOLATILE_TRAIN = {"mean_epoch_seconds", "ray_run"}
 #: the model (compared tensor by tensor), and report.md (the report.json figures rendered with
 #: the run's path and stage times; written beside the evaluate stage's recorded outputs)
 NOT_BY_DIGEST = {"train/history.json", "train/model.pt", "evaluate/report.md"}
+#: JSON outputs that carry timings among their content (the index's per-level and per-iteration
+#: ``seconds``): compared by a digest of the JSON without the keys in ``TIMING_KEYS``
+TIMED_JSON = {"memory/index/index.json"}
+TIMING_KEYS = {"seconds"}
 #: Ray's own processes under the raylet, never chosen as the worker to kill
 RAY_AGENTS = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
@@ -201,6 +205,21 @@ def _parquet_digest(path: Path, roots: tuple[str, ...]) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
+def _json_digest_without_timings(path: Path) -> str:
+    """Digest of a JSON file's content with every key in ``TIMING_KEYS`` removed, at any depth."""
+    import hashlib
+
+    def strip(o):
+        if isinstance(o, dict):
+            return {k: strip(v) for k, v in o.items() if k not in TIMING_KEYS}
+        if isinstance(o, list):
+            return [strip(v) for v in o]
+        return o
+
+    text = json.dumps(strip(json.loads(path.read_text())), sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
 def snapshot(run: Path, reference: str | None = None) -> dict:
     """What a finished run is compared by: report, train summary, history, model, file digests
     (Parquet files by their rows, with paths into ``run`` or the ``reference`` it was copied
@@ -217,9 +236,14 @@ def snapshot(run: Path, reference: str | None = None) -> dict:
         if folder.is_dir():
             for rel, (_, digest) in output_record(folder).items():
                 name = f"{stage}/{rel}"
-                if rel != "stats.json" and name not in NOT_BY_DIGEST:
-                    files[name] = (_parquet_digest(folder / rel, roots)
-                                   if rel.endswith(".parquet") else digest)
+                if rel == "stats.json" or name in NOT_BY_DIGEST:
+                    continue
+                if rel.endswith(".parquet"):
+                    files[name] = _parquet_digest(folder / rel, roots)
+                elif name in TIMED_JSON:
+                    files[name] = _json_digest_without_timings(folder / rel)
+                else:
+                    files[name] = digest
     return {
         "report": report["report"],
         "train": {k: v for k, v in report.get("train", {}).items() if k not in VOLATILE_TRAIN},
@@ -759,6 +783,29 @@ def _manifest_entry(run: Path, stage: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # main
+
+def rejudge(result: dict, work: Path) -> dict:
+    """Judge again, with this file's comparison, every wrong result of a finished chaos
+    ``result`` whose run folder is still in ``work`` (kept: only survived faults are removed).
+    Each re-judged record keeps its first verdict in ``first_judgement``; the counts are
+    recomputed and the result lists the re-judged fault indices under ``rejudged``."""
+    ref = snapshot(work / "reference")
+    done = []
+    for rec in result["records"]:
+        run = work / f"f{rec['index']:02d}-{rec['kind']}" / "run"
+        if rec.get("outcome") != "wrong_result" or not run.is_dir():
+            continue
+        first = {"outcome": rec.pop("outcome"), "differences": rec.pop("differences", [])}
+        judge(rec, ref, run)
+        rec["first_judgement"] = first
+        done.append(rec["index"])
+        log.info("re-judged %s (first: %s)", describe(rec), first["differences"][:3])
+    counts = tally(result["records"])
+    result.update({k: counts[k] for k in ("faults", "survived", "wrong_results", "by_kind",
+                                          "neither", "not_delivered")})
+    result["rejudged"] = sorted(set(result.get("rejudged", [])) | set(done))
+    return result
+
 # ---------------------------------------------------------------------------------------------
 
 def build_reference(work: Path, timeout: float) -> tuple[Path, float]:
@@ -796,9 +843,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the folders of survived faults")
     p.add_argument("--out", default="", help="JSON output (default: benchmarks/out/chaos.json "
                                              "for 30 faults or more, else <work>/chaos.json)")
+    p.add_argument("--rejudge", default="", metavar="JSON",
+                   help="no new faults: judge the wrong results of this finished run's JSON "
+                        "again with the current comparison (their folders in --work) and "
+                        "rewrite it")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s")
+    if args.rejudge:
+        path = Path(args.rejudge)
+        result = rejudge(json.loads(path.read_text()), Path(args.work).resolve())
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in result.items() if k != "records"}))
+        return 0 if result["survived"] == result["faults"] and not result["wrong_results"] else 1
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())

@@ -116,3 +116,45 @@ def test_parquet_rows_are_compared_with_the_run_directory_made_relative(tmp_path
     assert chaos._parquet_digest(write("b.parquet", run, "who wrote it"), (run, ref)) == a
     assert chaos._parquet_digest(write("c.parquet", ref, "who wrote it"), (run, ref)) == a
     assert chaos._parquet_digest(write("d.parquet", run, "who read it"), (run, ref)) != a
+
+
+def test_index_json_is_compared_without_its_timings(tmp_path):
+    """The index's index.json carries k-means timings: a redone memory stage with the same
+    index must compare equal, and one with a different index must not."""
+    import json
+
+    assert "memory/index/index.json" in chaos.TIMED_JSON
+    doc = {"n": 600, "stats": {"seconds": 0.27, "levels": [{"kmeans": [
+        {"iteration": 0, "objective": 444.5, "seconds": 0.02}]}]}}
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    a.write_text(json.dumps(doc))
+    doc["stats"]["seconds"] = 0.9
+    doc["stats"]["levels"][0]["kmeans"][0]["seconds"] = 0.05
+    b.write_text(json.dumps(doc))
+    doc["stats"]["levels"][0]["kmeans"][0]["objective"] = 444.6
+    c.write_text(json.dumps(doc))
+    digest = chaos._json_digest_without_timings
+    assert digest(a) == digest(b)
+    assert digest(a) != digest(c)
+
+
+def test_rejudge_recounts_kept_wrong_results_and_keeps_the_first_verdict(tmp_path, monkeypatch):
+    (tmp_path / "f01-kill_worker" / "run").mkdir(parents=True)  # kept: judged again
+    result = {"records": [
+        {"index": 0, "kind": "kill_driver", "at": 0.5, "seconds": 9.0, "delivered": True, "outcome": "survived",
+         "attempts": [{"rc": 0, "timed_out": False}]},
+        {"index": 1, "kind": "kill_worker", "at": 0.5, "seconds": 9.0, "delivered": True, "outcome": "wrong_result",
+         "differences": ["files.memory/index/index.json: 'a' != 'b'"],
+         "attempts": [{"rc": 0, "timed_out": False}]},
+        {"index": 2, "kind": "kill_worker", "at": 0.5, "seconds": 9.0, "delivered": True, "outcome": "wrong_result",
+         "differences": ["report: x"], "attempts": [{"rc": 0, "timed_out": False}]},  # no folder
+    ]}
+    monkeypatch.setattr(chaos, "snapshot", lambda run, reference=None: {"root": str(run)})
+    monkeypatch.setattr(chaos, "compare", lambda ref, got: [])
+    monkeypatch.setattr(chaos, "lost", lambda run: [])
+    out = chaos.rejudge(result, tmp_path)
+    assert out["rejudged"] == [1]
+    assert out["records"][1]["outcome"] == "survived"
+    assert out["records"][1]["first_judgement"]["outcome"] == "wrong_result"
+    assert out["records"][2]["outcome"] == "wrong_result"  # its folder is gone: left as judged
+    assert (out["faults"], out["survived"], out["wrong_results"]) == (3, 2, 1)
