@@ -372,7 +372,9 @@ class TrainConfig:
                                          "a log line)", stable=True)
     threads: int = _f(0, "torch threads per worker (0 = cpus_per_worker rounded up)")
     max_steps_per_epoch: int = _f(0, "cap on steps per epoch (0 = the whole data set)")
-    max_failures: int = _f(2, "worker failures Ray Train recovers from (FailureConfig)")
+    max_failures: int = _f(2, "worker failures Ray Train recovers from, and worker-group "
+                                 "starts it retries when resources are missing (FailureConfig: "
+                                 "max_failures and controller_failure_limit); -1 = unlimited")
     seed: int = _f(0, "seed")
 
     def validate(self) -> None:

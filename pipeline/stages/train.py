@@ -406,6 +406,11 @@ def prepare_questions(kb: KnowledgeBase, ingest_dir: Path, artificial: bool, lim
              "total": dev_total})
 
 
+class TrainingFailed(RuntimeError):
+    """Ray Train gave up (retries spent); the message says where the checkpoints a re-run
+    resumes from are kept."""
+
+
 def _fit(job: TrainJob, train_table: pa.Table, storage: RayStorage, run_name: str) -> dict:
     """Run the worker loop on Ray Train; the final state (rank 0's return value, or else the last
     checkpoint's)."""
@@ -423,11 +428,22 @@ def _fit(job: TrainJob, train_table: pa.Table, storage: RayStorage, run_name: st
             resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=storage.path, storage_filesystem=storage.filesystem,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            # controller_failure_limit: a worker group that cannot start (each try waits
+            # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S for its resources, e.g. after its node was
+            # lost and none replaced it) fails the run after as many retries as a failed worker
+            # group; Ray's default (-1) waits for resources forever.
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures,
+                                                   controller_failure_limit=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets={"train": ray.data.from_arrow(train_table)},
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise TrainingFailed(
+            f"training failed, Ray Train gave up (train.max_failures={cfg.max_failures}): "
+            f"{str(e).strip().splitlines()[-1]}\nIts checkpoints are kept in "
+            f"{storage.run_uri(run_name)}: the same command resumes from the last one.") from e
     state = result.return_value
     if not isinstance(state, dict) or "history" not in state:
         if result.checkpoint is None:

@@ -1,8 +1,11 @@
-"""One local Ray for the whole integration session (see ../shared/RAY_NOTES.md section 5)."""
+"""One local Ray for the whole integration session (see ../shared/RAY_NOTES.md section 5), and a
+two-node local cluster per module for the tests that submit jobs (`ray_cluster.LocalCluster`)."""
 
 import os
 
 import pytest
+
+from .ray_cluster import LocalCluster
 
 
 @pytest.fixture(scope="session")
@@ -15,3 +18,15 @@ def ray_local():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A head (0 CPUs) and a worker node (4 CPUs) started with ``ray start``; never this
+    process's Ray (it imports none)."""
+    c = LocalCluster(tmp_path_factory.mktemp("ray-cluster"))
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
