@@ -784,26 +784,37 @@ def _manifest_entry(run: Path, stage: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # main
 
-def rejudge(result: dict, work: Path) -> dict:
+def rejudge(result: dict, work: Path, redeliver=None) -> dict:
     """Judge again, with this file's comparison, every wrong result of a finished chaos
-    ``result`` whose run folder is still in ``work`` (kept: only survived faults are removed).
-    Each re-judged record keeps its first verdict in ``first_judgement``; the counts are
-    recomputed and the result lists the re-judged fault indices under ``rejudged``."""
+    ``result`` whose run folder is still in ``work`` (kept: only survived faults are removed);
+    one whose folder is gone (a disk_full fault's tmpfs) is delivered again by
+    ``redeliver(index)`` (a new record), or left as judged without it. Each changed record keeps
+    its first verdict in ``first_judgement``; the counts are recomputed and the result lists the
+    re-judged fault indices under ``rejudged``, the delivered-again ones under ``redelivered``."""
     ref = snapshot(work / "reference")
-    done = []
-    for rec in result["records"]:
-        run = work / f"f{rec['index']:02d}-{rec['kind']}" / "run"
-        if rec.get("outcome") != "wrong_result" or not run.is_dir():
+    judged, again = [], []
+    for i, rec in enumerate(result["records"]):
+        if rec.get("outcome") != "wrong_result":
             continue
-        first = {"outcome": rec.pop("outcome"), "differences": rec.pop("differences", [])}
-        judge(rec, ref, run)
+        run = work / f"f{rec['index']:02d}-{rec['kind']}" / "run"
+        first = {"outcome": rec["outcome"], "differences": rec.get("differences", [])}
+        if run.is_dir():
+            rec.pop("outcome")
+            rec.pop("differences", None)
+            judge(rec, ref, run)
+            judged.append(rec["index"])
+        elif redeliver is not None:
+            rec = result["records"][i] = redeliver(rec["index"])
+            again.append(rec["index"])
+        else:
+            continue
         rec["first_judgement"] = first
-        done.append(rec["index"])
-        log.info("re-judged %s (first: %s)", describe(rec), first["differences"][:3])
+        log.info("judged again %s (first: %s)", describe(rec), first["differences"][:3])
     counts = tally(result["records"])
     result.update({k: counts[k] for k in ("faults", "survived", "wrong_results", "by_kind",
                                           "neither", "not_delivered")})
-    result["rejudged"] = sorted(set(result.get("rejudged", [])) | set(done))
+    result["rejudged"] = sorted(set(result.get("rejudged", [])) | set(judged))
+    result["redelivered"] = sorted(set(result.get("redelivered", [])) | set(again))
     return result
 
 # ---------------------------------------------------------------------------------------------
@@ -844,18 +855,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="", help="JSON output (default: benchmarks/out/chaos.json "
                                              "for 30 faults or more, else <work>/chaos.json)")
     p.add_argument("--rejudge", default="", metavar="JSON",
-                   help="no new faults: judge the wrong results of this finished run's JSON "
-                        "again with the current comparison (their folders in --work) and "
-                        "rewrite it")
+                   help="judge the wrong results of this finished run's JSON again with the "
+                        "current comparison (their folders in --work; a fault whose folder is "
+                        "gone is delivered again) and rewrite it")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s")
-    if args.rejudge:
-        path = Path(args.rejudge)
-        result = rejudge(json.loads(path.read_text()), Path(args.work).resolve())
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps({k: v for k, v in result.items() if k != "records"}))
-        return 0 if result["survived"] == result["faults"] and not result["wrong_results"] else 1
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
@@ -876,6 +881,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"the reference itself is not whole: {base}")
     log.info("reference: %s (%.0f s to check; stages %s)", ref, ref_seconds,
              {s: round(v, 1) for s, v in seconds.items()})
+    if args.rejudge:  # the schedule of the finished run: its --seed, --faults and kinds
+        path = Path(args.rejudge)
+        result = json.loads(path.read_text())
+        a = result["args"]
+        schedule = {f.index: f for f in make_schedule(2 * a["faults"], a["seed"],
+                                                      tuple(a["kinds"]))}
+        result = rejudge(result, work, lambda i: run_fault(ctx, schedule[i], work))
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in result.items() if k != "records"}))
+        return 0 if result["survived"] == result["faults"] and not result["wrong_results"] else 1
     records = []
     for f in make_schedule(2 * args.faults, args.seed, kinds):
         if sum(bool(r.get("delivered")) for r in records) >= args.faults:

@@ -152,9 +152,18 @@ def test_rejudge_recounts_kept_wrong_results_and_keeps_the_first_verdict(tmp_pat
     monkeypatch.setattr(chaos, "snapshot", lambda run, reference=None: {"root": str(run)})
     monkeypatch.setattr(chaos, "compare", lambda ref, got: [])
     monkeypatch.setattr(chaos, "lost", lambda run: [])
-    out = chaos.rejudge(result, tmp_path)
-    assert out["rejudged"] == [1]
+    import copy
+
+    out = chaos.rejudge(copy.deepcopy(result), tmp_path)
+    assert out["rejudged"] == [1] and out["redelivered"] == []
     assert out["records"][1]["outcome"] == "survived"
     assert out["records"][1]["first_judgement"]["outcome"] == "wrong_result"
     assert out["records"][2]["outcome"] == "wrong_result"  # its folder is gone: left as judged
     assert (out["faults"], out["survived"], out["wrong_results"]) == (3, 2, 1)
+    # with a way to deliver a fault again, the one without a folder is run again
+    fresh = {"index": 2, "kind": "kill_worker", "at": 0.5, "seconds": 9.0, "delivered": True,
+             "outcome": "survived", "attempts": [{"rc": 0, "timed_out": False}]}
+    out = chaos.rejudge(copy.deepcopy(result), tmp_path, redeliver=lambda i: dict(fresh))
+    assert out["redelivered"] == [2] and out["records"][2]["outcome"] == "survived"
+    assert out["records"][2]["first_judgement"]["differences"] == ["report: x"]
+    assert (out["faults"], out["survived"], out["wrong_results"]) == (3, 3, 0)
