@@ -102,6 +102,7 @@ def build_fact_vectors(
     object_offsets: np.ndarray,
     object_values: np.ndarray,
     chunk: int = 1 << 16,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Build the (N, 3d) float32 fact matrix M (section 3 of the paper).
 
@@ -114,9 +115,12 @@ def build_fact_vectors(
             ``object_values[object_offsets[i]:object_offsets[i + 1]]``.
         object_values: (nnz,) object entity ids.
         chunk: facts processed at a time (bounds the temporary memory).
+        out: optional (N, 3d) float32 array to fill, e.g. a writable ``np.memmap`` of the
+            memory's ``.npy`` file (``np.lib.format.open_memmap``): the matrix is then built
+            in place, never held in this process's heap; the values are the same.
 
     Returns:
-        (N, 3d) float32 array ``[E[s]; R[r]; mean E[objects]]``.
+        (N, 3d) float32 array ``[E[s]; R[r]; mean E[objects]]`` (``out`` when given).
 
     Raises:
         ValueError: bad shapes, ids out of range, malformed offsets, or a fact with no object.
@@ -142,7 +146,13 @@ def build_fact_vectors(
         relation_emb.shape[0])
     n = subject_ids.shape[0]
 
-    out = np.empty((n, 3 * d), dtype=np.float32)  # (N, 3d)
+    if out is None:
+        out = np.empty((n, 3 * d), dtype=np.float32)  # (N, 3d)
+    elif not isinstance(out, np.ndarray) or out.shape != (n, 3 * d) or out.dtype != np.float32:
+        raise ValueError(
+            f"out must be an ({n}, {3 * d}) float32 array, got "
+            f"{getattr(out, 'shape', type(out).__name__)} {getattr(out, 'dtype', '')}"
+        )
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         out[s:e, :d] = entity_emb[subject_ids[s:e]]

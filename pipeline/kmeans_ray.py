@@ -5,9 +5,15 @@ with an ``hmn.index.IndexSpec``); this module only supplies a :class:`hmn.index.
 views fan each call out to ``num_shards`` actors and sum their partial results (RAY_NOTES section 3:
 actors holding numpy shards were the cheapest per iteration).
 
-* Each actor receives its contiguous shard of the memory once (``ray.put``) and keeps it in its
-  heap; for every view (transform, subset of fact ids, groups, precision) it wraps the rows in an
-  ``hmn.kmeans.InMemoryData`` that applies the transform and normalisation itself.
+* Each actor holds a contiguous shard of the memory, without copying it: when the memory is a
+  memory map of a ``.npy`` file (the memory stage's ``facts.npy``), every actor on the driver's
+  node maps its rows of that file (``np.memmap``, read-only), so the page cache holds the one
+  copy that the driver and all actors share; otherwise (an in-memory array, or an actor on
+  another node) the shard goes through the object store once (``ray.put``) and the actor keeps
+  the zero-copy, read-only object-store array (1m facts x 600: 2.4 GB once, where a ``ray.put``
+  per shard plus a heap copy in each actor made two more copies). For every view (transform,
+  subset of fact ids, groups, precision) the actor wraps the rows in an
+  ``hmn.kmeans.InMemoryData`` that applies the transform and normalisation chunk by chunk.
 * Factorised shards (``build_index_on_ray(FactorisedMemory, ...)``): every actor gets the entity
   and relation tables by reference (one ``ray.put``; numpy arrays from the object store are
   zero-copy, so actors on one node share one copy) plus its slice of the fact table, and gathers
@@ -33,6 +39,9 @@ actors holding numpy shards were the cheapest per iteration).
 from __future__ import annotations
 
 import logging
+import mmap
+import os
+import warnings
 
 import numpy as np
 import ray
@@ -56,8 +65,52 @@ logger = logging.getLogger(__name__)
 __all__ = ["RayShardedData", "RayShardedDataFactory", "ShardActor", "build_index_on_ray"]
 
 
+def _read_only_tensor(a: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` of a read-only array (a file map, an object-store buffer) without a
+    copy; nothing writes to a shard's rows (views build new tensors from them)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
+
+
+def mapped_file(x: np.ndarray) -> tuple[str, int] | None:
+    """(path, byte offset of ``x[0, 0]`` in the file) when ``x`` is a C-contiguous float32 2-D
+    view of a shared file map (``np.load(path, mmap_mode="r")`` or ``"r+"``, or a row slice of
+    one); None otherwise (an in-memory array, a copy-on-write ``"c"`` map)."""
+    if not (isinstance(x, np.memmap) and x.ndim == 2 and x.dtype == np.float32
+            and x.flags.c_contiguous and getattr(x, "filename", None)
+            and getattr(x, "mode", None) in ("r", "r+", "w+")):
+        return None
+    buf = getattr(x, "_mmap", None)  # the mmap.mmap the view lies in (numpy keeps it there)
+    if not isinstance(buf, mmap.mmap):
+        return None
+    base = np.frombuffer(buf, dtype=np.uint8).ctypes.data  # address of the map's first byte
+    start = int(x.offset) - int(x.offset) % mmap.ALLOCATIONGRANULARITY  # file offset mapped there
+    return str(x.filename), start + (int(x.ctypes.data) - int(base))
+
+
+def _map_rows(rows_file: dict) -> np.ndarray | None:
+    """The (rows, dim) float32 read-only map of ``rows_file`` (see :class:`ShardActor`), or None
+    when this process is not on the node that wrote the file or the file is not there."""
+    node = rows_file.get("node")
+    if node is not None and node != ray.get_runtime_context().get_node_id():
+        return None
+    path, offset = rows_file["path"], int(rows_file["offset"])
+    shape = (int(rows_file["rows"]), int(rows_file["dim"]))
+    try:
+        if os.path.getsize(path) < offset + 4 * shape[0] * shape[1]:
+            return None
+    except OSError:
+        return None
+    return np.memmap(path, dtype=np.float32, mode="r", offset=offset, shape=shape)
+
+
 class ShardActor:
-    """Holds rows [start, start + len(shard)) of the memory and serves views of them."""
+    """Holds rows [start, start + len(shard)) of the memory and serves views of them.
+
+    The rows are never copied on the CPU: a ``rows_file`` is mapped, a ``shard`` (an object-store
+    array) is kept as it is (converted only if it is not C-contiguous float32); see
+    :meth:`rows_backing`."""
 
     def __init__(
         self,
@@ -70,10 +123,15 @@ class ShardActor:
         threads: int | None = None,
         cache_rows: bool | None = None,
         device: str | None = None,
+        rows_file: dict | None = None,
     ) -> None:
-        """Dense shard (``shard``), or factorised: ``factors`` holds this shard's slice of the
-        fact table (subject_ids, relation_ids, object_offsets rebased to 0, object_values) and
-        ``entity_emb`` / ``relation_emb`` the whole tables (pass object refs: zero-copy).
+        """Dense shard (``shard``, or ``rows_file``: ``{"path", "offset", "rows", "dim", "node"}``,
+        rows of a float32 ``.npy`` file to map read-only when this actor runs on node ``node``
+        (None: any); elsewhere the actor starts without rows and the driver sends them with
+        :meth:`set_rows`, see :meth:`needs_rows`), or factorised: ``factors`` holds this shard's
+        slice of the fact table (subject_ids, relation_ids, object_offsets rebased to 0,
+        object_values) and ``entity_emb`` / ``relation_emb`` the whole tables (pass object refs:
+        zero-copy).
         ``threads``: torch intra-op threads (the actor's CPU share); ``cache_rows``: as
         :class:`hmn.kmeans.InMemoryData` (None: dense views cache when <= 1 GiB); ``device``:
         where the views compute (None: the CPU; ``"cuda"``: the GPU Ray gave this actor)."""
@@ -97,13 +155,55 @@ class ShardActor:
                 self._mem = self._mem.to(self.device)  # else: rows staged chunk by chunk
             self._x = None
         else:
-            # Copy out of the (read-only) object store into this actor's heap (or its GPU).
-            self._x = torch.from_numpy(np.array(shard, dtype=np.float32, order="C"))  # (n, D)
-            if self.device.type != "cpu" and fits_on_device(self._x.nbytes, self.device):
-                self._x = self._x.to(self.device)
+            if shard is None and rows_file is None:
+                raise ValueError("a dense ShardActor needs a shard or a rows_file")
+            self._x: torch.Tensor | None = None  # (n, D) rows, None until set_rows
+            rows = shard if rows_file is None else _map_rows(rows_file)
+            if rows is not None:
+                self.set_rows(rows)
+
+    def set_rows(self, shard: np.ndarray) -> None:
+        """This shard's (n, D) rows, kept without a copy: a file map or object-store array is
+        read in place (the CPU views only read it); moved to the GPU when it fits there."""
+        rows = np.asarray(shard)
+        if rows.ndim != 2:
+            raise ValueError(f"shard must be (n, D), got shape {rows.shape}")
+        if rows.dtype != np.float32 or not rows.flags.c_contiguous:
+            rows = np.ascontiguousarray(rows, dtype=np.float32)
+        self._x = _read_only_tensor(rows)  # (n, D)
+        if self.device.type != "cpu" and fits_on_device(self._x.nbytes, self.device):
+            self._x = self._x.to(self.device)
+
+    def needs_rows(self) -> bool:
+        """Whether this dense actor still waits for :meth:`set_rows` (its ``rows_file`` is on
+        another node)."""
+        return self._mem is None and self._x is None
+
+    def rows_backing(self) -> str | None:
+        """What holds this actor's dense rows: the path of the file mapping they lie in (the
+        memory's ``.npy``, or the object store's shared-memory file), ``""`` for anonymous
+        memory (a private heap copy), ``"cuda"`` on a GPU, None when unknown (factorised,
+        or no /proc). Tests use it to check that the shard is not copied."""
+        if self._mem is not None or self._x is None:
+            return None
+        if self._x.device.type != "cpu":
+            return self._x.device.type
+        ptr = self._x.data_ptr()
+        try:
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    parts = line.split(maxsplit=5)
+                    lo, hi = (int(v, 16) for v in parts[0].split("-"))
+                    if lo <= ptr < hi:
+                        return parts[5].strip() if len(parts) > 5 else ""
+        except OSError:
+            return None
+        return None
 
     def num_rows(self) -> int:
-        return self._mem.n if self._mem is not None else int(self._x.shape[0])
+        if self._mem is not None:
+            return self._mem.n
+        return 0 if self._x is None else int(self._x.shape[0])
 
     def num_threads(self) -> int:
         return torch.get_num_threads()
@@ -288,6 +388,11 @@ class RayShardedDataFactory:
         return RayShardedData(self._actors, view_id, shard_rows, d, groups=groups)
 
 
+def _put_rows(vectors: np.ndarray, a: int, b: int) -> ray.ObjectRef:
+    """Rows a..b-1 in the object store (one copy, written straight from ``vectors``)."""
+    return ray.put(np.ascontiguousarray(vectors[a:b], dtype=np.float32))
+
+
 def _start_actors(
     vectors: np.ndarray | FactorisedMemory,
     num_shards: int,
@@ -300,6 +405,7 @@ def _start_actors(
     list is filled as they start)."""
     factorised = isinstance(vectors, FactorisedMemory)
     n = vectors.n if factorised else vectors.shape[0]
+    src = None if factorised else mapped_file(vectors)  # (path, offset) of a file-backed memory
     starts = np.array([len(a) for a in np.array_split(np.arange(n), num_shards)]).cumsum()
     starts = np.concatenate([[0], starts[:-1]])  # (S,) first row of each shard
     bounds = np.concatenate([starts, [n]])
@@ -307,6 +413,7 @@ def _start_actors(
     kw = {"threads": max(1, int(options.get("num_cpus", 1))), "cache_rows": cache_rows,
           "device": device}
     remote_cls = ray.remote(ShardActor).options(**options)
+    node = ray.get_runtime_context().get_node_id() if src is not None else None
     actors: list = []
     if factorised:
         kw["entity_emb"] = ray.put(vectors.entity_emb.cpu().numpy())
@@ -321,10 +428,20 @@ def _start_actors(
                            "object_offsets": offs[a : b + 1] - offs[a],
                            "object_values": vals[offs[a] : offs[b]]}  # fmt: skip
                 actors.append(remote_cls.remote(None, a, factors=factors, **kw))
-            else:
-                shard_ref = ray.put(np.ascontiguousarray(vectors[a:b], dtype=np.float32))
-                actors.append(remote_cls.remote(shard_ref, a, **kw))
-        ray.get([a.num_rows.remote() for a in actors])  # surface construction errors here
+            elif src is not None:  # actors on this node map their rows of the file
+                rows_file = {"path": src[0], "offset": src[1] + a * vectors.strides[0],
+                             "rows": b - a, "dim": vectors.shape[1], "node": node}
+                actors.append(remote_cls.remote(None, a, rows_file=rows_file, **kw))
+            else:  # one copy in the object store, read there by the actor
+                actors.append(remote_cls.remote(_put_rows(vectors, a, b), a, **kw))
+        # surface construction errors here; actors on other nodes get their rows by ray.put
+        waiting = ray.get([a.needs_rows.remote() for a in actors])
+        refs = [actors[s].set_rows.remote(_put_rows(vectors, int(bounds[s]), int(bounds[s + 1])))
+                for s in np.flatnonzero(waiting)]
+        ray.get(refs)
+        if src is not None:
+            logger.info("shard actors: %d of %d map %s", len(actors) - len(refs), len(actors),
+                        src[0])
     except BaseException:
         for a in actors:
             ray.kill(a)
@@ -347,7 +464,9 @@ def build_index_on_ray(
 
     Args:
         vectors: (N, D) fact vectors, or a :class:`hmn.memory.FactorisedMemory` (the actors then
-            share its entity / relation tables and hold a slice of its fact table each).
+            share its entity / relation tables and hold a slice of its fact table each). A
+            read-only memory map of a ``.npy`` file (``np.load(path, mmap_mode="r")``) is not
+            copied at all on the driver's node: its actors map the file (see the module doc).
         spec: what to build (:class:`hmn.index.IndexSpec`).
         num_shards: number of shard actors (1 <= num_shards <= N).
         progress: as :func:`hmn.index.build_index`.
@@ -361,7 +480,7 @@ def build_index_on_ray(
     if not isinstance(spec, IndexSpec):
         raise TypeError(f"spec must be an IndexSpec, got {type(spec).__name__}")
     if not isinstance(vectors, FactorisedMemory):
-        vectors = np.asarray(vectors)
+        vectors = vectors if isinstance(vectors, np.ndarray) else np.asarray(vectors)
         if vectors.ndim != 2 or vectors.shape[0] == 0:
             raise ValueError(f"vectors must be (N, D) with N >= 1, got shape {vectors.shape}")
     n, d = (vectors.n, vectors.d) if isinstance(vectors, FactorisedMemory) else vectors.shape

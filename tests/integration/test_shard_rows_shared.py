@@ -1,0 +1,63 @@
+"""Shard actors read the dense memory where it already is: the actors on the driver's node map
+their rows of the memory's ``.npy`` file, an in-memory array reaches them through the object
+store once and is not copied again, and the index is the same either way."""
+
+import numpy as np
+import pytest
+
+from hmn.index import IndexSpec
+
+ray = pytest.importorskip("ray")
+
+from pipeline.kmeans_ray import ShardActor, _start_actors, build_index_on_ray  # noqa: E402
+
+
+def _facts(n=2000, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)) * np.exp(0.5 * rng.standard_normal((n, 1)))
+    return x.astype(np.float32)
+
+
+def _backings(vectors, num_shards):
+    actors, _ = _start_actors(vectors, num_shards, None, None)
+    try:
+        return ray.get([a.rows_backing.remote() for a in actors])
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+def test_actors_map_the_memory_file_and_build_the_same_index(ray_local, tmp_path):
+    x = _facts()
+    np.save(tmp_path / "facts.npy", x)
+    mapped = np.load(tmp_path / "facts.npy", mmap_mode="r")
+    assert _backings(mapped, 3) == [str(tmp_path / "facts.npy")] * 3
+    spec = IndexSpec(branching=(6, 3), seed=0, iters=8, max_leaf_size=150)
+    got = build_index_on_ray(mapped, spec, num_shards=3)
+    ref = build_index_on_ray(x, spec, num_shards=3)
+    np.testing.assert_array_equal(got.fact_leaf, ref.fact_leaf)
+    for g, r in zip(got.centroids, ref.centroids):
+        assert np.array_equal(g.numpy(), r.numpy())
+    def iterations(index):  # every k-means iteration's stats but its time
+        return [{k: v for k, v in it.items() if k != "seconds"}
+                for it in index.stats["levels"][0]["kmeans"]]
+
+    assert iterations(got) == iterations(ref)
+
+
+def test_in_memory_shards_stay_in_the_object_store(ray_local):
+    """No private copy in the actor: its rows lie in a shared-memory mapping (the object
+    store's), not in anonymous memory."""
+    backings = _backings(_facts(), 2)
+    assert all(b not in (None, "", "[heap]") for b in backings), backings
+
+
+def test_actor_on_another_node_gets_its_rows_from_the_driver(ray_local, tmp_path):
+    x = _facts(50, 4)
+    np.save(tmp_path / "facts.npy", x)
+    elsewhere = {"path": str(tmp_path / "facts.npy"), "offset": 128, "rows": 50, "dim": 4,
+                 "node": "another-node"}
+    actor = ShardActor(None, 0, rows_file=elsewhere)  # this process plays the actor
+    assert actor.needs_rows()  # it must not map a file of the same name on its own node
+    here = dict(elsewhere, node=ray.get_runtime_context().get_node_id())
+    assert ShardActor(None, 0, rows_file=here).rows_backing() == str(tmp_path / "facts.npy")
