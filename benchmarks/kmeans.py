@@ -10,13 +10,21 @@ What both methods share, per data set:
   ``spherical_kmeans`` draws, seeded by ``--seed``).  Ours computes it inside
   ``spherical_kmeans``; faiss gets it through ``faiss.Kmeans.train(x, init_centroids=C0)``, from
   the same function run in faiss's round.  That ours started from C0 too is checked on every
-  round (``init_check``: ours' first objective equals J(C0));
+  round (``init_check``: ours' first objective equals J(C0), to ~1e-8 where ours' passes are
+  pruned: they sum c_j . (the sum of its rows), ``final_objective`` the cosines);
 * the iterations (``tol=0``, so ours never stops early; faiss ``niter``) and the threads
   (``torch.set_num_threads`` and ``faiss.omp_set_num_threads``);
 * the outputs: the centroids and the assignment of every row under them.  Ours returns both
   (``spherical_kmeans`` ends with an assignment pass); faiss's index holds the final centroids
   after ``train``, and ``km.index.search(x, 1)`` assigns the rows;
 * faiss trains on every row (``max_points_per_centroid`` >= n / k: no subsampling).
+
+Ours (``--ours``): ``torch`` (default) is ``InMemoryData``'s pruned passes (``bounds=True``: a
+row whose bounds prove that its centroid has not changed skips the matmul, and only rows that
+change centroid move the sums; every pass's fraction of skipped rows is in the round's
+``skipped_fraction``, the first iteration's is 0), ``torch-plain``
+the unpruned passes (``bounds=False``: one matmul over all rows per pass), ``ray-AxT[-bf16]`` the
+memory stage's shard actors (pruned in float32).
 
 Total time: ours = ``spherical_kmeans`` (k-means++ init + iterations + final assignment);
 faiss = the k-means++ init (timed in faiss's round) + ``train`` + ``index.search``.  faiss's
@@ -83,9 +91,11 @@ def initial_centroids(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, flo
 
 
 def final_objective(x: np.ndarray, c: np.ndarray) -> float:
-    """J = sum_i max_j cos(x_i, c_j) for unit rows x: float32 cosines, float64 sum."""
+    """J = sum_i max_j cos(x_i, c_j) for unit rows x: float32 cosines, float64 sum (an unpruned
+    pass; a pruned one sums c_j . (sum of its rows), within ~1e-8 of it)."""
     c = np.ascontiguousarray(c, dtype=np.float32)
-    return float(InMemoryData(torch.from_numpy(x)).partial_stats(torch.from_numpy(c))[2])
+    data = InMemoryData(torch.from_numpy(x), bounds=False)
+    return float(data.partial_stats(torch.from_numpy(c))[2])
 
 
 def _clock() -> tuple[float, float]:
@@ -96,13 +106,23 @@ def _since(start: tuple[float, float]) -> tuple[float, float]:
     return time.perf_counter() - start[0], time.process_time() - start[1]
 
 
-def run_ours(x: np.ndarray, k: int, iters: int, seed: int, threads: int) -> dict:
-    """hmn's ``spherical_kmeans`` in this process: init + ``iters`` iterations + assignment."""
+def run_ours(x: np.ndarray, k: int, iters: int, seed: int, threads: int,
+             bounds: bool = True) -> dict:
+    """hmn's ``spherical_kmeans`` in this process: init + ``iters`` iterations + assignment,
+    with pruned passes (``bounds``) or without."""
     torch.set_num_threads(threads)
+    data = InMemoryData(torch.from_numpy(x), bounds=bounds)
     start = _clock()
-    res = spherical_kmeans(InMemoryData(torch.from_numpy(x)), k, iters=iters, tol=0.0, seed=seed)
+    res = spherical_kmeans(data, k, iters=iters, tol=0.0, seed=seed)
     wall, cpu = _since(start)
     return {"total_seconds": wall, "cpu_seconds": cpu, "threads": torch.get_num_threads(),
+            "bounds": bounds,
+            # per pass (iterations, then the final assignment), fractions of the rows: those
+            # that skipped the matmul, those whose bounds proved their centroid (a chunk where
+            # most rows need it runs its whole matmul), those that changed centroid
+            "skipped_fraction": [p["skipped_fraction"] for p in data.pass_stats],
+            "proved_fraction": [p["proved_rows"] / p["rows"] for p in data.pass_stats],
+            "moved_fraction": [p["moved_rows"] / p["rows"] for p in data.pass_stats],
             "iteration_seconds": [s["seconds"] for s in res.stats],
             "objective_trace": [s["objective"] for s in res.stats],
             "iterations": len(res.stats), "centroids": res.centroids.numpy(),
@@ -194,13 +214,14 @@ def _summary(name: str, r: dict, x: np.ndarray, j0: float | None) -> dict:
 
 def compare(x: np.ndarray, k: int, iters: int, seed: int, threads: int, repeats: int,
             ours: str) -> dict:
-    """Interleaved rounds of ``ours`` (``torch`` or ``ray-AxT[-bf16]``) and faiss on ``x``."""
+    """Interleaved rounds of ``ours`` (``torch``, ``torch-plain`` or ``ray-AxT[-bf16]``) and
+    faiss on ``x``."""
     c0, _ = initial_centroids(x, k, seed)
     j0 = final_objective(x, c0)
     rounds: dict[str, list[dict]] = {"ours": [], "faiss": []}
     for _ in range(repeats):
-        if ours == "torch":
-            r = run_ours(x, k, iters, seed, threads)
+        if ours in ("torch", "torch-plain"):
+            r = run_ours(x, k, iters, seed, threads, ours == "torch")
         else:
             spec, _, prec = ours.removeprefix("ray-").partition("-")
             a, t = (int(v) for v in spec.split("x"))
@@ -228,6 +249,8 @@ def compare(x: np.ndarray, k: int, iters: int, seed: int, threads: int, repeats:
         "train_only_ratio_vs_faiss": statistics.median(
             (o["total_seconds"] - f["init_seconds"] - f["assign_seconds"]) / f["train_seconds"]
             for o, f in zip(rounds["ours"], rounds["faiss"])),
+        # ours' last round, per pass: rows whose bounds spared them the matmul (None: unpruned)
+        "skipped_fraction_ours": rounds["ours"][-1].get("skipped_fraction"),
         "objective_ours": j_ours, "objective_faiss": j_faiss,
         "objective_gap": (j_faiss - j_ours) / abs(j_faiss),
         "rounds": rounds,
@@ -271,7 +294,8 @@ def sq32k_rows(run_dir: Path) -> tuple[np.ndarray, dict]:
                                                dtype=np.float32))
     t = fit_transform(float(xt.norm(dim=1).max()), U=U, m=m)
     x = torch.nn.functional.normalize(t.facts(xt), dim=1).numpy()
-    return np.ascontiguousarray(x), {"run_dir": str(run_dir.relative_to(ROOT)), "U": U, "m": m}
+    name = run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir  # or absolute
+    return np.ascontiguousarray(x), {"run_dir": str(name), "U": U, "m": m}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,13 +311,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of each method")
     ap.add_argument("--ours", default="torch",
-                    help="torch (in-process) or ray-AxT[-bf16] (A shard actors of T CPUs)")
+                    help="torch (in-process, pruned passes), torch-plain (in-process, every "
+                         "row's matmul) or ray-AxT[-bf16] (A shard actors of T CPUs)")
     ap.add_argument("--datasets", nargs="+", default=["sq32k", "1m"], choices=["sq32k", "1m"])
     ap.add_argument("--smoke", action="store_true",
                     help=f"small sizes {SMOKE} (explicit flags still win); out: kmeans_smoke.json")
     ap.add_argument("--out", default=None,
                     help="default benchmarks/out/kmeans.json (--smoke: kmeans_smoke.json)")
     args = ap.parse_args(argv)
+    if args.ours not in ("torch", "torch-plain") and not args.ours.startswith("ray-"):
+        ap.error(f"--ours={args.ours!r}: must be torch, torch-plain or ray-AxT[-bf16]")
     given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv or sys.argv[1:])}
     if args.smoke:
         for key, value in SMOKE.items():
@@ -302,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     out_path = Path(args.out or f"benchmarks/out/kmeans{'_smoke' if args.smoke else ''}.json")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(message)s")
-    if args.ours != "torch":
+    if args.ours.startswith("ray-"):
         import ray
 
         os.environ.pop("RAY_ADDRESS", None)
@@ -317,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _run_datasets(args, result)
     finally:
-        if args.ours != "torch":
+        if args.ours.startswith("ray-"):
             import ray
 
             ray.shutdown()

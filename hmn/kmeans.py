@@ -23,6 +23,7 @@ sim similarities (b, C), b rows in a chunk.
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 import time
 from collections.abc import Callable
@@ -56,6 +57,27 @@ _CACHE_BYTES = 1 << 30
 _UNIT_TOL = 1e-6
 # Relative perturbation of a split centroid (faiss Clustering.cpp uses the same EPS = 1/1024).
 _SPLIT_EPS = 1.0 / 1024.0
+# A pruned pass gives a chunk one matmul over all its rows when more than this fraction of them
+# need their similarities: gathering them would cost more than the rows it spares.
+_DENSE_REDO = 0.8
+# A chunk whose bounds proved fewer of its rows than this fraction drops its bounds for a pass.
+# Bytes of the buffer that rows to recompute are gathered into, block by block: at most 32 MiB,
+# so that glibc's malloc reuses its pages from pass to pass (larger blocks are mapped afresh, and
+# their page faults cost as much as the gather: 55 against 3.4 ms for 20k rows of 603 floats).
+_GATHER_BYTES = 32 << 20
+_MIN_PROVED = 0.01
+# Added to every float32 bound update: covers the update's own rounding (|bound| <= 2: half an
+# ulp of 2 is 1.2e-7; a bound beyond 2 cannot let a row skip, cosines are <= 1).
+_BOUND_ROUNDING = 2.0**-23
+
+
+def _dot_error(d: int) -> float:
+    """Worst-case rounding error of a float32 dot product of two vectors of norm <= 1 in d
+    dimensions, in any summation order (GEMM blocking or a row-wise sum): gamma_d = d u / (1 - d u)
+    with u = 2^-24 (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., eq. 3.5),
+    widened by 0.1% for rows and centroids whose norms are 1 only up to float32 rounding."""
+    du = d * 2.0**-24
+    return 1.001 * du / (1.0 - du)
 
 
 @runtime_checkable
@@ -163,8 +185,12 @@ def similarity_dtype(precision: str, device: torch.device | str = "cpu") -> torc
 _EMULATED_BF16_TOLD: set[str] = set()
 
 
-def _add_segment_sums(out: torch.Tensor, x: torch.Tensor, lab: torch.Tensor) -> None:
+def _add_segment_sums(
+    out: torch.Tensor, x: torch.Tensor, lab: torch.Tensor, minus: torch.Tensor | None = None
+) -> None:
     """out[c] += sum of rows x[i] with lab[i] == c, deterministically; ``out`` is float64.
+    With ``minus``, also out[c] -= sum of rows x[i] with minus[i] == c (rows that move from
+    centroid minus[i] to lab[i]).
 
     CPU: ``index_add_`` accumulates in index order; it sums a block of rows in float32 (10x
     faster than converting the rows to float64) and the block's (C, d) sums are added to ``out``
@@ -172,19 +198,87 @@ def _add_segment_sums(out: torch.Tensor, x: torch.Tensor, lab: torch.Tensor) -> 
     sorted by label and reduced per segment in float64 instead.
     """
     k = out.shape[0]
-    block = max(_SUM_BLOCK, k)  # the (C, d) zero + add per block stays below the block's own work
+    # The (C, d) zero + add per block stays below the block's own work (>= C rows), and a block
+    # holds ~128 rows per centroid on average (but >= 1024 rows): float32 rounding grows with the
+    # rows a centroid takes in one block (the pruned passes' objective, c . sums, is then within
+    # ~1e-8 of the sum of cosines where 16384-row blocks of 12 centroids were 1e-6 off).
+    block = max(k, min(_SUM_BLOCK, max(1024, 128 * k)))
+    # blocks of equal size: a chunk of 16777 rows is one block, not 16384 + a 393-row block that
+    # would cost a second (C, d) zero + add
+    block = -(-x.shape[0] // max(1, round(x.shape[0] / block)))
     for s in range(0, x.shape[0], block):
         xb = x[s : s + block]  # (b, d)
-        lb = lab[s : s + block]  # (b,)
+        signed = [(lab[s : s + block], 1.0)]  # (b,) labels and the sign their rows add with
+        if minus is not None:
+            signed.append((minus[s : s + block], -1.0))
         if xb.device.type == "cpu":
             part = torch.zeros(out.shape, dtype=xb.dtype)  # (C, d) float32 sums of this block
-            part.index_add_(0, lb, xb)
+            for lb, sign in signed:
+                part.index_add_(0, lb, xb, alpha=sign)
             out += part
         else:
             xb = xb.to(torch.float64)
-            order = torch.argsort(lb, stable=True)
-            lengths = torch.bincount(lb, minlength=k)  # (C,)
-            out += torch.segment_reduce(xb[order], "sum", lengths=lengths, axis=0)  # (C, d)
+            for lb, sign in signed:
+                order = torch.argsort(lb, stable=True)
+                lengths = torch.bincount(lb, minlength=k)  # (C,)
+                part = torch.segment_reduce(xb[order], "sum", lengths=lengths, axis=0)  # (C, d)
+                out.add_(part, alpha=sign)
+
+
+@dataclass
+class _BoundState:
+    """What a view keeps between passes for pruned assignment (:meth:`InMemoryData._bounded_pass`).
+
+    Rows are in pass order: row order, or group order for a grouped pass.
+
+    Attributes:
+        centroids: (C, d) float32 centroids of the last pass.
+        offsets: (G + 1,) their groups (group g owns ``offsets[g]:offsets[g + 1]``).
+        grouped: whether the rows were restricted to their group's centroids (group order).
+        lab: (n,) int32 global index of every row's most similar centroid under ``centroids``.
+        lower: (n,) float32 lower bound on x_i . c_lab(i).
+        upper: (n,) float32 upper bound on x_i . c_j for every other centroid j of the row's group
+            (-inf in a group of one centroid).
+        sums: (C, d) float64 sums of the rows per centroid under ``lab``, or None (not kept: the
+            last pass was a first assignment).
+        counts: (C,) int64 rows per centroid under ``lab`` (with ``sums``).
+    """
+
+    centroids: torch.Tensor
+    offsets: np.ndarray
+    grouped: bool
+    lab: torch.Tensor
+    lower: torch.Tensor
+    upper: torch.Tensor
+    sums: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+
+
+def _bound_drifts(
+    old: torch.Tensor, new: torch.Tensor, offsets: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C,) drift_j >= ||new_j - old_j|| and (C,) other_j >= max of the drifts of the *other*
+    centroids of j's group (0 in a group of one), float32 on ``new``'s device, rounded up.
+
+    For any row x with ||x|| <= 1, |x . new_j - x . old_j| <= ||new_j - old_j|| (Cauchy-Schwarz),
+    so a row labelled j loses at most drift_j of its own similarity and gains at most other_j on
+    any competitor (Hamerly 2010, "Making k-means even faster", with cosines for distances).
+    """
+    drift = torch.linalg.vector_norm(new.to(torch.float64) - old.to(torch.float64), dim=1)
+    dn = drift.cpu().numpy()  # (C,)
+    sizes = np.diff(offsets)  # (G,)
+    filled = sizes > 0
+    group = np.repeat(np.arange(sizes.size), sizes)  # (C,) group of every centroid
+    order = np.lexsort((dn, group))  # by group, then drift ascending
+    last = offsets[1:][filled] - 1  # position in `order` of each group's largest drift
+    top = order[last]  # (G',) centroid with the largest drift of its group
+    second = np.where(sizes[filled] > 1, dn[order[np.maximum(last - 1, 0)]], 0.0)  # (G',)
+    other = np.repeat(dn[top], sizes[filled])  # (C,) the group's largest drift ...
+    other[top] = second  # ... except for the centroid that has it: the second largest
+    # 1e-6: float64 -> float32 rounding of the drifts; _BOUND_ROUNDING: the bound update's own
+    both = np.stack([dn, other]) * (1.0 + 1e-6) + _BOUND_ROUNDING  # (2, C)
+    both = torch.from_numpy(both.astype(np.float32)).to(new.device)
+    return both[0], both[1]
 
 
 class InMemoryData:
@@ -207,6 +301,18 @@ class InMemoryData:
     :meth:`partial_stats` and :meth:`assign` (one group).  A grouped view runs the k-means of all
     children of one level of a hierarchical index in one pass (:func:`grouped_spherical_kmeans`).
 
+    Pruned passes (``bounds``, Hamerly 2010 with cosines): a float32 view remembers, from its
+    last pass, every row's centroid, a lower bound on its similarity to it, an upper bound on its
+    similarity to any other centroid of its group, and the sums and counts of the rows per
+    centroid.  The next pass moves the bounds by how far the centroids moved
+    (:func:`_bound_drifts`) and computes similarities only for the rows whose bounds no longer
+    prove that their centroid is still the most similar one; and it updates the sums with the
+    rows that changed centroid only.  The proof covers float32 rounding (see
+    :meth:`_bounded_pass`), so a pass returns what an unpruned pass returns (up to the float
+    rounding of the sums), for any centroids, whatever the view saw before (a first pass when
+    the centroids' shape or groups change).  This costs 12 bytes per row and 12 bytes per
+    centroid and dimension; ``pass_stats`` records what each pass skipped.
+
     Subclasses that produce raw rows another way (e.g. :class:`FactorisedData`, which gathers
     them from the factorised tables) override ``_raw_between`` and ``_raw_rows``.
 
@@ -223,6 +329,9 @@ class InMemoryData:
             Rows held elsewhere (e.g. a CPU tensor for a CUDA view) are staged to it ``chunk``
             rows at a time, so a memory larger than the device's is clustered block by block;
             the unit-row cache (``cache_rows``) then lives on the device.
+        bounds: pruned passes (see above); only for float32 ``precision`` (a bfloat16 view's
+            passes are never pruned).  False: every pass is one matmul over all rows and sums
+            them all, keeping nothing between passes.
     """
 
     #: whether ``cache_rows=None`` may cache (a factorised view must not materialise its rows)
@@ -238,6 +347,7 @@ class InMemoryData:
         cache_rows: bool | None = None,
         precision: str = "float32",
         device: str | torch.device | None = None,
+        bounds: bool = True,
     ) -> None:
         if isinstance(x, np.ndarray):
             x = torch.from_numpy(x)
@@ -250,7 +360,7 @@ class InMemoryData:
         self._x = x if x.dtype == torch.float32 else x.to(torch.float32)  # (n, d_in)
         self._device = self._x.device if device is None else torch.device(device)
         self._setup(int(x.shape[0]), chunk, transform=transform, groups=groups,
-                    cache_rows=cache_rows, precision=precision)
+                    cache_rows=cache_rows, precision=precision, bounds=bounds)
 
     def _setup(
         self,
@@ -261,9 +371,15 @@ class InMemoryData:
         groups: np.ndarray | None = None,
         cache_rows: bool | None = None,
         precision: str = "float32",
+        bounds: bool = True,
     ) -> None:
         if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
             raise ValueError(f"chunk={chunk!r}: must be an integer >= 1")
+        if not isinstance(bounds, bool):
+            raise ValueError(f"bounds={bounds!r}: must be True or False")
+        self.bounds = bounds
+        self._bound_state: _BoundState | None = None
+        self.pass_stats: list[dict] = []  # one record per pass (see _bounded_pass)
         if cache_rows not in (None, True, False):
             raise ValueError(f"cache_rows={cache_rows!r}: must be True, False or None")
         self._transform = transform
@@ -371,7 +487,8 @@ class InMemoryData:
         return self._max_norm
 
     def close(self) -> None:
-        """Nothing to release: the view's tensors go with the view."""
+        """Drops the pruning bounds; the view's other tensors go with the view."""
+        self._bound_state = None
 
     def _centroids(self, centroids: torch.Tensor) -> torch.Tensor:
         if not isinstance(centroids, torch.Tensor):
@@ -407,6 +524,10 @@ class InMemoryData:
     def partial_stats(self, centroids: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float]:
         c = self._centroids(centroids)  # (C, d)
         k = c.shape[0]
+        if self._pruned():
+            sums, counts, objectives = self._bounded_pass(c, np.array([0, k]), stats=True,
+                                                          grouped=False)
+            return sums, counts, float(objectives[0])
         sums = torch.zeros((k, self.d), dtype=torch.float64, device=self.device)  # (C, d)
         counts = torch.zeros(k, dtype=torch.int64, device=self.device)  # (C,)
         objective = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -422,6 +543,8 @@ class InMemoryData:
 
     def assign(self, centroids: torch.Tensor) -> np.ndarray:
         c = self._centroids(centroids)  # (C, d)
+        if self._pruned():
+            return self._bounded_pass(c, np.array([0, c.shape[0]]), stats=False, grouped=False)
         out = np.empty(self.n, dtype=np.int64)
         for s, xc, _, lab in self._assign_chunks(c):
             out[s : s + xc.shape[0]] = lab.cpu().numpy()
@@ -464,6 +587,8 @@ class InMemoryData:
             sums, counts, objective = self.partial_stats(centroids)
             return sums, counts, np.array([objective], dtype=np.float64)
         c = self._centroids(centroids)  # (C, d)
+        if self._pruned():
+            return self._bounded_pass(c, centroid_offsets, stats=True, grouped=True)
         k = c.shape[0]
         ng = len(centroid_offsets) - 1
         sums = torch.zeros((k, self.d), dtype=torch.float64, device=self.device)
@@ -491,10 +616,187 @@ class InMemoryData:
             self._one_group(centroid_offsets, int(centroids.shape[0]))
             return self.assign(centroids)
         c = self._centroids(centroids)
+        if self._pruned():
+            return self._bounded_pass(c, centroid_offsets, stats=False, grouped=True)
         out = np.empty(self.n, dtype=np.int64)
         for pos, xc, _, a, b in self._grouped_chunks(centroid_offsets):
             out[pos] = (xc @ c[a:b].T).argmax(dim=1).cpu().numpy() + a
         return out
+
+    # -- pruned passes (see the class doc) ----------------------------------------------------
+
+    def _pruned(self) -> bool:
+        return self.bounds and self._sim_dtype == torch.float32
+
+    def _pass_chunks(self, offsets: np.ndarray, k: int, grouped: bool):
+        """Yield (p, unit rows (b, d), first centroid, end centroid) over all rows in pass order,
+        p = the chunk's first position in that order (row order; group order if grouped)."""
+        if not grouped:
+            step = self._step(k)
+            for s in range(0, self.n, step):
+                yield s, self._unit_between(s, s + step), 0, k
+            return
+        p = 0
+        for _, xc, _, a, b in self._grouped_chunks(offsets):  # groups in order: p = s there
+            yield p, xc, a, b
+            p += xc.shape[0]
+
+    @staticmethod
+    def _full_rows(
+        xc: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None, *, second: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Most similar centroid (b,), its cosine (b,) and the second best cosine (b,) (-inf for
+        one centroid; None unless ``second``) of rows xc (b, d) among c (C', d); ``out``: a
+        (>= b, C') buffer or None.
+
+        topk(2) rather than max, mask, max again (+9% of the k=1000 matmul; topk +4%); a row
+        whose two best are an exact tie takes the lowest index, as the unpruned pass's max does.
+        """
+        ct = c.T  # (d, C'): BLAS reads the transpose in place
+        sim = xc @ ct if out is None else torch.mm(xc, ct, out=out[: xc.shape[0]])  # (b, C')
+        if not second or c.shape[0] == 1:
+            best, lab = sim.max(dim=1)
+            return lab, best, torch.full_like(best, -math.inf) if second else None
+        top, idx = sim.topk(2, dim=1)  # (b, 2) each, best first
+        best, second, lab = top[:, 0], top[:, 1], idx[:, 0]
+        tie = torch.nonzero(best == second).squeeze(1)
+        if tie.numel():
+            lab[tie] = sim[tie].argmax(dim=1)
+        return lab, best, second
+
+    def _bounded_pass(self, c: torch.Tensor, offsets: np.ndarray, *, stats: bool, grouped: bool):
+        """One pruned pass: ``partial_stats_grouped``'s (sums, counts, objectives) if ``stats``,
+        else ``assign_grouped``'s labels (``grouped``: the view's groups, which it must have),
+        or those of ``partial_stats`` / ``assign`` (one group, whatever the view's groups).
+
+        Without bounds for these centroids' shape and groups (a first pass), every row gets its
+        similarity row: label, best cosine (the lower bound) and second best (the upper bound),
+        and the sums are those of the unpruned pass.  With bounds, per row of centroid a:
+        upper += other_a and lower -= drift_a (:func:`_bound_drifts`); a row with
+        lower > upper + eps keeps a without a matmul, the others get their similarity row
+        (gathered into one matmul, or the whole chunk's matmul when most rows need it) and new
+        bounds; the sums and counts move only the rows whose centroid changed (Hamerly 2010's
+        update step).  An exact cosine of a row to its own centroid before the full row (his
+        second test) is left out: on SQ-32k it spared 1% of the rows at a third of the matmul's
+        cost.  A chunk whose bounds proved fewer than 1% of its rows takes the best cosine only
+        (no second best, -> no bounds: upper = +inf) and its next pass computes it all again with
+        the second best (a probe): where bounds never prove anything (600-d Gaussian blobs, 5
+        iterations) half the passes then cost what an unpruned pass costs.
+
+        eps = 4 gamma_d (:func:`_dot_error`; 1.4e-4 at d=600): each bound came from one computed
+        dot product (error <= gamma_d against the exact one) and the unpruned pass's cosines of
+        the row to a and to its best competitor are each within gamma_d of the exact ones, so
+        lower > upper + 4 gamma_d proves that the unpruned pass picks a too (strictly: ties are
+        not skipped).  The labels therefore equal the unpruned pass's except where its two best
+        cosines of a re-examined row lie within float rounding of each other (the row's
+        similarities then come from a matmul over other rows, which may round differently).
+
+        The objective is sum_j c_j . sums_j (float64), exact for the labels made (as the
+        bfloat16 pass's; within ~1e-7 of the unpruned pass's sum of float32 cosines), in every
+        pass, so that it depends on the labels and centroids only, not on what the view saw
+        before: a skipped row's cosine to its centroid is never computed.
+        """
+        k = int(c.shape[0])
+        offs = np.asarray(offsets, dtype=np.int64)
+        if not grouped:
+            self._one_group(offs, k)
+        ng = int(offs.size - 1)
+        st, self._bound_state = self._bound_state, None  # re-set at the end: no half-done state
+        fresh = (st is None or st.grouped != grouped or st.centroids.shape != c.shape
+                 or st.offsets.shape != offs.shape or not np.array_equal(st.offsets, offs))
+        dev = self.device
+        if fresh:
+            st = _BoundState(c, offs.copy(), grouped,
+                             torch.empty(self.n, dtype=torch.int32, device=dev),
+                             torch.empty(self.n, device=dev), torch.empty(self.n, device=dev))
+        else:
+            drift, other = _bound_drifts(st.centroids, c, offs)  # (C,) each
+        eps = 4.0 * _dot_error(self.d)
+        tracked = stats and st.sums is not None  # move the kept sums by the rows that move
+        full_sums = stats and st.sums is None  # or sum every row under its final label
+        sums = torch.zeros((k, self.d), dtype=torch.float64, device=dev) if full_sums else st.sums
+        counts = torch.zeros(k, dtype=torch.int64, device=dev) if full_sums else st.counts
+        objectives = np.zeros(ng, dtype=np.float64)
+        buf = None
+        if self.groups is None:  # one (b, C) buffer for every chunk, as the unpruned pass
+            buf = torch.empty((min(self._step(k), self.n), k), device=dev)
+        gbuf = None  # (gcap, d) gathered rows, allocated at the first gather
+        gcap = max(1, min(self.chunk, self.n, _GATHER_BYTES // (4 * self.d)))
+        full = moved = proved = 0
+        for p, xc, a, b in self._pass_chunks(offs, k, grouped):
+            m = xc.shape[0]
+            lab, lower, upper = st.lab[p : p + m], st.lower[p : p + m], st.upper[p : p + m]
+            old = None if fresh else lab.long()  # (b,) global centroid of every row before
+            parts, keep = [None], True  # row blocks to compute (None: the chunk); bounds?
+            if old is not None and not bool((upper == math.inf).all()):  # else: no bounds kept
+                upper += other[old]
+                lower -= drift[old]
+                redo = lower <= upper + eps  # (b,) rows whose bounds prove nothing
+                r = int(redo.sum())
+                proved += m - r
+                # bounds that prove (almost) nothing are not worth the second best's cost: the
+                # chunk drops them and takes them again (probes) on the next pass
+                keep = m - r >= _MIN_PROVED * m
+                if r <= _DENSE_REDO * m:  # else the chunk's own matmul, no gather
+                    rows = torch.nonzero(redo).squeeze(1)  # (r,) positions in the chunk
+                    cap = min(gcap, self._step(b - a))  # the (b, C') buffer's rows too
+                    parts = [rows[i : i + cap] for i in range(0, r, cap)]
+            for part in parts:
+                if part is None:
+                    xs = xc  # (b, d)
+                else:
+                    if gbuf is None:
+                        gbuf = torch.empty((gcap, self.d), device=dev)
+                    xs = torch.index_select(xc, 0, part, out=gbuf[: part.numel()])  # (r, d)
+                local, best, second = self._full_rows(xs, c[a:b], buf, second=keep)
+                new = local + a  # (r,) or (b,)
+                if part is None:
+                    lab.copy_(new)
+                    lower.copy_(best)
+                    if keep:
+                        upper.copy_(second)
+                else:
+                    lab[part] = new.to(torch.int32)
+                    lower[part] = best
+                    if keep:
+                        upper[part] = second
+                full += new.numel()
+                if tracked:
+                    was = old if part is None else old[part]
+                    change = torch.nonzero(new != was).squeeze(1)
+                    if change.numel():
+                        moved += change.numel()
+                        xm, to, fro = xs[change], new[change] - a, was[change] - a
+                        _add_segment_sums(sums[a:b], xm, to, minus=fro)
+                        counts[a:b] += (torch.bincount(to, minlength=b - a)
+                                        - torch.bincount(fro, minlength=b - a))
+            if not keep:
+                upper.fill_(math.inf)  # every row of the chunk: the next pass computes them all
+            if full_sums:
+                local = lab.long() - a
+                counts[a:b] += torch.bincount(local, minlength=b - a)
+                _add_segment_sums(sums[a:b], xc, local)
+        st.centroids = c.clone()  # c may be the caller's tensor
+        # an assignment pass moves rows without moving the sums: they are summed again if needed
+        st.sums, st.counts = (sums, counts) if stats else (None, None)
+        self._bound_state = st
+        self.pass_stats.append({"pass": "stats" if stats else "assign", "rows": self.n,
+                                "first": fresh, "proved_rows": proved, "full_rows": full,
+                                "moved_rows": moved, "skipped_fraction": 1.0 - full / self.n})
+        if not stats:
+            labels = st.lab.long().cpu().numpy()
+            if not grouped:
+                return labels
+            out = np.empty(self.n, dtype=np.int64)
+            out[self._group_order] = labels  # pass order is group order
+            return out
+        # exact for the labels made: sum_i x_i . c_lab(i) = sum_j c_j . sums_j
+        per = (sums * c.to(torch.float64)).sum(dim=1).cpu().numpy()  # (C,)
+        filled = offs[1:] > offs[:-1]
+        if filled.any():
+            objectives[filled] = np.add.reduceat(per, offs[:-1][filled])
+        # copies: the kept sums and counts change in place on the next pass
+        return sums.cpu().numpy().copy(), counts.cpu().numpy().copy(), objectives
 
 
 class FactorisedData(InMemoryData):
