@@ -205,18 +205,18 @@ def _parquet_digest(path: Path, roots: tuple[str, ...]) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
+def without_keys(o, keys: set[str]):
+    """A JSON-like value with every dict key in ``keys`` removed, at any depth."""
+    if isinstance(o, dict):
+        return {k: without_keys(v, keys) for k, v in o.items() if k not in keys}
+    return [without_keys(v, keys) for v in o] if isinstance(o, list) else o
+
+
 def _json_digest_without_timings(path: Path) -> str:
     """Digest of a JSON file's content with every key in ``TIMING_KEYS`` removed, at any depth."""
     import hashlib
 
-    def strip(o):
-        if isinstance(o, dict):
-            return {k: strip(v) for k, v in o.items() if k not in TIMING_KEYS}
-        if isinstance(o, list):
-            return [strip(v) for v in o]
-        return o
-
-    text = json.dumps(strip(json.loads(path.read_text())), sort_keys=True)
+    text = json.dumps(without_keys(json.loads(path.read_text()), TIMING_KEYS), sort_keys=True)
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 

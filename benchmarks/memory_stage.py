@@ -27,6 +27,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from chaos import without_keys  # noqa: E402
+
 UPSTREAM = ("generate", "ingest", "embed")
 
 
@@ -54,14 +58,7 @@ def prepare(run: Path, work: Path) -> None:
 
 
 def _index_json(path: Path) -> dict:
-    drop = {"seconds", "embeddings_fingerprint"}
-
-    def strip(o):
-        if isinstance(o, dict):
-            return {k: strip(v) for k, v in o.items() if k not in drop}
-        return [strip(v) for v in o] if isinstance(o, list) else o
-
-    return strip(json.loads(path.read_text()))
+    return without_keys(json.loads(path.read_text()), {"seconds", "embeddings_fingerprint"})
 
 
 def same_outputs(a: Path, b: Path) -> dict:
