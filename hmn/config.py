@@ -226,7 +226,9 @@ class EmbedConfig(TransEParams):
                               "(TransE's uniform initialisation, seeded, counted in the stats)")
     num_workers: int = _f(1, "Ray Train workers training TransE (0 = local mode in the driver)")
     num_partitions: int = _f(1, "entity partitions (PyTorch-BigGraph buckets); a worker holds two "
-                                "at a time; use >= 2 * num_workers")
+                                "at a time; use >= 2 * num_workers; 0 = chosen from the entity "
+                                "count: the fewest (a power of two, >= 2 * num_workers) whose "
+                                "rows and Adam moments take at most 1 GB each")
     max_failures: int = _f(1, "worker-group restarts from the last epoch checkpoint")
     num_cpus: int = _f(2, "CPUs (torch threads) of each TransE worker")
     use_gpu: bool = _f(False, "train TransE on GPUs: one per Ray Train worker, NCCL for the "
@@ -238,9 +240,8 @@ class EmbedConfig(TransEParams):
         _check(bool(self.entities_file) == bool(self.relations_file), s, "relations_file",
                self.relations_file, "entities_file and relations_file go together")
         self.check_settings(s, ConfigError)
-        for name in ("num_cpus", "num_partitions"):
-            _check(getattr(self, name) > 0, s, name, getattr(self, name), "must be > 0")
-        for name in ("num_workers", "max_failures"):
+        _check(self.num_cpus > 0, s, "num_cpus", self.num_cpus, "must be > 0")
+        for name in ("num_workers", "max_failures", "num_partitions"):
             _check(getattr(self, name) >= 0, s, name, getattr(self, name), "must be >= 0")
         _check(self.format in ("auto", "text", "npy", "openke"), s, "format", self.format,
                "must be one of auto, text, npy, openke")

@@ -582,6 +582,31 @@ def partition_bounds(num_entities: int, num_partitions: int) -> np.ndarray:
     return np.linspace(0, num_entities, num_partitions + 1).round().astype(np.int64)
 
 
+PARTITION_GB = 1.0  # rows plus Adam's two moments of one partition, at most (auto partitions)
+
+
+def auto_partitions(num_entities: int, dim: int, num_workers: int) -> int:
+    """Entity partitions for ``embed.num_partitions: 0``: the fewest, a power of two and at
+    least 2 per worker, whose rows and Adam moments (float32) take at most ``PARTITION_GB``
+    each. Fewer partitions mean larger buckets (the training step, not partition I/O and the
+    per-round barrier, dominates a round), and a worker holds about three partitions: 3 GB."""
+    table_gb = num_entities * dim * 4 * 3 / 1e9
+    parts = max(2 * max(1, num_workers), 2 ** math.ceil(math.log2(max(table_gb / PARTITION_GB, 1))))
+    return int(min(parts, max(1, num_entities)))
+
+
+def entity_order(num_entities: int, seed: int) -> np.ndarray:
+    """(E,) int64 position of each entity id in the partitioned order: a seeded permutation.
+
+    Partitions are contiguous ranges of positions, so each holds a random sample of the
+    entities (PyTorch-BigGraph shuffles entities into partitions for the same reason). Ingest
+    numbers entities in file order, so the real, well-connected ones come first: ranges of ids
+    put them in one partition and made its buckets 7x the mean (1m scaling memory, 8
+    partitions), and a round lasts as long as its largest bucket.
+    """
+    return np.random.default_rng([seed, 11]).permutation(num_entities).astype(np.int64)
+
+
 def entity_partition(ids: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     """Partition of each entity id (same shape as ``ids``)."""
     return np.searchsorted(bounds, ids, side="right") - 1
@@ -838,5 +863,5 @@ def embeddings_fingerprint(entities: np.ndarray, relations: np.ndarray) -> str:
     for table in (entities, relations):
         arr = np.ascontiguousarray(np.asarray(table, dtype=np.float32))
         digest.update(repr(arr.shape).encode())
-        digest.update(arr.tobytes())
+        digest.update(memoryview(arr).cast("B"))  # the bytes without a copy (GBs at FB2M)
     return digest.hexdigest()[:16]

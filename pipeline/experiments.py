@@ -148,12 +148,13 @@ def transe_epochs(n: int, base_epochs: int) -> int:
 
 def transe_partitions(n: int, dim: int) -> tuple[int, int] | None:
     """``(embed.num_partitions, embed.num_workers)`` when the entity table (at most ``n``
-    entities, rows plus Adam's two moments, float32) is over 1 GB: a power of two of partitions
-    of at most 0.5 GB (a worker holds two) and two workers; None: the base's settings."""
+    entities, rows plus Adam's two moments, float32) may be over 1 GB: partitions chosen by the
+    embed stage from the real entity count (0: `hmn.transe.auto_partitions`, partitions of at
+    most 1 GB) and two workers; None: the base's settings."""
     table_gb = n * dim * 4 * 3 / 1e9
     if table_gb <= 1.0:
         return None
-    return 2 ** math.ceil(math.log2(table_gb / 0.5)), 2
+    return 0, 2
 
 
 READ_SHARE = 0.005  # at FB2M's 10.8m facts: facts read plus centroid products a question, at most

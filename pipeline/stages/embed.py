@@ -6,7 +6,8 @@ knowledge base's) or trains TransE on Ray Train (``TorchTrainer``, gloo on CPU) 
 
 Design (PyTorch-BigGraph, Lerer et al. 2019): the entity table is the part that outgrows a
 worker, so no worker ever holds all of it. Entities are split into ``embed.num_partitions``
-contiguous id ranges; a triple belongs to the bucket (partition of its head, partition of its
+contiguous ranges of a seeded permutation of the ids (``hmn.transe.entity_order``: every partition
+a random sample, so buckets are about equal); a triple belongs to the bucket (partition of its head, partition of its
 tail). Each partition (its rows plus their Adam moments) is one ``.npy`` file in shared storage
 (``<checkpoint_dir>/tables/epoch-<e>/part-<p>.npy``, shape (S, n_p, d): rows, m, v). An epoch is a
 sequence of rounds (``hmn.transe.bucket_schedule``); in a round every worker trains one bucket
@@ -36,6 +37,7 @@ checkpoint that points at it, and the previous folder is deleted. A failed worke
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -52,12 +54,14 @@ import torch
 import torch.distributed as dist
 
 from hmn.config import EmbedConfig
-from hmn.devices import resolve_device
+from hmn.devices import cpu_threads, resolve_device
 from hmn.embedding_files import align_embeddings, read_embeddings
 from hmn.transe import (
     RowOptimizer,
+    auto_partitions,
     bucket_schedule,
     embeddings_fingerprint,
+    entity_order,
     entity_partition,
     epoch_lr,
     head_corruption_probs,
@@ -142,13 +146,16 @@ class _Tables:
         np.save(folder / "relations.npy", init_relations(num_relations, self.dim, seed))
         (folder / "DONE").write_text("{}")
 
-    def entities(self, epoch: int) -> np.ndarray:
-        """(E, d) entity rows of a complete epoch folder."""
+    def entities(self, epoch: int, order: np.ndarray) -> np.ndarray:
+        """(E, d) entity rows of a complete epoch folder in entity id order (``order``: the
+        position of each id in the partitions, `hmn.transe.entity_order`)."""
         folder = self.epoch_dir(epoch)
+        ids = np.empty_like(order)
+        ids[order] = np.arange(order.shape[0])  # the entity id at each position
         out = np.empty((int(self.bounds[-1]), self.dim), np.float32)
         for part in range(len(self.bounds) - 1):
-            out[self.bounds[part]:self.bounds[part + 1]] = np.load(folder / f"part-{part}.npy",
-                                                                    mmap_mode="r")[0]
+            a, b = self.bounds[part], self.bounds[part + 1]
+            out[ids[a:b]] = np.load(folder / f"part-{part}.npy", mmap_mode="r")[0]
         return out
 
 
@@ -156,13 +163,15 @@ def _bucket_dir(edges: Path, head_part: int, tail_part: int) -> Path:
     return edges / f"bucket-{head_part}-{tail_part}"
 
 
-def _file_edges(shard, edges: Path, bounds: np.ndarray, rank: int) -> int:
-    """Write this worker's shard of triples into per-bucket files of partition-local ids."""
+def _file_edges(shard, edges: Path, bounds: np.ndarray, order: np.ndarray, rank: int) -> int:
+    """Write this worker's shard of triples into per-bucket files of partition-local ids
+    (``order``: each entity id's position in the partitions)."""
     P = len(bounds) - 1
     pieces: dict[int, list[np.ndarray]] = {}
     count = 0
     for batch in shard.iter_batches(batch_size=1 << 20, batch_format="numpy"):
         h, r, t = (np.asarray(batch[c], np.int64) for c in ("head", "relation", "tail"))
+        h, t = order[h], order[t]
         hp, tp = entity_partition(h, bounds), entity_partition(t, bounds)
         bucket = hp * P + tp
         order = np.argsort(bucket, kind="stable")
@@ -220,6 +229,7 @@ class _Worker:
         self.device = torch.device(device)  # where buckets train (a worker's GPU, or the CPU)
         self.P = job.cfg.num_partitions
         self.bounds = partition_bounds(job.num_entities, self.P)
+        self.order = entity_order(job.num_entities, job.cfg.seed)
         self.tables = _Tables(Path(job.root) / "tables", self.bounds, job.cfg.dim)
         self.edges = Path(job.root) / f"edges-w{world}"
         self.p_head = torch.from_numpy(np.asarray(job.p_head, np.float32)).to(self.device)  # (R,)
@@ -238,7 +248,7 @@ class _Worker:
             shutil.rmtree(self.edges, ignore_errors=True)
         _barrier(self.world)
         shard = ray.train.get_dataset_shard("train")
-        count = _file_edges(shard, self.edges, self.bounds, self.rank)
+        count = _file_edges(shard, self.edges, self.bounds, self.order, self.rank)
         log.info("rank %d: filed %d triples into %d x %d buckets", self.rank, count, self.P, self.P)
         _barrier(self.world)
         if self.rank == 0:
@@ -304,8 +314,9 @@ class _Worker:
             shutil.rmtree(nxt, ignore_errors=True)  # a partial folder of an interrupted attempt
             nxt.mkdir(parents=True)
         _barrier(self.world)
-        # loss, active, pairs, triples, busy seconds (on the device: NCCL reduces CUDA tensors)
-        totals = torch.zeros(5, dtype=torch.float64, device=self.device)
+        # loss, active, pairs, triples, busy seconds, partition I/O seconds (on the device: NCCL
+        # reduces CUDA tensors)
+        totals = torch.zeros(6, dtype=torch.float64, device=self.device)
         schedule = bucket_schedule(self.P, self.world, self.cfg.seed, epoch)
         mine = [round_[self.rank] for round_ in schedule] + [None]  # this worker's bucket per round
         held: dict[int, tuple[np.ndarray, int]] = {}  # partition kept in memory for the next round
@@ -325,14 +336,15 @@ class _Worker:
             self.relations.copy_(rel_before + delta)
         if progress is not None:
             progress.close()
-        busy = float(totals[4])
+        busy, io = float(totals[4]), float(totals[5])
         _all_reduce_(totals, self.world)
         self._complete_epoch_folder(epoch)
         seconds = time.perf_counter() - started
         return {"epoch": epoch, "loss": float(totals[0] / max(totals[2], 1)),
                 "active": float(totals[1] / max(totals[2], 1)), "seconds": seconds,
                 "triples_per_s": float(totals[3]) / max(seconds, 1e-9),
-                "rank0_busy_fraction": float(busy) / max(seconds, 1e-9)}
+                "rank0_busy_fraction": busy / max(seconds, 1e-9),
+                "rank0_io_fraction": io / max(seconds, 1e-9)}
 
     def _progress(self, epoch: int, buckets: list[tuple[int, int] | None]) -> Progress | None:
         """Rank 0: the progress of its buckets' triples in ``epoch`` (the other ranks train as
@@ -372,11 +384,14 @@ class _Worker:
         this worker's next bucket (``following``) uses, since no other worker can touch them
         before that, and write the others to epoch folder ``epoch + 1``.
 
-        Returns the (5,) totals to add: loss, active pairs, pairs, triples, seconds.
+        Returns the (6,) totals to add: loss, active pairs, pairs, triples, seconds, partition
+        I/O seconds.
         """
         i, j = bucket
         parts = [i] if i == j else [i, j]
+        io_started = time.perf_counter()
         state, steps, slices = self._load_partitions(epoch, parts, held)
+        io = time.perf_counter() - io_started
         tensor = torch.from_numpy(state).to(self.device)  # (S, n, d); a copy on a GPU
         moments = {"relation_m": self.rel_m, "relation_v": self.rel_v,
                    "entity_m": tensor[1], "entity_v": tensor[2]}
@@ -390,13 +405,15 @@ class _Worker:
         if tensor.device.type != "cpu":
             state[...] = tensor.cpu().numpy()  # the bucket's partitions back to host memory
         nxt = self.tables.epoch_dir(epoch + 1)
+        io_started = time.perf_counter()
         for p, rows in zip(parts, slices):
             if p in following:
                 held[p] = (state[:, rows].copy(), optimizer.step_count)
             else:
                 self.tables.write(nxt, p, state[:, rows], optimizer.step_count)
+        io += time.perf_counter() - io_started
         return torch.tensor([stats["loss_sum"], stats["active_sum"], stats["pairs"],
-                             stats["triples"], stats["seconds"]], dtype=torch.float64,
+                             stats["triples"], stats["seconds"], io], dtype=torch.float64,
                             device=self.device)
 
     def _complete_epoch_folder(self, epoch: int) -> None:
@@ -444,7 +461,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
     job: EmbedJob = config["job"]
     ctx = ray.train.get_context()
-    torch.set_num_threads(job.cfg.num_cpus)
+    torch.set_num_threads(cpu_threads(job.cfg.num_cpus, ctx.get_local_world_size()))
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     worker = _Worker(job, ctx.get_world_rank(), ctx.get_world_size(), worker_device(job.cfg))
@@ -490,6 +507,14 @@ def _explode_facts(batch: pa.Table) -> pa.Table:
                      "tail": pc.list_flatten(objects)})
 
 
+def with_partitions(cfg: EmbedConfig, num_entities: int) -> EmbedConfig:
+    """``cfg`` with ``num_partitions: 0`` (auto) replaced by `hmn.transe.auto_partitions`."""
+    if cfg.num_partitions:
+        return cfg
+    return dataclasses.replace(cfg, num_partitions=auto_partitions(num_entities, cfg.dim,
+                                                                   cfg.num_workers))
+
+
 def train_transe_on_ray(cfg: EmbedConfig, ingest_dir: Path, num_entities: int, num_relations: int,
                         p_head: np.ndarray, root: Path, *, fail_at_epoch: int = -1,
                         tracking: TrackingTarget | None = None
@@ -504,6 +529,7 @@ def train_transe_on_ray(cfg: EmbedConfig, ingest_dir: Path, num_entities: int, n
     from ray.train.torch import TorchTrainer
 
     root.mkdir(parents=True, exist_ok=True)
+    cfg = with_partitions(cfg, num_entities)
     if cfg.num_partitions > num_entities:
         raise ValueError(f"embed.num_partitions={cfg.num_partitions}: "
                          f"more than the {num_entities} entities")
@@ -535,10 +561,12 @@ def train_transe_on_ray(cfg: EmbedConfig, ingest_dir: Path, num_entities: int, n
     bounds = partition_bounds(num_entities, cfg.num_partitions)
     tables = _Tables(root / "tables", bounds, cfg.dim)
     final = int(state["epoch"])
-    ent = tables.entities(final)
+    ent = tables.entities(final, entity_order(num_entities, cfg.seed))
     rel = np.load(tables.epoch_dir(final) / "relations.npy")
     if cfg.normalize_entities:  # Bordes 2013: entities end on the unit sphere
-        ent /= np.maximum(np.linalg.norm(ent, axis=1, keepdims=True), 1e-12)
+        for a in range(0, ent.shape[0], 1 << 18):  # by chunks: no (E, d) temporary
+            rows = ent[a:a + (1 << 18)]
+            rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
     return ent, rel, state["history"]
 
 
@@ -583,6 +611,7 @@ def _embeddings_from_transe(cfg: EmbedConfig, kb: KnowledgeBase, ingest_dir: Pat
     """(E, d) entities, (R, d) relations trained by `train_transe_on_ray`, and their stats:
     the training history and link prediction on a sample of the training triples."""
     E, R = len(kb.entity_keys), len(kb.relation_keys)
+    cfg = with_partitions(cfg, E)
     triples = kb.triples()
     p_head = head_corruption_probs(triples, R, cfg.negatives)
     log.info("TransE on %d triples, %d entities, %d relations, %d epochs, %d workers, "

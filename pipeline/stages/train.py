@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from hmn.config import ReaderConfig, TrainConfig
+from hmn.devices import cpu_threads
 from hmn.exact_bf16 import with_exact_precision
 from hmn.model import BowEncoder, MemoryLike, make_optimizer
 from hmn.readers import Reader, make_reader
@@ -278,7 +279,8 @@ def train_loop_per_worker(config: dict) -> dict:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # a worker process has no logging set up: rank 0's epoch and progress lines need a handler
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(cfg.threads or max(1, math.ceil(cfg.cpus_per_worker)))
+    torch.set_num_threads(cfg.threads or cpu_threads(math.ceil(cfg.cpus_per_worker),
+                                                     ctx.get_local_world_size()))
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     w = _load_worker(job, rank, world, device)
     st = _init_or_resume(job, w)

@@ -66,7 +66,7 @@ def _out(tmp_path, name):
      r"embed\.num_negatives=4: must be 1 when embed\.shared_negatives=8 > 0"),
     (["embed.margin=.inf"], r"embed\.margin=inf: must be a finite number > 0"),
     (["embed.seed=-1"], r"embed\.seed=-1: must be >= 0"),
-    (["embed.num_partitions=0"], r"embed\.num_partitions=0: must be > 0"),
+    (["embed.num_partitions=-1"], r"embed\.num_partitions=-1: must be >= 0"),
 ])
 def test_embed_section_checks_the_transe_settings_by_their_declaration(override, message):
     """The TransE settings are TransEParams' fields; the embed section checks them with the
@@ -86,3 +86,41 @@ def test_embed_config_is_the_workers_transe_params():
     assert params == TransEParams(dim=8, margin=2.0)
     with pytest.raises(ValueError, match=r"transe\.margin=0\.0"):
         dataclasses.replace(params, margin=0.0).validate()
+
+
+def test_partitions_hold_shuffled_entities_and_the_table_comes_back_in_id_order(tmp_path):
+    """TransE partitions are ranges of a seeded permutation of the ids (balanced buckets when
+    ingest numbers the well-connected entities first); the final table is in id order."""
+    from hmn.transe import entity_order, entity_partition, partition_bounds
+    from pipeline.stages.embed import _Tables
+
+    E, P, d = 1000, 4, 3
+    order = entity_order(E, seed=5)
+    assert np.array_equal(np.sort(order), np.arange(E))
+    assert np.array_equal(order, entity_order(E, seed=5))
+    assert not np.array_equal(order, entity_order(E, seed=6))
+    bounds = partition_bounds(E, P)
+    # ids 0..249 (one range of ids) spread over every partition, about equally
+    first = np.bincount(entity_partition(order[:250], bounds), minlength=P)
+    assert first.min() >= 40, first
+    tables = _Tables(tmp_path, bounds, d)
+    folder = tables.epoch_dir(1)
+    folder.mkdir(parents=True)
+    ids = np.empty_like(order)
+    ids[order] = np.arange(E)  # the entity at each position
+    for part in range(P):
+        rows = ids[bounds[part]:bounds[part + 1]].astype(np.float32)  # row = its entity id
+        state = np.stack([np.repeat(rows[:, None], d, 1)] + [np.zeros((len(rows), d), np.float32)] * 2)
+        tables.write(folder, part, state, 0)
+    table = tables.entities(1, order)
+    assert np.array_equal(table[:, 0], np.arange(E, dtype=np.float32))
+
+
+def test_torch_threads_never_oversubscribe_the_cores(monkeypatch):
+    from hmn import devices
+
+    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert devices.cpu_threads(2, local_workers=2) == 1  # two workers on 2 cores: one each
+    assert devices.cpu_threads(2, local_workers=1) == 2
+    assert devices.cpu_threads(8, local_workers=1) == 2
+    assert devices.cpu_threads(1, local_workers=4) == 1

@@ -50,11 +50,18 @@ def test_transe_epochs_keep_the_triple_updates_with_a_floor():
 
 
 def test_transe_partitions_only_for_large_tables():
+    from hmn.transe import auto_partitions
+
     assert transe_partitions(131_000, 200) is None
-    for n, want in ((1_000_000, 8), (3_000_000, 16), (10_800_000, 64)):
-        parts, workers = transe_partitions(n, 200)
-        assert parts == want and workers == 2 and parts >= 2 * workers
-        assert n * 200 * 12 / 1e9 / parts <= 0.5  # a partition, with its Adam moments, <= 0.5 GB
+    for n in (1_000_000, 3_000_000, 10_800_000):
+        assert transe_partitions(n, 200) == (0, 2)  # the stage picks them from its entities
+    # the scaling memories' entity counts (benchmarks/out/scaling_memories.json)
+    for entities, want in ((420_425, 4), (1_228_957, 4), (4_380_415, 16)):
+        parts = auto_partitions(entities, 200, 2)
+        assert parts == want and parts >= 2 * 2, entities
+        assert entities * 200 * 12 / 1e9 / parts <= 1.0  # a partition with its moments <= 1 GB
+        assert parts == 4 or entities * 200 * 12 / 1e9 / (parts // 2) > 1.0  # and the fewest
+    assert auto_partitions(3, 200, 2) == 3  # never more than the entities
 
 
 def test_memory_layout_flat_then_the_same_hierarchical_leaves_at_every_size():
@@ -127,7 +134,7 @@ def test_variants_and_their_settings(cfg):
         assert variant_config(cfg, variants[name]).reader.scan == (
             "exact" if name.split("-")[0] == "29k" else "sq8"), name
     one_m = variant_config(cfg, variants["1m"])
-    assert (one_m.embed.num_partitions, one_m.embed.num_workers) == (8, 2)
+    assert (one_m.embed.num_partitions, one_m.embed.num_workers) == (0, 2)  # partitions: the stage's auto rule
     assert variant_config(cfg, variants["29k"]).embed.num_workers == cfg.embed.num_workers
 
 
