@@ -163,15 +163,16 @@ def _bucket_dir(edges: Path, head_part: int, tail_part: int) -> Path:
     return edges / f"bucket-{head_part}-{tail_part}"
 
 
-def _file_edges(shard, edges: Path, bounds: np.ndarray, order: np.ndarray, rank: int) -> int:
+def _file_edges(shard, edges: Path, bounds: np.ndarray, position: np.ndarray, rank: int,
+                batch_size: int = 1 << 20) -> int:
     """Write this worker's shard of triples into per-bucket files of partition-local ids
-    (``order``: each entity id's position in the partitions)."""
+    (``position``: each entity id's position in the partitions, `hmn.transe.entity_order`)."""
     P = len(bounds) - 1
     pieces: dict[int, list[np.ndarray]] = {}
     count = 0
-    for batch in shard.iter_batches(batch_size=1 << 20, batch_format="numpy"):
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
         h, r, t = (np.asarray(batch[c], np.int64) for c in ("head", "relation", "tail"))
-        h, t = order[h], order[t]
+        h, t = position[h], position[t]
         hp, tp = entity_partition(h, bounds), entity_partition(t, bounds)
         bucket = hp * P + tp
         order = np.argsort(bucket, kind="stable")
