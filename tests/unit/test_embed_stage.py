@@ -124,3 +124,34 @@ def test_torch_threads_never_oversubscribe_the_cores(monkeypatch):
     assert devices.cpu_threads(2, local_workers=1) == 2
     assert devices.cpu_threads(8, local_workers=1) == 2
     assert devices.cpu_threads(1, local_workers=4) == 1
+
+
+class _Shard:
+    """A Ray Train dataset shard's ``iter_batches`` over (head, relation, tail) arrays."""
+
+    def __init__(self, triples):
+        self.triples = triples
+
+    def iter_batches(self, batch_size, batch_format):
+        for a in range(0, len(self.triples), batch_size):
+            part = self.triples[a:a + batch_size]
+            yield {"head": part[:, 0], "relation": part[:, 1], "tail": part[:, 2]}
+
+
+def test_edges_are_filed_by_shuffled_partition_over_many_batches(tmp_path):
+    from hmn.transe import entity_order, partition_bounds
+    from pipeline.stages.embed import _bucket_triples, _file_edges
+
+    E, R, P = 500, 7, 4
+    rng = np.random.default_rng(0)
+    triples = np.stack([rng.integers(0, E, 3000), rng.integers(0, R, 3000), rng.integers(0, E, 3000)], 1)
+    position, bounds = entity_order(E, seed=3), partition_bounds(E, P)
+    assert _file_edges(_Shard(triples), tmp_path, bounds, position, rank=0, batch_size=256) == 3000
+    ids = np.empty_like(position)
+    ids[position] = np.arange(E)  # the entity at each position
+    filed = []
+    for i in range(P):
+        for j in range(P):
+            local = _bucket_triples(tmp_path, i, j, offset=0)
+            filed += [(ids[bounds[i] + h], r, ids[bounds[j] + t]) for h, r, t in local]
+    assert sorted(filed) == sorted(map(tuple, triples))  # every triple once, in its bucket
