@@ -111,16 +111,29 @@ class KnowledgeBase:
         return len(self.fact_subject)
 
     @classmethod
-    def load(cls, ingest_dir: Path) -> KnowledgeBase:
+    def load(cls, ingest_dir: Path, text: bool = True) -> KnowledgeBase:
+        """The ingested knowledge base; ``text=False``: the fact table only, keys and names
+        left None (the embed and memory stages need counts and ids: at FB2M size the keys and
+        names take GBs as Python strings)."""
         kb = Path(ingest_dir) / "kb"
-        ent = read_table(kb / "entities.parquet").sort_by("entity_id")
-        rel = read_table(kb / "relations.parquet").sort_by("relation_id")
+        if text:
+            ent = read_table(kb / "entities.parquet").sort_by("entity_id")
+            rel = read_table(kb / "relations.parquet").sort_by("relation_id")
+            entity_keys = np.asarray(ent["key"].to_pylist(), dtype=object)
+            entity_names = ent["name"].to_pylist()
+            relation_keys = np.asarray(rel["key"].to_pylist(), dtype=object)
+        else:
+            num_entities = pq.read_metadata(kb / "entities.parquet").num_rows
+            entity_keys = np.empty(num_entities, dtype=object)
+            entity_names = [None] * num_entities
+            relation_keys = np.empty(pq.read_metadata(kb / "relations.parquet").num_rows,
+                                     dtype=object)
         facts = read_table(kb / "facts.parquet").sort_by("fact_id")
         objs = facts["object_ids"].combine_chunks()
         return cls(
-            entity_keys=np.asarray(ent["key"].to_pylist(), dtype=object),
-            entity_names=ent["name"].to_pylist(),
-            relation_keys=np.asarray(rel["key"].to_pylist(), dtype=object),
+            entity_keys=entity_keys,
+            entity_names=entity_names,
+            relation_keys=relation_keys,
             fact_subject=facts["subject_id"].to_numpy(),
             fact_relation=facts["relation_id"].to_numpy(),
             object_offsets=objs.offsets.to_numpy().astype(np.int64),

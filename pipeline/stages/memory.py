@@ -131,7 +131,7 @@ def _norms(mem: FactorisedMemory, chunk: int = 1 << 18) -> tuple[float, float]:
 def run_memory(
     cfg: MemoryConfig, ingest_dir: Path, embed_dir: Path, embed_fingerprint: str, out: Path
 ) -> dict:
-    kb = KnowledgeBase.load(ingest_dir)
+    kb = KnowledgeBase.load(ingest_dir, text=False)  # ids only
     ent = read_vectors(embed_dir / "entities.parquet")
     rel = read_vectors(embed_dir / "relations.parquet")
     n, dim = kb.num_facts, 3 * ent.shape[1]
