@@ -7,7 +7,8 @@ round waits for, with entity partitions as ranges of ids against ranges of a see
 A round of the schedule (``hmn.transe.bucket_schedule``) lasts as long as its largest bucket, so
 per partition count the JSON gives the largest bucket over the mean and ``round_work_ratio``: the
 sum over rounds of the largest bucket of the round, over the ideal (the triples shared equally
-by the workers); 1.0 = no worker ever waits. Last line printed: the JSON written to ``--out``
+by the workers); 1.0 = no worker ever waits; ``partition_loads_per_epoch``: partitions read
+(and as many written) in an epoch, the I/O of the schedule. Last line printed: the JSON written to ``--out``
 (default ``benchmarks/out/transe_buckets_<run name>.json``).
 """
 
@@ -39,6 +40,21 @@ def triples_of(run: Path) -> tuple[np.ndarray, np.ndarray, int]:
     return heads.astype(np.int64), tails.astype(np.int64), int(entities)
 
 
+def partition_loads(rounds: list, workers: int) -> int:
+    """Partition loads of one epoch's schedule (as many writes): a worker keeps a partition
+    that its next bucket also uses (`pipeline.stages.embed`), and loads the others."""
+    loads = 0
+    for w in range(workers):
+        mine = [r[w] for r in rounds] + [None]
+        held: set[int] = set()
+        for k, bucket in enumerate(mine[:-1]):
+            if bucket is None:
+                continue
+            loads += len(set(bucket) - held)
+            held = set(bucket) & set(mine[k + 1] or ())
+    return loads
+
+
 def balance(heads: np.ndarray, tails: np.ndarray, E: int, P: int, workers: int,
             seed: int) -> dict:
     bounds = partition_bounds(E, P)
@@ -48,6 +64,7 @@ def balance(heads: np.ndarray, tails: np.ndarray, E: int, P: int, workers: int,
     waited = sum(max(sizes[i * P + j] for (i, j) in (b for b in r if b is not None))
                  for r in rounds if any(b is not None for b in r))
     return {"partitions": P, "rounds": len(rounds),
+            "partition_loads_per_epoch": partition_loads(rounds, workers),
             "largest_bucket_over_mean": float(sizes.max() / sizes.mean()),
             "round_work_ratio": float(waited / (len(heads) / workers))}
 
