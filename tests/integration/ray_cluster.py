@@ -1,6 +1,6 @@
 """A two-node Ray cluster on this machine, token auth on, for tests that submit the pipeline
 through the Jobs API exactly as on a cloud cluster (test_job_submit, test_worker_node_kill; the
-``cluster`` fixture in conftest.py starts one per test module).
+``cluster`` fixture in conftest.py starts one per session).
 
 * The head is started with ``--num-cpus=0`` (the usual production layout: the head only hosts GCS,
   the dashboard, the job driver and the Ray Train controller), the worker node with 4 logical
@@ -12,7 +12,8 @@ through the Jobs API exactly as on a cloud cluster (test_job_submit, test_worker
 * Nothing here touches a Ray that someone else started on this machine: the test process itself
   never imports Ray, every port is chosen free and passed explicitly, the temp dir (hence the
   ``ray_current_cluster`` address file and every socket) is private, and teardown kills only the
-  process groups started here (``ray start --block`` runs each node in its own group).
+  processes of the sessions started here (``ray start --block`` runs each node in a session of its
+  own).
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ TINY = [
     "embed.epochs=5", "embed.num_cpus=1", "memory.branching=[8]", "memory.iters=5",
     "reader.top_clusters=2", "train.max_epochs=2", "train.batch_size=64", "train.num_workers=2",
 ]
+#: the settings of the ``reference_job`` fixture's job (conftest.py): the smoke preset made tiny,
+#: four epochs (test_worker_node_kill kills worker nodes after epoch 0's and a later epoch's
+#: checkpoints, both before the last epoch ends), two retries, the dev split only
+EPOCHS = 4
+JOB = [s for s in TINY if not s.startswith("train.max_epochs=")] + [
+    f"train.max_epochs={EPOCHS}", f"train.patience={EPOCHS}", "train.max_failures=2",
+    "eval.splits=[dev]"]
 JOB_TIMEOUT_S = 240
 
 
@@ -77,14 +85,23 @@ def _cpus(node: dict) -> float:
     return float(node["raylet"].get("resourcesTotal", {}).get("CPU", 0))
 
 
-def group_alive(pgid: int) -> bool:
+def _kill_session(node: subprocess.Popen, timeout: float = 10.0) -> list[int]:
+    """SIGKILL every process of the session ``node`` (a ``ray start --block`` started in a
+    session of its own) leads, until none is left or ``timeout`` has passed, and reap ``node``;
+    the pids still alive then (none, normally)."""
+    deadline = time.monotonic() + timeout
+    while (pids := session_pids(node.pid)) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
     try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+        node.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    return pids
 
 
 class LocalCluster:
@@ -190,17 +207,9 @@ class LocalCluster:
         worker = self.procs[-1]
         self.procs.remove(worker)
         self.killed.append(worker)
-        deadline = time.monotonic() + 10
-        while (pids := session_pids(worker.pid)) and time.monotonic() < deadline:
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.1)
+        pids = _kill_session(worker)
         if pids:
             raise RuntimeError(f"processes {pids} of the killed worker node are still alive")
-        worker.wait(timeout=10)
 
     def ray_cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([RAY, *args], env=self.env, cwd=ROOT, capture_output=True, text=True,
@@ -248,23 +257,11 @@ class LocalCluster:
         return "\n".join(f"--- {p.name} ---\n{p.read_text()[-3000:]}" for p in sorted(self.logs.glob("*.log")))
 
     def stop(self) -> None:
-        """SIGTERM each node's process group (``ray start --block`` then stops its node), SIGKILL
-        whatever is left after a grace period. Only the groups started here are signalled."""
-        procs = self.procs + self.killed
-        for sig, grace in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
-            for p in procs:
-                try:
-                    os.killpg(p.pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and any(group_alive(p.pid) for p in procs):
-                time.sleep(0.5)
-            if not any(group_alive(p.pid) for p in procs):
-                break
-        for p in procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+        """SIGKILL every process of every node started here (its whole session, as `kill_worker`
+        does) and reap them: nothing here needs a clean shutdown, and on SIGTERM ``ray start
+        --block`` (Ray 2.60) left the head's GCS and the raylet running for over 20 s (measured:
+        every teardown waited out its grace period). Only the sessions started here are
+        signalled."""
+        for node in self.procs + self.killed:
+            _kill_session(node)
         shutil.rmtree(self.temp_dir, ignore_errors=True)

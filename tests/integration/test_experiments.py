@@ -12,7 +12,7 @@ from hmn.config import load_config
 from pipeline.experiments import run_experiment, table1, table2
 from pipeline.rundir import RunDir
 
-from .test_pipeline import TINY
+from .cli_runs import TINY, copy_upstream
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,11 +74,18 @@ def test_table2_splits_the_clustered_readers_budget(preset, num_facts):
                 assert ("sample-k" in name) == (sample > 0) and ("rand-block" in name) == (rand > 0)
 
 
-def test_table1_subset_end_to_end(ray_local, tmp_path, capsys):
+def _base_run(smoke_run, path: Path) -> RunDir:
+    """A base run directory holding a copy of the session's smoke run's stages before training
+    (``TINY``'s, the base configs' below): the experiment skips them and runs its variants."""
+    copy_upstream(smoke_run[1].root, path)
+    return RunDir(path)
+
+
+def test_table1_subset_end_to_end(smoke_run, tmp_path, capsys):
     from pipeline.evaluate import main as evaluate_main
 
     cfg = load_config(ROOT / "configs/smoke.yaml", TINY + ["train.num_workers=0", "train.max_epochs=2"])
-    base = RunDir(tmp_path / "exp")
+    base = _base_run(smoke_run, tmp_path / "exp")
     result = run_experiment("table1", cfg, base, only=("full", "exact-k10", "clustered"))
     rows = {r["variant"]: r for r in result["rows"]}
     assert set(rows) == {"full", "exact-k10", "clustered"}
@@ -105,9 +112,9 @@ def test_table1_subset_end_to_end(ray_local, tmp_path, capsys):
     assert "Full softmax" in (base.root / "eval" / "table1.md").read_text()
 
 
-def test_table2_variant_builds_its_own_index(ray_local, tmp_path):
+def test_table2_variant_builds_its_own_index(smoke_run, tmp_path):
     cfg = load_config(ROOT / "configs/smoke.yaml", TINY + ["train.num_workers=0", "train.max_epochs=1"])
-    base = RunDir(tmp_path / "exp2")
+    base = _base_run(smoke_run, tmp_path / "exp2")
     name = "top-k+sample-k-c12"  # ~50 facts per cluster on 600 facts
     assert name in {v.name for v in table2(cfg, 600)}
     result = run_experiment("table2", cfg, base, only=(name,))

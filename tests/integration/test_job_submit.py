@@ -12,7 +12,8 @@ the ``cluster`` fixture of conftest.py).
 * Nothing here touches a Ray that someone else started on this machine: the test process itself
   never imports Ray, every port is chosen free and passed explicitly, the temp dir (hence the
   ``ray_current_cluster`` address file and every socket) is private, and teardown kills only the
-  two process groups started here (``ray start --block`` runs each node in its own group).
+  processes of the sessions started here (``ray start --block`` runs each node in a session of its
+  own).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from .ray_cluster import JOB_TIMEOUT_S, RAY, TINY
+from .ray_cluster import RAY
 
 pytestmark = [
     pytest.mark.slow,
@@ -41,11 +42,11 @@ def test_requests_without_the_token_are_refused(cluster):
     assert cpus == [0.0, 4.0], [n["raylet"] for n in nodes]
 
 
-def test_pipeline_job_succeeds_on_two_nodes(cluster, tmp_path):
-    run_dir = tmp_path / "shared" / "runs" / "tiny"  # the "shared storage": same path on both nodes
-    job_id = cluster.submit(run_dir, TINY)
-    status = cluster.wait_job(job_id, JOB_TIMEOUT_S)
-    logs = cluster.job_logs(job_id)
+def test_pipeline_job_succeeds_on_two_nodes(cluster, reference_job):
+    """The session's reference job (`ray_cluster.JOB`'s settings: the smoke preset made tiny,
+    the dev split evaluated), submitted by the ``reference_job`` fixture of conftest.py."""
+    run_dir, job_id, status, logs = (reference_job.run_dir, reference_job.job_id,
+                                     reference_job.status, reference_job.logs)
     assert status == "SUCCEEDED", f"job {job_id}: {status}\n{logs[-6000:]}\n{cluster.node_logs()}"
 
     report = json.loads((run_dir / "report.json").read_text())

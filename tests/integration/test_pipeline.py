@@ -16,30 +16,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from hmn.config import load_config
 from hmn.formats.keys import normalize_key
 from hmn.kb import SKIP_DUPLICATE_NAME, SKIP_NOT_IN_KB
 from pipeline.driver import Pipeline
 from pipeline.report import write_report
 from pipeline.rundir import RunDir
 
+from .cli_runs import copy_upstream, finish, run_cli
+
 ROOT = Path(__file__).resolve().parents[2]
 
-TINY = [
-    "synthetic.entities=800", "synthetic.relations=20", "synthetic.facts=600",
-    "synthetic.train_questions=500", "synthetic.dev_questions=150", "synthetic.test_questions=100",
-    "embed.epochs=10", "embed.num_cpus=1", "memory.branching=[8]", "memory.iters=8",
-    "reader.top_clusters=2", "train.max_epochs=4", "train.batch_size=64",
-]
-
-
-@pytest.fixture(scope="module")
-def smoke_run(ray_local, tmp_path_factory):
-    """One run of every stage with 2 Ray Train workers (gloo), shared by the tests below."""
-    cfg = load_config(ROOT / "configs/smoke.yaml", TINY + ["train.num_workers=2", "train.cpus_per_worker=1"])
-    run = RunDir(tmp_path_factory.mktemp("runs") / "smoke")
-    results = Pipeline(cfg, run).execute()
-    return cfg, run, results
+# smoke_run: the session fixture of conftest.py (every stage with 2 Ray Train workers, on TINY)
 
 
 def test_every_stage_runs_and_the_report_is_written(smoke_run):
@@ -270,34 +257,17 @@ def test_answer_reports_unknown_words_and_needs_no_ray(smoke_run):
     assert "no known word" in out.stderr  # the third one's answer is arbitrary, and says so
 
 
-def _run_cli(run_dir: Path, extra: list[str], **kw) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [sys.executable, "-m", "pipeline.run", "--run-dir", str(run_dir)]
-    for s in TINY + ["train.num_workers=1", "train.max_epochs=5", "train.patience=5", "ray.num_cpus=3"] + extra:
-        cmd += ["--set", s]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, **kw)
-
-
 @pytest.mark.slow
-def test_killed_run_resumes_with_the_same_result(tmp_path):
-    """SIGKILL the driver after the first training checkpoint; the re-run resumes and matches."""
-    straight = tmp_path / "straight"
-    p = _run_cli(straight, [])
-    out, _ = p.communicate(timeout=600)
-    assert p.returncode == 0, out[-3000:]
-
+def test_killed_run_resumes_with_the_same_result(reference_run, tmp_path):
+    """SIGKILL the driver after the first training checkpoint; the re-run resumes and matches the
+    undisturbed run (``reference_run``: the same command and settings, once per session)."""
+    straight = reference_run
     # The killed run starts from a copy of the straight run's finished upstream stages (generate
     # to memory: what is tested is a kill during training), so only training and evaluation run
     # twice; the copy's manifest keeps those stages' fingerprints, hence they are skipped.
     killed = tmp_path / "killed"
-    killed.mkdir()
-    for stage in ("generate", "ingest", "embed", "memory"):
-        shutil.copytree(straight / stage, killed / stage)
-    manifest = json.loads((straight / "manifest.json").read_text())
-    manifest["stages"] = {k: v for k, v in manifest["stages"].items() if k not in ("train", "evaluate")}
-    (killed / "manifest.json").write_text(json.dumps(manifest))
-    p = _run_cli(killed, [])
+    copy_upstream(straight, killed)
+    p = run_cli(killed)
     deadline = time.time() + 600
     ckpt_root = killed / "train_ray"
     while time.time() < deadline:
@@ -309,9 +279,7 @@ def test_killed_run_resumes_with_the_same_result(tmp_path):
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     assert not RunDir(killed).is_done("train", RunDir(killed).entry("train")["fingerprint"])
-    p = _run_cli(killed, [])
-    out, _ = p.communicate(timeout=600)
-    assert p.returncode == 0, out[-3000:]
+    out = finish(run_cli(killed))
     assert "[ingest] done already" in out  # finished stages are not redone
     assert "resuming at epoch" in out       # training restarts from its last checkpoint
 

@@ -12,30 +12,36 @@ from pathlib import Path
 import psutil
 
 from hmn.config import load_config
-from pipeline.driver import Pipeline
-from pipeline.rundir import RunDir
+from pipeline.driver import stage_fingerprints
 from pipeline.stages.train import run_train
 
-from .test_pipeline import TINY
+from .cli_runs import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _train_workers() -> list[psutil.Process]:
+def _own_train_workers() -> list[psutil.Process]:
+    """The Ray Train workers of this process's own Ray (``ray_local``: its raylet, a child of
+    this process, starts every worker process), never another user's or test's Ray."""
     procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "RayTrainWorker" in cmd:
-            procs.append(p)
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                procs.append(p)
+        except psutil.Error:  # exited meanwhile
+            pass
     return procs
 
 
-def test_killed_worker_resumes_from_checkpoint(ray_local, tmp_path):
+def test_killed_worker_resumes_from_checkpoint(smoke_run, tmp_path):
     cfg = load_config(ROOT / "configs/smoke.yaml", TINY + ["train.num_workers=2", "train.max_epochs=6",
                                                             "train.patience=6", "train.max_failures=2",
                                                             "train.optimizer=sparse_adam"])
-    run = RunDir(tmp_path / "run")
-    Pipeline(cfg, run).execute(until="memory")
+    # train on the session's smoke run's ingest and memory stages: the ones this config makes
+    _, run, _ = smoke_run
+    done = run.manifest()["stages"]
+    fps = stage_fingerprints(cfg)
+    assert all(done[s]["fingerprint"] == fps[s] for s in ("ingest", "embed", "memory"))
     storage = tmp_path / "ray_train"
     killed: list[int] = []
 
@@ -43,7 +49,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, tmp_path):
         deadline = time.time() + 240
         while time.time() < deadline:
             if any(storage.glob("hmn-faults/checkpoint_*")):
-                workers = _train_workers()
+                workers = _own_train_workers()
                 if workers:
                     victim = workers[-1]
                     os.kill(victim.pid, signal.SIGKILL)

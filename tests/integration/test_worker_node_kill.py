@@ -13,48 +13,35 @@ other in the same run directory:
 2. A replacement node starts (as an autoscaler or KubeRay would start one): the same job
    finishes by itself, Ray Train restarting the worker group from the last checkpoint.
 
-The final report equals that of an undisturbed reference run.
+The final report equals that of an undisturbed reference run: the session's ``reference_job``
+(conftest.py, the job test_job_submit checks), whose finished stages before training the killed
+runs also start from.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from .ray_cluster import RAY, TINY
+from .cli_runs import copy_upstream
+from .ray_cluster import EPOCHS, JOB, RAY
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not Path(RAY).exists(), reason="the ray CLI is not next to this Python"),
 ]
 
-EPOCHS = 4  # kills after epoch 0's and epoch 1's checkpoints, both before the last epoch ends
-RUN = [s for s in TINY if not s.startswith("train.max_epochs=")] + [
-    f"train.max_epochs={EPOCHS}", f"train.patience={EPOCHS}", "train.max_failures=2",
-    "eval.splits=[dev]"]
+RUN = JOB  # kills after epoch 0's and a later epoch's checkpoints, both before the last epoch ends
 # Each try to start the worker group waits this long (3 tries, then the job fails): short where
 # no node comes back, long enough for a replacement node to join where one does.
 START_TIMEOUT_S = {"no replacement": 5, "replaced": 15}
 ENV = {k: {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(v),
            "RAY_DEDUP_LOGS": "0"}  # every worker line in the job logs, checked below
        for k, v in START_TIMEOUT_S.items()}
-UPSTREAM = ("generate", "ingest", "embed", "memory")
-
-
-def _copy_upstream(src: Path, dst: Path) -> None:
-    """``dst`` starts from ``src``'s finished stages before training (their manifest entries
-    keep the fingerprints, so they are skipped): only training and evaluation run again."""
-    dst.mkdir(parents=True)
-    for stage in UPSTREAM:
-        shutil.copytree(src / stage, dst / stage)
-    manifest = json.loads((src / "manifest.json").read_text())
-    manifest["stages"] = {k: v for k, v in manifest["stages"].items() if k in UPSTREAM}
-    (dst / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _last_checkpoint_epoch(run_dir: Path) -> int:
@@ -96,18 +83,17 @@ def _trained(logs: str) -> list[int]:
     return sorted({int(e) for e in re.findall(r"epoch (\d+): loss ", logs)})
 
 
-def test_lost_worker_node_fails_clearly_or_is_replaced_and_training_resumes(cluster, tmp_path):
+def test_lost_worker_node_fails_clearly_or_is_replaced_and_training_resumes(cluster, reference_job,
+                                                                           tmp_path):
+    ref = reference_job.run_dir
+    assert reference_job.status == "SUCCEEDED", (
+        f"{reference_job.status}\n{reference_job.logs[-6000:]}\n{cluster.node_logs()}")
     t0 = time.monotonic()
     times = {}
-    ref = tmp_path / "shared" / "ref"  # the "shared storage": same path on both nodes
-    job = cluster.submit(ref, RUN, ENV["replaced"])
-    status = cluster.wait_job(job)
-    assert status == "SUCCEEDED", f"{status}\n{cluster.job_logs(job)[-6000:]}\n{cluster.node_logs()}"
-    times["reference"] = time.monotonic() - t0
 
     # 1. the node lost and not replaced: the job fails, saying why and where the checkpoints are
-    run = tmp_path / "shared" / "killed"
-    _copy_upstream(ref, run)
+    run = tmp_path / "shared" / "killed"  # the "shared storage": same path on both nodes
+    copy_upstream(ref, run)
     job = cluster.submit(run, RUN, ENV["no replacement"])
     first = _kill_after_checkpoint(cluster, job, run, 0)
     t_kill = time.monotonic()
