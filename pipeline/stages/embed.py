@@ -6,8 +6,9 @@ knowledge base's) or trains TransE on Ray Train (``TorchTrainer``, gloo on CPU) 
 
 Design (PyTorch-BigGraph, Lerer et al. 2019): the entity table is the part that outgrows a
 worker, so no worker ever holds all of it. Entities are split into ``embed.num_partitions``
-contiguous ranges of a seeded permutation of the ids (``hmn.transe.entity_order``: every partition
-a random sample, so buckets are about equal); a triple belongs to the bucket (partition of its head, partition of its
+contiguous ranges of a seeded permutation of the ids (``hmn.transe.entity_order``: every
+partition a random sample, so buckets are about equal); a triple belongs to the bucket
+(partition of its head, partition of its
 tail). Each partition (its rows plus their Adam moments) is one ``.npy`` file in shared storage
 (``<checkpoint_dir>/tables/epoch-<e>/part-<p>.npy``, shape (S, n_p, d): rows, m, v). An epoch is a
 sequence of rounds (``hmn.transe.bucket_schedule``); in a round every worker trains one bucket
