@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/transe_fb15k237.py [--set field=value ...] [--threads 2]
         [--valid-every 5] [--valid-limit 5000] [--pykeen-batches 20] [--no-pykeen]
         [--speed-only] [--no-test] [--data ../shared/data/fb15k-237]
-        [--ray-workers W --partitions P]
+        [--ray-workers W --partitions P] [--compare NAME:field=value,...] [--out FILE]
 
 With ``--valid-every n`` the filtered MRR on the first ``--valid-limit`` valid triples is measured
 every n epochs and after the last; the test set is ranked with the tables of the best of these
@@ -25,6 +25,10 @@ times only PyKEEN's batches 2..n+1 of the epoch (for configurations where a whol
 (``pipeline.stages.embed.train_transe_on_ray``: W gloo workers over P PyTorch-BigGraph entity
 partitions), to check that the partitioned design keeps the quality; it has no validation curve,
 so the last epoch is tested.
+
+``--compare NAME:field=value,...`` (repeatable) trains each variant of the configuration after it
+in the same run, on the same data, threads and evaluation (e.g. the row-wise Adagrad optimiser
+against Adam); their results are the JSON's ``variants``.
 
 Last printed line: one JSON object with ``mrr``, ``hits10``, ``triples_per_s``,
 ``pykeen_triples_per_s``, the resolved config and the wall times.
@@ -257,6 +261,15 @@ def train_on_ray(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--set", action="append", default=[], help="TransEParams field=value")
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="NAME:field=value,...",
+        help="also train this variant of the configuration (e.g. "
+        "row_adagrad:optimizer=row_adagrad,lr=0.3), after it in the same run; its results go "
+        "to the JSON's 'variants'",
+    )
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/fb15k-237")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--valid-every", type=int, default=5, help="epochs between valid evals")
@@ -275,6 +288,7 @@ def main() -> None:
     parser.add_argument(
         "--partitions", type=int, default=1, help="entity partitions (--ray-workers)"
     )
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -286,6 +300,13 @@ def main() -> None:
         args.valid_every = 0
     params = TransEParams(**overrides)
     params.validate()
+    variants = {}
+    for spec in args.compare:
+        name, sep, pairs = spec.partition(":")
+        if not sep or not name:
+            raise SystemExit(f"--compare {spec!r}: expected NAME:field=value,...")
+        variants[name] = dataclasses.replace(params, **parse_overrides(pairs.split(",")))
+        variants[name].validate()
     ids, num_entities, num_relations = load_splits(args.data)
     logger.info(
         "E=%d R=%d %s %s threads=%d",
@@ -295,6 +316,26 @@ def main() -> None:
         params,
         torch.get_num_threads(),
     )
+    out = run_config(params, ids, num_entities, num_relations, args)
+    if variants:
+        out["variants"] = {
+            name: run_config(variant, ids, num_entities, num_relations, args)
+            for name, variant in variants.items()
+        }
+    out["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+    out["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    line = json.dumps(out)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(line + "\n")
+    print(line, flush=True)
+
+
+def run_config(
+    params: TransEParams, ids: dict, num_entities: int, num_relations: int, args
+) -> dict:
+    """Train ``params`` (validation curve, model selection), rank the test set and, unless
+    ``--no-pykeen``, time PyKEEN on the same configuration; the benchmark's JSON fields."""
     known = [ids[split] for split in SPLITS]
     valid = ids["valid"][: args.valid_limit]
     valid_curve = []
@@ -363,9 +404,8 @@ def main() -> None:
     if not args.no_pykeen:
         speed = pykeen_speed(ids["train"], num_entities, num_relations, params, args.pykeen_batches)
         out.update({k: round(v, 1) if isinstance(v, float) else v for k, v in speed.items()})
-    out["loadavg"] = [round(x, 2) for x in os.getloadavg()]
     pykeen_rate = out.pop("pykeen_triples_per_s", None)
-    final = {
+    return {
         "mrr": out.get("test", {}).get("mrr"),
         "hits10": out.get("test", {}).get("hits10"),
         # The median epoch: on a shared machine single epochs are slowed by other jobs.
@@ -374,7 +414,6 @@ def main() -> None:
         "pykeen_triples_per_s": None if pykeen_rate is None else round(pykeen_rate),
         **out,
     }
-    print(json.dumps(final), flush=True)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hmn.transe_params import NORMS, TransEParams
+from hmn.transe_params import NORMS, TransEParams, optimizer_slots
 
 logger = logging.getLogger(__name__)
 
@@ -150,16 +150,22 @@ def _normalize_rows_(weight: torch.Tensor) -> None:
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+ADAGRAD_EPS = 1e-10  # PyTorch-BigGraph's row-wise Adagrad
 
 
 class RowOptimizer:
-    """Adam applied to the rows of a table that a batch touched.
+    """Adam or row-wise Adagrad applied to the rows of a table that a batch touched.
 
-    This is "lazy" Adam (the semantics of ``torch.optim.SparseAdam``): a row's moments are
-    updated only when the row is in a batch, with one global step count for the bias
-    correction. Gathering the touched rows, updating them densely and scattering them back is
+    Both are "lazy": a row's state is updated only when the row is in a batch (for Adam the
+    semantics of ``torch.optim.SparseAdam``, with one global step count for the bias
+    correction). Gathering the touched rows, updating them densely and scattering them back is
     several times faster on CPU than sparse-gradient tensors, and the cost of a step does not
     grow with the table (Freebase has millions of entities).
+
+    Row-wise Adagrad (``params.optimizer == "row_adagrad"``; Lerer et al. 2019, PyTorch-BigGraph
+    section 4.1) keeps one accumulator per entity row, ``sum += mean(grad ** 2)`` over the row,
+    and steps ``row -= lr * grad / (sqrt(sum) + eps)``: an entity's state is one float instead
+    of Adam's 2d, which is what lets a 10M-entity table and its state fit few partitions.
     """
 
     def __init__(
@@ -168,23 +174,28 @@ class RowOptimizer:
         tables: dict[str, torch.Tensor],
         moments: dict[str, torch.Tensor] | None = None,
     ):
-        """``moments``: existing ``<name>_m`` / ``<name>_v`` tables to update in place, e.g.
-        slices of a partition loaded from disk; default zeros."""
+        """``moments``: existing ``<name>_<slot>`` tables (slots: `optimizer_slots`) to update
+        in place, e.g. slices of a partition loaded from disk; default zeros."""
         self.lr = params.lr
+        self.kind = params.optimizer
         self.step_count = 0
         self.moments: dict[str, torch.Tensor] = {}
         for name, table in tables.items():
-            for key in (f"{name}_m", f"{name}_v"):
+            for slot, width in optimizer_slots(params, name).items():
+                key = f"{name}_{slot}"
+                shape = (table.shape[0], width)
                 given = None if moments is None else moments.get(key)
-                if given is not None and given.shape != table.shape:
+                if given is not None and tuple(given.shape) != shape:
                     raise ValueError(
-                        f"moments[{key!r}]: shape {tuple(given.shape)}, "
-                        f"expected {tuple(table.shape)}"
+                        f"moments[{key!r}]: shape {tuple(given.shape)}, expected {shape}"
                     )
-                self.moments[key] = torch.zeros_like(table) if given is None else given
+                self.moments[key] = (
+                    torch.zeros(shape, dtype=table.dtype, device=table.device)
+                    if given is None else given
+                )
 
     def state_dict(self) -> dict:
-        """Live state (no copies): the step count and the first and second moment tables."""
+        """Live state (no copies): the step count and the optimiser's state tables."""
         return {"step": self.step_count, **self.moments}
 
     def load_state_dict(self, state: dict) -> None:
@@ -214,6 +225,14 @@ class RowOptimizer:
         grad: torch.Tensor,
     ) -> None:
         """Write ``rows - step(grad)`` to ``table[ids]``; ``rows`` (U, d) are the batch's values."""
+        if self.kind == "row_adagrad":
+            acc = self.moments[f"{name}_sum"]
+            s = acc.index_select(0, ids)  # (U, 1) entity rows, (U, d) relations
+            s.add_(grad.square().mean(1, keepdim=True) if s.shape[1] == 1 else grad.square())
+            acc.index_copy_(0, ids, s)
+            denom = s.sqrt_().add_(ADAGRAD_EPS)  # s is stored; reuse its buffer
+            table.index_copy_(0, ids, torch.addcdiv(rows, grad, denom, value=-self.lr))
+            return
         beta1, beta2 = ADAM_BETAS
         m = self.moments[f"{name}_m"].index_select(0, ids)  # (U, d)
         v = self.moments[f"{name}_v"].index_select(0, ids)  # (U, d)
@@ -582,15 +601,16 @@ def partition_bounds(num_entities: int, num_partitions: int) -> np.ndarray:
     return np.linspace(0, num_entities, num_partitions + 1).round().astype(np.int64)
 
 
-PARTITION_GB = 1.0  # rows plus Adam's two moments of one partition, at most (auto partitions)
+PARTITION_GB = 1.0  # rows plus optimiser state of one partition, at most (auto partitions)
 
 
-def auto_partitions(num_entities: int, dim: int, num_workers: int) -> int:
+def auto_partitions(num_entities: int, row_floats: int, num_workers: int) -> int:
     """Entity partitions for ``embed.num_partitions: 0``: the fewest, a power of two and at
-    least 2 per worker, whose rows and Adam moments (float32) take at most ``PARTITION_GB``
-    each. Fewer partitions mean larger buckets (the training step, not partition I/O and the
-    per-round barrier, dominates a round), and a worker holds about three partitions: 3 GB."""
-    table_gb = num_entities * dim * 4 * 3 / 1e9
+    least 2 per worker, whose rows and optimiser state (``row_floats`` float32 an entity,
+    `hmn.transe_params.entity_row_floats`) take at most ``PARTITION_GB`` each. Fewer partitions mean larger
+    buckets and less partition traffic (an epoch loads about P^2 / W partitions), and a worker
+    holds about three partitions: 3 GB."""
+    table_gb = num_entities * row_floats * 4 / 1e9
     parts = max(2 * max(1, num_workers), 2 ** math.ceil(math.log2(max(table_gb / PARTITION_GB, 1))))
     return int(min(parts, max(1, num_entities)))
 

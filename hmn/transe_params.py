@@ -17,6 +17,7 @@ from typing import Any
 NORMS = (1, 2)
 NEGATIVE_SAMPLERS = ("unif", "bern")
 LOSSES = ("margin", "self_adversarial")
+OPTIMIZERS = ("adam", "row_adagrad")
 
 
 def _setting(default: Any, help: str) -> Any:
@@ -41,7 +42,7 @@ class TransEParams:
         margin: margin of the ranking loss (Bordes 2013, eq. 1). Its scale follows the norm:
             L1 distances between unit vectors in 200-d reach ~28 and margins 4-8 work best on
             FB15k-237 (1 leaves few active pairs there); for L2 (distances <= ~3) use ~1.
-        lr: Adam learning rate.
+        lr: the optimiser's learning rate.
         epochs: total epochs; a resumed run trains epochs ``start_epoch .. epochs - 1``.
         batch_size: positive triples per batch.
         negatives: "unif" (corrupt head or tail with probability 1/2) or "bern" (Wang et al.
@@ -67,6 +68,11 @@ class TransEParams:
             and all rows at the end of training (Bordes 2013).
         lr_decay: ratio of the last epoch's learning rate to ``lr``; the rate decays
             geometrically per epoch, ``lr * lr_decay ** (epoch / (epochs - 1))``. 1 = constant.
+        optimizer: "adam" (lazy Adam: two moments per element, 3 floats of state and rows per
+            entity element) or "row_adagrad" (PyTorch-BigGraph's row-wise Adagrad for the
+            entity table: one accumulated mean squared gradient per entity row, so an entity
+            costs d + 1 floats instead of 3d; element-wise Adagrad for the small relation
+            table). ``lr_decay`` applies to both.
         seed: seeds the initialisation, shuffles and negative samples.
     """
 
@@ -92,6 +98,10 @@ class TransEParams:
     )
     lr_decay: float = _setting(
         1.0, "ratio of the last epoch's learning rate to lr (geometric per epoch)"
+    )
+    optimizer: str = _setting(
+        "adam", "'adam' (lazy Adam) or 'row_adagrad' (PyTorch-BigGraph's row-wise Adagrad for "
+        "entities: d + 1 floats an entity instead of 3d)"
     )
     seed: int = _setting(0, "seed")
 
@@ -131,6 +141,8 @@ class TransEParams:
             yield "negatives", f"must be one of {NEGATIVE_SAMPLERS}"
         if self.loss not in LOSSES:
             yield "loss", f"must be one of {LOSSES}"
+        if self.optimizer not in OPTIMIZERS:
+            yield "optimizer", f"must be one of {OPTIMIZERS}"
         if not (_is_finite(self.adversarial_temperature) and self.adversarial_temperature >= 0):
             yield "adversarial_temperature", "must be a finite number >= 0"
         if not isinstance(self.normalize_entities, bool):
@@ -139,3 +151,19 @@ class TransEParams:
             yield "seed", "must be an int"
         elif self.seed < 0:
             yield "seed", "must be >= 0"
+
+
+def optimizer_slots(params: TransEParams, table: str) -> dict[str, int]:
+    """Per-row state of the optimiser for ``table`` ("entity" or "relation"): slot name -> floats
+    a row. Adam: moments ``m`` and ``v`` of d floats each. Row-wise Adagrad: ``sum``, one float a
+    row for the entities (PyTorch-BigGraph), d a row for the small relation table (element-wise
+    Adagrad, as PyTorch-BigGraph does for relation parameters)."""
+    d = params.dim
+    if params.optimizer == "adam":
+        return {"m": d, "v": d}
+    return {"sum": 1 if table == "entity" else d}
+
+
+def entity_row_floats(params: TransEParams) -> int:
+    """float32 values stored per entity: its row plus the optimiser's state of it."""
+    return params.dim + sum(optimizer_slots(params, "entity").values())

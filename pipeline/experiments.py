@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from hmn.config import READER_NAMES, SCALING_SIZES, RunConfig, config_from_dict, config_to_dict
+from hmn.transe_params import entity_row_floats
 from pipeline.driver import Pipeline
 from pipeline.rundir import RunDir, write_json_atomic, write_text_atomic
 
@@ -146,12 +147,13 @@ def transe_epochs(n: int, base_epochs: int) -> int:
     return min(base_epochs, max(5, round(base_epochs * SQ32K_FACTS / n)))
 
 
-def transe_partitions(n: int, dim: int) -> tuple[int, int] | None:
+def transe_partitions(n: int, row_floats: int) -> tuple[int, int] | None:
     """``(embed.num_partitions, embed.num_workers)`` when the entity table (at most ``n``
-    entities, rows plus Adam's two moments, float32) may be over 1 GB: partitions chosen by the
-    embed stage from the real entity count (0: `hmn.transe.auto_partitions`, partitions of at
-    most 1 GB) and two workers; None: the base's settings."""
-    table_gb = n * dim * 4 * 3 / 1e9
+    entities of ``row_floats`` float32 each: rows plus optimiser state,
+    `hmn.transe.entity_row_floats`) may be over 1 GB: partitions chosen by the embed stage from
+    the real entity count (0: `hmn.transe.auto_partitions`, partitions of at most 1 GB) and two
+    workers; None: the base's settings."""
+    table_gb = n * row_floats * 4 / 1e9
     if table_gb <= 1.0:
         return None
     return 0, 2
@@ -225,7 +227,7 @@ def size_overrides(cfg: RunConfig, size: str, exact: bool) -> dict[str, Any]:
     n = size_facts(size, cfg.scaling.facts)
     o: dict[str, Any] = {"scaling.size": size,
                          "embed.epochs": transe_epochs(n, cfg.embed.epochs)}
-    parts = transe_partitions(n, cfg.embed.dim)
+    parts = transe_partitions(n, entity_row_floats(cfg.embed))
     if parts:
         o["embed.num_partitions"], o["embed.num_workers"] = parts
     o.update(memory_layout(n))

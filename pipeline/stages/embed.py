@@ -9,8 +9,10 @@ worker, so no worker ever holds all of it. Entities are split into ``embed.num_p
 contiguous ranges of a seeded permutation of the ids (``hmn.transe.entity_order``: every
 partition a random sample, so buckets are about equal); a triple belongs to the bucket
 (partition of its head, partition of its
-tail). Each partition (its rows plus their Adam moments) is one ``.npy`` file in shared storage
-(``<checkpoint_dir>/tables/epoch-<e>/part-<p>.npy``, shape (S, n_p, d): rows, m, v). An epoch is a
+tail). Each partition (its rows plus their optimiser state: Adam's m and v, n_p x d each, or
+row-wise Adagrad's n_p sums, `hmn.transe_params.optimizer_slots`) is one flat float32 ``.npy`` file in
+shared storage (``<checkpoint_dir>/tables/epoch-<e>/part-<p>.npy``: the slots one after the
+other, each (n_p, width) in C order). An epoch is a
 sequence of rounds (``hmn.transe.bucket_schedule``); in a round every worker trains one bucket
 whose two partitions no other worker holds, loading them from storage and writing them back
 (a partition that the worker's next bucket also uses stays in its memory instead), so a worker
@@ -21,8 +23,8 @@ facts, exploded); each worker files its shard into per-bucket edge files once.
 
 GPUs (``embed.use_gpu``): every Ray Train worker gets a GPU and the group NCCL (Ray Train's
 default with ``use_gpu``). The partition files stay the storage format: a worker copies its
-bucket's partitions (rows and Adam moments) to its GPU, trains the bucket there and copies them
-back before writing or keeping them; the relation table, its moments and the round's all-reduce
+bucket's partitions (rows and optimiser state) to its GPU, trains the bucket there and copies them
+back before writing or keeping them; the relation table, its optimiser state and the round's all-reduce
 live on the GPU. On CPU nothing is copied.
 
 Rank 0 shows each epoch's progress (its buckets' triples, rate, ETA: `pipeline.progress`) and
@@ -72,6 +74,7 @@ from hmn.transe import (
     partition_bounds,
     train_bucket,
 )
+from hmn.transe_params import entity_row_floats, optimizer_slots
 from pipeline.artifacts import KnowledgeBase, load_torch_file, write_vectors
 from pipeline.progress import Progress
 from pipeline.stages import ray_train_env
@@ -96,14 +99,19 @@ class EmbedJob:
 # ---------------------------------------------------------------------------------------------
 # Partition storage (a folder per epoch in shared storage)
 
-_SLOTS = 3  # (S, n_p, d) partition file: entity rows, Adam m, Adam v
+
+def partition_slots(cfg: EmbedConfig) -> dict[str, int]:
+    """The slots of a partition file, in file order: name -> floats a row (the entity rows,
+    then the optimiser's state of them)."""
+    return {"rows": cfg.dim, **optimizer_slots(cfg, "entity")}
 
 
 class _Tables:
     """The partition files of one training run; every method is safe for disjoint partitions."""
 
-    def __init__(self, root: Path, bounds: np.ndarray, dim: int):
-        self.root, self.bounds, self.dim = root, bounds, dim
+    def __init__(self, root: Path, bounds: np.ndarray, slots: dict[str, int]):
+        self.root, self.bounds, self.slots = root, bounds, slots
+        self.dim = slots["rows"]
 
     def epoch_dir(self, epoch: int) -> Path:
         return self.root / f"epoch-{epoch:05d}"
@@ -120,14 +128,39 @@ class _Tables:
     def size(self, part: int) -> int:
         return int(self.bounds[part + 1] - self.bounds[part])
 
-    def read_into(self, folder: Path, part: int, out: np.ndarray) -> int:
-        """Copy partition ``part`` (S, n_p, d) into ``out``; returns its Adam step count."""
-        out[...] = np.load(folder / f"part-{part}.npy", mmap_mode="r")
+    def _segments(self, part: int) -> list[tuple[str, int, tuple[int, int]]]:
+        """(slot, start, (n_p, width)) of each slot in partition ``part``'s flat file."""
+        n, start, out = self.size(part), 0, []
+        for name, width in self.slots.items():
+            out.append((name, start, (n, width)))
+            start += n * width
+        return out
+
+    def _open(self, folder: Path, part: int) -> np.ndarray:
+        flat = np.load(folder / f"part-{part}.npy", mmap_mode="r")
+        want = self.size(part) * sum(self.slots.values())
+        if flat.ndim != 1 or flat.shape[0] != want:
+            raise ValueError(f"{folder / f'part-{part}.npy'}: shape {flat.shape}, expected "
+                             f"({want},): slots {self.slots} of {self.size(part)} rows")
+        return flat
+
+    def read_into(self, folder: Path, part: int, out: dict[str, np.ndarray]) -> int:
+        """Copy partition ``part``'s slots into ``out`` (slot -> (n_p, width)); returns its
+        optimiser step count."""
+        flat = self._open(folder, part)
+        for name, start, shape in self._segments(part):
+            out[name][...] = flat[start:start + shape[0] * shape[1]].reshape(shape)
         return int(json.loads((folder / f"part-{part}.json").read_text())["step"])
 
-    def write(self, folder: Path, part: int, state: np.ndarray, step: int) -> None:
+    def write(self, folder: Path, part: int, state: dict[str, np.ndarray], step: int) -> None:
+        """Write partition ``part``'s slots (slot -> (n_p, width)) atomically."""
         tmp = folder / f".part-{part}.tmp.npy"
-        np.save(tmp, state)
+        total = self.size(part) * sum(self.slots.values())
+        flat = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total,))
+        for name, start, shape in self._segments(part):
+            flat[start:start + shape[0] * shape[1]].reshape(shape)[...] = state[name]
+        flat.flush()
+        del flat
         os.replace(tmp, folder / f"part-{part}.npy")
         (folder / f"part-{part}.json").write_text(json.dumps({"step": step}))
 
@@ -141,8 +174,9 @@ class _Tables:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         for part in range(len(self.bounds) - 1):
-            state = np.zeros((_SLOTS, self.size(part), self.dim), np.float32)
-            state[0] = init_entity_rows(self.size(part), self.dim, seed, part)
+            n = self.size(part)
+            state = {name: np.zeros((n, width), np.float32) for name, width in self.slots.items()}
+            state["rows"] = init_entity_rows(n, self.dim, seed, part)
             self.write(folder, part, state, 0)
         np.save(folder / "relations.npy", init_relations(num_relations, self.dim, seed))
         (folder / "DONE").write_text("{}")
@@ -156,7 +190,7 @@ class _Tables:
         out = np.empty((int(self.bounds[-1]), self.dim), np.float32)
         for part in range(len(self.bounds) - 1):
             a, b = self.bounds[part], self.bounds[part + 1]
-            out[ids[a:b]] = np.load(folder / f"part-{part}.npy", mmap_mode="r")[0]
+            out[ids[a:b]] = self._open(folder, part)[:(b - a) * self.dim].reshape(b - a, -1)
         return out
 
 
@@ -223,7 +257,7 @@ def _all_reduce_(tensor: torch.Tensor, world: int) -> None:
 
 class _Worker:
     """One TransE worker of the Ray Train group: its rank, the partition tables, its edge
-    buckets and the replicated relation table (R, d) with its Adam moments."""
+    buckets and the replicated relation table (R, d) with its optimiser state."""
 
     def __init__(self, job: EmbedJob, rank: int, world: int,
                  device: torch.device | str = "cpu"):
@@ -232,11 +266,11 @@ class _Worker:
         self.P = job.cfg.num_partitions
         self.bounds = partition_bounds(job.num_entities, self.P)
         self.order = entity_order(job.num_entities, job.cfg.seed)
-        self.tables = _Tables(Path(job.root) / "tables", self.bounds, job.cfg.dim)
+        self.tables = _Tables(Path(job.root) / "tables", self.bounds, partition_slots(job.cfg))
         self.edges = Path(job.root) / f"edges-w{world}"
         self.p_head = torch.from_numpy(np.asarray(job.p_head, np.float32)).to(self.device)  # (R,)
-        self.relations = torch.empty(0)  # (R, d) and its moments: set by load_relations
-        self.rel_m = self.rel_v = self.relations
+        self.relations = torch.empty(0)  # (R, d): set by load_relations
+        self.rel_state: dict[str, torch.Tensor] = {}  # relation_<slot>: set by load_relations
         # rank 0 logs each epoch's record to the run's tracking (pipeline.tracking)
         self.tracker = attach(job.tracking, "embed") if rank == 0 else Tracker()
 
@@ -287,17 +321,26 @@ class _Worker:
         return start, history
 
     def load_relations(self, epoch: int) -> None:
-        """The relation table of epoch folder ``epoch`` and this rank's Adam moments of it."""
+        """The relation table of epoch folder ``epoch`` and this rank's optimiser state of it."""
         folder = self.tables.epoch_dir(epoch)
         relations = torch.from_numpy(np.load(folder / "relations.npy"))  # (R, d), replicated
         self.relations = relations.to(self.device)
-        self.rel_m, self.rel_v = torch.zeros_like(self.relations), torch.zeros_like(self.relations)
-        moments = folder / f"relopt-rank{self.rank}.pt"
-        if moments.exists():
-            saved = load_torch_file(moments, self.device,
+        R = self.relations.shape[0]
+        self.rel_state = {
+            f"relation_{slot}": torch.zeros(R, width, device=self.device)
+            for slot, width in optimizer_slots(self.cfg, "relation").items()
+        }
+        path = folder / f"relopt-rank{self.rank}.pt"
+        if path.exists():
+            saved = load_torch_file(path, self.device,
                                     "a fresh embed stage (--stages embed --force)")
-            self.rel_m.copy_(saved["m"])
-            self.rel_v.copy_(saved["v"])
+            for key, value in self.rel_state.items():
+                slot = key.removeprefix("relation_")
+                if slot not in saved or tuple(saved[slot].shape) != tuple(value.shape):
+                    raise ValueError(f"{path}: no {slot!r} of shape {tuple(value.shape)} "
+                                     f"(embed.optimizer={self.cfg.optimizer!r}); rerun with "
+                                     "--stages embed --force")
+                value.copy_(saved[slot])
 
     def fail_if_injected(self, epoch: int) -> None:
         """Test hook: the last rank raises once at the start of ``job.fail_at_epoch``."""
@@ -360,21 +403,25 @@ class _Worker:
         return Progress(what, total, unit="triples", log=log)
 
     def _load_partitions(self, epoch: int, parts: list[int], held: dict
-                         ) -> tuple[np.ndarray, list[int], list[slice]]:
-        """(S, n, d) state of ``parts`` side by side (rows, Adam m, Adam v), their Adam step
-        counts and the slice of n each part fills. A part in ``held`` (trained by this worker
-        in the previous round) comes from memory, the others from storage."""
+                         ) -> tuple[dict[str, np.ndarray], list[int], list[slice]]:
+        """The slots of ``parts`` side by side (slot -> (n, width): rows, optimiser state),
+        their optimiser step counts and the slice of n each part fills. A part in ``held``
+        (trained by this worker in the previous round) comes from memory, the others from
+        storage."""
         sizes = [self.tables.size(p) for p in parts]
         starts = np.cumsum([0] + sizes[:-1])
         slices = [slice(int(a), int(a) + n) for a, n in zip(starts, sizes)]
-        state = np.empty((_SLOTS, sum(sizes), self.cfg.dim), np.float32)  # (S, n, d)
+        state = {name: np.empty((sum(sizes), width), np.float32)
+                 for name, width in self.tables.slots.items()}
         steps = []
         for p, rows in zip(parts, slices):
             if p in held:
                 block, step = held.pop(p)
-                state[:, rows] = block
+                for name, values in block.items():
+                    state[name][rows] = values
             else:
-                step = self.tables.read_into(self.tables.source(epoch, p), p, state[:, rows])
+                step = self.tables.read_into(self.tables.source(epoch, p), p,
+                                             {name: a[rows] for name, a in state.items()})
             steps.append(step)
         if held:
             raise RuntimeError(f"partitions {sorted(held)} held but not used")
@@ -394,25 +441,28 @@ class _Worker:
         io_started = time.perf_counter()
         state, steps, slices = self._load_partitions(epoch, parts, held)
         io = time.perf_counter() - io_started
-        tensor = torch.from_numpy(state).to(self.device)  # (S, n, d); a copy on a GPU
-        moments = {"relation_m": self.rel_m, "relation_v": self.rel_v,
-                   "entity_m": tensor[1], "entity_v": tensor[2]}
-        optimizer = RowOptimizer(self.cfg, {"entity": tensor[0], "relation": self.relations},
+        tensor = {name: torch.from_numpy(a).to(self.device)  # a copy on a GPU
+                  for name, a in state.items()}
+        moments = {**self.rel_state,
+                   **{f"entity_{name}": t for name, t in tensor.items() if name != "rows"}}
+        optimizer = RowOptimizer(self.cfg, {"entity": tensor["rows"], "relation": self.relations},
                                  moments)
         optimizer.lr = epoch_lr(self.cfg, epoch)
         optimizer.step_count = max(steps)
         triples = _bucket_triples(self.edges, i, j, slices[-1].start)  # tails: rows of j after i
-        stats = train_bucket(triples, tensor[0], self.relations, optimizer, self.p_head, self.cfg,
-                             (self.cfg.seed, epoch, i * self.P + j), on_batch)
-        if tensor.device.type != "cpu":
-            state[...] = tensor.cpu().numpy()  # the bucket's partitions back to host memory
+        stats = train_bucket(triples, tensor["rows"], self.relations, optimizer, self.p_head,
+                             self.cfg, (self.cfg.seed, epoch, i * self.P + j), on_batch)
+        if self.device.type != "cpu":
+            for name, t in tensor.items():  # the bucket's partitions back to host memory
+                state[name][...] = t.cpu().numpy()
         nxt = self.tables.epoch_dir(epoch + 1)
         io_started = time.perf_counter()
         for p, rows in zip(parts, slices):
+            block = {name: a[rows] for name, a in state.items()}
             if p in following:
-                held[p] = (state[:, rows].copy(), optimizer.step_count)
+                held[p] = ({name: a.copy() for name, a in block.items()}, optimizer.step_count)
             else:
-                self.tables.write(nxt, p, state[:, rows], optimizer.step_count)
+                self.tables.write(nxt, p, block, optimizer.step_count)
         io += time.perf_counter() - io_started
         return torch.tensor([stats["loss_sum"], stats["active_sum"], stats["pairs"],
                              stats["triples"], stats["seconds"], io], dtype=torch.float64,
@@ -421,7 +471,7 @@ class _Worker:
     def _complete_epoch_folder(self, epoch: int) -> None:
         """Epoch ``epoch`` trained: rank 0 copies the partitions no bucket wrote (empty buckets)
         into folder ``epoch + 1`` and saves the relations there; every rank saves its relation
-        moments."""
+        optimiser state."""
         done, nxt = self.tables.epoch_dir(epoch), self.tables.epoch_dir(epoch + 1)
         if self.rank == 0:
             for part in range(self.P):
@@ -429,7 +479,8 @@ class _Worker:
                     shutil.copy(done / f"part-{part}.npy", nxt / f"part-{part}.npy")
                     shutil.copy(done / f"part-{part}.json", nxt / f"part-{part}.json")
             np.save(nxt / "relations.npy", self.relations.cpu().numpy())
-        torch.save({"m": self.rel_m.cpu(), "v": self.rel_v.cpu()}, nxt / f"relopt-rank{self.rank}.pt")
+        torch.save({key.removeprefix("relation_"): value.cpu()
+                    for key, value in self.rel_state.items()}, nxt / f"relopt-rank{self.rank}.pt")
         _barrier(self.world)
 
     def publish_epoch(self, epoch: int, history: list[dict]) -> None:
@@ -513,8 +564,8 @@ def with_partitions(cfg: EmbedConfig, num_entities: int) -> EmbedConfig:
     """``cfg`` with ``num_partitions: 0`` (auto) replaced by `hmn.transe.auto_partitions`."""
     if cfg.num_partitions:
         return cfg
-    return dataclasses.replace(cfg, num_partitions=auto_partitions(num_entities, cfg.dim,
-                                                                   cfg.num_workers))
+    parts = auto_partitions(num_entities, entity_row_floats(cfg), cfg.num_workers)
+    return dataclasses.replace(cfg, num_partitions=parts)
 
 
 def train_transe_on_ray(cfg: EmbedConfig, ingest_dir: Path, num_entities: int, num_relations: int,
@@ -561,7 +612,7 @@ def train_transe_on_ray(cfg: EmbedConfig, ingest_dir: Path, num_entities: int, n
         with result.checkpoint.as_directory() as d:
             state = json.loads(Path(d, "meta.json").read_text())
     bounds = partition_bounds(num_entities, cfg.num_partitions)
-    tables = _Tables(root / "tables", bounds, cfg.dim)
+    tables = _Tables(root / "tables", bounds, partition_slots(cfg))
     final = int(state["epoch"])
     ent = tables.entities(final, entity_order(num_entities, cfg.seed))
     rel = np.load(tables.epoch_dir(final) / "relations.npy")

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
+import pytest
+import torch
 import pyarrow.parquet as pq
 
 from hmn.config import EmbedConfig
@@ -43,15 +47,20 @@ CFG = EmbedConfig(dim=16, margin=1.0, lr=0.02, epochs=12, batch_size=32, num_neg
                   num_workers=2, num_partitions=4, num_cpus=1, max_failures=1)
 
 
-def test_two_workers_four_partitions_learn_and_survive_a_worker_failure(ray_local, tmp_path):
+@pytest.mark.parametrize("optimizer,lr", [("adam", 0.02), ("row_adagrad", 0.1)])
+def test_two_workers_four_partitions_learn_and_survive_a_worker_failure(ray_local, tmp_path,
+                                                                         optimizer, lr):
+    """Adam keeps 2d floats of state an entity in the partition files, row-wise Adagrad one;
+    both learn, and resume from an epoch folder with their relation state."""
+    cfg = dataclasses.replace(CFG, optimizer=optimizer, lr=lr)
     triples = _planted()
     E, R = 60, 3
     ingest = _ingest(tmp_path, triples)
     root = tmp_path / "shared"
-    ent, rel, history = train_transe_on_ray(CFG, ingest, E, R, bernoulli_head_probs(triples, R), root,
+    ent, rel, history = train_transe_on_ray(cfg, ingest, E, R, bernoulli_head_probs(triples, R), root,
                                             fail_at_epoch=5)
     assert (root / "failed-once").exists()  # the injected failure happened; the group restarted
-    assert [h["epoch"] for h in history] == list(range(CFG.epochs))  # each epoch once, from the checkpoint
+    assert [h["epoch"] for h in history] == list(range(cfg.epochs))  # each epoch once, from the checkpoint
     losses = [h["loss"] for h in history]
     assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3]), losses
     assert ent.shape == (E, 16) and rel.shape == (R, 16)
@@ -64,12 +73,16 @@ def test_two_workers_four_partitions_learn_and_survive_a_worker_failure(ray_loca
     assert filed == len(triples)
     # Only the last complete epoch's tables are kept, and it is marked done.
     kept = sorted(p.name for p in (root / "tables").iterdir())
-    assert kept == [f"epoch-{CFG.epochs:05d}"]
-    assert json.loads((root / "tables" / kept[0] / "DONE").read_text())["epoch"] == CFG.epochs - 1
+    assert kept == [f"epoch-{cfg.epochs:05d}"]
+    assert json.loads((root / "tables" / kept[0] / "DONE").read_text())["epoch"] == cfg.epochs - 1
+    part = np.load(root / "tables" / kept[0] / "part-0.npy")
+    assert part.shape == (15 * (16 + (32 if optimizer == "adam" else 1)),)  # 60 / 4 entities
+    relopt = torch.load(root / "tables" / kept[0] / "relopt-rank1.pt")
+    assert sorted(relopt) == (["m", "v"] if optimizer == "adam" else ["sum"])
 
     # A second call on the same storage resumes the finished run: nothing is trained again.
-    ent2, rel2, history2 = train_transe_on_ray(CFG, ingest, E, R, bernoulli_head_probs(triples, R), root)
-    assert len(history2) == CFG.epochs and np.array_equal(ent, ent2) and np.array_equal(rel, rel2)
+    ent2, rel2, history2 = train_transe_on_ray(cfg, ingest, E, R, bernoulli_head_probs(triples, R), root)
+    assert len(history2) == cfg.epochs and np.array_equal(ent, ent2) and np.array_equal(rel, rel2)
 
 
 def test_embed_stage_trains_writes_vectors_and_removes_its_checkpoint(ray_local, tmp_path):

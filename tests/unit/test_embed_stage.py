@@ -88,11 +88,15 @@ def test_embed_config_is_the_workers_transe_params():
         dataclasses.replace(params, margin=0.0).validate()
 
 
-def test_partitions_hold_shuffled_entities_and_the_table_comes_back_in_id_order(tmp_path):
+@pytest.mark.parametrize("optimizer,row_floats", [("adam", 9), ("row_adagrad", 4)])
+def test_partitions_hold_shuffled_entities_and_the_table_comes_back_in_id_order(
+        tmp_path, optimizer, row_floats):
     """TransE partitions are ranges of a seeded permutation of the ids (balanced buckets when
-    ingest numbers the well-connected entities first); the final table is in id order."""
+    ingest numbers the well-connected entities first); the final table is in id order. A
+    partition file holds its rows and the optimiser's state of them: 3d floats an entity with
+    Adam, d + 1 with row-wise Adagrad."""
     from hmn.transe import entity_order, entity_partition, partition_bounds
-    from pipeline.stages.embed import _Tables
+    from pipeline.stages.embed import _Tables, partition_slots
 
     E, P, d = 1000, 4, 3
     order = entity_order(E, seed=5)
@@ -103,17 +107,33 @@ def test_partitions_hold_shuffled_entities_and_the_table_comes_back_in_id_order(
     # ids 0..249 (one range of ids) spread over every partition, about equally
     first = np.bincount(entity_partition(order[:250], bounds), minlength=P)
     assert first.min() >= 40, first
-    tables = _Tables(tmp_path, bounds, d)
+    slots = partition_slots(EmbedConfig(dim=d, optimizer=optimizer))
+    assert sum(slots.values()) == row_floats
+    tables = _Tables(tmp_path, bounds, slots)
     folder = tables.epoch_dir(1)
     folder.mkdir(parents=True)
     ids = np.empty_like(order)
     ids[order] = np.arange(E)  # the entity at each position
+    states = []
     for part in range(P):
         rows = ids[bounds[part]:bounds[part + 1]].astype(np.float32)  # row = its entity id
-        state = np.stack([np.repeat(rows[:, None], d, 1)] + [np.zeros((len(rows), d), np.float32)] * 2)
-        tables.write(folder, part, state, 0)
+        state = {name: np.random.default_rng(part).random((len(rows), w), np.float32)
+                 for name, w in slots.items()}
+        state["rows"] = np.repeat(rows[:, None], d, 1)
+        tables.write(folder, part, state, 7 + part)
+        states.append(state)
+        assert (folder / f"part-{part}.npy").stat().st_size < len(rows) * row_floats * 4 + 200
     table = tables.entities(1, order)
     assert np.array_equal(table[:, 0], np.arange(E, dtype=np.float32))
+    for part in (0, 3):  # every slot reads back where it was written
+        out = {name: np.zeros_like(a) for name, a in states[part].items()}
+        assert tables.read_into(folder, part, out) == 7 + part
+        for name in slots:
+            assert np.array_equal(out[name], states[part][name]), name
+    other = _Tables(tmp_path, bounds, partition_slots(EmbedConfig(dim=d, optimizer=(
+        "adam" if optimizer == "row_adagrad" else "row_adagrad"))))
+    with pytest.raises(ValueError, match=r"part-0\.npy: shape"):
+        other.entities(1, order)  # tables of another optimiser are refused, not misread
 
 
 def test_torch_threads_never_oversubscribe_the_cores(monkeypatch):

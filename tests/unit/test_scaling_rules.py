@@ -52,16 +52,21 @@ def test_transe_epochs_keep_the_triple_updates_with_a_floor():
 def test_transe_partitions_only_for_large_tables():
     from hmn.transe import auto_partitions
 
-    assert transe_partitions(131_000, 200) is None
+    adam, row_wise = 600, 201  # floats an entity: rows and Adam's moments / row-wise Adagrad
+    assert transe_partitions(131_000, adam) is None
     for n in (1_000_000, 3_000_000, 10_800_000):
-        assert transe_partitions(n, 200) == (0, 2)  # the stage picks them from its entities
+        assert transe_partitions(n, adam) == (0, 2)  # the stage picks them from its entities
+    assert transe_partitions(1_000_000, row_wise) is None  # 0.8 GB at most
+    assert transe_partitions(3_000_000, row_wise) == (0, 2)
     # the scaling memories' entity counts (benchmarks/out/scaling_memories.json)
-    for entities, want in ((420_425, 4), (1_228_957, 4), (4_380_415, 16)):
-        parts = auto_partitions(entities, 200, 2)
-        assert parts == want and parts >= 2 * 2, entities
-        assert entities * 200 * 12 / 1e9 / parts <= 1.0  # a partition with its moments <= 1 GB
-        assert parts == 4 or entities * 200 * 12 / 1e9 / (parts // 2) > 1.0  # and the fewest
-    assert auto_partitions(3, 200, 2) == 3  # never more than the entities
+    for floats, wants in ((adam, (4, 4, 16)), (row_wise, (4, 4, 4))):
+        for entities, want in zip((420_425, 1_228_957, 4_380_415), wants):
+            parts = auto_partitions(entities, floats, 2)
+            assert parts == want and parts >= 2 * 2, (entities, floats)
+            gb = entities * floats * 4 / 1e9
+            assert gb / parts <= 1.0  # a partition with its optimiser state <= 1 GB
+            assert parts == 4 or gb / (parts // 2) > 1.0  # and the fewest
+    assert auto_partitions(3, adam, 2) == 3  # never more than the entities
 
 
 def test_memory_layout_flat_then_the_same_hierarchical_leaves_at_every_size():

@@ -121,6 +121,42 @@ def test_translational_graph_is_learned(norm):
 
 
 @pytest.mark.parametrize("norm", [1, 2])
+def test_row_adagrad_learns_translational_graph(norm):
+    learn_planted_graph(
+        dataclasses.replace(SMALL, norm=norm, optimizer="row_adagrad", lr=0.1, epochs=120,
+                            batch_size=16, num_negatives=4)
+    )
+
+
+def test_row_adagrad_keeps_one_sum_per_entity_row_and_steps_by_it():
+    """PyTorch-BigGraph's row-wise Adagrad: an entity row's state is one float, the running sum
+    of its gradients' mean square; relations keep element-wise sums (Adagrad)."""
+    params = TransEParams(dim=4, lr=0.5, optimizer="row_adagrad")
+    ent = torch.arange(20, dtype=torch.float32).reshape(5, 4)
+    rel = torch.ones(2, 4)
+    opt = RowOptimizer(params, {"entity": ent, "relation": rel})
+    assert opt.moments["entity_sum"].shape == (5, 1) and opt.moments["relation_sum"].shape == (2, 4)
+    assert set(opt.state_dict()) == {"step", "entity_sum", "relation_sum"}
+    ids = torch.tensor([1, 3])
+    rows = ent[ids].clone()
+    grads = [torch.tensor([[1.0, -1.0, 3.0, 1.0], [0.0, 2.0, 0.0, 0.0]]),
+             torch.tensor([[2.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])]
+    total = torch.zeros(2, 1)
+    for grad in grads:
+        opt.begin_step()
+        opt.update_rows("entity", ent, ids, ent[ids].clone(), grad)
+        total += grad.square().mean(1, keepdim=True)
+        rows = rows - 0.5 * grad / (total.sqrt() + 1e-10)
+    torch.testing.assert_close(ent[ids], rows)
+    torch.testing.assert_close(opt.moments["entity_sum"][ids], total)
+    assert torch.equal(ent[[0, 2, 4]], torch.arange(20, dtype=torch.float32).reshape(5, 4)[[0, 2, 4]])
+    assert float(opt.moments["entity_sum"][[0, 2, 4]].abs().sum()) == 0.0  # lazy: untouched rows
+    g = torch.tensor([[3.0, 0.0, -4.0, 1.0]])
+    opt.update_rows("relation", rel, torch.tensor([1]), rel[[1]].clone(), g)
+    torch.testing.assert_close(rel[1], 1.0 - 0.5 * g[0] / (g[0].abs() + 1e-10))  # element-wise
+
+
+@pytest.mark.parametrize("norm", [1, 2])
 @pytest.mark.parametrize("negatives", ["unif", "bern"])
 def test_shared_negatives_learn_translational_graph(norm, negatives):
     params = dataclasses.replace(
@@ -215,6 +251,7 @@ def test_same_seed_same_result_other_seed_differs():
         {},
         {"shared_negatives": 16, "lr_decay": 0.3},
         {"shared_negatives": 16, "norm": 2, "margin": 0.5},
+        {"optimizer": "row_adagrad", "lr": 0.1, "lr_decay": 0.3},
     ],
 )
 def test_resume_from_progress_checkpoint_is_exact(extra):
@@ -310,6 +347,7 @@ def test_bernoulli_probabilities():
         ("seed", -1, "transe.seed=-1"),
         ("loss", "bce", "transe.loss='bce'"),
         ("adversarial_temperature", -1.0, "transe.adversarial_temperature=-1.0"),
+        ("optimizer", "sgd", "transe.optimizer='sgd': must be one of"),
     ],
 )
 def test_params_validation(field, value, message):
@@ -569,3 +607,6 @@ def test_row_optimizer_checks_given_moments():
     table = torch.zeros(5, 4)
     with pytest.raises(ValueError, match=r"moments\['entity_m'\]: shape \(3, 4\)"):
         RowOptimizer(params, {"entity": table}, {"entity_m": torch.zeros(3, 4)})
+    row_wise = TransEParams(dim=4, optimizer="row_adagrad")
+    with pytest.raises(ValueError, match=r"moments\['entity_sum'\]: shape \(5, 4\), expected \(5, 1\)"):
+        RowOptimizer(row_wise, {"entity": table}, {"entity_sum": torch.zeros(5, 4)})
