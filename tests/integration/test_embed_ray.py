@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
-import dataclasses
-
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
-import pyarrow.parquet as pq
 
 from hmn.config import EmbedConfig
 from hmn.transe import bernoulli_head_probs, link_prediction
