@@ -228,7 +228,7 @@ class EmbedConfig(TransEParams):
     num_partitions: int = _f(1, "entity partitions (PyTorch-BigGraph buckets); a worker holds two "
                                 "at a time; use >= 2 * num_workers; 0 = chosen from the entity "
                                 "count: the fewest (a power of two, >= 2 * num_workers) whose "
-                                "rows and Adam moments take at most 1 GB each")
+                                "rows and optimiser state take at most 1 GB each")
     max_failures: int = _f(1, "worker-group restarts from the last epoch checkpoint")
     num_cpus: int = _f(2, "CPUs (torch threads) of each TransE worker")
     use_gpu: bool = _f(False, "train TransE on GPUs: one per Ray Train worker, NCCL for the "
