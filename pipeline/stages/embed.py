@@ -145,22 +145,40 @@ class _Tables:
         return flat
 
     def read_into(self, folder: Path, part: int, out: dict[str, np.ndarray]) -> int:
-        """Copy partition ``part``'s slots into ``out`` (slot -> (n_p, width)); returns its
-        optimiser step count."""
-        flat = self._open(folder, part)
-        for name, start, shape in self._segments(part):
-            out[name][...] = flat[start:start + shape[0] * shape[1]].reshape(shape)
+        """Copy partition ``part``'s slots into ``out`` (slot -> (n_p, width), C-contiguous);
+        returns its optimiser step count. The file is read straight into ``out``: mapping it
+        would add the partition's pages to the worker's memory while it copies."""
+        path = folder / f"part-{part}.npy"
+        want = self.size(part) * sum(self.slots.values())
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+            if shape != (want,) or fortran or dtype != np.float32:
+                raise ValueError(f"{path}: shape {shape} {dtype}, expected ({want},) float32: "
+                                 f"slots {self.slots} of {self.size(part)} rows")
+            for name, _, shape in self._segments(part):
+                buf = memoryview(out[name]).cast("B")
+                if out[name].shape != shape or f.readinto(buf) != buf.nbytes:
+                    raise ValueError(f"{path}: slot {name!r} short or of shape {out[name].shape}")
         return int(json.loads((folder / f"part-{part}.json").read_text())["step"])
 
     def write(self, folder: Path, part: int, state: dict[str, np.ndarray], step: int) -> None:
-        """Write partition ``part``'s slots (slot -> (n_p, width)) atomically."""
+        """Write partition ``part``'s slots (slot -> (n_p, width)) atomically, from the arrays
+        themselves (no copy, no mapping)."""
         tmp = folder / f".part-{part}.tmp.npy"
         total = self.size(part) * sum(self.slots.values())
-        flat = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total,))
-        for name, start, shape in self._segments(part):
-            flat[start:start + shape[0] * shape[1]].reshape(shape)[...] = state[name]
-        flat.flush()
-        del flat
+        with open(tmp, "wb") as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                    "fortran_order": False, "shape": (total,)})
+            for name, _, shape in self._segments(part):
+                block = np.ascontiguousarray(state[name], dtype=np.float32)
+                if block.shape != shape:
+                    raise ValueError(f"partition {part}: slot {name!r} of shape {block.shape}, "
+                                     f"expected {shape}")
+                f.write(memoryview(block).cast("B"))
         os.replace(tmp, folder / f"part-{part}.npy")
         (folder / f"part-{part}.json").write_text(json.dumps({"step": step}))
 

@@ -134,6 +134,13 @@ def test_partitions_hold_shuffled_entities_and_the_table_comes_back_in_id_order(
         "adam" if optimizer == "row_adagrad" else "row_adagrad"))))
     with pytest.raises(ValueError, match=r"part-0\.npy: shape"):
         other.entities(1, order)  # tables of another optimiser are refused, not misread
+    with pytest.raises(ValueError, match=r"part-1\.npy: shape"):
+        other.read_into(folder, 1, {name: np.zeros((tables.size(1), w), np.float32)
+                                    for name, w in other.slots.items()})
+    path = folder / "part-1.npy"
+    path.write_bytes(path.read_bytes()[:-8])  # a truncated partition file
+    with pytest.raises(ValueError, match=r"part-1\.npy: slot '\w+' short"):
+        tables.read_into(folder, 1, {name: np.zeros_like(a) for name, a in states[1].items()})
 
 
 def test_torch_threads_never_oversubscribe_the_cores(monkeypatch):
