@@ -89,6 +89,43 @@ def mapped_file(x: np.ndarray) -> tuple[str, int] | None:
     return str(x.filename), start + (int(x.ctypes.data) - int(base))
 
 
+def table_file(table: torch.Tensor | np.ndarray) -> dict | None:
+    """``{"path", "offset", "rows", "dim", "node"}`` of a 2-D float32 C-contiguous table that
+    lies in a read-only map of a ``.npy`` file on this node (the memory stage's factorised
+    tables), so that actors on this node map the same pages; None otherwise."""
+    a = table.numpy() if isinstance(table, torch.Tensor) and table.device.type == "cpu" else table
+    if not (isinstance(a, np.ndarray) and a.ndim == 2 and a.dtype == np.float32
+            and a.flags.c_contiguous and a.size):
+        return None
+    where = _mapping(int(a.ctypes.data))
+    if where is None or not where[0].endswith(".npy") or not os.path.isfile(where[0]):
+        return None
+    return {"path": where[0], "offset": where[1], "rows": int(a.shape[0]), "dim": int(a.shape[1]),
+            "node": ray.get_runtime_context().get_node_id()}
+
+
+def _mapping(ptr: int) -> tuple[str, int] | None:
+    """(path, file offset) of the mapping address ``ptr`` lies in (``/proc/self/maps``; path
+    ``""`` for anonymous memory), None when unknown (no /proc)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                lo, hi = (int(v, 16) for v in parts[0].split("-"))
+                if lo <= ptr < hi:
+                    path = parts[5].strip() if len(parts) > 5 else ""
+                    return path, int(parts[2], 16) + ptr - lo
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _backing(ptr: int) -> str | None:
+    """The path of the mapping ``ptr`` lies in, ``""`` for anonymous memory, None if unknown."""
+    where = _mapping(ptr)
+    return None if where is None else where[0]
+
+
 def _map_rows(rows_file: dict) -> np.ndarray | None:
     """The (rows, dim) float32 read-only map of ``rows_file`` (see :class:`ShardActor`), or None
     when this process is not on the node that wrote the file or the file is not there."""
@@ -124,6 +161,7 @@ class ShardActor:
         cache_rows: bool | None = None,
         device: str | None = None,
         rows_file: dict | None = None,
+        table_files: dict | None = None,
     ) -> None:
         """Dense shard (``shard``, or ``rows_file``: ``{"path", "offset", "rows", "dim", "node"}``,
         rows of a float32 ``.npy`` file to map read-only when this actor runs on node ``node``
@@ -131,7 +169,9 @@ class ShardActor:
         :meth:`set_rows`, see :meth:`needs_rows`), or factorised: ``factors`` holds this shard's
         slice of the fact table (subject_ids, relation_ids, object_offsets rebased to 0,
         object_values) and ``entity_emb`` / ``relation_emb`` the whole tables (pass object refs:
-        zero-copy).
+        zero-copy), or ``table_files`` (``{"entity_emb": rows_file, "relation_emb": rows_file}``,
+        `table_file`): the tables' ``.npy`` maps on the driver's node, mapped here too, so that
+        the page cache holds the one copy; elsewhere the driver sends them (:meth:`set_tables`).
         ``threads``: torch intra-op threads (the actor's CPU share); ``cache_rows``: as
         :class:`hmn.kmeans.InMemoryData` (None: dense views cache when <= 1 GiB); ``device``:
         where the views compute (None: the CPU; ``"cuda"``: the GPU Ray gave this actor)."""
@@ -145,15 +185,14 @@ class ShardActor:
         self.cache_rows = cache_rows
         self._views: dict[int, InMemoryData] = {}
         self._mem: FactorisedMemory | None = None
+        self._factors = factors
         if factors is not None:
-            # Entity / relation tables stay as (read-only, shared) object-store arrays.
-            self._mem = FactorisedMemory(
-                entity_emb, relation_emb, factors["subject_ids"],
-                factors["relation_ids"], factors["object_offsets"], factors["object_values"],
-            )
-            if self.device.type != "cpu" and fits_on_device(self._mem.nbytes(), self.device):
-                self._mem = self._mem.to(self.device)  # else: rows staged chunk by chunk
             self._x = None
+            if table_files is not None:
+                entity_emb = _map_rows(table_files["entity_emb"])
+                relation_emb = _map_rows(table_files["relation_emb"])
+            if entity_emb is not None and relation_emb is not None:
+                self.set_tables(entity_emb, relation_emb)
         else:
             if shard is None and rows_file is None:
                 raise ValueError("a dense ShardActor needs a shard or a rows_file")
@@ -161,6 +200,24 @@ class ShardActor:
             rows = shard if rows_file is None else _map_rows(rows_file)
             if rows is not None:
                 self.set_rows(rows)
+
+    def set_tables(self, entity_emb: np.ndarray, relation_emb: np.ndarray) -> None:
+        """The factorised memory's whole entity / relation tables, kept as they are (read-only,
+        shared: object-store arrays or file maps)."""
+        f = self._factors
+        self._mem = FactorisedMemory(
+            _read_only_tensor(np.asarray(entity_emb)), _read_only_tensor(np.asarray(relation_emb)),
+            f["subject_ids"], f["relation_ids"], f["object_offsets"], f["object_values"],
+        )
+        if self.device.type != "cpu" and fits_on_device(self._mem.nbytes(), self.device):
+            self._mem = self._mem.to(self.device)  # else: rows staged chunk by chunk
+
+    def tables_backing(self) -> str | None:
+        """The path of the mapping the entity table lies in (a ``.npy`` file, or the object
+        store's shared-memory file); tests use it to check that the table is not copied."""
+        if self._mem is None or self._mem.entity_emb.device.type != "cpu":
+            return None
+        return _backing(self._mem.entity_emb.data_ptr())
 
     def set_rows(self, shard: np.ndarray) -> None:
         """This shard's (n, D) rows, kept without a copy: a file map or object-store array is
@@ -175,8 +232,8 @@ class ShardActor:
             self._x = self._x.to(self.device)
 
     def needs_rows(self) -> bool:
-        """Whether this dense actor still waits for :meth:`set_rows` (its ``rows_file`` is on
-        another node)."""
+        """Whether this actor still waits for its rows (:meth:`set_rows`) or, factorised, its
+        tables (:meth:`set_tables`): its file is on another node."""
         return self._mem is None and self._x is None
 
     def rows_backing(self) -> str | None:
@@ -188,17 +245,7 @@ class ShardActor:
             return None
         if self._x.device.type != "cpu":
             return self._x.device.type
-        ptr = self._x.data_ptr()
-        try:
-            with open("/proc/self/maps") as f:
-                for line in f:
-                    parts = line.split(maxsplit=5)
-                    lo, hi = (int(v, 16) for v in parts[0].split("-"))
-                    if lo <= ptr < hi:
-                        return parts[5].strip() if len(parts) > 5 else ""
-        except OSError:
-            return None
-        return None
+        return _backing(self._x.data_ptr())
 
     def num_rows(self) -> int:
         if self._mem is not None:
@@ -415,9 +462,16 @@ def _start_actors(
     remote_cls = ray.remote(ShardActor).options(**options)
     node = ray.get_runtime_context().get_node_id() if src is not None else None
     actors: list = []
+    tables: list = []  # the factorised tables in the object store, put once when an actor needs them
     if factorised:
-        kw["entity_emb"] = ray.put(vectors.entity_emb.cpu().numpy())
-        kw["relation_emb"] = ray.put(vectors.relation_emb.cpu().numpy())
+        files = {"entity_emb": table_file(vectors.entity_emb),
+                 "relation_emb": table_file(vectors.relation_emb)}
+        if all(files.values()):  # the memory stage's .npy maps: actors here map them too
+            kw["table_files"] = files
+        else:
+            tables = [ray.put(vectors.entity_emb.cpu().numpy()),
+                      ray.put(vectors.relation_emb.cpu().numpy())]
+            kw["entity_emb"], kw["relation_emb"] = tables
         subj, rels = vectors.subject_ids.cpu().numpy(), vectors.relation_ids.cpu().numpy()
         offs, vals = vectors.object_offsets.cpu().numpy(), vectors.object_values.cpu().numpy()
     try:
@@ -436,7 +490,11 @@ def _start_actors(
                 actors.append(remote_cls.remote(_put_rows(vectors, a, b), a, **kw))
         # surface construction errors here; actors on other nodes get their rows by ray.put
         waiting = ray.get([a.needs_rows.remote() for a in actors])
-        refs = [actors[s].set_rows.remote(_put_rows(vectors, int(bounds[s]), int(bounds[s + 1])))
+        if factorised and any(waiting) and not tables:
+            tables = [ray.put(vectors.entity_emb.cpu().numpy()),
+                      ray.put(vectors.relation_emb.cpu().numpy())]
+        refs = [actors[s].set_tables.remote(*tables) if factorised else
+                actors[s].set_rows.remote(_put_rows(vectors, int(bounds[s]), int(bounds[s + 1])))
                 for s in np.flatnonzero(waiting)]
         ray.get(refs)
         if src is not None:

@@ -61,3 +61,53 @@ def test_actor_on_another_node_gets_its_rows_from_the_driver(ray_local, tmp_path
     assert actor.needs_rows()  # it must not map a file of the same name on its own node
     here = dict(elsewhere, node=ray.get_runtime_context().get_node_id())
     assert ShardActor(None, 0, rows_file=here).rows_backing() == str(tmp_path / "facts.npy")
+
+
+def _factorised(tmp_path, mapped: bool):
+    from hmn.memory import FactorisedMemory
+
+    rng = np.random.default_rng(3)
+    ent = rng.standard_normal((300, 6)).astype(np.float32)
+    rel = rng.standard_normal((9, 6)).astype(np.float32)
+    offsets = np.concatenate([[0], np.cumsum(rng.integers(1, 4, 1200))])
+    facts = (rng.integers(0, 300, 1200), rng.integers(0, 9, 1200), offsets,
+             rng.integers(0, 300, offsets[-1]))
+    if mapped:  # as the memory stage gives them: its factorised/*.npy, mapped read-only
+        np.save(tmp_path / "entity_emb.npy", ent)
+        np.save(tmp_path / "relation_emb.npy", rel)
+        ent, rel = (np.load(tmp_path / f"{n}.npy", mmap_mode="r") for n in ("entity_emb", "relation_emb"))
+    return FactorisedMemory(ent, rel, *facts)
+
+
+def test_factorised_actors_map_the_tables_file_and_build_the_same_index(ray_local, tmp_path):
+    """The memory stage's factorised tables are .npy maps: the actors on the driver's node map
+    the same file (one copy in the page cache) instead of getting an object-store copy."""
+    mapped, held = _factorised(tmp_path, True), _factorised(tmp_path, False)
+    for memory, want in ((mapped, str(tmp_path / "entity_emb.npy")), (held, "/dev/shm")):
+        actors, _ = _start_actors(memory, 2, None, None)
+        try:
+            backings = ray.get([a.tables_backing.remote() for a in actors])
+        finally:
+            for a in actors:
+                ray.kill(a)
+        assert all(b is not None and b.startswith(want) for b in backings), (want, backings)
+    spec = IndexSpec(branching=(5, 3), seed=0, iters=8)
+    got = build_index_on_ray(mapped, spec, num_shards=2)
+    ref = build_index_on_ray(held, spec, num_shards=2)
+    np.testing.assert_array_equal(got.fact_leaf, ref.fact_leaf)
+    for g, r in zip(got.centroids, ref.centroids):
+        assert np.array_equal(g.numpy(), r.numpy())
+
+
+def test_factorised_actor_on_another_node_gets_the_tables_from_the_driver(ray_local, tmp_path):
+    from pipeline.kmeans_ray import table_file
+
+    memory = _factorised(tmp_path, True)
+    files = {name: dict(table_file(getattr(memory, name)), node="another-node")
+             for name in ("entity_emb", "relation_emb")}
+    factors = {"subject_ids": memory.subject_ids.numpy(), "relation_ids": memory.relation_ids.numpy(),
+               "object_offsets": memory.object_offsets.numpy(), "object_values": memory.object_values.numpy()}
+    actor = ShardActor(None, 0, factors=factors, table_files=files)  # this process plays the actor
+    assert actor.needs_rows() and actor.num_rows() == 0
+    actor.set_tables(memory.entity_emb.numpy(), memory.relation_emb.numpy())
+    assert not actor.needs_rows() and actor.num_rows() == 1200
