@@ -56,7 +56,6 @@ import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 
-from hmn.alloc import reuse_memory
 from hmn.config import EmbedConfig
 from hmn.devices import cpu_threads, resolve_device
 from hmn.embedding_files import align_embeddings, read_embeddings
@@ -688,9 +687,9 @@ def _embeddings_from_transe(cfg: EmbedConfig, kb: KnowledgeBase, ingest_dir: Pat
     p_head = head_corruption_probs(triples, R, cfg.negatives)
     rng = np.random.default_rng(cfg.seed)
     # The sanity link prediction ranks each sampled triple against every entity (L1 has no
-    # matrix-product form): 1,000 triples up to 1M entities, then about 10^9 / E (228 at the 10m
-    # memory's 4.38M entities, where 1,000 took over 20 minutes of the stage).
-    size = min(len(triples), 1000, max(100, 10**9 // max(E, 1)))
+    # matrix-product form): 1,000 triples up to 400k entities, then about 4 x 10^8 / E, at least
+    # 100 (100 at the 10m memory's 4.38M entities, where a triple took about 1.5 s on 2 cores).
+    size = min(len(triples), 1000, max(100, 4 * 10**8 // max(E, 1)))
     sample = triples[rng.choice(len(triples), size=size, replace=False)]
     count = len(triples)
     del triples  # (T, 3) int64: 630 MB at 10.8m facts, not needed while the workers train
@@ -700,11 +699,9 @@ def _embeddings_from_transe(cfg: EmbedConfig, kb: KnowledgeBase, ingest_dir: Pat
                                             tracking=tracking)
     # Link prediction on a sample of the training triples: a sanity figure, not a benchmark.
     triples = kb.triples()
-    # Queries per batch so that the (Q, E) distance matrix stays ~256 MB (34 at FB2M); freed
-    # matrices stay in the process for the next batch instead of being zeroed again (hmn.alloc).
-    with reuse_memory():
-        lp = link_prediction(ent, rel, sample, [triples], norm=cfg.norm,
-                             batch_size=max(1, min(256, (1 << 26) // E)))
+    # Queries per batch so that the (Q, E) distance matrix stays ~256 MB (34 at FB2M).
+    lp = link_prediction(ent, rel, sample, [triples], norm=cfg.norm,
+                         batch_size=max(1, min(256, (1 << 26) // E)))
     return ent, rel, {"source": "transe", "triples": count, "history": history,
                       "workers": cfg.num_workers, "partitions": cfg.num_partitions,
                       "train_sample_mrr": lp["mrr"], "train_sample_hits10": lp["hits10"],
