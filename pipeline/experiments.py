@@ -35,7 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hmn.config import READER_NAMES, SCALING_SIZES, RunConfig, config_from_dict, config_to_dict
+from hmn.config import (
+    READER_NAMES,
+    SCALING_SIZES,
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    config_to_dict,
+)
 from hmn.transe_params import entity_row_floats
 from pipeline.driver import Pipeline
 from pipeline.rundir import RunDir, write_json_atomic, write_text_atomic
@@ -296,11 +303,16 @@ def link_shared(base: RunDir, target: RunDir, base_cfg: RunConfig, cfg: RunConfi
 
 
 def run_experiment(name: str, base_cfg: RunConfig, base: RunDir, *, force: bool = False,
-                   only: tuple[str, ...] = ()) -> dict:
+                   only: tuple[str, ...] = (), stages: tuple[str, ...] = ()) -> dict:
+    """Run experiment ``name``: its variants ``only`` (all when empty); ``stages`` (the CLI's
+    ``--stages``, scaling only) limits every variant's run to those stages."""
     if name not in EXPERIMENTS:
         raise ValueError(f"--experiment {name!r}: unknown; known: {', '.join(EXPERIMENTS)}")
     if name == "scaling":
-        return run_scaling(base_cfg, base, force=force, only=only)
+        return run_scaling(base_cfg, base, force=force, only=only, stages=stages)
+    if stages:
+        raise ConfigError(f"--stages {','.join(stages)}: with --experiment only for 'scaling'; "
+                          f"run a variant's directory with its config.resolved.yaml instead")
     Pipeline(base_cfg, base, force=force).execute(until="memory")
     facts = json.loads((base.stage_dir("ingest") / "stats.json").read_text())["totals"]["facts"]
     variants = EXPERIMENTS[name](base_cfg, facts)
@@ -428,10 +440,11 @@ STAGE_COLUMNS = ("generate", "ingest", "embed", "memory", "train", "evaluate")
 
 
 def run_scaling(base_cfg: RunConfig, base: RunDir, *, force: bool = False,
-                only: tuple[str, ...] = ()) -> dict:
+                only: tuple[str, ...] = (), stages: tuple[str, ...] = ()) -> dict:
     """Every scaling variant (or those in ``only``) as a run directory of its own,
     ``<run>/experiments/scaling/<variant>``. The clustered variant of a size owns its generate,
-    ingest, embed and memory stages; its exact variant links them (`link_shared`). Writes
+    ingest, embed and memory stages; its exact variant links them (`link_shared`). ``stages``
+    (when given) are the only stages run, in every variant asked for. Writes
     ``<run>/eval/scaling.md`` and ``scaling.json``: a row per finished variant, the others
     listed as not run."""
     variants = scaling_variants(base_cfg)
@@ -449,13 +462,17 @@ def run_scaling(base_cfg: RunConfig, base: RunDir, *, force: bool = False,
             if owner != v.name:
                 owner_cfg = variant_config(base_cfg, by_name[owner])
                 owner_run = RunDir(root / owner)
-                Pipeline(owner_cfg, owner_run, force=force and owner not in prepared).execute(
-                    until="memory")
+                shared = tuple(s for s in stages if s in SHARED_STAGES)
+                if shared or not stages:
+                    Pipeline(owner_cfg, owner_run, force=force and owner not in prepared,
+                             only=shared).execute(until="memory")
                 prepared.add(owner)
                 link_shared(owner_run, run, owner_cfg, cfg)
             log.info("experiment scaling: variant %s (%s)", v.name, v.label)
             linked = ("train", "evaluate") if owner != v.name else ()  # the rest is the owner's
-            Pipeline(cfg, run, force=force and v.name not in prepared, only=linked).execute()
+            mine = tuple(s for s in (linked or stages) if not stages or s in stages)
+            if mine or not stages:
+                Pipeline(cfg, run, force=force and v.name not in prepared, only=mine).execute()
             prepared.add(v.name)
         if _finished(run):
             rows.append(scaling_row(v, cfg, run))

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="SECTION.FIELD=VALUE",
                         help="override a config field, converted by its type (repeatable)")
     parser.add_argument("--stages", default="",
-                        help=f"comma-separated subset of {','.join(STAGES)}")
+                        help=f"comma-separated subset of {','.join(STAGES)} (with --experiment: "
+                             "scaling only, in every variant asked for)")
     parser.add_argument("--force", action="store_true", help="redo stages even when they are done")
     parser.add_argument("--experiment", choices=tuple(EXPERIMENTS),
                         help="train every variant of the paper's Table 1 or 2, or of the "
@@ -92,7 +93,8 @@ def execute(cfg: RunConfig, run: RunDir, *, force: bool = False, only: tuple[str
                           f"variants link each other's stages)")
     with run.lock():  # the whole run holds the directory: a second run refuses, naming this one
         if experiment:
-            result = run_experiment(experiment, cfg, run, force=force, only=variants)
+            result = run_experiment(experiment, cfg, run, force=force, only=variants,
+                                    stages=only)
             return result, (run.root / "eval" / f"{experiment}.md").read_text()
         results = Pipeline(cfg, run, force=force, only=only).execute()
         if "evaluate" in results and run.is_done("evaluate", run.fingerprint_of("evaluate")):
