@@ -58,6 +58,12 @@ def read_table(path: str | Path, **kw) -> pa.Table:
     """``pyarrow.parquet.read_table`` of a run directory's file, refusing a column of an
     extension type: the stages write none, and Ray Data's Python-object type unpickles its
     values when they are read."""
+    _check_schema(path)
+    return pq.read_table(path, **kw)
+
+
+def _check_schema(path: str | Path) -> pa.Schema:
+    """``path``'s Parquet schema; `UnsafeFileError` for a column of an extension type."""
     schema = pq.read_schema(path)
 
     def extension(t: pa.DataType) -> bool:
@@ -71,7 +77,7 @@ def read_table(path: str | Path, **kw) -> pa.Table:
     if bad:
         raise UnsafeFileError(f"{path}: refused: column(s) {bad} have an extension type "
                               f"(pickled objects?); the pipeline writes plain Arrow types only")
-    return pq.read_table(path, **kw)
+    return schema
 
 
 def write_vectors(path: Path, vectors: np.ndarray) -> None:
@@ -83,15 +89,34 @@ def write_vectors(path: Path, vectors: np.ndarray) -> None:
     pq.write_table(table, path)
 
 
-def read_vectors(path: Path) -> np.ndarray:
-    table = read_table(path)
-    ids = table["id"].to_numpy()
-    col = table["vector"].combine_chunks()
-    d = col.type.list_size
-    vectors = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
-    if not np.array_equal(ids, np.arange(len(ids))):
-        vectors = vectors[np.argsort(ids)]
-    return np.ascontiguousarray(vectors, dtype=np.float32)
+def read_vectors(path: Path, out: np.ndarray | None = None) -> np.ndarray:
+    """The (n, d) float32 rows of a `write_vectors` file, row i = id i, read batch by batch
+    into ``out`` (default: a new array; e.g. a ``.npy`` map, so that the table never sits in
+    memory twice: Arrow's columns and their numpy copy took 7 GB for the 10m scaling memory's
+    3.5 GB entity table)."""
+    schema = _check_schema(path)
+    d = schema.field("vector").type.list_size
+    parquet = pq.ParquetFile(path)
+    n = parquet.metadata.num_rows
+    if out is None:
+        out = np.empty((n, d), np.float32)
+    if out.shape != (n, d):
+        raise ValueError(f"{path}: {n} rows of {d}, the output has shape {out.shape}")
+    seen = np.zeros(n, bool)
+    for batch in parquet.iter_batches(batch_size=1 << 16, columns=["id", "vector"]):
+        ids = batch.column("id").to_numpy()
+        if ids.size and (ids.min() < 0 or ids.max() >= n):
+            raise ValueError(f"{path}: id out of range [0, {n}) in column 'id'")
+        rows = batch.column("vector").flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+        if ids.size and ids[-1] - ids[0] == ids.size - 1 and (np.diff(ids) == 1).all():
+            out[ids[0]:ids[-1] + 1] = rows  # in order (what write_vectors writes)
+        else:
+            out[ids] = rows
+        seen[ids] = True
+    if not seen.all():
+        raise ValueError(f"{path}: ids {np.flatnonzero(~seen)[:5].tolist()}... missing "
+                         f"({int((~seen).sum())} of {n})")
+    return out
 
 
 @dataclass
@@ -156,14 +181,25 @@ FACTORISED_ARRAYS = ("entity_emb", "relation_emb", "subject_ids", "relation_ids"
                      "object_values")
 
 
-def write_factorised(directory: Path, entity_emb: np.ndarray, relation_emb: np.ndarray,
-                     kb: KnowledgeBase) -> None:
-    """The factorised memory as memory-mappable .npy files (one per table)."""
+def write_factorised(directory: Path, entity_emb: np.ndarray | Path,
+                     relation_emb: np.ndarray | Path, kb: KnowledgeBase) -> None:
+    """The factorised memory as memory-mappable .npy files (one per table). A table given as
+    the path of a `write_vectors` file is streamed into its ``.npy`` (`read_vectors` into a
+    map of the new file), never held whole in memory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    arrays = {"entity_emb": np.ascontiguousarray(entity_emb, dtype=np.float32),
-              "relation_emb": np.ascontiguousarray(relation_emb, dtype=np.float32),
-              "subject_ids": kb.fact_subject, "relation_ids": kb.fact_relation,
+    for name, table in (("entity_emb", entity_emb), ("relation_emb", relation_emb)):
+        if isinstance(table, (str, Path)):
+            n = pq.ParquetFile(table).metadata.num_rows
+            d = _check_schema(table).field("vector").type.list_size
+            mapped = np.lib.format.open_memmap(directory / f"{name}.npy", mode="w+",
+                                               dtype=np.float32, shape=(n, d))
+            read_vectors(Path(table), out=mapped)
+            mapped.flush()
+            del mapped
+        else:
+            np.save(directory / f"{name}.npy", np.ascontiguousarray(table, dtype=np.float32))
+    arrays = {"subject_ids": kb.fact_subject, "relation_ids": kb.fact_relation,
               "object_offsets": kb.object_offsets, "object_values": kb.object_values}
     for name, a in arrays.items():
         np.save(directory / f"{name}.npy", a)

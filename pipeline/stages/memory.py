@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from hmn.config import MemoryConfig
@@ -133,9 +134,8 @@ def run_memory(
     cfg: MemoryConfig, ingest_dir: Path, embed_dir: Path, embed_fingerprint: str, out: Path
 ) -> dict:
     kb = KnowledgeBase.load(ingest_dir, text=False)  # ids only
-    ent = read_vectors(embed_dir / "entities.parquet")
-    rel = read_vectors(embed_dir / "relations.parquet")
-    n, dim = kb.num_facts, 3 * ent.shape[1]
+    ent_path, rel_path = embed_dir / "entities.parquet", embed_dir / "relations.parquet"
+    n, dim = kb.num_facts, 3 * pq.read_schema(ent_path).field("vector").type.list_size
     leaves = int(np.prod(cfg.branching))
     if leaves > n:
         raise ValueError(
@@ -143,15 +143,14 @@ def run_memory(
         )
     layout = choose_layout(cfg, n, dim)
     if layout == "dense":
+        ent, rel = read_vectors(ent_path), read_vectors(rel_path)
         # (N, 3d) read-only memory map of facts.npy: the actors on this node map the same file
         data, norm_max, norm_mean = write_dense_memory(out / "facts.npy", ent, rel, kb)
         del ent, rel  # only the factorised layout keeps the tables
         # read_vectors' arrays were Arrow buffers: hand their pool's freed pages back now
         pa.default_memory_pool().release_unused()
     else:
-        write_factorised(out / "factorised", ent, rel, kb)
-        del ent, rel
-        pa.default_memory_pool().release_unused()
+        write_factorised(out / "factorised", ent_path, rel_path, kb)  # streamed, not loaded
         # The tables from their .npy files, mapped read-only: the shard actors on this node map
         # the same files (pipeline.kmeans_ray.table_file), so the page cache holds the one copy
         # of the entity table (3.5 GB at the 10m scaling memory) instead of the driver's heap

@@ -186,3 +186,30 @@ def test_build_fact_vectors_fills_out_or_refuses_it():
     for bad in (np.zeros((30, 8), np.float32), np.zeros((30, 9), np.float64), [[0.0] * 9] * 30):
         with pytest.raises(ValueError, match=r"out must be an \(30, 9\) float32 array"):
             build_fact_vectors(*args, out=bad)
+
+
+def test_vectors_stream_into_a_given_array_in_id_order(tmp_path):
+    """read_vectors reads a vectors file batch by batch into ``out`` (a .npy map: the memory
+    stage's factorised tables), row i = id i, whatever the file's row order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.artifacts import read_vectors, write_vectors
+
+    x = np.random.default_rng(0).standard_normal((70_000, 3)).astype(np.float32)  # 2 batches
+    write_vectors(tmp_path / "v.parquet", x)
+    out = np.lib.format.open_memmap(tmp_path / "v.npy", mode="w+", dtype=np.float32, shape=x.shape)
+    assert read_vectors(tmp_path / "v.parquet", out=out) is out
+    np.testing.assert_array_equal(np.load(tmp_path / "v.npy"), x)
+    order = np.random.default_rng(1).permutation(len(x))  # rows written in another order
+    flat = pa.array(x[order].reshape(-1))
+    pq.write_table(pa.table({"id": pa.array(order.astype(np.int64)),
+                             "vector": pa.FixedSizeListArray.from_arrays(flat, 3)}), tmp_path / "s.parquet")
+    np.testing.assert_array_equal(read_vectors(tmp_path / "s.parquet"), x)
+    pq.write_table(pa.table({"id": pa.array(np.array([0, 2, 2], np.int64)),
+                             "vector": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(6, np.float32)), 2)}),
+                   tmp_path / "gap.parquet")
+    with pytest.raises(ValueError, match=r"gap\.parquet: ids \[1\]\.\.\. missing"):
+        read_vectors(tmp_path / "gap.parquet")
+    with pytest.raises(ValueError, match=r"v\.parquet: 70000 rows of 3, the output has shape"):
+        read_vectors(tmp_path / "v.parquet", out=np.zeros((5, 3), np.float32))
