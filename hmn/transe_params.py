@@ -20,8 +20,10 @@ LOSSES = ("margin", "self_adversarial")
 OPTIMIZERS = ("adam", "row_adagrad")
 
 
-def _setting(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _setting(default: Any, help: str, stable: bool = False) -> Any:
+    """A setting; ``stable``: it counts in stage fingerprints only when it differs from its
+    default (`hmn.config.fingerprint`), so adding it redoes no finished stage."""
+    return field(default=default, metadata={"help": help, **({"stable": True} if stable else {})})
 
 
 def _is_int(value: Any) -> bool:
@@ -101,7 +103,7 @@ class TransEParams:
     )
     optimizer: str = _setting(
         "adam", "'adam' (lazy Adam) or 'row_adagrad' (PyTorch-BigGraph's row-wise Adagrad for "
-        "entities: d + 1 floats an entity instead of 3d)"
+        "entities: d + 1 floats an entity instead of 3d)", stable=True
     )
     seed: int = _setting(0, "seed")
 
