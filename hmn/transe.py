@@ -166,8 +166,8 @@ class RowOptimizer:
     several times faster on CPU than sparse-gradient tensors, and the cost of a step does not
     grow with the table (Freebase has millions of entities).
 
-    Row-wise Adagrad (``params.optimizer == "row_adagrad"``; Lerer et al. 2019, PyTorch-BigGraph
-    section 4.1) keeps one accumulator per entity row, ``sum += mean(grad ** 2)`` over the row,
+    Row-wise Adagrad (``params.optimizer == "row_adagrad"``; PyTorch-BigGraph's optimiser for
+    embedding tables, Lerer et al. 2019) keeps one accumulator per entity row, ``sum += mean(grad ** 2)`` over the row,
     and steps ``row -= lr * grad / (sqrt(sum) + eps)``: an entity's state is one float instead
     of Adam's 2d, which is what lets a 10M-entity table and its state fit few partitions.
     """
