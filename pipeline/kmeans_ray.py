@@ -463,15 +463,19 @@ def _start_actors(
     node = ray.get_runtime_context().get_node_id() if src is not None else None
     actors: list = []
     tables: list = []  # the factorised tables in the object store, put once when an actor needs them
+
+    def put_tables() -> list:
+        if not tables:
+            tables.extend(ray.put(t.cpu().numpy()) for t in (vectors.entity_emb, vectors.relation_emb))
+        return tables
+
     if factorised:
         files = {"entity_emb": table_file(vectors.entity_emb),
                  "relation_emb": table_file(vectors.relation_emb)}
         if all(files.values()):  # the memory stage's .npy maps: actors here map them too
             kw["table_files"] = files
         else:
-            tables = [ray.put(vectors.entity_emb.cpu().numpy()),
-                      ray.put(vectors.relation_emb.cpu().numpy())]
-            kw["entity_emb"], kw["relation_emb"] = tables
+            kw["entity_emb"], kw["relation_emb"] = put_tables()
         subj, rels = vectors.subject_ids.cpu().numpy(), vectors.relation_ids.cpu().numpy()
         offs, vals = vectors.object_offsets.cpu().numpy(), vectors.object_values.cpu().numpy()
     try:
@@ -490,10 +494,7 @@ def _start_actors(
                 actors.append(remote_cls.remote(_put_rows(vectors, a, b), a, **kw))
         # surface construction errors here; actors on other nodes get their rows by ray.put
         waiting = ray.get([a.needs_rows.remote() for a in actors])
-        if factorised and any(waiting) and not tables:
-            tables = [ray.put(vectors.entity_emb.cpu().numpy()),
-                      ray.put(vectors.relation_emb.cpu().numpy())]
-        refs = [actors[s].set_tables.remote(*tables) if factorised else
+        refs = [actors[s].set_tables.remote(*put_tables()) if factorised else
                 actors[s].set_rows.remote(_put_rows(vectors, int(bounds[s]), int(bounds[s + 1])))
                 for s in np.flatnonzero(waiting)]
         ray.get(refs)

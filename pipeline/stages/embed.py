@@ -688,7 +688,7 @@ def _embeddings_from_transe(cfg: EmbedConfig, kb: KnowledgeBase, ingest_dir: Pat
     rng = np.random.default_rng(cfg.seed)
     # The sanity link prediction ranks each sampled triple against every entity (L1 has no
     # matrix-product form): 1,000 triples up to 400k entities, then about 4 x 10^8 / E, at least
-    # 100 (100 at the 10m memory's 4.38M entities, where a triple took about 1.5 s on 2 cores).
+    # 100 (100 at the 10m memory's 4.38M entities, where 1,000 took minutes of the stage).
     size = min(len(triples), 1000, max(100, 4 * 10**8 // max(E, 1)))
     sample = triples[rng.choice(len(triples), size=size, replace=False)]
     count = len(triples)
